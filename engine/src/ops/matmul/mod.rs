@@ -1,0 +1,194 @@
+//! Batched matrix product with optionally transposed operands.
+
+use super::{Op, float_dispatch, same_kind, via_f32};
+use crate::tape::{Backward, Tape};
+use crate::{Error, Result, Tensor};
+use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
+
+impl Tensor {
+    /// `self (..., M, K) . rhs (..., K, N)`; `rhs` may be 2-D and shared by every batch.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.matmul_t(rhs, false, false)
+    }
+
+    /// `op(self) . op(rhs)` where `op` transposes the last two axes when its flag is set, at
+    /// no cost (the GEMM reads with swapped strides). A linear layer with weight `(out, in)` is
+    /// `x.matmul_t(&w, false, true)`. Batch axes must match, or `rhs` is 2-D and `self` is
+    /// not transposed (then the batch folds into M: one large GEMM).
+    pub fn matmul_t(&self, rhs: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        if let Some(out) = via_f32(&[self, rhs], |t| t[0].matmul_t(&t[1], ta, tb))? {
+            return Ok(out);
+        }
+        same_kind("matmul", self, rhs)?;
+        let (ad, bd) = (self.dims(), rhs.dims());
+        if ad.len() < 2 || bd.len() < 2 {
+            return Err(Error::shape(
+                "matmul",
+                format!("operands need rank >= 2, got {ad:?} and {bd:?}"),
+            ));
+        }
+        if ad.len() > 2 && bd.len() == 2 {
+            if ta {
+                return Err(Error::shape(
+                    "matmul",
+                    "a transposed batched lhs cannot share a 2-D rhs",
+                ));
+            }
+            let k = ad[ad.len() - 1];
+            let rows = self.numel() / k.max(1);
+            let out = self.reshape([rows, k])?.matmul_t(rhs, false, tb)?;
+            let mut dims = ad[..ad.len() - 1].to_vec();
+            dims.push(out.dims()[1]);
+            return out.reshape(dims);
+        }
+        if ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
+            return Err(Error::shape(
+                "matmul",
+                format!("batch axes differ: {ad:?} and {bd:?}"),
+            ));
+        }
+        let r = ad.len();
+        let (m, ka) = if ta {
+            (ad[r - 1], ad[r - 2])
+        } else {
+            (ad[r - 2], ad[r - 1])
+        };
+        let (kb, n) = if tb {
+            (bd[r - 1], bd[r - 2])
+        } else {
+            (bd[r - 2], bd[r - 1])
+        };
+        if ka != kb {
+            return Err(Error::shape(
+                "matmul",
+                format!(
+                    "inner sizes differ: {ad:?}{} . {bd:?}{}",
+                    if ta { "^T" } else { "" },
+                    if tb { "^T" } else { "" }
+                ),
+            ));
+        }
+        let batch: usize = ad[..r - 2].iter().product();
+        let dims = GemmDims { batch, m, n, k: ka };
+        let mut out_dims = ad[..r - 2].to_vec();
+        out_dims.extend([m, n]);
+        let out = float_dispatch!("matmul", self.dtype(), |T| {
+            let mut c = vec![T::default(); batch * m * n];
+            let a = Operand {
+                data: self.cpu::<T>("matmul")?,
+                trans: ta,
+                batch_stride: m * ka,
+            };
+            let b = Operand {
+                data: rhs.cpu::<T>("matmul")?,
+                trans: tb,
+                batch_stride: ka * n,
+            };
+            matmul(dims, a, b, &mut c, false);
+            Ok(Tensor::from_cpu(c, out_dims))
+        })?;
+        Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
+            a: self.stop_gradient(),
+            b: rhs.stop_gradient(),
+            ta,
+            tb,
+        })
+    }
+}
+
+struct MatMulBackward {
+    a: Tensor,
+    b: Tensor,
+    ta: bool,
+    tb: bool,
+}
+
+impl Backward for MatMulBackward {
+    /// For `C = op(A) op(B)`: `dA = dC op(B)^T` (stored transposed when `ta`), `dB = op(A)^T dC`.
+    fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let (a, b, ta, tb) = (&self.a, &self.b, self.ta, self.tb);
+        let da = match (needs[0], ta) {
+            (false, _) => None,
+            (true, false) => Some(g.matmul_t(b, false, !tb)?),
+            (true, true) => Some(b.matmul_t(g, tb, true)?),
+        };
+        let db = match (needs[1], tb) {
+            (false, _) => None,
+            (true, false) => Some(a.matmul_t(g, !ta, false)?),
+            (true, true) => Some(g.matmul_t(a, true, ta)?),
+        };
+        Ok(vec![da, db])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::Op;
+    use proptest::prelude::*;
+
+    fn case() -> Case {
+        let strategy = (
+            size(),
+            size(),
+            size(),
+            1usize..3,
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_flat_map(|(m, n, k, batch, ta, tb)| {
+                let ad = if ta {
+                    vec![batch, k, m]
+                } else {
+                    vec![batch, m, k]
+                };
+                let bd = if tb {
+                    vec![batch, n, k]
+                } else {
+                    vec![batch, k, n]
+                };
+                (tensor(ad), tensor(bd)).prop_map(move |(a, b)| {
+                    instance(vec![a, b], move |x| x[0].matmul_t(&x[1], ta, tb))
+                })
+            })
+            .boxed();
+        Case::new("matmul", &[Op::MatMul], strategy)
+    }
+
+    fn shared_rhs_case() -> Case {
+        let strategy = (size(), size(), size(), any::<bool>())
+            .prop_flat_map(|(m, n, k, tb)| {
+                let bd = if tb { vec![n, k] } else { vec![k, n] };
+                (tensor(vec![2, m, k]), tensor(bd)).prop_map(move |(a, b)| {
+                    instance(vec![a, b], move |x| x[0].matmul_t(&x[1], false, tb))
+                })
+            })
+            .boxed();
+        Case::new(
+            "matmul (shared 2-D rhs)",
+            &[Op::MatMul, Op::Reshape],
+            strategy,
+        )
+    }
+
+    pub(crate) fn cases() -> Vec<Case> {
+        vec![case(), shared_rhs_case()]
+    }
+
+    #[test]
+    fn gradcheck() {
+        cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+
+    #[test]
+    fn mismatched_inner_sizes_name_both_shapes() {
+        let dev = crate::Device::Cpu;
+        let a = crate::Tensor::zeros([2, 3], crate::DType::F32, &dev).unwrap();
+        let b = crate::Tensor::zeros([4, 5], crate::DType::F32, &dev).unwrap();
+        let e = a.matmul(&b).unwrap_err().to_string();
+        assert!(e.contains("[2, 3]") && e.contains("[4, 5]"), "{e}");
+    }
+}
+
+#[cfg(test)]
+pub(crate) use tests::cases;

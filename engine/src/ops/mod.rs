@@ -1,0 +1,245 @@
+//! Every op: one folder each, holding its API, its backward next to its forward, and its tests.
+//! Adding an op means adding its folder and one `Op` variant.
+
+mod attention;
+mod binary;
+mod cast;
+mod embedding;
+mod matmul;
+mod nll;
+mod reduce;
+mod rmsnorm;
+mod rope;
+mod shape;
+mod softmax;
+mod swiglu;
+mod unary;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use rope::rope_tables;
+
+use crate::{DType, Error, Result, Tensor};
+
+/// The recorded ops. `Op::ALL` lists them so tests can prove every one has a backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    MatMul,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Scale,
+    Exp,
+    Log,
+    Sigmoid,
+    Silu,
+    Neg,
+    Reshape,
+    Permute,
+    Narrow,
+    Cat,
+    Embedding,
+    Sum,
+    Max,
+    RmsNorm,
+    Rope,
+    Softmax,
+    LogSoftmax,
+    Attention,
+    SwiGlu,
+    Nll,
+    Cast,
+    /// Not differentiable: recording it on a tape is an error.
+    ArgMax,
+}
+
+impl Op {
+    pub const ALL: &'static [Op] = &[
+        Op::MatMul,
+        Op::Add,
+        Op::Sub,
+        Op::Mul,
+        Op::Div,
+        Op::Scale,
+        Op::Exp,
+        Op::Log,
+        Op::Sigmoid,
+        Op::Silu,
+        Op::Neg,
+        Op::Reshape,
+        Op::Permute,
+        Op::Narrow,
+        Op::Cat,
+        Op::Embedding,
+        Op::Sum,
+        Op::Max,
+        Op::RmsNorm,
+        Op::Rope,
+        Op::Softmax,
+        Op::LogSoftmax,
+        Op::Attention,
+        Op::SwiGlu,
+        Op::Nll,
+        Op::Cast,
+        Op::ArgMax,
+    ];
+
+    pub fn is_differentiable(self) -> bool {
+        self != Op::ArgMax
+    }
+}
+
+/// Runs a CPU kernel body with `$T` bound to the tensor's float type (f32 or f64).
+macro_rules! float_dispatch {
+    ($op:expr, $dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            $crate::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            got => Err($crate::Error::DType {
+                op: $op,
+                got,
+                expected: "f32 or f64",
+            }),
+        }
+    };
+}
+pub(crate) use float_dispatch;
+
+/// Checks that two operands share dtype and device.
+pub(crate) fn same_kind(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch {
+            op,
+            lhs: a.dtype(),
+            rhs: b.dtype(),
+        });
+    }
+    if a.device() != b.device() {
+        return Err(Error::DeviceMismatch {
+            op,
+            lhs: a.device(),
+            rhs: b.device(),
+        });
+    }
+    Ok(())
+}
+
+/// 16-bit floats compute in f32 (DESIGN.md §2): if an input is BF16/F16, runs `f` on f32
+/// copies and casts the result back. The casts are recorded ops, so gradients flow through.
+pub(crate) fn via_f32(
+    inputs: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let Some(half) = inputs.iter().map(|t| t.dtype()).find(|d| d.is_half()) else {
+        return Ok(None);
+    };
+    let wide = inputs
+        .iter()
+        .map(|t| {
+            if t.dtype().is_half() {
+                t.to_dtype(DType::F32)
+            } else {
+                Ok((*t).clone())
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&wide)?.to_dtype(half).map(Some)
+}
+
+/// Resolves a possibly negative axis against `rank`.
+pub(crate) fn axis(op: &'static str, dim: isize, rank: usize) -> Result<usize> {
+    let d = if dim < 0 { dim + rank as isize } else { dim };
+    if d < 0 || d as usize >= rank {
+        return Err(Error::shape(
+            op,
+            format!("axis {dim} is out of range for rank {rank}"),
+        ));
+    }
+    Ok(d as usize)
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::testing::Case;
+    use super::*;
+    use crate::Tape;
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+
+    /// Every op folder's gradient-check cases; one line per folder.
+    fn all_cases() -> Vec<Case> {
+        [
+            attention::cases(),
+            binary::cases(),
+            cast::cases(),
+            embedding::cases(),
+            matmul::cases(),
+            nll::cases(),
+            reduce::cases(),
+            rmsnorm::cases(),
+            rope::cases(),
+            shape::cases(),
+            softmax::cases(),
+            swiglu::cases(),
+            unary::cases(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Walks `Op::ALL`: each differentiable op is covered by a gradient-check case, and one
+    /// instance of that case, tracked on a tape, yields a gradient for every input. The one op
+    /// without a backward refuses to be recorded.
+    #[test]
+    fn every_op_has_a_backward_and_a_gradient_check() {
+        let cases = all_cases();
+        let mut runner = TestRunner::deterministic();
+        for &op in Op::ALL {
+            if !op.is_differentiable() {
+                let x = Tensor::ones([2, 3], DType::F32, &crate::Device::Cpu).unwrap();
+                let err = Tape::new().track(&x).argmax().unwrap_err();
+                assert!(
+                    matches!(err, Error::NoBackward(o) if o == op),
+                    "{op:?}: {err}"
+                );
+                continue;
+            }
+            let case = cases
+                .iter()
+                .find(|c| c.covers.contains(&op))
+                .unwrap_or_else(|| panic!("{op:?} has no gradient check"));
+            let inst = case.strategy.new_tree(&mut runner).unwrap().current();
+            let tape = Tape::new();
+            let xs: Vec<Tensor> = inst.inputs.iter().map(|t| tape.track(t)).collect();
+            let loss = (inst.f)(&xs).unwrap().sum_all().unwrap();
+            let grads = tape.backward(&loss).unwrap();
+            for x in &xs {
+                let g = grads
+                    .get(x)
+                    .unwrap_or_else(|| panic!("{op:?} ({}) gave no gradient", case.name));
+                assert_eq!(g.shape(), x.shape());
+            }
+            assert!(tape.is_empty(), "backward must drain the tape");
+        }
+    }
+
+    #[test]
+    fn stop_gradient_blocks_the_gradient() {
+        let dev = crate::Device::Cpu;
+        let tape = Tape::new();
+        let x = tape.track(&Tensor::from_vec(vec![2.0f64, 3.0], [2], &dev).unwrap());
+        // d/dx sum(x * sg(x)) = sg(x) = [2, 3]; without stop_gradient it would be 2x.
+        let loss = x.mul(&x.stop_gradient()).unwrap().sum_all().unwrap();
+        let g = tape.backward(&loss).unwrap();
+        assert_eq!(g.get(&x).unwrap().to_vec::<f64>().unwrap(), vec![2.0, 3.0]);
+    }
+}

@@ -1,0 +1,102 @@
+//! RMSNorm over the last axis with a learned per-channel weight.
+
+use super::{Op, float_dispatch, same_kind, via_f32};
+use crate::tape::{Backward, Tape};
+use crate::{Error, Result, Tensor};
+use bft_kernels::cpu::rmsnorm::{rmsnorm, rmsnorm_backward};
+
+impl Tensor {
+    /// `x * w / sqrt(mean(x^2) + eps)` over the last axis; `w` is `(C)`. The row statistic is
+    /// accumulated in f64 whatever the dtype.
+    pub fn rms_norm(&self, w: &Tensor, eps: f64) -> Result<Tensor> {
+        if let Some(out) = via_f32(&[self, w], |t| t[0].rms_norm(&t[1], eps))? {
+            return Ok(out);
+        }
+        same_kind("rms_norm", self, w)?;
+        let c = self.shape().last();
+        if w.dims() != [c] {
+            return Err(Error::shape(
+                "rms_norm",
+                format!(
+                    "weight {} does not match the last axis of {}",
+                    w.shape(),
+                    self.shape()
+                ),
+            ));
+        }
+        let rows = self.numel() / c.max(1);
+        let (out, rstd) = float_dispatch!("rms_norm", self.dtype(), |T| {
+            let (mut y, mut r) = (vec![T::default(); self.numel()], vec![T::default(); rows]);
+            rmsnorm(
+                self.cpu::<T>("rms_norm")?,
+                w.cpu::<T>("rms_norm")?,
+                eps,
+                &mut y,
+                &mut r,
+            );
+            Ok((
+                Tensor::from_cpu(y, self.shape().clone()),
+                Tensor::from_cpu(r, [rows]),
+            ))
+        })?;
+        Tape::record(Op::RmsNorm, &[self, w], out, || RmsNormBackward {
+            x: self.stop_gradient(),
+            w: w.stop_gradient(),
+            rstd,
+        })
+    }
+}
+
+struct RmsNormBackward {
+    x: Tensor,
+    w: Tensor,
+    /// `(rows)`: 1 / rms of each row, so the backward pass need not recompute it.
+    rstd: Tensor,
+}
+
+impl Backward for RmsNormBackward {
+    fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        float_dispatch!("rms_norm backward", g.dtype(), |T| {
+            let c = self.w.numel();
+            let mut dx = vec![T::default(); g.numel()];
+            let mut dw = needs[1].then(|| vec![T::default(); c]);
+            rmsnorm_backward(
+                self.x.cpu::<T>("rms_norm")?,
+                self.w.cpu::<T>("rms_norm")?,
+                self.rstd.cpu::<T>("rms_norm")?,
+                g.cpu::<T>("rms_norm")?,
+                &mut dx,
+                dw.as_deref_mut(),
+            );
+            Ok(vec![
+                Some(Tensor::from_cpu(dx, g.shape().clone())),
+                dw.map(|d| Tensor::from_cpu(d, [c])),
+            ])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::Op;
+    use proptest::prelude::*;
+
+    pub(crate) fn cases() -> Vec<Case> {
+        let strategy = (size(), size(), size())
+            .prop_flat_map(|(a, b, c)| {
+                (tensor(vec![a, b, c]), tensor(vec![c]))
+                    .prop_map(|(x, w)| instance(vec![x, w], |t| t[0].rms_norm(&t[1], 1e-5)))
+            })
+            .boxed();
+        vec![Case::new("rms_norm", &[Op::RmsNorm], strategy)]
+    }
+
+    #[test]
+    fn gradcheck() {
+        cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+}
+
+#[cfg(test)]
+pub(crate) use tests::cases;

@@ -1,0 +1,114 @@
+//! Elementwise exp, log, sigmoid, silu and negation.
+
+use super::{Op, float_dispatch, via_f32};
+use crate::tape::{Backward, Tape};
+use crate::{Result, Tensor};
+use bft_kernels::cpu::unary::{UnaryKind, unary, unary_backward};
+
+impl Tensor {
+    pub fn exp(&self) -> Result<Tensor> {
+        self.unary(UnaryKind::Exp)
+    }
+    /// Natural logarithm.
+    pub fn log(&self) -> Result<Tensor> {
+        self.unary(UnaryKind::Log)
+    }
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        self.unary(UnaryKind::Sigmoid)
+    }
+    /// `x * sigmoid(x)`.
+    pub fn silu(&self) -> Result<Tensor> {
+        self.unary(UnaryKind::Silu)
+    }
+    pub fn neg(&self) -> Result<Tensor> {
+        self.unary(UnaryKind::Neg)
+    }
+
+    fn unary(&self, kind: UnaryKind) -> Result<Tensor> {
+        if let Some(out) = via_f32(&[self], |t| t[0].unary(kind))? {
+            return Ok(out);
+        }
+        let (op, name) = match kind {
+            UnaryKind::Exp => (Op::Exp, "exp"),
+            UnaryKind::Log => (Op::Log, "log"),
+            UnaryKind::Sigmoid => (Op::Sigmoid, "sigmoid"),
+            UnaryKind::Silu => (Op::Silu, "silu"),
+            UnaryKind::Neg => (Op::Neg, "neg"),
+        };
+        let out = float_dispatch!(name, self.dtype(), |T| {
+            let mut o = vec![T::default(); self.numel()];
+            unary(kind, self.cpu::<T>(name)?, &mut o);
+            Ok(Tensor::from_cpu(o, self.shape().clone()))
+        })?;
+        Tape::record(op, &[self], out.clone(), || UnaryBackward {
+            kind,
+            x: self.stop_gradient(),
+            y: out.stop_gradient(),
+        })
+    }
+}
+
+struct UnaryBackward {
+    kind: UnaryKind,
+    x: Tensor,
+    y: Tensor,
+}
+
+impl Backward for UnaryBackward {
+    fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let dx = float_dispatch!("unary backward", g.dtype(), |T| {
+            let mut dx = vec![T::default(); g.numel()];
+            let (x, y, dy) = (
+                self.x.cpu::<T>("unary")?,
+                self.y.cpu::<T>("unary")?,
+                g.cpu::<T>("unary")?,
+            );
+            unary_backward(self.kind, x, y, dy, &mut dx);
+            Ok(Tensor::from_cpu(dx, g.shape().clone()))
+        })?;
+        Ok(vec![Some(dx)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::{Op, Tensor};
+    use proptest::prelude::*;
+
+    fn case(
+        name: &'static str,
+        covers: &'static [Op],
+        f: fn(&Tensor) -> crate::Result<Tensor>,
+    ) -> Case {
+        let strategy = (size(), size())
+            .prop_flat_map(move |(x, y)| {
+                let s = if name == "log" {
+                    positive(vec![x, y])
+                } else {
+                    tensor(vec![x, y])
+                };
+                s.prop_map(move |a| instance(vec![a], move |t| f(&t[0])))
+            })
+            .boxed();
+        Case::new(name, covers, strategy)
+    }
+
+    pub(crate) fn cases() -> Vec<Case> {
+        vec![
+            case("exp", &[Op::Exp], Tensor::exp),
+            case("log", &[Op::Log], Tensor::log),
+            case("sigmoid", &[Op::Sigmoid], Tensor::sigmoid),
+            case("silu", &[Op::Silu], Tensor::silu),
+            case("neg", &[Op::Neg], Tensor::neg),
+        ]
+    }
+
+    #[test]
+    fn gradcheck() {
+        cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+}
+
+#[cfg(test)]
+pub(crate) use tests::cases;

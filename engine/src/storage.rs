@@ -1,0 +1,86 @@
+use crate::memory::Ticket;
+use crate::{DType, Device};
+use half::{bf16, f16};
+
+/// A tensor's buffer, an enum over backends so that each new backend is one more variant.
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+/// Host memory holding one of the element types.
+#[derive(Debug)]
+pub struct CpuStorage {
+    pub(crate) data: CpuData,
+    _ticket: Ticket,
+}
+
+#[derive(Clone, Debug)]
+pub enum CpuData {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+    U32(Vec<u32>),
+}
+
+impl CpuData {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuData::F32(_) => DType::F32,
+            CpuData::F64(_) => DType::F64,
+            CpuData::BF16(_) => DType::BF16,
+            CpuData::F16(_) => DType::F16,
+            CpuData::U32(_) => DType::U32,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            CpuData::F32(v) => v.len(),
+            CpuData::F64(v) => v.len(),
+            CpuData::BF16(v) => v.len(),
+            CpuData::F16(v) => v.len(),
+            CpuData::U32(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl CpuStorage {
+    pub(crate) fn new(data: CpuData) -> Self {
+        let bytes = data.len() * data.dtype().size_in_bytes();
+        CpuStorage {
+            data,
+            _ticket: Ticket::new(bytes),
+        }
+    }
+}
+
+impl Clone for CpuStorage {
+    fn clone(&self) -> Self {
+        CpuStorage::new(self.data.clone())
+    }
+}
+
+impl Storage {
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.data.dtype(),
+        }
+    }
+}
+
+impl Clone for Storage {
+    fn clone(&self) -> Self {
+        match self {
+            Storage::Cpu(s) => Storage::Cpu(s.clone()),
+        }
+    }
+}

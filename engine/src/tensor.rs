@@ -1,0 +1,281 @@
+use crate::storage::{CpuData, CpuStorage};
+use crate::tape::Tape;
+use crate::{DType, Device, Elem, Error, Result, Shape, Storage};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Identity of a tensor on a tape. Views that share storage (reshape, stop_gradient) get new ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// An immutable n-dimensional array: a shape, an `Arc`'d storage on one device, and, when it
+/// takes part in autodiff, the tape it is tracked on. Cloning is cheap (reference counts only).
+#[derive(Clone)]
+pub struct Tensor {
+    id: TensorId,
+    shape: Shape,
+    storage: Arc<Storage>,
+    tape: Option<Tape>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {:?}, {}{})",
+            self.shape,
+            self.dtype(),
+            self.device(),
+            if self.tape.is_some() { ", tracked" } else { "" }
+        )
+    }
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(storage: Arc<Storage>, shape: Shape) -> Tensor {
+        Tensor {
+            id: TensorId::fresh(),
+            shape,
+            storage,
+            tape: None,
+        }
+    }
+
+    /// A tensor on the host from a vector laid out row-major.
+    pub(crate) fn from_cpu<T: Elem>(v: Vec<T>, shape: impl Into<Shape>) -> Tensor {
+        let shape = shape.into();
+        debug_assert_eq!(v.len(), shape.numel());
+        Tensor::from_storage(Arc::new(Storage::Cpu(CpuStorage::new(T::wrap(v)))), shape)
+    }
+
+    /// A tensor from a row-major vector; the length must match the shape.
+    pub fn from_vec<T: Elem>(
+        v: Vec<T>,
+        shape: impl Into<Shape>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        if v.len() != shape.numel() {
+            return Err(Error::BufferSize {
+                len: v.len(),
+                numel: shape.numel(),
+                shape,
+            });
+        }
+        Tensor::from_cpu(v, shape).to_device(device)
+    }
+
+    /// A filled tensor of any dtype.
+    pub fn full(
+        value: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.numel();
+        let t = match dtype {
+            DType::F32 => Tensor::from_cpu(vec![value as f32; n], shape),
+            DType::F64 => Tensor::from_cpu(vec![value; n], shape),
+            DType::BF16 => Tensor::from_cpu(vec![half::bf16::from_f64(value); n], shape),
+            DType::F16 => Tensor::from_cpu(vec![half::f16::from_f64(value); n], shape),
+            DType::U32 => Tensor::from_cpu(vec![value as u32; n], shape),
+        };
+        t.to_device(device)
+    }
+
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(0.0, shape, dtype, device)
+    }
+
+    pub fn ones(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(1.0, shape, dtype, device)
+    }
+
+    /// Normal(0, std) samples from a seeded generator (Box–Muller), for initialisation and tests.
+    pub fn randn(
+        shape: impl Into<Shape>,
+        std: f64,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let shape = shape.into();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..shape.numel())
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            })
+            .collect();
+        Tensor::from_cpu(v, shape)
+            .cast_untracked(dtype)
+            .to_device(device)
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.id
+    }
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.shape.dims()
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.rank()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+    pub fn dtype(&self) -> DType {
+        self.storage.dtype()
+    }
+    pub fn device(&self) -> Device {
+        self.storage.device()
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+    /// Whether this tensor takes part in autodiff (a tracked leaf or computed from one).
+    pub fn is_tracked(&self) -> bool {
+        self.tape.is_some()
+    }
+    pub(crate) fn tape(&self) -> Option<&Tape> {
+        self.tape.as_ref()
+    }
+
+    /// Same id and storage, tracked on `tape`: how a leaf joins a tape and how an op's output
+    /// is marked.
+    pub(crate) fn with_tape(&self, tape: Tape) -> Tensor {
+        Tensor {
+            tape: Some(tape),
+            ..self.clone()
+        }
+    }
+
+    /// A constant for every tape: shares storage, records nothing, and gets a new id so its
+    /// gradient can never be confused with the original's. BFT's token weight `sg(p)` and
+    /// sample weight `sg(1 - p_conf)` go through it.
+    pub fn stop_gradient(&self) -> Tensor {
+        Tensor::from_storage(self.storage.clone(), self.shape.clone())
+    }
+
+    /// Same storage under another shape; the caller has checked the element count.
+    pub(crate) fn reshaped_view(&self, shape: Shape) -> Tensor {
+        Tensor::from_storage(self.storage.clone(), shape)
+    }
+
+    /// The host buffer, if the tensor is on the CPU with element type `T`.
+    pub(crate) fn cpu<T: Elem>(&self, op: &'static str) -> Result<&[T]> {
+        match &*self.storage {
+            Storage::Cpu(s) => T::view(&s.data).ok_or(Error::DType {
+                op,
+                got: self.dtype(),
+                expected: std::any::type_name::<T>(),
+            }),
+        }
+    }
+
+    /// Copies the elements to a host vector. The dtype must be `T`'s (use `to_dtype` first).
+    pub fn to_vec<T: Elem>(&self) -> Result<Vec<T>> {
+        let host = self.to_device(&Device::Cpu)?;
+        Ok(host.cpu::<T>("to_vec")?.to_vec())
+    }
+
+    /// Every element widened to f64, whatever the dtype: for tests, metrics and printing.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        Ok(self.cast_untracked(DType::F64).to_vec::<f64>()?)
+    }
+
+    /// The value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::shape(
+                "to_scalar",
+                format!("expected one element, got shape {}", self.shape),
+            ));
+        }
+        Ok(self.to_f64_vec()?[0])
+    }
+
+    /// Moves the tensor to `device`; an explicit copy (a no-op on the same device).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        Err(Error::DeviceUnavailable(*device))
+    }
+
+    /// Converts element type without recording on a tape.
+    pub(crate) fn cast_untracked(&self, dtype: DType) -> Tensor {
+        if self.dtype() == dtype {
+            return self.stop_gradient();
+        }
+        let Storage::Cpu(s) = &*self.storage;
+        fn conv<S: Elem, D: Elem>(v: &[S]) -> Vec<D> {
+            v.iter().map(|&x| D::from_f64(x.to_f64())).collect()
+        }
+        fn to<D: Elem>(d: &CpuData) -> Vec<D> {
+            match d {
+                CpuData::F32(v) => conv(v),
+                CpuData::F64(v) => conv(v),
+                CpuData::BF16(v) => conv(v),
+                CpuData::F16(v) => conv(v),
+                CpuData::U32(v) => conv(v),
+            }
+        }
+        let data = match dtype {
+            DType::F32 => CpuData::F32(to(&s.data)),
+            DType::F64 => CpuData::F64(to(&s.data)),
+            DType::BF16 => CpuData::BF16(to(&s.data)),
+            DType::F16 => CpuData::F16(to(&s.data)),
+            DType::U32 => CpuData::U32(to(&s.data)),
+        };
+        Tensor::from_storage(
+            Arc::new(Storage::Cpu(CpuStorage::new(data))),
+            self.shape.clone(),
+        )
+    }
+
+    /// `self += other` in place when this handle owns its storage alone (gradient accumulation
+    /// into a leaf's buffer); otherwise a new buffer. Shapes and dtypes must match.
+    pub(crate) fn accumulate(&mut self, other: &Tensor) -> Result<()> {
+        if self.shape != other.shape || self.dtype() != other.dtype() {
+            return Err(Error::Backward(format!(
+                "gradient of shape {} {:?} cannot accumulate into {} {:?}",
+                other.shape,
+                other.dtype(),
+                self.shape,
+                self.dtype()
+            )));
+        }
+        let Storage::Cpu(theirs) = &*other.storage;
+        let Storage::Cpu(mine) = Arc::make_mut(&mut self.storage);
+        fn add<T: Elem>(a: &mut [T], b: &[T]) {
+            a.iter_mut()
+                .zip(b)
+                .for_each(|(x, &y)| *x = T::from_f64(x.to_f64() + y.to_f64()));
+        }
+        match (&mut mine.data, &theirs.data) {
+            (CpuData::F32(a), CpuData::F32(b)) => a.iter_mut().zip(b).for_each(|(x, y)| *x += y),
+            (CpuData::F64(a), CpuData::F64(b)) => a.iter_mut().zip(b).for_each(|(x, y)| *x += y),
+            (CpuData::BF16(a), CpuData::BF16(b)) => add(a, b),
+            (CpuData::F16(a), CpuData::F16(b)) => add(a, b),
+            _ => {
+                return Err(Error::Backward(
+                    "cannot accumulate integer gradients".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,177 @@
+//! Batched GEMM through the `gemm` crate (runtime-dispatched AVX2/AVX-512/NEON micro-kernels).
+//!
+//! Transposed operands cost nothing: `gemm` takes row and column strides, so a transposed
+//! operand is the same buffer read with swapped strides.
+
+use super::Float;
+use gemm::Parallelism;
+
+/// One matrix operand: a buffer holding `batch` matrices laid out row-major, either as stored
+/// (`rows x cols`) or read transposed.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand<'a, T> {
+    pub data: &'a [T],
+    /// Read the stored matrix transposed.
+    pub trans: bool,
+    /// Elements between consecutive matrices of the batch; 0 broadcasts one matrix to all.
+    pub batch_stride: usize,
+}
+
+/// Sizes of `C (batch, m, n) = op(A) (batch, m, k) . op(B) (batch, k, n)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmDims {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// `c = op(a) . op(b)`, or `c += op(a) . op(b)` when `accumulate`. `c` is contiguous
+/// `(batch, m, n)`. Panics if a buffer is too short: the engine checks shapes first.
+pub fn matmul<T: Float>(
+    dims: GemmDims,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    let GemmDims { batch, m, n, k } = dims;
+    assert!(c.len() >= batch * m * n, "matmul: output buffer too short");
+    assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k || batch == 0);
+    assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n || batch == 0);
+    if batch == 0 || m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..batch * m * n].fill(T::zero());
+        }
+        return;
+    }
+    // Stored A is (m, k), or (k, m) when transposed; (row stride, col stride) of op(A).
+    let (a_rs, a_cs) = if a.trans {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if b.trans {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // Big products parallelise inside gemm; many small ones parallelise over the batch.
+    let big = m * n * k >= 64 * 64 * 64;
+    let one = |i: usize, ci: &mut [T], par: Parallelism| {
+        let ap = a.data[i * a.batch_stride..].as_ptr();
+        let bp = b.data[i * b.batch_stride..].as_ptr();
+        // SAFETY: the asserts above guarantee each operand holds m*k (resp. k*n) elements at
+        // its batch offset, and `ci` holds m*n elements; strides stay inside those ranges.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                ci.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                ap,
+                a_cs,
+                a_rs,
+                bp,
+                b_cs,
+                b_rs,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    let c = &mut c[..batch * m * n];
+    if big || batch == 1 {
+        for (i, ci) in c.chunks_mut(m * n).enumerate() {
+            one(i, ci, Parallelism::Rayon(0));
+        }
+    } else {
+        use rayon::prelude::*;
+        c.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(i, ci)| one(i, ci, Parallelism::None));
+    }
+}
+
+/// Straightforward triple loop, the reference the benchmark validates `matmul` against.
+pub fn matmul_reference<T: Float>(
+    dims: GemmDims,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    c: &mut [T],
+) {
+    let GemmDims { batch, m, n, k } = dims;
+    for bi in 0..batch {
+        let (ab, bb) = (
+            &a.data[bi * a.batch_stride..],
+            &b.data[bi * b.batch_stride..],
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    let av = if a.trans {
+                        ab[p * m + i]
+                    } else {
+                        ab[i * k + p]
+                    };
+                    let bv = if b.trans {
+                        bb[j * k + p]
+                    } else {
+                        bb[p * n + j]
+                    };
+                    s += av.to_f64() * bv.to_f64();
+                }
+                c[bi * m * n + i * n + j] = T::from_f64(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_transpose_combinations_match_reference() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f64> = (0..2 * m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..2 * k * n).map(|i| (i as f64 * 0.91).cos()).collect();
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let dims = GemmDims { batch: 2, m, n, k };
+                let ao = Operand {
+                    data: &a,
+                    trans: ta,
+                    batch_stride: m * k,
+                };
+                let bo = Operand {
+                    data: &b,
+                    trans: tb,
+                    batch_stride: 0,
+                };
+                let (mut c, mut r) = (vec![0.0; 2 * m * n], vec![0.0; 2 * m * n]);
+                matmul(dims, ao, bo, &mut c, false);
+                matmul_reference(dims, ao, bo, &mut r);
+                for (x, y) in c.iter().zip(&r) {
+                    assert!((x - y).abs() < 1e-12, "ta={ta} tb={tb}: {x} vs {y}");
+                }
+                // Accumulate adds on top of what is there.
+                matmul(dims, ao, bo, &mut c, true);
+                for (x, y) in c.iter().zip(&r) {
+                    assert!((x - 2.0 * y).abs() < 1e-12);
+                }
+            }
+        }
+    }
+}

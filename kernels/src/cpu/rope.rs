@@ -1,0 +1,54 @@
+//! Rotary position embedding, HF's rotate-half convention:
+//! `out[..h] = x1 cos - x2 sin`, `out[h..] = x2 cos + x1 sin` with `x1 = x[..h]`, `x2 = x[h..]`.
+
+use super::Float;
+use rayon::prelude::*;
+
+/// `x, out: (rows, t, d)`; `cos, sin: (t, d / 2)`. `inverse` applies the transpose rotation,
+/// which is the backward pass (a rotation's inverse is its transpose).
+pub fn rope<T: Float>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    t: usize,
+    d: usize,
+    inverse: bool,
+    out: &mut [T],
+) {
+    let h = d / 2;
+    let sign = if inverse { -T::one() } else { T::one() };
+    out.par_chunks_mut(t * d).enumerate().for_each(|(r, o)| {
+        let xr = &x[r * t * d..(r + 1) * t * d];
+        for p in 0..t {
+            let (c, s) = (&cos[p * h..(p + 1) * h], &sin[p * h..(p + 1) * h]);
+            let (xv, ov) = (&xr[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
+            for i in 0..h {
+                let (x1, x2, si) = (xv[i], xv[i + h], sign * s[i]);
+                ov[i] = x1 * c[i] - x2 * si;
+                ov[i + h] = x2 * c[i] + x1 * si;
+            }
+        }
+    });
+}
+
+/// Tables `(t, d / 2)` for positions `offset..offset + t`: `angle = pos * inv_freq[i]`.
+/// Angles are computed in f64: at position 100k an f32 product loses most of its phase.
+pub fn rope_tables(inv_freq: &[f64], t: usize, offset: usize) -> (Vec<f64>, Vec<f64>) {
+    let h = inv_freq.len();
+    let (mut cos, mut sin) = (vec![0.0; t * h], vec![0.0; t * h]);
+    for p in 0..t {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let a = (p + offset) as f64 * f;
+            cos[p * h + i] = a.cos();
+            sin[p * h + i] = a.sin();
+        }
+    }
+    (cos, sin)
+}
+
+/// Llama's default inverse frequencies `theta^(-2i/d)` for `i in 0..d/2`.
+pub fn default_inv_freq(theta: f64, d: usize) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| theta.powf(-(2.0 * i as f64) / d as f64))
+        .collect()
+}

@@ -1,0 +1,45 @@
+//! Softmax and log-softmax over the last axis, via the max-shifted log-sum-exp.
+
+use super::Float;
+use rayon::prelude::*;
+
+/// `log(sum(exp(row)))`, shifted by the row max so it never overflows.
+#[inline]
+pub fn logsumexp<T: Float>(row: &[T]) -> T {
+    let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+    if m == T::neg_infinity() {
+        return m;
+    }
+    let s: T = row.iter().map(|&v| (v - m).exp()).sum();
+    m + s.ln()
+}
+
+/// `y = softmax(x)` (or `log_softmax(x)` when `log`), rows of length `cols`.
+pub fn softmax<T: Float>(x: &[T], cols: usize, log: bool, y: &mut [T]) {
+    y.par_chunks_mut(cols).enumerate().for_each(|(r, yr)| {
+        let xr = &x[r * cols..(r + 1) * cols];
+        let lse = logsumexp(xr);
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = if log { v - lse } else { (v - lse).exp() };
+        }
+    });
+}
+
+/// Backward from the forward output `y`:
+/// softmax `dx = y * (dy - sum(dy * y))`; log-softmax `dx = dy - exp(y) * sum(dy)`.
+pub fn softmax_backward<T: Float>(y: &[T], dy: &[T], cols: usize, log: bool, dx: &mut [T]) {
+    dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
+        let (yr, dyr) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+        if log {
+            let s: T = dyr.iter().copied().sum();
+            for i in 0..cols {
+                dxr[i] = dyr[i] - yr[i].exp() * s;
+            }
+        } else {
+            let s = super::dot(dyr, yr);
+            for i in 0..cols {
+                dxr[i] = yr[i] * (dyr[i] - s);
+            }
+        }
+    });
+}
