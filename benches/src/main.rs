@@ -1,1 +1,84 @@
-fn main() {}
+//! `bft-bench`: the kernel benchmark suite.
+//!
+//! For every kernel: validate against a plain f64 reference, then time it at shapes from real
+//! model configs, and report time, GFLOP/s, GB/s and the percentage of this machine's measured
+//! roofline (a peak-FMA loop and a memory-copy probe), as a table and as JSON records.
+
+mod cases;
+mod reference;
+mod report;
+mod timing;
+
+use anyhow::{Result, bail};
+use clap::{Parser, ValueEnum};
+use report::{Peak, Record};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+/// Times every kernel against this machine's measured roofline.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Small shapes and short timing loops (about a minute on 2 cores); what CI runs.
+    #[arg(long)]
+    quick: bool,
+    /// Which backend's kernels to time.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    /// Only kernels whose name contains this text (e.g. `gemm`, `attention`).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Also write the records as a JSON array to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.backend != Backend::Cpu {
+        bail!(
+            "backend {:?} is not built yet: only the CPU backend exists so far",
+            args.backend
+        );
+    }
+    let threads = rayon::current_num_threads();
+    eprintln!("measuring the roofline on {threads} threads...");
+    let peak = Peak::measure(args.quick);
+    println!(
+        "peak: {:.1} GFLOP/s f32 (FMA loop, {threads} threads), {:.1} GB/s (copy, read+write)\n",
+        peak.gflops, peak.gbps
+    );
+    let mut records: Vec<Record> = Vec::new();
+    report::print_header();
+    for case in cases::all(args.quick) {
+        if args
+            .filter
+            .as_deref()
+            .is_some_and(|f| !case.name.contains(f))
+        {
+            continue;
+        }
+        let record = case.run(&peak, args.quick)?;
+        cases::check_error(&record)?;
+        report::print_row(&record);
+        records.push(record);
+    }
+    if records.is_empty() {
+        bail!(
+            "no kernel matches --filter {:?}",
+            args.filter.unwrap_or_default()
+        );
+    }
+    if let Some(path) = &args.json {
+        let out = serde_json::json!({ "peak": peak, "threads": threads, "records": records });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -176,7 +176,7 @@ impl Tape {
 }
 
 /// Gradients of tracked leaves, by tensor id.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Gradients {
     map: HashMap<TensorId, Tensor>,
 }
@@ -198,5 +198,77 @@ impl Gradients {
     /// Drops all buffers (the optimizer's zero-grad).
     pub fn clear(&mut self) {
         self.map.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DType, Device, Error, Tape, Tensor};
+
+    fn setup() -> (Tensor, Tensor) {
+        let dev = Device::Cpu;
+        (
+            Tensor::from_vec(vec![1.0f64, 2.0, 3.0], [3], &dev).unwrap(),
+            Tensor::from_vec(vec![0.5f64, -1.0, 4.0], [3], &dev).unwrap(),
+        )
+    }
+
+    #[test]
+    fn gradients_accumulate_across_backward_calls() {
+        let (a, b) = setup();
+        let tape = Tape::new();
+        let mut grads = super::Gradients::default();
+        for _ in 0..2 {
+            let at = tape.track(&a);
+            let loss = at.mul(&b).unwrap().sum_all().unwrap();
+            tape.backward_into(&loss, &mut grads).unwrap();
+        }
+        // d/da sum(a * b) = b, accumulated twice; b is a constant and gets nothing.
+        assert_eq!(
+            grads.get(&a).unwrap().to_vec::<f64>().unwrap(),
+            vec![1.0, -2.0, 8.0]
+        );
+        assert!(grads.get(&b).is_none());
+    }
+
+    #[test]
+    fn a_tensor_used_twice_sums_both_paths() {
+        let (a, _) = setup();
+        let tape = Tape::new();
+        let at = tape.track(&a);
+        // d/da sum(a * a + 3a) = 2a + 3
+        let loss = at
+            .mul(&at)
+            .unwrap()
+            .add(&at.scale(3.0).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = tape.backward(&loss).unwrap();
+        assert_eq!(
+            g.get(&at).unwrap().to_vec::<f64>().unwrap(),
+            vec![5.0, 7.0, 9.0]
+        );
+    }
+
+    #[test]
+    fn misuse_is_an_error_not_a_panic() {
+        let (a, b) = setup();
+        let (t1, t2) = (Tape::new(), Tape::new());
+        assert!(matches!(
+            t1.track(&a).add(&t2.track(&b)),
+            Err(Error::TapeMismatch)
+        ));
+        let v = t1.track(&a).scale(2.0).unwrap();
+        assert!(
+            t1.backward(&v)
+                .unwrap_err()
+                .to_string()
+                .contains("one element")
+        );
+        let s = t1.track(&a).sum_all().unwrap();
+        assert!(t2.backward(&s).is_err());
+        let untracked = Tensor::ones([1], DType::F64, &Device::Cpu).unwrap();
+        assert!(t1.backward(&untracked).is_err());
     }
 }

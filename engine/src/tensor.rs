@@ -193,7 +193,7 @@ impl Tensor {
 
     /// Every element widened to f64, whatever the dtype: for tests, metrics and printing.
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
-        Ok(self.cast_untracked(DType::F64).to_vec::<f64>()?)
+        self.cast_untracked(DType::F64).to_vec::<f64>()
     }
 
     /// The value of a one-element tensor.

@@ -3,4 +3,8 @@
 //! This crate knows nothing of tensors or tapes (DESIGN.md §1): every function takes slices and
 //! sizes and writes its result into a caller-provided buffer. The engine owns dispatch.
 
+// Kernels walk several buffers with one index (x[i], w[i], dy[i]); index loops say that more
+// plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
 pub mod cpu;

@@ -56,7 +56,7 @@ impl AttnDims {
     }
     /// Panics on inconsistent sizes; the engine validates user shapes before calling.
     fn check(&self) {
-        assert!(self.kv_heads > 0 && self.q_heads % self.kv_heads == 0);
+        assert!(self.kv_heads > 0 && self.q_heads.is_multiple_of(self.kv_heads));
         assert!(self.kv_len >= self.q_len);
     }
 }

@@ -28,7 +28,7 @@ impl BinaryKind {
 pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
     assert_eq!(a.len(), out.len());
     assert!(
-        !b.is_empty() && a.len() % b.len() == 0,
+        !b.is_empty() && a.len().is_multiple_of(b.len()),
         "binary: b must tile a"
     );
     let n = b.len();
@@ -47,7 +47,7 @@ pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
 /// `out[j] = sum_r a[r, j]`: the gradient of a broadcast operand. `a` is `(rows, out.len())`.
 pub fn sum_rows<T: Float>(a: &[T], out: &mut [T]) {
     let n = out.len();
-    assert!(n > 0 && a.len() % n == 0);
+    assert!(n > 0 && a.len().is_multiple_of(n));
     out.fill(T::zero());
     // Row order is fixed, so the result is deterministic whatever the thread count.
     for row in a.chunks(n) {

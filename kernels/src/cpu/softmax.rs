@@ -14,13 +14,24 @@ pub fn logsumexp<T: Float>(row: &[T]) -> T {
     m + s.ln()
 }
 
-/// `y = softmax(x)` (or `log_softmax(x)` when `log`), rows of length `cols`.
+/// `y = softmax(x)` (or `log_softmax(x)` when `log`), rows of length `cols`. One `exp` per
+/// element: the shifted exponentials are written to `y` and normalised in place.
 pub fn softmax<T: Float>(x: &[T], cols: usize, log: bool, y: &mut [T]) {
     y.par_chunks_mut(cols).enumerate().for_each(|(r, yr)| {
         let xr = &x[r * cols..(r + 1) * cols];
-        let lse = logsumexp(xr);
-        for (o, &v) in yr.iter_mut().zip(xr) {
-            *o = if log { v - lse } else { (v - lse).exp() };
+        let m = xr.iter().copied().fold(T::neg_infinity(), T::max);
+        if log {
+            let s: T = xr.iter().map(|&v| (v - m).exp()).sum();
+            let lse = m + s.ln();
+            yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - lse);
+        } else {
+            let mut s = T::zero();
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (v - m).exp();
+                s += *o;
+            }
+            let inv = T::one() / s;
+            yr.iter_mut().for_each(|o| *o *= inv);
         }
     });
 }

@@ -73,7 +73,7 @@ fn attn_dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnDims> {
     if kd[0] != qd[0] || kd[3] != qd[3] {
         return bad(format!("q {qd:?} and k {kd:?} differ in batch or head_dim"));
     }
-    if dims.kv_heads == 0 || dims.q_heads % dims.kv_heads != 0 {
+    if dims.kv_heads == 0 || !dims.q_heads.is_multiple_of(dims.kv_heads) {
         return bad(format!(
             "{} query heads are not a multiple of {} K/V heads",
             dims.q_heads, dims.kv_heads
@@ -130,6 +130,9 @@ impl Backward for AttentionBackward {
         })
     }
 }
+
+#[cfg(test)]
+pub(crate) use tests::cases;
 
 #[cfg(test)]
 mod tests {
@@ -203,6 +206,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

@@ -146,6 +146,9 @@ impl Backward for ScaleBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::{Op, Tensor};
@@ -209,6 +212,3 @@ mod tests {
         );
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

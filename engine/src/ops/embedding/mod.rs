@@ -73,6 +73,9 @@ impl Backward for EmbeddingBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::{Device, Error, Op, Tensor};
@@ -114,6 +117,3 @@ mod tests {
         ));
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

@@ -122,6 +122,9 @@ impl Backward for MatMulBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::Op;
@@ -189,6 +192,3 @@ mod tests {
         assert!(e.contains("[2, 3]") && e.contains("[4, 5]"), "{e}");
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

@@ -92,6 +92,9 @@ impl Backward for NllBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::{Device, Op, Tensor};
@@ -139,6 +142,3 @@ mod tests {
         );
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

@@ -110,6 +110,9 @@ impl Backward for ReduceBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::{Device, Error, Op, Tape, Tensor};
@@ -164,6 +167,3 @@ mod tests {
         assert_eq!(x.sum_all().unwrap().to_scalar().unwrap(), 21.0);
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

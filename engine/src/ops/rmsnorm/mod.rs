@@ -77,6 +77,9 @@ impl Backward for RmsNormBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::Op;
@@ -97,6 +100,3 @@ mod tests {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

@@ -47,7 +47,7 @@ impl Tensor {
             });
         }
         let r = self.rank();
-        if r < 2 || self.dims()[r - 1] % 2 != 0 {
+        if r < 2 || !self.dims()[r - 1].is_multiple_of(2) {
             return Err(Error::shape(
                 "rope",
                 format!(
@@ -113,6 +113,9 @@ impl Backward for RopeBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use super::rope_tables;
@@ -154,6 +157,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

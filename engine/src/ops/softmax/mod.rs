@@ -62,6 +62,9 @@ impl Backward for SoftmaxBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::{Op, Tensor};
@@ -86,6 +89,3 @@ mod tests {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

@@ -55,6 +55,9 @@ impl Backward for SwiGluBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::Op;
@@ -75,6 +78,3 @@ mod tests {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

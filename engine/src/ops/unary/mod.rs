@@ -71,6 +71,9 @@ impl Backward for UnaryBackward {
 }
 
 #[cfg(test)]
+pub(crate) use tests::cases;
+
+#[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use crate::{Op, Tensor};
@@ -109,6 +112,3 @@ mod tests {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::cases;

@@ -1,0 +1,548 @@
+//! The benchmark cases: each validates its kernel, then times it at shapes from real configs.
+
+use crate::reference;
+use crate::report::{Peak, Record};
+use crate::timing::{median_us, rel_err};
+use anyhow::{Result, ensure};
+use bft_engine::{DType, Device, Tape, Tensor, memory};
+use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_forward, attention_reference};
+use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
+use bft_kernels::cpu::{embedding, nll, rmsnorm, rope, softmax, unary};
+
+/// The attention and MLP sizes of a real checkpoint's config.json.
+#[derive(Clone, Copy)]
+struct Model {
+    name: &'static str,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    vocab: usize,
+}
+
+const SMOLLM2_135M: Model = Model {
+    name: "smollm2-135m",
+    hidden: 576,
+    heads: 9,
+    kv_heads: 3,
+    head_dim: 64,
+    ffn: 1536,
+    vocab: 49152,
+};
+const QWEN2_1_5B: Model = Model {
+    name: "qwen2-1.5b",
+    hidden: 1536,
+    heads: 12,
+    kv_heads: 2,
+    head_dim: 128,
+    ffn: 8960,
+    vocab: 151936,
+};
+
+/// Is the kernel bound by arithmetic or by memory traffic (which roofline it is judged on)?
+#[derive(Clone, Copy)]
+enum Bound {
+    Compute,
+    Memory,
+}
+
+/// What a case's body measures: validation error, median time in microseconds, and the peak
+/// engine tensor bytes where the case tracks them.
+struct Measured {
+    err: f64,
+    time_us: f64,
+    peak_bytes: Option<usize>,
+}
+
+pub struct Case {
+    pub name: String,
+    shape: String,
+    flops: f64,
+    bytes: f64,
+    bound: Bound,
+    body: Box<dyn FnOnce(f64) -> Result<Measured>>,
+}
+
+impl Case {
+    pub fn run(self, peak: &Peak, quick: bool) -> Result<Record> {
+        let budget = if quick { 0.15 } else { 0.6 };
+        let Measured {
+            err,
+            time_us,
+            peak_bytes,
+        } = (self.body)(budget)?;
+        let (gflops, gbps) = (self.flops / time_us / 1e3, self.bytes / time_us / 1e3);
+        let pct = match self.bound {
+            Bound::Compute => 100.0 * gflops / peak.gflops,
+            Bound::Memory => 100.0 * gbps / peak.gbps,
+        };
+        Ok(Record {
+            kernel: self.name,
+            backend: "cpu",
+            dtype: "f32",
+            shape: self.shape,
+            time_us,
+            gflops,
+            gbps,
+            pct_of_peak: pct,
+            max_rel_err: err,
+            peak_bytes,
+        })
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1] (a hash, so no RNG state is shared).
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let mut z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn all(quick: bool) -> Vec<Case> {
+    let tokens = if quick { 256 } else { 1024 };
+    let models: &[Model] = if quick {
+        &[SMOLLM2_135M]
+    } else {
+        &[SMOLLM2_135M, QWEN2_1_5B]
+    };
+    let mut v = vec![gemm("gemm 1024^3", 1024, 1024, 1024, false)];
+    for m in models {
+        v.push(gemm(
+            &format!("gemm {} up_proj", m.name),
+            tokens,
+            m.ffn,
+            m.hidden,
+            true,
+        ));
+        v.push(gemm(
+            &format!("gemm {} down_proj", m.name),
+            tokens,
+            m.hidden,
+            m.ffn,
+            true,
+        ));
+    }
+    for m in models {
+        for t in if quick {
+            vec![512]
+        } else {
+            vec![512, 1024, 2048]
+        } {
+            v.push(attention_fwd(m, t));
+        }
+    }
+    for t in if quick {
+        vec![512, 1024]
+    } else {
+        vec![512, 1024, 2048]
+    } {
+        v.push(attention_fwd_bwd(&SMOLLM2_135M, t));
+    }
+    for m in models {
+        v.push(rmsnorm_fwd(m, tokens));
+        v.push(swiglu_fwd(m, tokens));
+        v.push(rope_fwd(m, tokens));
+        v.push(embedding_gather(m, tokens));
+        v.push(softmax_fwd(m, tokens / 4));
+        v.push(nll_fwd(m, tokens / 4));
+    }
+    v
+}
+
+/// `C (m, n) = A (m, k) . B (n, k)^T` when `tb` (a linear layer), else `A . B (k, n)`.
+fn gemm(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
+    let body = move |budget: f64| {
+        let (a, b) = (data(m * k, 1), data(k * n, 2));
+        let mut c = vec![0.0f32; m * n];
+        let dims = GemmDims { batch: 1, m, n, k };
+        let ao = Operand {
+            data: &a,
+            trans: false,
+            batch_stride: 0,
+        };
+        let bo = Operand {
+            data: &b,
+            trans: tb,
+            batch_stride: 0,
+        };
+        matmul(dims, ao, bo, &mut c, false);
+        // Validate 512 sampled entries of the timed shape against f64 dot products.
+        let samples: Vec<(usize, usize)> = (0..512)
+            .map(|s| ((s * 7919) % m, (s * 104_729) % n))
+            .collect();
+        let got: Vec<f32> = samples.iter().map(|&(i, j)| c[i * n + j]).collect();
+        let want: Vec<f64> = samples
+            .iter()
+            .map(|&(i, j)| {
+                (0..k)
+                    .map(|p| {
+                        a[i * k + p] as f64 * if tb { b[j * k + p] } else { b[p * n + j] } as f64
+                    })
+                    .sum()
+            })
+            .collect();
+        let err = rel_err(&got, &want);
+        let t = median_us(budget, || matmul(dims, ao, bo, &mut c, false));
+        Ok(Measured {
+            err,
+            time_us: t,
+            peak_bytes: None,
+        })
+    };
+    Case {
+        name: name.into(),
+        shape: format!(
+            "{m}x{k} . {}",
+            if tb {
+                format!("({n}x{k})^T")
+            } else {
+                format!("{k}x{n}")
+            }
+        ),
+        flops: 2.0 * (m * n * k) as f64,
+        bytes: 4.0 * (m * k + k * n + m * n) as f64,
+        bound: Bound::Compute,
+        body: Box::new(body),
+    }
+}
+
+fn attn_dims(m: &Model, t: usize) -> AttnDims {
+    AttnDims {
+        batch: 1,
+        q_heads: m.heads,
+        kv_heads: m.kv_heads,
+        q_len: t,
+        kv_len: t,
+        head_dim: m.head_dim,
+    }
+}
+
+/// Query-key pairs a causal mask keeps, times heads: the work unit of attention.
+fn causal_pairs(d: &AttnDims) -> f64 {
+    (d.batch * d.q_heads) as f64 * (d.q_len * (d.q_len + 1) / 2) as f64
+}
+
+fn attention_fwd(m: &Model, t: usize) -> Case {
+    let m = *m;
+    let dims = attn_dims(&m, t);
+    let body = move |budget: f64| {
+        // Validate on a short sequence of the same heads (the reference is O(T^2) in f64).
+        let small = AttnDims {
+            q_len: 67,
+            kv_len: 67,
+            ..dims
+        };
+        let n = |d: &AttnDims, h: usize| d.batch * h * d.q_len * d.head_dim;
+        let (q, k, v) = (
+            data(n(&small, m.heads), 3),
+            data(n(&small, m.kv_heads), 4),
+            data(n(&small, m.kv_heads), 5),
+        );
+        let (mut o, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; m.heads * small.q_len]);
+        let scale = 1.0 / (m.head_dim as f64).sqrt();
+        attention_forward(
+            small,
+            Tiles::default(),
+            scale,
+            (&q, &k, &v),
+            &mut o,
+            &mut lse,
+        );
+        let qd: Vec<f64> = q.iter().map(|&x| x as f64).collect();
+        let (kd, vd): (Vec<f64>, Vec<f64>) = (
+            k.iter().map(|&x| x as f64).collect(),
+            v.iter().map(|&x| x as f64).collect(),
+        );
+        let mut want = vec![0.0f64; q.len()];
+        attention_reference(small, scale, (&qd, &kd, &vd), &mut want);
+        let err = rel_err(&o, &want);
+        let (q, k, v) = (
+            data(n(&dims, m.heads), 3),
+            data(n(&dims, m.kv_heads), 4),
+            data(n(&dims, m.kv_heads), 5),
+        );
+        let (mut o, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; m.heads * t]);
+        let time = median_us(budget, || {
+            attention_forward(
+                dims,
+                Tiles::default(),
+                scale,
+                (&q, &k, &v),
+                &mut o,
+                &mut lse,
+            )
+        });
+        Ok(Measured {
+            err,
+            time_us: time,
+            peak_bytes: None,
+        })
+    };
+    Case {
+        name: format!("attention_fwd {}", m.name),
+        shape: format!("T={t} H={}/{} D={}", m.heads, m.kv_heads, m.head_dim),
+        // Two matmuls (QK^T and PV) over the kept pairs.
+        flops: 4.0 * causal_pairs(&dims) * m.head_dim as f64,
+        bytes: 4.0 * (2 * m.heads + 2 * m.kv_heads) as f64 * (t * m.head_dim) as f64,
+        bound: Bound::Compute,
+        body: Box::new(body),
+    }
+}
+
+/// Forward and backward through the engine on a tape, with the engine's peak tensor memory.
+fn attention_fwd_bwd(m: &Model, t: usize) -> Case {
+    let m = *m;
+    let dims = attn_dims(&m, t);
+    let body = move |budget: f64| {
+        let dev = Device::Cpu;
+        let shape = |h: usize, t: usize| [1, h, t, m.head_dim];
+        // Validate gradients against attention composed from unfused engine ops in f64.
+        let err = {
+            let tv = 70;
+            let mk = |h, seed, dt| Tensor::randn(shape(h, tv), 1.0, seed, dt, &dev);
+            let grads = |dt: DType, fused: bool| -> Result<Vec<f64>> {
+                let tape = Tape::new();
+                let (q, k, v) = (
+                    tape.track(&mk(m.heads, 1, dt)?),
+                    tape.track(&mk(m.kv_heads, 2, dt)?),
+                    tape.track(&mk(m.kv_heads, 3, dt)?),
+                );
+                let o = if fused {
+                    q.causal_attention(&k, &v, None)?
+                } else {
+                    composed_attention(&q, &k, &v)?
+                };
+                let w = Tensor::randn(o.dims().to_vec(), 1.0, 4, dt, &dev)?;
+                let g = tape.backward(&o.mul(&w)?.sum_all()?)?;
+                let mut all = Vec::new();
+                for x in [&q, &k, &v] {
+                    all.extend(g.get(x).expect("tracked").to_f64_vec()?);
+                }
+                Ok(all)
+            };
+            let (fast, want) = (grads(DType::F32, true)?, grads(DType::F64, false)?);
+            rel_err(&fast.iter().map(|&x| x as f32).collect::<Vec<_>>(), &want)
+        };
+        let (q, k, v) = (
+            Tensor::randn(shape(m.heads, t), 1.0, 1, DType::F32, &dev)?,
+            Tensor::randn(shape(m.kv_heads, t), 1.0, 2, DType::F32, &dev)?,
+            Tensor::randn(shape(m.kv_heads, t), 1.0, 3, DType::F32, &dev)?,
+        );
+        let mut peak = 0;
+        let mut failure = None;
+        let time = median_us(budget, || {
+            memory::reset_peak();
+            let run = || -> bft_engine::Result<()> {
+                let tape = Tape::new();
+                let (qt, kt, vt) = (tape.track(&q), tape.track(&k), tape.track(&v));
+                let loss = qt.causal_attention(&kt, &vt, None)?.sum_all()?;
+                tape.backward(&loss).map(drop)
+            };
+            if let Err(e) = run() {
+                failure = Some(e);
+            }
+            peak = memory::peak_bytes();
+        });
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        Ok(Measured {
+            err,
+            time_us: time,
+            peak_bytes: Some(peak),
+        })
+    };
+    Case {
+        name: format!("attention_fwd_bwd {}", m.name),
+        shape: format!("T={t} H={}/{} D={}", m.heads, m.kv_heads, m.head_dim),
+        // FlashAttention's convention: backward = 2.5x forward FLOPs.
+        flops: 3.5 * 4.0 * causal_pairs(&dims) * m.head_dim as f64,
+        bytes: 4.0 * 2.0 * (2 * m.heads + 2 * m.kv_heads) as f64 * (t * m.head_dim) as f64,
+        bound: Bound::Compute,
+        body: Box::new(body),
+    }
+}
+
+/// Attention from unfused ops (materialises T x T scores per head), the check for the fused op.
+fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> bft_engine::Result<Tensor> {
+    let (hq, hk, t, d) = (q.dims()[1], k.dims()[1], q.dims()[2], q.dims()[3]);
+    let mask: Vec<f64> = (0..t * t)
+        .map(|i| if i % t > i / t { -1e30 } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, [t, t], &Device::Cpu)?.to_dtype(q.dtype())?;
+    let heads = (0..hq)
+        .map(|h| {
+            let (qh, kh, vh) = (
+                q.narrow(1, h, 1)?,
+                k.narrow(1, h / (hq / hk), 1)?,
+                v.narrow(1, h / (hq / hk), 1)?,
+            );
+            let s = qh
+                .matmul_t(&kh, false, true)?
+                .scale(1.0 / (d as f64).sqrt())?;
+            s.add(&mask)?.softmax()?.matmul(&vh)
+        })
+        .collect::<bft_engine::Result<Vec<_>>>()?;
+    Tensor::cat(&heads, 1)
+}
+
+/// A memory-bound case over `inputs` buffers producing `out_len` values.
+fn elementwise(
+    name: String,
+    shape: String,
+    bytes: f64,
+    flops: f64,
+    mut run: impl FnMut(&mut [f32]) + 'static,
+    out_len: usize,
+    want: impl Fn() -> Vec<f64> + 'static,
+) -> Case {
+    let body = move |budget: f64| {
+        let mut out = vec![0.0f32; out_len];
+        run(&mut out);
+        let err = rel_err(&out, &want());
+        let time = median_us(budget, || run(&mut out));
+        Ok(Measured {
+            err,
+            time_us: time,
+            peak_bytes: None,
+        })
+    };
+    Case {
+        name,
+        shape,
+        flops,
+        bytes,
+        bound: Bound::Memory,
+        body: Box::new(body),
+    }
+}
+
+fn rmsnorm_fwd(m: &Model, tokens: usize) -> Case {
+    let c = m.hidden;
+    let (x, w) = (
+        std::rc::Rc::new(data(tokens * c, 6)),
+        std::rc::Rc::new(data(c, 7)),
+    );
+    let (x2, w2) = (x.clone(), w.clone());
+    let mut rstd = vec![0.0f32; tokens];
+    let run = move |out: &mut [f32]| rmsnorm::rmsnorm(&x, &w, 1e-5, out, &mut rstd);
+    elementwise(
+        format!("rmsnorm_fwd {}", m.name),
+        format!("{tokens}x{c}"),
+        4.0 * (2 * tokens * c) as f64,
+        4.0 * (tokens * c) as f64,
+        run,
+        tokens * c,
+        move || reference::rmsnorm(&x2, &w2, 1e-5),
+    )
+}
+
+fn swiglu_fwd(m: &Model, tokens: usize) -> Case {
+    let n = tokens * m.ffn;
+    let (g, u) = (std::rc::Rc::new(data(n, 8)), std::rc::Rc::new(data(n, 9)));
+    let (g2, u2) = (g.clone(), u.clone());
+    elementwise(
+        format!("swiglu_fwd {}", m.name),
+        format!("{tokens}x{}", m.ffn),
+        4.0 * (3 * n) as f64,
+        6.0 * n as f64,
+        move |out| unary::swiglu(&g, &u, out),
+        n,
+        move || reference::swiglu(&g2, &u2),
+    )
+}
+
+fn rope_fwd(m: &Model, tokens: usize) -> Case {
+    let (h, d) = (m.heads, m.head_dim);
+    let x = std::rc::Rc::new(data(h * tokens * d, 10));
+    let (cos, sin) = rope::rope_tables(&rope::default_inv_freq(10_000.0, d), tokens, 0);
+    let (cf, sf): (Vec<f32>, Vec<f32>) = (
+        cos.iter().map(|&v| v as f32).collect(),
+        sin.iter().map(|&v| v as f32).collect(),
+    );
+    let x2 = x.clone();
+    elementwise(
+        format!("rope_fwd {}", m.name),
+        format!("H={h} T={tokens} D={d}"),
+        4.0 * (2 * h * tokens * d + tokens * d) as f64,
+        3.0 * (h * tokens * d) as f64,
+        move |out| rope::rope(&x, &cf, &sf, tokens, d, false, out),
+        h * tokens * d,
+        move || reference::rope(&x2, &cos, &sin, tokens, d),
+    )
+}
+
+fn embedding_gather(m: &Model, tokens: usize) -> Case {
+    let c = m.hidden;
+    let table = std::rc::Rc::new(data(m.vocab * c, 11));
+    let ids: std::rc::Rc<Vec<u32>> =
+        std::rc::Rc::new((0..tokens).map(|i| ((i * 7919) % m.vocab) as u32).collect());
+    let (t2, i2) = (table.clone(), ids.clone());
+    elementwise(
+        format!("embedding_gather {}", m.name),
+        format!("{tokens} ids of {}x{c}", m.vocab),
+        4.0 * (2 * tokens * c) as f64,
+        0.0,
+        move |out| embedding::gather(&table, c, &ids, out),
+        tokens * c,
+        move || {
+            i2.iter()
+                .flat_map(|&i| {
+                    t2[i as usize * c..(i as usize + 1) * c]
+                        .iter()
+                        .map(|&v| v as f64)
+                })
+                .collect()
+        },
+    )
+}
+
+fn softmax_fwd(m: &Model, rows: usize) -> Case {
+    let x = std::rc::Rc::new(data(rows * m.vocab, 12));
+    let (x2, v) = (x.clone(), m.vocab);
+    elementwise(
+        format!("softmax_fwd {}", m.name),
+        format!("{rows}x{v}"),
+        4.0 * (2 * rows * v) as f64,
+        4.0 * (rows * v) as f64,
+        move |out| softmax::softmax(&x, v, false, out),
+        rows * v,
+        move || reference::softmax(&x2, v),
+    )
+}
+
+/// Unfused cross-entropy over full logits rows (what the fused loss will replace).
+fn nll_fwd(m: &Model, rows: usize) -> Case {
+    let v = m.vocab;
+    let x = std::rc::Rc::new(data(rows * v, 13));
+    let y: std::rc::Rc<Vec<u32>> =
+        std::rc::Rc::new((0..rows).map(|i| ((i * 31) % v) as u32).collect());
+    let (x2, y2) = (x.clone(), y.clone());
+    let mut lse = vec![0.0f32; rows];
+    elementwise(
+        format!("nll_fwd {}", m.name),
+        format!("{rows}x{v}"),
+        4.0 * (rows * v) as f64,
+        3.0 * (rows * v) as f64,
+        move |out| nll::nll(&x, v, &y, out, &mut lse),
+        rows,
+        move || reference::nll(&x2, v, &y2),
+    )
+}
+
+/// Fails loudly if a case's validation error is out of bounds (f32 kernels vs f64 references).
+pub fn check_error(r: &Record) -> Result<()> {
+    ensure!(
+        r.max_rel_err < 1e-4,
+        "{} failed validation: max_rel_err {:.2e}",
+        r.kernel,
+        r.max_rel_err
+    );
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! The roofline, the record written per kernel, and the printed table.
+
+use bft_kernels::cpu::peak::{memory_bandwidth, peak_f32_flops};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Peak {
+    pub gflops: f64,
+    pub gbps: f64,
+}
+
+impl Peak {
+    pub fn measure(quick: bool) -> Peak {
+        let secs = if quick { 0.3 } else { 1.0 };
+        Peak {
+            gflops: peak_f32_flops(secs) / 1e9,
+            gbps: memory_bandwidth(256 << 20) / 1e9,
+        }
+    }
+}
+
+/// One benchmark result. `pct_of_peak` is against FLOP/s for compute-bound kernels and
+/// against bandwidth for memory-bound ones. `max_rel_err` is the validation error:
+/// `max |fast - ref| / max |ref|` over the output.
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    pub kernel: String,
+    pub backend: &'static str,
+    pub dtype: &'static str,
+    pub shape: String,
+    pub time_us: f64,
+    pub gflops: f64,
+    pub gbps: f64,
+    pub pct_of_peak: f64,
+    pub max_rel_err: f64,
+    /// Peak bytes of engine tensor storage during the run, where measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_bytes: Option<usize>,
+}
+
+pub fn print_header() {
+    println!(
+        "{:<28} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>10}",
+        "kernel", "shape", "time", "GFLOP/s", "GB/s", "%peak", "rel err", "peak mem"
+    );
+    println!("{}", "-".repeat(124));
+}
+
+pub fn print_row(r: &Record) {
+    let time = if r.time_us >= 1e4 {
+        format!("{:.2} ms", r.time_us / 1e3)
+    } else {
+        format!("{:.1} us", r.time_us)
+    };
+    let mem = r
+        .peak_bytes
+        .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+        .unwrap_or_default();
+    println!(
+        "{:<28} {:<34} {:>11} {:>9.1} {:>8.1} {:>6.1}% {:>9.1e} {:>10}",
+        r.kernel, r.shape, time, r.gflops, r.gbps, r.pct_of_peak, r.max_rel_err, mem
+    );
+}
