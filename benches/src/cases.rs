@@ -65,18 +65,24 @@ pub struct Case {
 }
 
 impl Case {
-    pub fn run(self, peak: &Peak, quick: bool) -> Result<Record> {
+    pub fn run(self, peak: &mut Peak, quick: bool) -> Result<Record> {
         let budget = if quick { 0.15 } else { 0.6 };
+        let compute = matches!(self.bound, Bound::Compute);
+        if compute {
+            peak.refresh_flops();
+        }
         let Measured {
             err,
             time_us,
             peak_bytes,
         } = (self.body)(budget)?;
         let (gflops, gbps) = (self.flops / time_us / 1e3, self.bytes / time_us / 1e3);
-        let pct = match self.bound {
-            Bound::Compute => 100.0 * gflops / peak.gflops,
-            Bound::Memory => 100.0 * gbps / peak.gbps,
+        let (achieved, roofline) = if compute {
+            (gflops, peak.gflops)
+        } else {
+            (gbps, peak.gbps)
         };
+        let pct = 100.0 * achieved / roofline;
         Ok(Record {
             kernel: self.name,
             backend: "cpu",
@@ -87,6 +93,7 @@ impl Case {
             gbps,
             pct_of_peak: pct,
             max_rel_err: err,
+            roofline,
             peak_bytes,
         })
     }

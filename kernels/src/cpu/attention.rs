@@ -8,7 +8,8 @@
 //! task and saves only the row log-sum-exp, so memory is O(T·D), never O(T²) per head. The
 //! backward pass recomputes each probability `p = exp(q·k·scale - lse)` from that saved lse.
 
-use super::{Float, axpy, dot};
+use super::matmul::gemm_tile;
+use super::{Float, dot};
 use rayon::prelude::*;
 
 /// Shape of one attention call.
@@ -61,6 +62,23 @@ impl AttnDims {
     }
 }
 
+/// Masks scores a query row must not see, and turns the rest into probabilities:
+/// `s[r, c] = exp(s[r, c] - shift[r])` for keys `c < visible(r)`, exactly 0 beyond.
+fn probabilities<T: Float>(
+    s: &mut [T],
+    cols: usize,
+    visible: impl Fn(usize) -> usize,
+    shift: impl Fn(usize) -> T,
+) {
+    for (r, row) in s.chunks_mut(cols).enumerate() {
+        let vis = visible(r).min(cols);
+        let sh = shift(r);
+        row[..vis].iter_mut().for_each(|x| *x -= sh);
+        T::exp_in_place(&mut row[..vis]);
+        row[vis..].fill(T::zero());
+    }
+}
+
 /// Forward: writes `o` and `lse`.
 pub fn attention_forward<T: Float>(
     dims: AttnDims,
@@ -71,60 +89,52 @@ pub fn attention_forward<T: Float>(
     lse: &mut [T],
 ) {
     dims.check();
-    let (t, d, br, bc) = (dims.q_len, dims.head_dim, tiles.br, tiles.bc);
+    let (t, d, br, bc, off) = (dims.q_len, dims.head_dim, tiles.br, tiles.bc, dims.offset());
     let scale = T::from_f64(scale);
-    let blocks = t.div_ceil(br);
     // One task per (batch, head, query block); blocks near the diagonal do less work, and
     // rayon's work stealing evens that out.
-    let mut tasks: Vec<(usize, &mut [T], &mut [T])> = Vec::new();
+    let mut tasks: Vec<(usize, usize, &mut [T], &mut [T])> = Vec::new();
     for (bh, (ob, lb)) in o.chunks_mut(t * d).zip(lse.chunks_mut(t)).enumerate() {
         for (qb, (obr, lbr)) in ob.chunks_mut(br * d).zip(lb.chunks_mut(br)).enumerate() {
-            tasks.push((bh * blocks + qb, obr, lbr));
+            tasks.push((bh, qb, obr, lbr));
         }
     }
-    tasks.into_par_iter().for_each(|(task, ot, lt)| {
-        let (bh, qb) = (task / blocks, task % blocks);
+    tasks.into_par_iter().for_each(|(bh, qb, ot, lt)| {
         let (b, h) = (bh / dims.q_heads, bh % dims.q_heads);
         let hk = h / dims.group();
-        let rows = lt.len();
-        let i0 = qb * br;
-        // Running max and sum of exponentials per row; `ot` is the unnormalised accumulator.
+        let (rows, i0) = (lt.len(), qb * br);
+        let qt = &q[dims.q_row(b, h, i0) * d..][..rows * d];
+        // Running row max and sum of exponentials; `ot` accumulates unnormalised P.V.
         let mut m = vec![T::neg_infinity(); rows];
         let mut l = vec![T::zero(); rows];
-        let mut s = vec![T::zero(); bc];
+        let mut s = vec![T::zero(); rows * bc];
         ot.fill(T::zero());
-        let key_end = (i0 + rows - 1 + dims.offset() + 1).min(dims.kv_len);
+        let key_end = (i0 + rows + off).min(dims.kv_len);
         for j0 in (0..key_end).step_by(bc) {
-            let j1 = (j0 + bc).min(key_end);
-            for r in 0..rows {
-                let i = i0 + r;
-                let visible = (i + dims.offset() + 1).min(j1);
-                if visible <= j0 {
-                    continue;
-                }
-                let qr = &q[dims.q_row(b, h, i) * d..][..d];
-                let mut tile_max = T::neg_infinity();
-                for j in j0..visible {
-                    let kr = &k[dims.kv_row(b, hk, j) * d..][..d];
-                    let sj = dot(qr, kr) * scale;
-                    s[j - j0] = sj;
-                    tile_max = tile_max.max(sj);
-                }
-                let m_new = m[r].max(tile_max);
-                // Rescale what was accumulated under the old max (exp(-inf) = 0 on the first tile).
-                let alpha = (m[r] - m_new).exp();
-                let orow = &mut ot[r * d..(r + 1) * d];
-                if alpha != T::one() {
-                    orow.iter_mut().for_each(|x| *x *= alpha);
-                }
-                l[r] *= alpha;
-                for j in j0..visible {
-                    let p = (s[j - j0] - m_new).exp();
-                    l[r] += p;
-                    axpy(p, &v[dims.kv_row(b, hk, j) * d..][..d], orow);
-                }
-                m[r] = m_new;
+            let cols = bc.min(key_end - j0);
+            let kt = &k[dims.kv_row(b, hk, j0) * d..][..cols * d];
+            let vt = &v[dims.kv_row(b, hk, j0) * d..][..cols * d];
+            let s = &mut s[..rows * cols];
+            // (rows, D) . (cols, D)^T -> (rows, cols), already scaled.
+            gemm_tile((rows, cols, d), qt, false, kt, true, s, false, scale);
+            let visible = |r: usize| (i0 + r + off + 1).saturating_sub(j0);
+            let mut m_new = m.clone();
+            for (r, row) in s.chunks(cols).enumerate() {
+                let vis = visible(r).min(cols);
+                m_new[r] = row[..vis].iter().copied().fold(m[r], T::max);
             }
+            probabilities(s, cols, visible, |r| m_new[r]);
+            for r in 0..rows {
+                // Rescale what was accumulated under the old max (exp(-inf) = 0 on the first tile).
+                let alpha = (m[r] - m_new[r]).exp();
+                if alpha != T::one() {
+                    ot[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+                }
+                l[r] = l[r] * alpha + s[r * cols..(r + 1) * cols].iter().copied().sum();
+                m[r] = m_new[r];
+            }
+            // (rows, cols) . (cols, D) accumulated into the output tile.
+            gemm_tile((rows, d, cols), s, false, vt, false, ot, true, T::one());
         }
         for r in 0..rows {
             let inv = T::one() / l[r];
@@ -137,8 +147,9 @@ pub fn attention_forward<T: Float>(
 /// Backward: given `do` and the forward's `o` and `lse`, writes `dq`, `dk`, `dv` (overwritten).
 ///
 /// Two passes so no two tasks write the same row: pass 1 owns a key block of one K/V head and
-/// loops over every query row (of every query head in its group) that sees it, producing dK and
-/// dV; pass 2 owns a query block and produces dQ. Each recomputes the probabilities it needs.
+/// loops over every query block (of every query head in its group) that sees it, producing dK
+/// and dV; pass 2 owns a query block and produces dQ. Each recomputes the probabilities
+/// `P = exp(S - lse)` it needs, tile by tile, from the saved row log-sum-exp.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Float>(
     dims: AttnDims,
@@ -151,8 +162,14 @@ pub fn attention_backward<T: Float>(
     dv: &mut [T],
 ) {
     dims.check();
-    let (t, sl, d) = (dims.q_len, dims.kv_len, dims.head_dim);
-    let off = dims.offset();
+    let (t, sl, d, br, bc, off) = (
+        dims.q_len,
+        dims.kv_len,
+        dims.head_dim,
+        tiles.br,
+        tiles.bc,
+        dims.offset(),
+    );
     let sc = T::from_f64(scale);
     // delta_i = rowsum(dO_i * O_i) = sum_j p_ij dp_ij, the softmax-backward correction.
     let delta: Vec<T> = (0..dims.batch * dims.q_heads * t)
@@ -160,41 +177,85 @@ pub fn attention_backward<T: Float>(
         .map(|r| dot(&dout[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]))
         .collect();
 
+    // Recomputes, for query rows i0.. of head h and keys j0.., the probabilities P into `p`
+    // and dS = P * (dO V^T - delta) into `ds`; both (rows, cols).
+    let tile = |b: usize,
+                h: usize,
+                i0: usize,
+                rows: usize,
+                j0: usize,
+                cols: usize,
+                p: &mut [T],
+                ds: &mut [T]| {
+        let hk = h / dims.group();
+        let qi = dims.q_row(b, h, i0);
+        let (qt, dot_) = (&q[qi * d..][..rows * d], &dout[qi * d..][..rows * d]);
+        let (kt, vt) = (
+            &k[dims.kv_row(b, hk, j0) * d..][..cols * d],
+            &v[dims.kv_row(b, hk, j0) * d..][..cols * d],
+        );
+        gemm_tile((rows, cols, d), qt, false, kt, true, p, false, sc);
+        probabilities(
+            p,
+            cols,
+            |r| (i0 + r + off + 1).saturating_sub(j0),
+            |r| lse[qi + r],
+        );
+        gemm_tile((rows, cols, d), dot_, false, vt, true, ds, false, T::one());
+        for r in 0..rows {
+            let dl = delta[qi + r];
+            for c in 0..cols {
+                ds[r * cols + c] = p[r * cols + c] * (ds[r * cols + c] - dl);
+            }
+        }
+    };
+
     // Pass 1: dK, dV per (batch, kv head, key block).
-    let kblocks = sl.div_ceil(tiles.bc);
-    let mut tasks: Vec<(usize, &mut [T], &mut [T])> = Vec::new();
+    let mut tasks: Vec<(usize, usize, &mut [T], &mut [T])> = Vec::new();
     for (bh, (dkb, dvb)) in dk.chunks_mut(sl * d).zip(dv.chunks_mut(sl * d)).enumerate() {
         for (kb, (dkt, dvt)) in dkb
-            .chunks_mut(tiles.bc * d)
-            .zip(dvb.chunks_mut(tiles.bc * d))
+            .chunks_mut(bc * d)
+            .zip(dvb.chunks_mut(bc * d))
             .enumerate()
         {
-            tasks.push((bh * kblocks + kb, dkt, dvt));
+            tasks.push((bh, kb, dkt, dvt));
         }
     }
-    tasks.into_par_iter().for_each(|(task, dkt, dvt)| {
-        let (bh, kb) = (task / kblocks, task % kblocks);
+    tasks.into_par_iter().for_each(|(bh, kb, dkt, dvt)| {
         let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
-        let j0 = kb * tiles.bc;
-        let cols = dkt.len() / d;
+        let (j0, cols) = (kb * bc, dkt.len() / d);
         dkt.fill(T::zero());
         dvt.fill(T::zero());
-        // First query row that sees key j0.
-        let i_start = j0.saturating_sub(off);
+        let (mut p, mut ds) = (vec![T::zero(); br * cols], vec![T::zero(); br * cols]);
+        // The first query row that sees key j0, and the block holding it.
+        let first_block = j0.saturating_sub(off) / br;
         for h in hk * dims.group()..(hk + 1) * dims.group() {
-            for i in i_start..t {
-                let qi = dims.q_row(b, h, i);
-                let (qr, dor) = (&q[qi * d..][..d], &dout[qi * d..][..d]);
-                let visible = (i + off + 1).min(j0 + cols);
-                for j in j0..visible {
-                    let kvi = dims.kv_row(b, hk, j);
-                    let p = (dot(qr, &k[kvi * d..][..d]) * sc - lse[qi]).exp();
-                    let dp = dot(dor, &v[kvi * d..][..d]);
-                    let ds = p * (dp - delta[qi]);
-                    let c = j - j0;
-                    axpy(p, dor, &mut dvt[c * d..(c + 1) * d]);
-                    axpy(ds * sc, qr, &mut dkt[c * d..(c + 1) * d]);
-                }
+            for i0 in (first_block * br..t).step_by(br) {
+                let rows = br.min(t - i0);
+                let qi = dims.q_row(b, h, i0);
+                let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+                tile(b, h, i0, rows, j0, cols, p, ds);
+                // dV += P^T dO; dK += scale * dS^T Q. Both (cols, D).
+                gemm_tile(
+                    (cols, d, rows),
+                    p,
+                    true,
+                    &dout[qi * d..][..rows * d],
+                    false,
+                    dvt,
+                    true,
+                    T::one(),
+                );
+                gemm_tile(
+                    (cols, d, rows),
+                    ds,
+                    true,
+                    &q[qi * d..][..rows * d],
+                    false,
+                    dkt,
+                    true,
+                    sc,
+                );
             }
         }
     });
@@ -203,26 +264,24 @@ pub fn attention_backward<T: Float>(
     // never straddles two heads when T is not a multiple of Br.
     let mut tasks: Vec<(usize, usize, &mut [T])> = Vec::new();
     for (bh, dqh) in dq.chunks_mut(t * d).enumerate() {
-        for (qb, dqt) in dqh.chunks_mut(tiles.br * d).enumerate() {
+        for (qb, dqt) in dqh.chunks_mut(br * d).enumerate() {
             tasks.push((bh, qb, dqt));
         }
     }
     tasks.into_par_iter().for_each(|(bh, qb, dqt)| {
         let (b, h) = (bh / dims.q_heads, bh % dims.q_heads);
         let hk = h / dims.group();
+        let (i0, rows) = (qb * br, dqt.len() / d);
         dqt.fill(T::zero());
-        for r in 0..dqt.len() / d {
-            let i = qb * tiles.br + r;
-            let qi = dims.q_row(b, h, i);
-            let (qr, dor) = (&q[qi * d..][..d], &dout[qi * d..][..d]);
-            let dqr = &mut dqt[r * d..(r + 1) * d];
-            for j in 0..(i + off + 1).min(sl) {
-                let kvi = dims.kv_row(b, hk, j);
-                let kr = &k[kvi * d..][..d];
-                let p = (dot(qr, kr) * sc - lse[qi]).exp();
-                let ds = p * (dot(dor, &v[kvi * d..][..d]) - delta[qi]);
-                axpy(ds * sc, kr, dqr);
-            }
+        let (mut p, mut ds) = (vec![T::zero(); rows * bc], vec![T::zero(); rows * bc]);
+        let key_end = (i0 + rows + off).min(sl);
+        for j0 in (0..key_end).step_by(bc) {
+            let cols = bc.min(key_end - j0);
+            let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+            tile(b, h, i0, rows, j0, cols, p, ds);
+            // dQ += scale * dS K: (rows, cols) . (cols, D)
+            let kt = &k[dims.kv_row(b, hk, j0) * d..][..cols * d];
+            gemm_tile((rows, d, cols), ds, false, kt, false, dqt, true, sc);
         }
     });
 }
@@ -290,6 +349,45 @@ mod tests {
             for (a, b) in o.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-12, "t={t} s={s}: {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn backward_is_independent_of_tile_sizes() {
+        let dims = AttnDims {
+            batch: 2,
+            q_heads: 4,
+            kv_heads: 2,
+            q_len: 7,
+            kv_len: 9,
+            head_dim: 5,
+        };
+        let q = data(2 * 4 * 7 * 5, 0.0);
+        let (k, v, dout) = (
+            data(2 * 2 * 9 * 5, 1.0),
+            data(2 * 2 * 9 * 5, 2.0),
+            data(q.len(), 3.0),
+        );
+        let run = |tiles: Tiles| {
+            let (mut o, mut lse) = (vec![0.0; q.len()], vec![0.0; 2 * 4 * 7]);
+            attention_forward(dims, tiles, 0.4, (&q, &k, &v), &mut o, &mut lse);
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            attention_backward(
+                dims,
+                tiles,
+                0.4,
+                (&q, &k, &v),
+                (&o, &lse, &dout),
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            );
+            [dq, dk, dv].concat()
+        };
+        let (small, one) = (run(Tiles { br: 3, bc: 2 }), run(Tiles::default()));
+        for (a, b) in small.iter().zip(&one) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }
     }
 }

@@ -103,6 +103,62 @@ pub fn matmul<T: Float>(
     }
 }
 
+/// `c (m, n) = beta * op(a) . op(b)`, or `c += beta * op(a) . op(b)` when `accumulate`, on the
+/// calling thread: for tiles inside tasks that are already parallel (flash attention).
+/// Operands are contiguous: `a` is `(m, k)` (`(k, m)` if `ta`), `b` is `(k, n)` (`(n, k)` if `tb`).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_tile<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    c: &mut [T],
+    accumulate: bool,
+    beta: T,
+) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm_tile: buffer too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the assert above guarantees the three buffers hold the m*k, k*n and m*n elements
+    // the strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
 /// Straightforward triple loop, the reference the benchmark validates `matmul` against.
 pub fn matmul_reference<T: Float>(
     dims: GemmDims,

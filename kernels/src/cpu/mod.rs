@@ -16,7 +16,6 @@ pub mod softmax;
 pub mod unary;
 
 mod float;
-pub(crate) use float::axpy;
 pub use float::{Float, dot};
 
 /// Rows per rayon task for row-wise kernels: large enough to amortise scheduling, small enough

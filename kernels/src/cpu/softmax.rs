@@ -3,14 +3,21 @@
 use super::Float;
 use rayon::prelude::*;
 
-/// `log(sum(exp(row)))`, shifted by the row max so it never overflows.
-#[inline]
+/// `log(sum(exp(row)))`, shifted by the row max so it never overflows. Exponentials are taken
+/// in stack chunks so the vectorised `exp_in_place` applies without a heap buffer.
 pub fn logsumexp<T: Float>(row: &[T]) -> T {
     let m = row.iter().copied().fold(T::neg_infinity(), T::max);
     if m == T::neg_infinity() {
         return m;
     }
-    let s: T = row.iter().map(|&v| (v - m).exp()).sum();
+    let mut buf = [T::zero(); 256];
+    let mut s = T::zero();
+    for chunk in row.chunks(buf.len()) {
+        let b = &mut buf[..chunk.len()];
+        b.iter_mut().zip(chunk).for_each(|(o, &v)| *o = v - m);
+        T::exp_in_place(b);
+        s += b.iter().copied().sum::<T>();
+    }
     m + s.ln()
 }
 
@@ -21,16 +28,12 @@ pub fn softmax<T: Float>(x: &[T], cols: usize, log: bool, y: &mut [T]) {
         let xr = &x[r * cols..(r + 1) * cols];
         let m = xr.iter().copied().fold(T::neg_infinity(), T::max);
         if log {
-            let s: T = xr.iter().map(|&v| (v - m).exp()).sum();
-            let lse = m + s.ln();
+            let lse = logsumexp(xr);
             yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - lse);
         } else {
-            let mut s = T::zero();
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v - m).exp();
-                s += *o;
-            }
-            let inv = T::one() / s;
+            yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - m);
+            T::exp_in_place(yr);
+            let inv = T::one() / yr.iter().copied().sum::<T>();
             yr.iter_mut().for_each(|o| *o *= inv);
         }
     });
