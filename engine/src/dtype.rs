@@ -36,6 +36,8 @@ pub trait Elem: Copy + Send + Sync + std::fmt::Debug + 'static {
     const DTYPE: DType;
     fn wrap(v: Vec<Self>) -> CpuData;
     fn view(d: &CpuData) -> Option<&[Self]>;
+    /// The vector itself, if `d` holds this type (no copy).
+    fn take(d: CpuData) -> Option<Vec<Self>>;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
 }
@@ -48,6 +50,12 @@ macro_rules! elem {
                 CpuData::$variant(v)
             }
             fn view(d: &CpuData) -> Option<&[Self]> {
+                match d {
+                    CpuData::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn take(d: CpuData) -> Option<Vec<Self>> {
                 match d {
                     CpuData::$variant(v) => Some(v),
                     _ => None,

@@ -107,7 +107,7 @@ impl Tape {
                     match pending.get_mut(id) {
                         Some(acc) => acc.accumulate(&g)?,
                         None => {
-                            pending.insert(*id, g.stop_gradient());
+                            pending.insert(*id, g);
                         }
                     }
                 }

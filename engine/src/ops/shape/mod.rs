@@ -50,10 +50,10 @@ impl<T: crate::Elem + Default> AnySlice for &[T] {
         sizes: (usize, usize, usize),
         into: Option<CpuData>,
     ) -> CpuData {
-        let mut out = match into.as_ref().and_then(|d| T::view(d)) {
-            Some(v) => v.to_vec(),
-            None => vec![T::default(); sizes.0 * dst_dim * sizes.2],
-        };
+        // Writing into the buffer passed in (by value) keeps `cat` linear in its output size.
+        let mut out = into
+            .and_then(T::take)
+            .unwrap_or_else(|| vec![T::default(); sizes.0 * dst_dim * sizes.2]);
         copy_slab(self, src_dim, src_at, &mut out, dst_dim, dst_at, sizes);
         T::wrap(out)
     }
