@@ -5,6 +5,7 @@ mod attention;
 mod binary;
 mod cast;
 mod embedding;
+mod lm_head;
 mod matmul;
 mod nll;
 mod reduce;
@@ -18,7 +19,8 @@ mod unary;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use rope::rope_tables;
+pub use lm_head::HeadLoss;
+pub use rope::{rope_tables, rope_tables_from};
 
 use crate::{DType, Error, Result, Tensor};
 
@@ -50,6 +52,8 @@ pub enum Op {
     Attention,
     SwiGlu,
     Nll,
+    /// Fused LM head + weighted NLL over selected rows (the loss kernel).
+    LmHeadNll,
     Cast,
     /// Not differentiable: recording it on a tape is an error.
     ArgMax,
@@ -82,6 +86,7 @@ impl Op {
         Op::Attention,
         Op::SwiGlu,
         Op::Nll,
+        Op::LmHeadNll,
         Op::Cast,
         Op::ArgMax,
     ];
@@ -181,6 +186,7 @@ mod registry_tests {
             binary::cases(),
             cast::cases(),
             embedding::cases(),
+            lm_head::cases(),
             matmul::cases(),
             nll::cases(),
             reduce::cases(),

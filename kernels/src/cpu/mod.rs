@@ -6,6 +6,7 @@ pub mod attention;
 pub mod binary;
 pub mod embedding;
 pub mod layout;
+pub mod lm_head;
 pub mod matmul;
 pub mod nll;
 pub mod peak;
