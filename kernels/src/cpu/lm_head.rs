@@ -28,9 +28,22 @@ pub fn chunk_rows(vocab: usize, elem_bytes: usize, budget_bytes: usize) -> usize
 /// `logits (n, V) = x_chunk (n, C) . w^T`, with `n` rows starting at `r0`.
 fn logits_chunk<T: Float>(dims: HeadDims, x: &[T], w: &[T], r0: usize, n: usize, z: &mut [T]) {
     let c = dims.hidden;
-    let g = GemmDims { batch: 1, m: n, n: dims.vocab, k: c };
-    let xo = Operand { data: &x[r0 * c..(r0 + n) * c], trans: false, batch_stride: 0 };
-    let wo = Operand { data: w, trans: true, batch_stride: 0 };
+    let g = GemmDims {
+        batch: 1,
+        m: n,
+        n: dims.vocab,
+        k: c,
+    };
+    let xo = Operand {
+        data: &x[r0 * c..(r0 + n) * c],
+        trans: false,
+        batch_stride: 0,
+    };
+    let wo = Operand {
+        data: w,
+        trans: true,
+        batch_stride: 0,
+    };
     matmul(g, xo, wo, &mut z[..n * dims.vocab], false);
 }
 
@@ -74,26 +87,55 @@ pub fn lm_head_backward<T: Float>(
     for r0 in (0..dims.rows).step_by(chunk) {
         let n = chunk.min(dims.rows - r0);
         logits_chunk(dims, x, w, r0, n, &mut z);
-        z[..n * v].par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-            let (a, s) = (coef[r0 + i], lse[r0 + i]);
-            row.iter_mut().for_each(|e| *e -= s);
-            T::exp_in_place(row);
-            row.iter_mut().for_each(|e| *e *= a);
-            // The target term is subtracted on its own so its precision is not lost in the
-            // (tiny) probability it is combined with.
-            row[targets[r0 + i] as usize] -= a;
-        });
+        z[..n * v]
+            .par_chunks_mut(v)
+            .enumerate()
+            .for_each(|(i, row)| {
+                let (a, s) = (coef[r0 + i], lse[r0 + i]);
+                row.iter_mut().for_each(|e| *e -= s);
+                T::exp_in_place(row);
+                row.iter_mut().for_each(|e| *e *= a);
+                // The target term is subtracted on its own so its precision is not lost in the
+                // (tiny) probability it is combined with.
+                row[targets[r0 + i] as usize] -= a;
+            });
         let g = &z[..n * v];
         // (n, V) . (V, C) -> (n, C)
-        let gd = GemmDims { batch: 1, m: n, n: c, k: v };
-        let go = Operand { data: g, trans: false, batch_stride: 0 };
-        let wo = Operand { data: w, trans: false, batch_stride: 0 };
+        let gd = GemmDims {
+            batch: 1,
+            m: n,
+            n: c,
+            k: v,
+        };
+        let go = Operand {
+            data: g,
+            trans: false,
+            batch_stride: 0,
+        };
+        let wo = Operand {
+            data: w,
+            trans: false,
+            batch_stride: 0,
+        };
         matmul(gd, go, wo, &mut dx[r0 * c..(r0 + n) * c], false);
         if let Some(dw) = dw.as_deref_mut() {
             // (V, n) . (n, C) -> (V, C), accumulated over chunks.
-            let gd = GemmDims { batch: 1, m: v, n: c, k: n };
-            let gt = Operand { data: g, trans: true, batch_stride: 0 };
-            let xo = Operand { data: &x[r0 * c..(r0 + n) * c], trans: false, batch_stride: 0 };
+            let gd = GemmDims {
+                batch: 1,
+                m: v,
+                n: c,
+                k: n,
+            };
+            let gt = Operand {
+                data: g,
+                trans: true,
+                batch_stride: 0,
+            };
+            let xo = Operand {
+                data: &x[r0 * c..(r0 + n) * c],
+                trans: false,
+                batch_stride: 0,
+            };
             matmul(gd, gt, xo, dw, true);
         }
     }
@@ -105,7 +147,11 @@ mod tests {
 
     #[test]
     fn chunked_passes_match_full_logits() {
-        let dims = HeadDims { rows: 7, hidden: 5, vocab: 11 };
+        let dims = HeadDims {
+            rows: 7,
+            hidden: 5,
+            vocab: 11,
+        };
         let x: Vec<f64> = (0..35).map(|i| (i as f64 * 0.37).sin()).collect();
         let w: Vec<f64> = (0..55).map(|i| (i as f64 * 0.71).cos()).collect();
         let y: Vec<u32> = (0..7).map(|i| (i * 3 % 11) as u32).collect();
@@ -114,7 +160,14 @@ mod tests {
             let (mut lse, mut t) = (vec![0.0; 7], vec![0.0; 7]);
             lm_head_forward(dims, chunk, (&x, &w, &y), &mut lse, &mut t);
             let (mut dx, mut dw) = (vec![0.0; 35], vec![0.0; 55]);
-            lm_head_backward(dims, chunk, (&x, &w, &y), (&lse, &coef), &mut dx, Some(&mut dw));
+            lm_head_backward(
+                dims,
+                chunk,
+                (&x, &w, &y),
+                (&lse, &coef),
+                &mut dx,
+                Some(&mut dw),
+            );
             [lse, t, dx, dw].concat()
         };
         let (one, many) = (run(7), run(2));
@@ -122,7 +175,9 @@ mod tests {
             assert!((a - b).abs() < 1e-12);
         }
         // Row 0 by hand: lse of x0 . W^T.
-        let z: Vec<f64> = (0..11).map(|j| (0..5).map(|k| x[k] * w[j * 5 + k]).sum()).collect();
+        let z: Vec<f64> = (0..11)
+            .map(|j| (0..5).map(|k| x[k] * w[j * 5 + k]).sum())
+            .collect();
         let lse0 = z.iter().map(|v| v.exp()).sum::<f64>().ln();
         assert!((one[0] - lse0).abs() < 1e-12 && (one[7] - z[0]).abs() < 1e-12);
     }

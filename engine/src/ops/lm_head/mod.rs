@@ -38,37 +38,78 @@ impl Tensor {
         if self.dtype().is_half() || head.dtype().is_half() {
             let (x, w) = (self.to_dtype(DType::F32)?, head.to_dtype(DType::F32)?);
             let out = x.lm_head_nll(&w, rows, targets, weigh)?;
-            let dtype = if self.dtype().is_half() { self.dtype() } else { head.dtype() };
-            return Ok(HeadLoss { loss: out.loss.to_dtype(dtype)?, ..out });
+            let dtype = if self.dtype().is_half() {
+                self.dtype()
+            } else {
+                head.dtype()
+            };
+            return Ok(HeadLoss {
+                loss: out.loss.to_dtype(dtype)?,
+                ..out
+            });
         }
         same_kind("lm_head_nll", self, head)?;
         let (n_all, c, v) = match (self.dims(), head.dims()) {
             ([n, c], [v, hc]) if c == hc => (*n, *c, *v),
             (x, h) => {
-                return Err(Error::shape("lm_head_nll", format!("need hidden (N, C) and head (V, C), got {x:?} and {h:?}")));
+                return Err(Error::shape(
+                    "lm_head_nll",
+                    format!("need hidden (N, C) and head (V, C), got {x:?} and {h:?}"),
+                ));
             }
         };
         if rows.len() != targets.len() {
-            return Err(Error::shape("lm_head_nll", format!("{} rows but {} targets", rows.len(), targets.len())));
+            return Err(Error::shape(
+                "lm_head_nll",
+                format!("{} rows but {} targets", rows.len(), targets.len()),
+            ));
         }
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_all) {
-            return Err(Error::Index { op: "lm_head_nll (row)", index: r as usize, size: n_all });
+            return Err(Error::Index {
+                op: "lm_head_nll (row)",
+                index: r as usize,
+                size: n_all,
+            });
         }
         if let Some(&y) = targets.iter().find(|&&y| y as usize >= v) {
-            return Err(Error::Index { op: "lm_head_nll (target)", index: y as usize, size: v });
+            return Err(Error::Index {
+                op: "lm_head_nll (target)",
+                index: y as usize,
+                size: v,
+            });
         }
-        let dims = HeadDims { rows: rows.len(), hidden: c, vocab: v };
+        let dims = HeadDims {
+            rows: rows.len(),
+            hidden: c,
+            vocab: v,
+        };
         let (loss, lse, coef, logprobs, xs) = float_dispatch!("lm_head_nll", self.dtype(), |T| {
             // (n, C): only the rows with a target.
             let mut xs = vec![T::default(); rows.len() * c];
             gather(self.cpu::<T>("lm_head_nll")?, c, rows, &mut xs);
-            let (mut lse, mut tl) = (vec![T::default(); rows.len()], vec![T::default(); rows.len()]);
+            let (mut lse, mut tl) = (
+                vec![T::default(); rows.len()],
+                vec![T::default(); rows.len()],
+            );
             let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
-            lm_head_forward(dims, chunk, (&xs, head.cpu::<T>("lm_head_nll")?, targets), &mut lse, &mut tl);
+            lm_head_forward(
+                dims,
+                chunk,
+                (&xs, head.cpu::<T>("lm_head_nll")?, targets),
+                &mut lse,
+                &mut tl,
+            );
             let logprobs: Vec<f64> = tl.iter().zip(&lse).map(|(&t, &l)| (t - l) as f64).collect();
             let coef = weigh(&logprobs);
             if coef.len() != rows.len() {
-                return Err(Error::shape("lm_head_nll", format!("weigh returned {} coefficients for {} rows", coef.len(), rows.len())));
+                return Err(Error::shape(
+                    "lm_head_nll",
+                    format!(
+                        "weigh returned {} coefficients for {} rows",
+                        coef.len(),
+                        rows.len()
+                    ),
+                ));
             }
             let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
             let coef: Vec<T> = coef.iter().map(|&a| a as T).collect();
@@ -107,16 +148,36 @@ struct LmHeadBackward {
 impl Backward for LmHeadBackward {
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let (v, c) = (self.head.dims()[0], self.head.dims()[1]);
-        let dims = HeadDims { rows: self.rows.len(), hidden: c, vocab: v };
+        let dims = HeadDims {
+            rows: self.rows.len(),
+            hidden: c,
+            vocab: v,
+        };
         let upstream = g.to_scalar()?;
         float_dispatch!("lm_head_nll backward", g.dtype(), |T| {
             let n = "lm_head_nll";
-            let coef: Vec<T> = self.coef.cpu::<T>(n)?.iter().map(|&a| a * upstream as T).collect();
+            let coef: Vec<T> = self
+                .coef
+                .cpu::<T>(n)?
+                .iter()
+                .map(|&a| a * upstream as T)
+                .collect();
             let mut dxs = vec![T::default(); self.rows.len() * c];
             let mut dw = needs[1].then(|| vec![T::default(); v * c]);
             let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
-            let inputs = (self.xs.cpu::<T>(n)?, self.head.cpu::<T>(n)?, self.targets.as_slice());
-            lm_head_backward(dims, chunk, inputs, (self.lse.cpu::<T>(n)?, &coef), &mut dxs, dw.as_deref_mut());
+            let inputs = (
+                self.xs.cpu::<T>(n)?,
+                self.head.cpu::<T>(n)?,
+                self.targets.as_slice(),
+            );
+            lm_head_backward(
+                dims,
+                chunk,
+                inputs,
+                (self.lse.cpu::<T>(n)?, &coef),
+                &mut dxs,
+                dw.as_deref_mut(),
+            );
             let dx = needs[0].then(|| {
                 // Rows without a target get zero gradient.
                 let mut dx = vec![T::default(); self.n_all * c];
@@ -144,9 +205,13 @@ mod tests {
                 let rows = proptest::collection::vec(0..n as u32, k);
                 let targets = proptest::collection::vec(0..v as u32, k);
                 let coef = proptest::collection::vec(-1.0f64..1.0, k);
-                (tensor(vec![n, c]), tensor(vec![v, c]), rows, targets, coef).prop_map(|(x, w, rows, y, a)| {
-                    instance(vec![x, w], move |t| Ok(t[0].lm_head_nll(&t[1], &rows, &y, |_| a.clone())?.loss))
-                })
+                (tensor(vec![n, c]), tensor(vec![v, c]), rows, targets, coef).prop_map(
+                    |(x, w, rows, y, a)| {
+                        instance(vec![x, w], move |t| {
+                            Ok(t[0].lm_head_nll(&t[1], &rows, &y, |_| a.clone())?.loss)
+                        })
+                    },
+                )
             })
             .boxed();
         vec![Case::new("lm_head_nll", &[Op::LmHeadNll], strategy)]
@@ -163,14 +228,25 @@ mod tests {
         let x = Tensor::randn([5, 4], 1.0, 1, crate::DType::F64, &dev).unwrap();
         let w = Tensor::randn([9, 4], 1.0, 2, crate::DType::F64, &dev).unwrap();
         let (rows, y) = (vec![0u32, 3, 4], vec![8u32, 0, 2]);
-        let out = x.lm_head_nll(&w, &rows, &y, |lp| lp.iter().map(|_| 1.0).collect()).unwrap();
-        let full = x.matmul_t(&w, false, true).unwrap().log_softmax().unwrap().to_vec::<f64>().unwrap();
+        let out = x
+            .lm_head_nll(&w, &rows, &y, |lp| lp.iter().map(|_| 1.0).collect())
+            .unwrap();
+        let full = x
+            .matmul_t(&w, false, true)
+            .unwrap()
+            .log_softmax()
+            .unwrap()
+            .to_vec::<f64>()
+            .unwrap();
         for (i, (&r, &t)) in rows.iter().zip(&y).enumerate() {
             assert!((out.logprobs[i] - full[r as usize * 9 + t as usize]).abs() < 1e-12);
         }
         let want: f64 = -out.logprobs.iter().sum::<f64>();
         assert!((out.loss.to_scalar().unwrap() - want).abs() < 1e-12);
-        let bad = x.lm_head_nll(&w, &[7], &[0], |_| vec![1.0]).unwrap_err().to_string();
+        let bad = x
+            .lm_head_nll(&w, &[7], &[0], |_| vec![1.0])
+            .unwrap_err()
+            .to_string();
         assert!(bad.contains("index 7"), "{bad}");
     }
 }

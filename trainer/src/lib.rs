@@ -1,0 +1,4 @@
+//! bft-trainer: the loss library (SFT, DFT, BFT and research variants through one fused,
+//! memory-bounded LM-head loss) and, as the `bft` binary, the trainer.
+
+pub mod loss;
