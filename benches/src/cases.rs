@@ -151,6 +151,13 @@ pub fn all(quick: bool) -> Vec<Case> {
     } {
         v.push(attention_fwd_bwd(&SMOLLM2_135M, t));
     }
+    let head = if quick {
+        (SMOLLM2_135M, 512)
+    } else {
+        (QWEN2_1_5B, 4096)
+    };
+    v.push(lm_loss(&head.0, head.1, true));
+    v.push(lm_loss(&head.0, head.1, false));
     for m in models {
         v.push(rmsnorm_fwd(m, tokens));
         v.push(swiglu_fwd(m, tokens));
@@ -552,4 +559,84 @@ pub fn check_error(r: &Record) -> Result<()> {
         r.max_rel_err
     );
     Ok(())
+}
+
+/// BFT loss forward + backward through the LM head (frozen, as with LoRA), fused or composed
+/// from unfused engine ops. `peak_bytes` is the tensor memory the loss adds on top of its
+/// inputs (hidden states and head).
+fn lm_loss(m: &Model, tokens: usize, fused: bool) -> Case {
+    use bft_trainer::loss::{Bft, LossBatch, LossOptions, fused_loss, unfused_loss};
+    let m = *m;
+    let body = move |_budget: f64| {
+        let dev = Device::Cpu;
+        // Four samples; every position is a valid target.
+        let (b, t) = (4, tokens / 4);
+        let x = Tensor::randn([b, t, m.hidden], 1.0, 1, DType::F32, &dev)?;
+        let w = Tensor::randn([m.vocab, m.hidden], 0.02, 2, DType::F32, &dev)?;
+        let targets: Vec<u32> = (0..tokens).map(|i| ((i * 7919) % m.vocab) as u32).collect();
+        let mask = vec![true; tokens];
+        let bft = Bft::default();
+        let run = |fused: bool| -> Result<(f64, Vec<f64>)> {
+            let tape = Tape::new();
+            let xt = tape.track(&x);
+            let batch = LossBatch {
+                hidden: &xt,
+                head: &w,
+                targets: &targets,
+                mask: &mask,
+            };
+            let out = if fused {
+                fused_loss(batch, &bft, LossOptions::default())?
+            } else {
+                unfused_loss(batch, &bft, LossOptions::default())?
+            };
+            let g = tape.backward(&out.loss)?;
+            Ok((
+                out.loss.to_scalar()?,
+                g.get(&xt).expect("tracked").to_f64_vec()?,
+            ))
+        };
+        // Validate: the fused loss and its gradient against the unfused composition, on the
+        // first micro-run of each (same inputs).
+        let mut base = 0;
+        let mut peak = 0;
+        let mut result = None;
+        let time = median_us(0.0, || {
+            base = memory::live_bytes();
+            memory::reset_peak();
+            result = Some(run(fused));
+            peak = memory::peak_bytes() - base;
+        });
+        let (loss, grad) = result.expect("ran")?;
+        let err = if fused {
+            let (l2, g2) = run(false)?;
+            let scale = g2.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            let gerr = grad
+                .iter()
+                .zip(&g2)
+                .fold(0.0f64, |a, (p, q)| a.max((p - q).abs()))
+                / scale;
+            gerr.max((loss - l2).abs() / l2.abs())
+        } else {
+            0.0
+        };
+        Ok(Measured {
+            err,
+            time_us: time,
+            peak_bytes: Some(peak),
+        })
+    };
+    Case {
+        name: format!(
+            "bft_loss_{} {}",
+            if fused { "fused" } else { "unfused" },
+            m.name
+        ),
+        shape: format!("{tokens} tok, V={} C={}", m.vocab, m.hidden),
+        // Useful work: the logits GEMM and the dX GEMM (the fused kernel also recomputes logits).
+        flops: 4.0 * (tokens * m.vocab * m.hidden) as f64,
+        bytes: 4.0 * (m.vocab * m.hidden + 2 * tokens * m.hidden) as f64,
+        bound: Bound::Compute,
+        body: Box::new(body),
+    }
 }

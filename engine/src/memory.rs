@@ -21,6 +21,22 @@ pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
+/// A kernel's working buffer that is not a tensor (a chunk of logits, say), counted like tensor
+/// storage so that peak-memory figures include it.
+pub(crate) struct Scratch<T> {
+    pub(crate) buf: Vec<T>,
+    _ticket: Ticket,
+}
+
+impl<T: Default + Clone> Scratch<T> {
+    pub(crate) fn new(len: usize) -> Self {
+        Scratch {
+            buf: vec![T::default(); len],
+            _ticket: Ticket::new(len * std::mem::size_of::<T>()),
+        }
+    }
+}
+
 /// Held by every storage buffer; counts its bytes while alive.
 #[derive(Debug)]
 pub(crate) struct Ticket(usize);

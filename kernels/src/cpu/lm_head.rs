@@ -1,11 +1,13 @@
 //! The fused LM-head loss: logits are produced one row chunk at a time and never stored for all
 //! tokens. For 8k tokens of a 151,936-word vocabulary, full f32 logits would take 5 GB; a chunk
-//! of `rows` takes `rows * vocab * 4` bytes.
+//! of `rows` takes `rows * vocab * 4` bytes, in a scratch buffer the caller owns.
 //!
 //! Pass 1 (forward): per chunk, `Z = X W^T` (rows, V), then each row's log-sum-exp and target
-//! logit. Pass 2 (backward): per chunk, recompute `Z`, turn it in place into
-//! `G = a (softmax(Z) - onehot(y))` with a per-row coefficient `a`, then `dX = G W` and, only
-//! when the head is trainable, `dW += G^T X`.
+//! logit. When the hidden states need a gradient it also forms, while the chunk is live,
+//! `U = (softmax(Z) - onehot(y)) W` (rows, C): the loss's coefficients are constants, so
+//! `dX = coef * U` later needs no second pass over the vocabulary.
+//! Pass 2 (only for a trainable head): recompute `Z`, turn it into
+//! `G = coef (softmax(Z) - onehot(y))` and accumulate `dW += G^T X`.
 
 use super::Float;
 use super::matmul::{GemmDims, Operand, matmul};
@@ -47,19 +49,47 @@ fn logits_chunk<T: Float>(dims: HeadDims, x: &[T], w: &[T], r0: usize, n: usize,
     matmul(g, xo, wo, &mut z[..n * dims.vocab], false);
 }
 
-/// Pass 1: `lse[i]` and `target_logit[i]` for every row; `chunk` rows at a time.
+/// Turns logits rows in place into `scale[i] * (softmax(z_i) - onehot(y_i))`.
+fn softmax_minus_onehot<T: Float>(
+    z: &mut [T],
+    v: usize,
+    lse: &[T],
+    targets: &[u32],
+    scale: impl Fn(usize) -> T + Sync,
+) {
+    z.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+        let (a, s) = (scale(i), lse[i]);
+        row.iter_mut().for_each(|e| *e -= s);
+        T::exp_in_place(row);
+        row.iter_mut().for_each(|e| *e *= a);
+        // The target term is subtracted on its own so its precision is not lost in the
+        // (tiny) probability it is combined with.
+        row[targets[i] as usize] -= a;
+    });
+}
+
+/// Pass 1: `lse[i]` and `target_logit[i]` for every row, `chunk` rows at a time, and when
+/// `unit_grad` is given, `unit_grad (rows, C) = (softmax(Z) - onehot(y)) W`. `z` is the caller's
+/// scratch for one chunk of logits, at least `min(chunk, rows) * vocab` long: the only
+/// vocabulary-sized memory the loss uses.
+#[allow(clippy::too_many_arguments)]
 pub fn lm_head_forward<T: Float>(
     dims: HeadDims,
     chunk: usize,
     (x, w, targets): (&[T], &[T], &[u32]),
+    z: &mut [T],
     lse: &mut [T],
     target_logit: &mut [T],
+    mut unit_grad: Option<&mut [T]>,
 ) {
-    let v = dims.vocab;
-    let mut z = vec![T::zero(); chunk.min(dims.rows) * v];
+    let (v, c) = (dims.vocab, dims.hidden);
+    assert!(
+        z.len() >= chunk.min(dims.rows) * v,
+        "lm_head_forward: scratch too short"
+    );
     for r0 in (0..dims.rows).step_by(chunk) {
         let n = chunk.min(dims.rows - r0);
-        logits_chunk(dims, x, w, r0, n, &mut z);
+        logits_chunk(dims, x, w, r0, n, z);
         lse[r0..r0 + n]
             .par_iter_mut()
             .zip(target_logit[r0..r0 + n].par_iter_mut())
@@ -69,75 +99,79 @@ pub fn lm_head_forward<T: Float>(
                 *l = logsumexp(row);
                 *t = row[targets[r0 + i] as usize];
             });
+        if let Some(u) = unit_grad.as_deref_mut() {
+            softmax_minus_onehot(
+                &mut z[..n * v],
+                v,
+                &lse[r0..r0 + n],
+                &targets[r0..r0 + n],
+                |_| T::one(),
+            );
+            // (n, V) . (V, C) -> (n, C)
+            let gd = GemmDims {
+                batch: 1,
+                m: n,
+                n: c,
+                k: v,
+            };
+            let go = Operand {
+                data: &z[..n * v],
+                trans: false,
+                batch_stride: 0,
+            };
+            let wo = Operand {
+                data: w,
+                trans: false,
+                batch_stride: 0,
+            };
+            matmul(gd, go, wo, &mut u[r0 * c..(r0 + n) * c], false);
+        }
     }
 }
 
-/// Pass 2: `dx = G W` (overwritten) and, when given, `dw += G^T X`, with
-/// `G[i] = coef[i] * (softmax(z_i) - onehot(y_i))` rebuilt chunk by chunk.
-pub fn lm_head_backward<T: Float>(
+/// Pass 2, for a trainable head: `dw += G^T X` with `G[i] = coef[i] * (softmax(z_i) - onehot(y_i))`
+/// rebuilt chunk by chunk in the scratch `z` (as for pass 1).
+pub fn lm_head_backward_head<T: Float>(
     dims: HeadDims,
     chunk: usize,
     (x, w, targets): (&[T], &[T], &[u32]),
     (lse, coef): (&[T], &[T]),
-    dx: &mut [T],
-    mut dw: Option<&mut [T]>,
+    z: &mut [T],
+    dw: &mut [T],
 ) {
     let (v, c) = (dims.vocab, dims.hidden);
-    let mut z = vec![T::zero(); chunk.min(dims.rows) * v];
+    assert!(
+        z.len() >= chunk.min(dims.rows) * v,
+        "lm_head_backward_head: scratch too short"
+    );
     for r0 in (0..dims.rows).step_by(chunk) {
         let n = chunk.min(dims.rows - r0);
-        logits_chunk(dims, x, w, r0, n, &mut z);
-        z[..n * v]
-            .par_chunks_mut(v)
-            .enumerate()
-            .for_each(|(i, row)| {
-                let (a, s) = (coef[r0 + i], lse[r0 + i]);
-                row.iter_mut().for_each(|e| *e -= s);
-                T::exp_in_place(row);
-                row.iter_mut().for_each(|e| *e *= a);
-                // The target term is subtracted on its own so its precision is not lost in the
-                // (tiny) probability it is combined with.
-                row[targets[r0 + i] as usize] -= a;
-            });
-        let g = &z[..n * v];
-        // (n, V) . (V, C) -> (n, C)
+        logits_chunk(dims, x, w, r0, n, z);
+        softmax_minus_onehot(
+            &mut z[..n * v],
+            v,
+            &lse[r0..r0 + n],
+            &targets[r0..r0 + n],
+            |i| coef[r0 + i],
+        );
+        // (V, n) . (n, C) -> (V, C), accumulated over chunks.
         let gd = GemmDims {
             batch: 1,
-            m: n,
+            m: v,
             n: c,
-            k: v,
+            k: n,
         };
-        let go = Operand {
-            data: g,
+        let gt = Operand {
+            data: &z[..n * v],
+            trans: true,
+            batch_stride: 0,
+        };
+        let xo = Operand {
+            data: &x[r0 * c..(r0 + n) * c],
             trans: false,
             batch_stride: 0,
         };
-        let wo = Operand {
-            data: w,
-            trans: false,
-            batch_stride: 0,
-        };
-        matmul(gd, go, wo, &mut dx[r0 * c..(r0 + n) * c], false);
-        if let Some(dw) = dw.as_deref_mut() {
-            // (V, n) . (n, C) -> (V, C), accumulated over chunks.
-            let gd = GemmDims {
-                batch: 1,
-                m: v,
-                n: c,
-                k: n,
-            };
-            let gt = Operand {
-                data: g,
-                trans: true,
-                batch_stride: 0,
-            };
-            let xo = Operand {
-                data: &x[r0 * c..(r0 + n) * c],
-                trans: false,
-                batch_stride: 0,
-            };
-            matmul(gd, gt, xo, dw, true);
-        }
+        matmul(gd, gt, xo, dw, true);
     }
 }
 
@@ -157,28 +191,40 @@ mod tests {
         let y: Vec<u32> = (0..7).map(|i| (i * 3 % 11) as u32).collect();
         let coef: Vec<f64> = (0..7).map(|i| 0.1 * i as f64 - 0.2).collect();
         let run = |chunk| {
-            let (mut lse, mut t) = (vec![0.0; 7], vec![0.0; 7]);
-            lm_head_forward(dims, chunk, (&x, &w, &y), &mut lse, &mut t);
-            let (mut dx, mut dw) = (vec![0.0; 35], vec![0.0; 55]);
-            lm_head_backward(
+            let (mut lse, mut t, mut z, mut u) = (
+                vec![0.0; 7],
+                vec![0.0; 7],
+                vec![0.0; chunk * 11],
+                vec![0.0; 35],
+            );
+            lm_head_forward(
                 dims,
                 chunk,
                 (&x, &w, &y),
-                (&lse, &coef),
-                &mut dx,
-                Some(&mut dw),
+                &mut z,
+                &mut lse,
+                &mut t,
+                Some(&mut u),
             );
-            [lse, t, dx, dw].concat()
+            let mut dw = vec![0.0; 55];
+            lm_head_backward_head(dims, chunk, (&x, &w, &y), (&lse, &coef), &mut z, &mut dw);
+            [lse, t, u, dw].concat()
         };
         let (one, many) = (run(7), run(2));
         for (a, b) in one.iter().zip(&many) {
             assert!((a - b).abs() < 1e-12);
         }
-        // Row 0 by hand: lse of x0 . W^T.
+        // Row 0 by hand: lse of z = x0 . W^T, and u0 = (softmax(z) - onehot(y0)) W.
         let z: Vec<f64> = (0..11)
             .map(|j| (0..5).map(|k| x[k] * w[j * 5 + k]).sum())
             .collect();
         let lse0 = z.iter().map(|v| v.exp()).sum::<f64>().ln();
         assert!((one[0] - lse0).abs() < 1e-12 && (one[7] - z[0]).abs() < 1e-12);
+        for k in 0..5 {
+            let u0: f64 = (0..11)
+                .map(|j| ((z[j] - lse0).exp() - if j == 0 { 1.0 } else { 0.0 }) * w[j * 5 + k])
+                .sum();
+            assert!((one[14 + k] - u0).abs() < 1e-12);
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! Fused LM head + weighted NLL: the memory-bounded core of every loss variant.
 
 use super::{Op, float_dispatch, same_kind};
+use crate::memory::Scratch;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
 use bft_kernels::cpu::embedding::{gather, scatter_add};
-use bft_kernels::cpu::lm_head::{HeadDims, chunk_rows, lm_head_backward, lm_head_forward};
+use bft_kernels::cpu::lm_head::{HeadDims, chunk_rows, lm_head_backward_head, lm_head_forward};
 
 /// Bytes of logits one chunk may hold: with Qwen2's 151,936-word vocabulary that is 110 rows.
 const CHUNK_BYTES: usize = 64 << 20;
@@ -83,46 +84,61 @@ impl Tensor {
             hidden: c,
             vocab: v,
         };
-        let (loss, lse, coef, logprobs, xs) = float_dispatch!("lm_head_nll", self.dtype(), |T| {
-            // (n, C): only the rows with a target.
-            let mut xs = vec![T::default(); rows.len() * c];
-            gather(self.cpu::<T>("lm_head_nll")?, c, rows, &mut xs);
-            let (mut lse, mut tl) = (
-                vec![T::default(); rows.len()],
-                vec![T::default(); rows.len()],
-            );
-            let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
-            lm_head_forward(
-                dims,
-                chunk,
-                (&xs, head.cpu::<T>("lm_head_nll")?, targets),
-                &mut lse,
-                &mut tl,
-            );
-            let logprobs: Vec<f64> = tl.iter().zip(&lse).map(|(&t, &l)| (t - l) as f64).collect();
-            let coef = weigh(&logprobs);
-            if coef.len() != rows.len() {
-                return Err(Error::shape(
-                    "lm_head_nll",
-                    format!(
-                        "weigh returned {} coefficients for {} rows",
-                        coef.len(),
-                        rows.len()
-                    ),
-                ));
-            }
-            let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
-            let coef: Vec<T> = coef.iter().map(|&a| a as T).collect();
-            Ok((
-                Tensor::from_cpu(vec![loss as T], Vec::<usize>::new()),
-                Tensor::from_cpu(lse, [rows.len()]),
-                Tensor::from_cpu(coef, [rows.len()]),
-                logprobs,
-                Tensor::from_cpu(xs, [rows.len(), c]),
-            ))
-        })?;
+        let (loss, lse, coef, logprobs, xs, unit) =
+            float_dispatch!("lm_head_nll", self.dtype(), |T| {
+                // (n, C): only the rows with a target.
+                let mut xs = vec![T::default(); rows.len() * c];
+                gather(self.cpu::<T>("lm_head_nll")?, c, rows, &mut xs);
+                let (mut lse, mut tl) = (
+                    vec![T::default(); rows.len()],
+                    vec![T::default(); rows.len()],
+                );
+                let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
+                // The one vocabulary-sized buffer: a chunk of logits, counted as engine memory.
+                let mut z = Scratch::<T>::new(chunk.min(rows.len()) * v);
+                let inputs = (xs.as_slice(), head.cpu::<T>("lm_head_nll")?, targets);
+                // (n, C) gradient direction of each row, formed while its logits are live, so the
+                // backward pass never revisits the vocabulary for dX.
+                let mut unit = self
+                    .is_tracked()
+                    .then(|| vec![T::default(); rows.len() * c]);
+                lm_head_forward(
+                    dims,
+                    chunk,
+                    inputs,
+                    &mut z.buf,
+                    &mut lse,
+                    &mut tl,
+                    unit.as_deref_mut(),
+                );
+                drop(z);
+                let logprobs: Vec<f64> =
+                    tl.iter().zip(&lse).map(|(&t, &l)| (t - l) as f64).collect();
+                let coef = weigh(&logprobs);
+                if coef.len() != rows.len() {
+                    return Err(Error::shape(
+                        "lm_head_nll",
+                        format!(
+                            "weigh returned {} coefficients for {} rows",
+                            coef.len(),
+                            rows.len()
+                        ),
+                    ));
+                }
+                let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
+                let coef: Vec<T> = coef.iter().map(|&a| a as T).collect();
+                Ok((
+                    Tensor::from_cpu(vec![loss as T], Vec::<usize>::new()),
+                    Tensor::from_cpu(lse, [rows.len()]),
+                    Tensor::from_cpu(coef, [rows.len()]),
+                    logprobs,
+                    Tensor::from_cpu(xs, [rows.len(), c]),
+                    unit.map(|u| Tensor::from_cpu(u, [rows.len(), c])),
+                ))
+            })?;
         let loss = Tape::record(Op::LmHeadNll, &[self, head], loss, || LmHeadBackward {
             xs,
+            unit,
             head: head.stop_gradient(),
             rows: rows.to_vec(),
             targets: targets.to_vec(),
@@ -137,6 +153,8 @@ impl Tensor {
 struct LmHeadBackward {
     /// `(n, C)` the selected rows of the hidden states.
     xs: Tensor,
+    /// `(n, C)` `(softmax(z) - onehot(y)) W` per row; present when the hidden states are tracked.
+    unit: Option<Tensor>,
     head: Tensor,
     rows: Vec<u32>,
     targets: Vec<u32>,
@@ -146,6 +164,8 @@ struct LmHeadBackward {
 }
 
 impl Backward for LmHeadBackward {
+    /// `dX_i = g coef_i unit_i` scattered back to the selected rows; `dW` (trainable head only)
+    /// recomputes the logits chunk by chunk.
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let (v, c) = (self.head.dims()[0], self.head.dims()[1]);
         let dims = HeadDims {
@@ -162,29 +182,35 @@ impl Backward for LmHeadBackward {
                 .iter()
                 .map(|&a| a * upstream as T)
                 .collect();
-            let mut dxs = vec![T::default(); self.rows.len() * c];
-            let mut dw = needs[1].then(|| vec![T::default(); v * c]);
-            let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
-            let inputs = (
-                self.xs.cpu::<T>(n)?,
-                self.head.cpu::<T>(n)?,
-                self.targets.as_slice(),
-            );
-            lm_head_backward(
-                dims,
-                chunk,
-                inputs,
-                (self.lse.cpu::<T>(n)?, &coef),
-                &mut dxs,
-                dw.as_deref_mut(),
-            );
-            let dx = needs[0].then(|| {
-                // Rows without a target get zero gradient.
-                let mut dx = vec![T::default(); self.n_all * c];
-                scatter_add(&dxs, c, &self.rows, &mut dx);
-                Tensor::from_cpu(dx, [self.n_all, c])
-            });
-            Ok(vec![dx, dw.map(|d| Tensor::from_cpu(d, [v, c]))])
+            let dx = match (&self.unit, needs[0]) {
+                (Some(unit), true) => {
+                    let mut dxs = unit.cpu::<T>(n)?.to_vec();
+                    dxs.chunks_mut(c)
+                        .zip(&coef)
+                        .for_each(|(row, &a)| row.iter_mut().for_each(|e| *e *= a));
+                    // Rows without a target get zero gradient.
+                    let mut dx = vec![T::default(); self.n_all * c];
+                    scatter_add(&dxs, c, &self.rows, &mut dx);
+                    Some(Tensor::from_cpu(dx, [self.n_all, c]))
+                }
+                _ => None,
+            };
+            let dw = if needs[1] {
+                let mut dw = vec![T::default(); v * c];
+                let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
+                let mut z = Scratch::<T>::new(chunk.min(self.rows.len()) * v);
+                let inputs = (
+                    self.xs.cpu::<T>(n)?,
+                    self.head.cpu::<T>(n)?,
+                    self.targets.as_slice(),
+                );
+                let saved = (self.lse.cpu::<T>(n)?, coef.as_slice());
+                lm_head_backward_head(dims, chunk, inputs, saved, &mut z.buf, &mut dw);
+                Some(Tensor::from_cpu(dw, [v, c]))
+            } else {
+                None
+            };
+            Ok(vec![dx, dw])
         })
     }
 }
