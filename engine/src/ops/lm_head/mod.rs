@@ -4,6 +4,7 @@ use super::{Op, float_dispatch, same_kind};
 use crate::memory::Scratch;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
+use bft_kernels::cpu::Float;
 use bft_kernels::cpu::embedding::{gather, scatter_add};
 use bft_kernels::cpu::lm_head::{HeadDims, chunk_rows, lm_head_backward_head, lm_head_forward};
 
@@ -112,8 +113,11 @@ impl Tensor {
                     unit.as_deref_mut(),
                 );
                 drop(z);
-                let logprobs: Vec<f64> =
-                    tl.iter().zip(&lse).map(|(&t, &l)| (t - l) as f64).collect();
+                let logprobs: Vec<f64> = tl
+                    .iter()
+                    .zip(&lse)
+                    .map(|(&t, &l)| Float::to_f64(t - l))
+                    .collect();
                 let coef = weigh(&logprobs);
                 if coef.len() != rows.len() {
                     return Err(Error::shape(
@@ -126,9 +130,9 @@ impl Tensor {
                     ));
                 }
                 let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
-                let coef: Vec<T> = coef.iter().map(|&a| a as T).collect();
+                let coef: Vec<T> = coef.iter().map(|&a| T::from_f64(a)).collect();
                 Ok((
-                    Tensor::from_cpu(vec![loss as T], Vec::<usize>::new()),
+                    Tensor::from_cpu(vec![T::from_f64(loss)], Vec::<usize>::new()),
                     Tensor::from_cpu(lse, [rows.len()]),
                     Tensor::from_cpu(coef, [rows.len()]),
                     logprobs,
@@ -180,7 +184,7 @@ impl Backward for LmHeadBackward {
                 .coef
                 .cpu::<T>(n)?
                 .iter()
-                .map(|&a| a * upstream as T)
+                .map(|&a| a * T::from_f64(upstream))
                 .collect();
             let dx = match (&self.unit, needs[0]) {
                 (Some(unit), true) => {
