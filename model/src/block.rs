@@ -47,7 +47,7 @@ impl BlockConfig {
         v
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",

@@ -1,9 +1,15 @@
-//! bft-model: the Llama/Qwen2 transformer built from engine ops. For now the decoder block;
-//! loaders, LoRA and generation come with the model issue.
+//! bft-model: the Llama/Qwen2 transformer built from engine ops: configs and the decoder block
+//! so far; weight loaders, LoRA and generation come next.
 
 pub mod block;
+pub mod config;
+pub mod transformer;
+pub mod weights;
 
 pub use block::{Block, BlockConfig};
+pub use config::{Arch, Llama3Scaling, ModelConfig};
+pub use transformer::Transformer;
+pub use weights::{SafetensorsDir, WeightSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -11,6 +17,13 @@ pub enum Error {
     Engine(#[from] bft_engine::Error),
     #[error("config: {0}")]
     Config(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("weights: {0}")]
+    Weights(String),
     #[error("weight {name}: expected shape {expected:?}, got {got:?}")]
     WeightShape {
         name: String,

@@ -1,0 +1,296 @@
+//! The decoder-only model: token embeddings, `layers` decoder blocks, a final RMSNorm and the
+//! LM head (the embedding matrix itself when `tie_word_embeddings`).
+
+use crate::weights::WeightSource;
+use crate::{Block, Error, ModelConfig, Result};
+use bft_engine::ops::rope_tables_from;
+use bft_engine::{DType, Device, Tensor};
+
+/// A Llama/Qwen2 model's weights and the forward pass over them.
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    pub config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    /// `None` when tied to `embed`.
+    lm_head: Option<Tensor>,
+}
+
+impl Transformer {
+    /// Reads every tensor the config calls for from `source`, checks its shape, and converts it
+    /// to `dtype` (f32 for training on CPU).
+    pub fn load(
+        source: &dyn WeightSource,
+        config: ModelConfig,
+        dtype: DType,
+    ) -> Result<Transformer> {
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = source.tensor(name)?.ok_or_else(|| {
+                Error::Weights(format!("{}: missing tensor {name}", source.describe()))
+            })?;
+            if t.dims() != shape {
+                return Err(Error::WeightShape {
+                    name: format!("{name} (in {})", source.describe()),
+                    expected: shape.to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            Ok(t.to_dtype(dtype)?)
+        };
+        let (v, c) = (config.vocab, config.hidden);
+        let embed = get("model.embed_tokens.weight", &[v, c])?;
+        let blocks = (0..config.layers)
+            .map(|i| {
+                let tensors = config
+                    .block()
+                    .tensor_shapes()
+                    .iter()
+                    .map(|(name, shape)| get(&format!("model.layers.{i}.{name}"), shape))
+                    .collect::<Result<Vec<_>>>()?;
+                Block::from_tensors(config.block(), tensors)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = get("model.norm.weight", &[c])?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight", &[v, c])?)
+        };
+        Ok(Transformer {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Random weights (normal, std 0.2; norms near 1), for tests and benchmarks.
+    pub fn random(config: ModelConfig, seed: u64, dtype: DType) -> Result<Transformer> {
+        let dev = Device::Cpu;
+        let (v, c) = (config.vocab, config.hidden);
+        let blocks = (0..config.layers)
+            .map(|i| {
+                Block::random(
+                    config.block(),
+                    seed.wrapping_add(1000 * (i as u64 + 1)),
+                    dtype,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = Tensor::randn([c], 0.1, seed + 1, dtype, &dev)?.add(&Tensor::ones(
+            [c],
+            dtype,
+            &dev,
+        )?)?;
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| Tensor::randn([v, c], 0.2, seed + 2, dtype, &dev))
+            .transpose()?;
+        Ok(Transformer {
+            embed: Tensor::randn([v, c], 0.5, seed, dtype, &dev)?,
+            blocks,
+            norm,
+            lm_head,
+            config,
+        })
+    }
+
+    /// Every tensor under its HF name, in a fixed order (for saving and for LoRA targeting).
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        for (i, b) in self.blocks.iter().enumerate() {
+            for ((name, _), t) in self.config.block().tensor_shapes().iter().zip(b.tensors()) {
+                v.push((format!("model.layers.{i}.{name}"), t));
+            }
+        }
+        v.push(("model.norm.weight".to_string(), &self.norm));
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".to_string(), h));
+        }
+        v
+    }
+
+    /// The `(V, C)` LM head: `lm_head.weight`, or the embedding matrix when tied.
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Final hidden states `(B, T, C)` (after the last norm) for token ids `(B, T)` at
+    /// positions `0..T`.
+    pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        let [b, t] = *ids.dims() else {
+            return Err(Error::Config(format!(
+                "token ids must be (B, T), got {:?}",
+                ids.dims()
+            )));
+        };
+        if ids.dtype() != DType::U32 {
+            return Err(Error::Config(format!(
+                "token ids must be u32, got {:?}",
+                ids.dtype()
+            )));
+        }
+        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, 0, self.embed.dtype())?;
+        let mut x = self.embed.embedding(ids)?;
+        debug_assert_eq!(x.dims(), [b, t, self.config.hidden]);
+        for block in &self.blocks {
+            x = block.forward(&x, &cos, &sin)?;
+        }
+        Ok(x.rms_norm(&self.norm, self.config.rms_eps)?)
+    }
+
+    /// Logits `(B, T, V)`: materialises the full vocabulary (for evaluation and parity tests;
+    /// training goes through the fused loss on `hidden` instead).
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.hidden(ids)?.matmul_t(self.head(), false, true)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{SafetensorsDir, write_safetensors};
+
+    fn config(tied: bool) -> ModelConfig {
+        let text = format!(
+            r#"{{"model_type": "qwen2", "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 2,
+               "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 31,
+               "tie_word_embeddings": {tied}, "rope_theta": 10000.0}}"#
+        );
+        ModelConfig::from_json(&text).unwrap()
+    }
+
+    fn refs(p: &[(String, Tensor)]) -> Vec<(String, &Tensor)> {
+        p.iter().map(|(n, t)| (n.clone(), t)).collect()
+    }
+
+    fn open_err(dir: &std::path::Path) -> String {
+        match SafetensorsDir::open(dir) {
+            Ok(_) => panic!("{} must not open", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn ids() -> Tensor {
+        Tensor::from_vec(
+            (0..10u32).map(|i| i * 3 % 31).collect(),
+            [2, 5],
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn save_load_round_trip_tied_and_untied_single_and_sharded() {
+        for tied in [true, false] {
+            let m = Transformer::random(config(tied), 3, DType::F32).unwrap();
+            let want = m.logits(&ids()).unwrap().to_vec::<f32>().unwrap();
+            let dir =
+                std::env::temp_dir().join(format!("bft-roundtrip-{tied}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            // Single file.
+            write_safetensors(&dir.join("model.safetensors"), &m.named_tensors()).unwrap();
+            let loaded = Transformer::load(
+                &SafetensorsDir::open(&dir).unwrap(),
+                config(tied),
+                DType::F32,
+            )
+            .unwrap();
+            assert_eq!(
+                loaded.logits(&ids()).unwrap().to_vec::<f32>().unwrap(),
+                want
+            );
+            // Two shards plus an index, stored in bf16 (loaded back to f32).
+            std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+            let named = m.named_tensors();
+            let half: Vec<(String, Tensor)> = named
+                .iter()
+                .map(|(n, t)| (n.clone(), t.to_dtype(DType::BF16).unwrap()))
+                .collect();
+            let (a, b) = half.split_at(half.len() / 2);
+            write_safetensors(&dir.join("s1.safetensors"), &refs(a)).unwrap();
+            write_safetensors(&dir.join("s2.safetensors"), &refs(b)).unwrap();
+            let map: Vec<String> = a
+                .iter()
+                .map(|(n, _)| format!("\"{n}\": \"s1.safetensors\""))
+                .chain(
+                    b.iter()
+                        .map(|(n, _)| format!("\"{n}\": \"s2.safetensors\"")),
+                )
+                .collect();
+            std::fs::write(
+                dir.join("model.safetensors.index.json"),
+                format!("{{\"weight_map\": {{{}}}}}", map.join(",")),
+            )
+            .unwrap();
+            let sharded = Transformer::load(
+                &SafetensorsDir::open(&dir).unwrap(),
+                config(tied),
+                DType::F32,
+            )
+            .unwrap();
+            let got = sharded.logits(&ids()).unwrap().to_vec::<f32>().unwrap();
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err < 0.2, "bf16 round trip drifted by {err}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn truncated_missing_and_misshapen_weights_are_errors_naming_file_and_tensor() {
+        let m = Transformer::random(config(true), 3, DType::F32).unwrap();
+        let dir = std::env::temp_dir().join(format!("bft-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        write_safetensors(&path, &m.named_tensors()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let e = open_err(&dir);
+        assert!(
+            e.contains("model.safetensors") && e.contains("not a valid safetensors file"),
+            "{e}"
+        );
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(SafetensorsDir::open(&dir).is_err());
+        // A tensor missing, and one with the wrong shape.
+        let mut named = m.named_tensors();
+        named.retain(|(n, _)| n != "model.norm.weight");
+        write_safetensors(&path, &named).unwrap();
+        let e = Transformer::load(
+            &SafetensorsDir::open(&dir).unwrap(),
+            config(true),
+            DType::F32,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("missing tensor model.norm.weight") && e.contains("model.safetensors"),
+            "{e}"
+        );
+        let wrong = Tensor::zeros([3], DType::F32, &Device::Cpu).unwrap();
+        let mut named = m.named_tensors();
+        named
+            .iter_mut()
+            .find(|(n, _)| n == "model.norm.weight")
+            .unwrap()
+            .1 = &wrong;
+        write_safetensors(&path, &named).unwrap();
+        let e = Transformer::load(
+            &SafetensorsDir::open(&dir).unwrap(),
+            config(true),
+            DType::F32,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("model.norm.weight") && e.contains("[12]") && e.contains("[3]"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(open_err(&dir).contains("no model.safetensors"));
+    }
+}
