@@ -64,6 +64,23 @@ impl BlockConfig {
     }
 }
 
+/// One layer's keys (after RoPE) and values of the positions seen so far, `(B, Hkv, S, D)`.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A decoder layer's weights. Linear weights are `(out, in)` as in HF checkpoints.
 #[derive(Clone, Debug)]
 pub struct Block {
@@ -126,6 +143,18 @@ impl Block {
 
     /// `x (B, T, C)` -> `(B, T, C)`; `cos, sin (T, head_dim / 2)` from `rope_tables`.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        self.forward_cached(x, cos, sin, None)
+    }
+
+    /// As `forward`, attending also to the positions held in `cache` (which then grows by T);
+    /// `cos, sin` must be the tables for positions `cache.len()..cache.len() + T`.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let w = &self.tensors;
         let (b, t) = match x.dims() {
@@ -148,8 +177,17 @@ impl Block {
         };
         let bias = |i: usize| c.qkv_bias.then_some(9 + i);
         let q = proj(1, bias(0), c.heads)?.rope(cos, sin)?;
-        let k = proj(2, bias(1), c.kv_heads)?.rope(cos, sin)?;
-        let v = proj(3, bias(2), c.kv_heads)?;
+        let mut k = proj(2, bias(1), c.kv_heads)?.rope(cos, sin)?;
+        let mut v = proj(3, bias(2), c.kv_heads)?;
+        if let Some(cache) = cache {
+            // (B, Hkv, S, D): earlier positions first; K is cached after RoPE.
+            if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
+                k = Tensor::cat(&[pk.clone(), k], 2)?;
+                v = Tensor::cat(&[pv.clone(), v], 2)?;
+            }
+            cache.k = Some(k.clone());
+            cache.v = Some(v.clone());
+        }
         // (B, heads, T, D) -> (B, T, heads * D)
         let a = q
             .causal_attention(&k, &v, None)?

@@ -3,13 +3,17 @@
 
 pub mod block;
 pub mod config;
+pub mod generate;
+pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 
-pub use block::{Block, BlockConfig};
+pub use block::{Block, BlockConfig, KvCache};
 pub use config::{Arch, Llama3Scaling, ModelConfig};
+pub use generate::{Sampling, generate};
+pub use tokenizer::{ChatTemplate, Message, tokenizer_from_dir, tokenizer_from_gguf};
 pub use transformer::Transformer;
-pub use weights::{SafetensorsDir, WeightSource};
+pub use weights::{GgufFile, SafetensorsDir, WeightSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -22,6 +26,8 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("weights: {0}")]
     Weights(String),
     #[error("weight {name}: expected shape {expected:?}, got {got:?}")]

@@ -1,6 +1,7 @@
 //! The decoder-only model: token embeddings, `layers` decoder blocks, a final RMSNorm and the
 //! LM head (the embedding matrix itself when `tie_word_embeddings`).
 
+use crate::block::KvCache;
 use crate::weights::WeightSource;
 use crate::{Block, Error, ModelConfig, Result};
 use bft_engine::ops::rope_tables_from;
@@ -119,7 +120,29 @@ impl Transformer {
     /// Final hidden states `(B, T, C)` (after the last norm) for token ids `(B, T)` at
     /// positions `0..T`.
     pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
-        let [b, t] = *ids.dims() else {
+        self.hidden_impl(ids, None)
+    }
+
+    /// One empty KV cache per layer, for `hidden_cached`.
+    pub fn new_cache(&self) -> Vec<KvCache> {
+        vec![KvCache::default(); self.blocks.len()]
+    }
+
+    /// Hidden states for `ids (B, T)` continuing the positions held in `cache` (one per layer),
+    /// which then grows by T: incremental decoding.
+    pub fn hidden_cached(&self, ids: &Tensor, cache: &mut [KvCache]) -> Result<Tensor> {
+        if cache.len() != self.blocks.len() {
+            return Err(Error::Config(format!(
+                "{} caches for {} layers",
+                cache.len(),
+                self.blocks.len()
+            )));
+        }
+        self.hidden_impl(ids, Some(cache))
+    }
+
+    fn hidden_impl(&self, ids: &Tensor, mut cache: Option<&mut [KvCache]>) -> Result<Tensor> {
+        let [_, t] = *ids.dims() else {
             return Err(Error::Config(format!(
                 "token ids must be (B, T), got {:?}",
                 ids.dims()
@@ -131,11 +154,11 @@ impl Transformer {
                 ids.dtype()
             )));
         }
-        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, 0, self.embed.dtype())?;
+        let offset = cache.as_ref().map_or(0, |c| c[0].len());
+        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, offset, self.embed.dtype())?;
         let mut x = self.embed.embedding(ids)?;
-        debug_assert_eq!(x.dims(), [b, t, self.config.hidden]);
-        for block in &self.blocks {
-            x = block.forward(&x, &cos, &sin)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward_cached(&x, &cos, &sin, cache.as_deref_mut().map(|c| &mut c[i]))?;
         }
         Ok(x.rms_norm(&self.norm, self.config.rms_eps)?)
     }
@@ -238,6 +261,26 @@ mod tests {
             assert!(err < 0.2, "bf16 round trip drifted by {err}");
             std::fs::remove_dir_all(&dir).unwrap();
         }
+    }
+
+    #[test]
+    fn cached_decoding_equals_the_full_forward() {
+        let m = Transformer::random(config(false), 5, DType::F64).unwrap();
+        let full = m.hidden(&ids()).unwrap();
+        let mut cache = m.new_cache();
+        let first = m
+            .hidden_cached(&ids().narrow(1, 0, 3).unwrap(), &mut cache)
+            .unwrap();
+        let rest: Vec<Tensor> = (3..5)
+            .map(|p| {
+                m.hidden_cached(&ids().narrow(1, p, 1).unwrap(), &mut cache)
+                    .unwrap()
+            })
+            .collect();
+        let inc = Tensor::cat(&[first, rest[0].clone(), rest[1].clone()], 1).unwrap();
+        let (a, b) = (full.to_vec::<f64>().unwrap(), inc.to_vec::<f64>().unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-12));
+        assert_eq!(cache[0].len(), 5);
     }
 
     #[test]

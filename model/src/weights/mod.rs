@@ -1,9 +1,12 @@
 //! Where weights come from: a name-to-tensor lookup over memory-mapped checkpoints.
 
+mod gguf;
+mod quant;
 mod safetensors;
 mod write;
 
 pub use self::safetensors::SafetensorsDir;
+pub use gguf::{GgufFile, MetaValue};
 pub use write::write_safetensors;
 
 use crate::Result;

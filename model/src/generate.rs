@@ -1,0 +1,126 @@
+//! Text generation with a KV cache: greedy, or temperature with top-p (nucleus) sampling.
+
+use crate::{Result, Transformer};
+use bft_engine::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// 0 picks the most likely token (greedy); otherwise logits are divided by it.
+    pub temperature: f64,
+    /// Sample only from the smallest set of tokens whose probabilities sum to at least this.
+    pub top_p: f64,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: 256,
+        }
+    }
+}
+
+/// Continues `prompt` until a token in `stop_ids`, `max_new_tokens`, or `on_token` returning
+/// false (it sees every new token, e.g. to print it or to check stop strings). Returns the new
+/// tokens, without the stop token.
+pub fn generate(
+    model: &Transformer,
+    prompt: &[u32],
+    stop_ids: &[u32],
+    sampling: Sampling,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+    let mut cache = model.new_cache();
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    while out.len() < sampling.max_new_tokens && !input.is_empty() {
+        let ids = Tensor::from_vec(input.clone(), [1, input.len()], &Device::Cpu)?;
+        let h = model.hidden_cached(&ids, &mut cache)?;
+        let c = model.config.hidden;
+        // Only the last position's logits are needed: (1, C) . (V, C)^T
+        let last = h.narrow(1, input.len() - 1, 1)?.reshape([1, c])?;
+        let logits = last.matmul_t(model.head(), false, true)?.to_f64_vec()?;
+        let next = pick(&logits, sampling, &mut rng);
+        if stop_ids.contains(&next) {
+            break;
+        }
+        out.push(next);
+        if !on_token(next) {
+            break;
+        }
+        input = vec![next];
+    }
+    Ok(out)
+}
+
+fn pick(logits: &[f64], s: Sampling, rng: &mut impl Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &v)| if v > logits[b] { i } else { b }) as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| (i as u32, ((z - m) / s.temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // Keep the nucleus: the most likely tokens until their mass reaches top_p.
+    let mut mass = 0.0;
+    let keep = probs.iter().take_while(|p| {
+        let before = mass;
+        mass += p.1 / total;
+        before < s.top_p
+    });
+    let kept: Vec<(u32, f64)> = keep.copied().collect();
+    let kept_total: f64 = kept.iter().map(|p| p.1).sum();
+    let mut r = rng.random::<f64>() * kept_total;
+    for (id, p) in &kept {
+        r -= p;
+        if r <= 0.0 {
+            return *id;
+        }
+    }
+    kept.last().map_or_else(argmax, |p| p.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_max_and_top_p_keeps_the_nucleus() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let logits = [0.0, 3.0, 1.0, 2.9];
+        assert_eq!(pick(&logits, Sampling::default(), &mut rng), 1);
+        // With top_p tiny only the most likely token remains.
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1e-9,
+            ..Default::default()
+        };
+        assert!((0..50).all(|_| pick(&logits, s, &mut rng) == 1));
+        // With top_p = 1 and a high temperature every token appears.
+        let s = Sampling {
+            temperature: 100.0,
+            top_p: 1.0,
+            ..Default::default()
+        };
+        let mut seen = [false; 4];
+        (0..200).for_each(|_| seen[pick(&logits, s, &mut rng) as usize] = true);
+        assert!(seen.iter().all(|&x| x));
+    }
+}

@@ -1,0 +1,64 @@
+//! A real model end to end: SmolLM2-135M-Instruct's GGUF (Q4_1 and Q8_0 weights, its embedded
+//! BPE tokenizer and chat template) answers a question by greedy decoding with a KV cache.
+
+use bft_engine::DType;
+use bft_model::{
+    ChatTemplate, GgufFile, Message, Sampling, Transformer, generate, tokenizer_from_gguf,
+};
+
+#[test]
+fn smollm2_gguf_says_paris_is_the_capital_of_france() {
+    let path = bft_tests::smollm2_gguf();
+    let g = GgufFile::open(&path).unwrap();
+    let cfg = g.config().unwrap();
+    assert_eq!(
+        (
+            cfg.layers,
+            cfg.hidden,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.vocab
+        ),
+        (30, 576, 9, 3, 64, 49152)
+    );
+    assert!(cfg.tie_word_embeddings && cfg.rope_theta == 100_000.0);
+    let model = Transformer::load(&g, cfg, DType::F32).unwrap();
+    let tok = tokenizer_from_gguf(&g).unwrap();
+    let template = ChatTemplate::new(
+        g.chat_template().expect("chat template"),
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    .unwrap();
+    let question = Message {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    };
+    let prompt = template.render(&[question], true).unwrap();
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
+    let ids = tok
+        .encode(prompt.as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let im_end = tok
+        .token_to_id("<|im_end|>")
+        .expect("<|im_end|> is a special token");
+    // Special tokens are single ids, not split into pieces.
+    assert_eq!(ids.iter().filter(|&&i| i == im_end).count(), 2, "{ids:?}");
+    let out = generate(
+        &model,
+        &ids,
+        &[im_end],
+        Sampling {
+            max_new_tokens: 24,
+            ..Default::default()
+        },
+        |_| true,
+    )
+    .unwrap();
+    let answer = tok.decode(&out, true).unwrap();
+    println!("answer: {answer}");
+    assert!(answer.contains("Paris"), "answer: {answer:?}");
+}
