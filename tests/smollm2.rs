@@ -62,3 +62,29 @@ fn smollm2_gguf_says_paris_is_the_capital_of_france() {
     println!("answer: {answer}");
     assert!(answer.contains("Paris"), "answer: {answer:?}");
 }
+
+#[test]
+fn gguf_converts_to_an_hf_directory_that_loads_back_identically() {
+    use bft_engine::{Device, Tensor};
+    let path = bft_tests::smollm2_gguf();
+    let from_gguf = bft_model::load_model(&path, DType::F32).unwrap();
+    let dir = std::env::temp_dir().join(format!("bft-convert-{}", std::process::id()));
+    let hf_config = GgufFile::open(&path).unwrap().hf_config().unwrap();
+    bft_model::save_hf_dir(&from_gguf, &hf_config, &dir, DType::F32).unwrap();
+    let from_dir = bft_model::load_model(&dir, DType::F32).unwrap();
+    assert_eq!(from_dir.model.config, from_gguf.model.config);
+    assert_eq!(from_dir.stop_ids, from_gguf.stop_ids);
+    let text = "<|im_start|>user\nHi<|im_end|>\n";
+    let (a, b) = (
+        from_gguf.tokenizer.encode(text, false).unwrap(),
+        from_dir.tokenizer.encode(text, false).unwrap(),
+    );
+    assert_eq!(a.get_ids(), b.get_ids());
+    let ids = Tensor::from_vec(a.get_ids().to_vec(), [1, a.get_ids().len()], &Device::Cpu).unwrap();
+    let (la, lb) = (
+        from_gguf.model.logits(&ids).unwrap(),
+        from_dir.model.logits(&ids).unwrap(),
+    );
+    assert_eq!(la.to_vec::<f32>().unwrap(), lb.to_vec::<f32>().unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

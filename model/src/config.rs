@@ -94,7 +94,7 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_owned(),
-            source: e,
+            error: e,
         })?;
         ModelConfig::from_json(&text).map_err(|e| match e {
             Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),

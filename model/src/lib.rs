@@ -4,6 +4,7 @@
 pub mod block;
 pub mod config;
 pub mod generate;
+pub mod loader;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
@@ -11,6 +12,7 @@ pub mod weights;
 pub use block::{Block, BlockConfig, KvCache};
 pub use config::{Arch, Llama3Scaling, ModelConfig};
 pub use generate::{Sampling, generate};
+pub use loader::{LoadedModel, load_model, save_hf_dir};
 pub use tokenizer::{ChatTemplate, Message, tokenizer_from_dir, tokenizer_from_gguf};
 pub use transformer::Transformer;
 pub use weights::{GgufFile, SafetensorsDir, WeightSource};
@@ -21,10 +23,11 @@ pub enum Error {
     Engine(#[from] bft_engine::Error),
     #[error("config: {0}")]
     Config(String),
-    #[error("{}: {source}", path.display())]
+    /// `error` is shown inline (not as a `source`), so a report prints it once.
+    #[error("{}: {error}", path.display())]
     Io {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("tokenizer: {0}")]
     Tokenizer(String),

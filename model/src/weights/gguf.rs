@@ -132,7 +132,11 @@ impl<'a> Cursor<'a> {
             3 => MetaValue::Int(i16::from_le_bytes(b(self, 2)?.try_into().expect("2")) as i64),
             4 => MetaValue::Int(self.u32(key)? as i64),
             5 => MetaValue::Int(self.u32(key)? as i32 as i64),
-            6 => MetaValue::Float(f32::from_le_bytes(b(self, 4)?.try_into().expect("4")) as f64),
+            // Via the f32's shortest decimal form, so 1e-5 stays 1e-5 (not 9.99999974e-6).
+            6 => {
+                let f = f32::from_le_bytes(b(self, 4)?.try_into().expect("4"));
+                MetaValue::Float(f.to_string().parse().unwrap_or(f as f64))
+            }
             7 => MetaValue::Bool(b(self, 1)?[0] != 0),
             8 => MetaValue::Str(self.string(key)?),
             9 => {
@@ -161,7 +165,7 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let io = |e| Error::Io {
             path: path.to_owned(),
-            source: e,
+            error: e,
         };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: a read-only private map; every access below is bounds-checked against the

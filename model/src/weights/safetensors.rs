@@ -34,14 +34,14 @@ impl Shard {
     fn open(path: &Path) -> Result<Shard> {
         let file = std::fs::File::open(path).map_err(|e| Error::Io {
             path: path.to_owned(),
-            source: e,
+            error: e,
         })?;
         // SAFETY: the map is read-only and private to this process. A file truncated by another
         // process while mapped could still fault on access, as with any mmap reader; a file
         // already truncated is caught by the header validation below.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
             path: path.to_owned(),
-            source: e,
+            error: e,
         })?;
         SafeTensors::deserialize(&map)
             .map_err(|e| corrupt(path, format!("not a valid safetensors file: {e}")))?;
@@ -107,7 +107,7 @@ impl SafetensorsDir {
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::Io {
                 path: index_path.clone(),
-                source: e,
+                error: e,
             })?;
             let idx: IndexFile = serde_json::from_str(&text)
                 .map_err(|e| corrupt(&index_path, format!("invalid index: {e}")))?;

@@ -78,7 +78,7 @@ fn bytes(t: &Tensor) -> Result<Bytes> {
 pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<()> {
     let io = |e: std::io::Error| Error::Io {
         path: path.to_owned(),
-        source: e,
+        error: e,
     };
     let owned = tensors
         .iter()
