@@ -81,11 +81,73 @@ impl KvCache {
     }
 }
 
+/// The seven linear projections of a layer, the modules LoRA can target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Linear {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Linear {
+    pub const ALL: [Linear; 7] = [
+        Linear::Q,
+        Linear::K,
+        Linear::V,
+        Linear::O,
+        Linear::Gate,
+        Linear::Up,
+        Linear::Down,
+    ];
+
+    /// The HF module name (`q_proj`, ...), as PEFT's `target_modules` lists it.
+    pub fn module(self) -> &'static str {
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ][self as usize]
+    }
+
+    /// The module path under `model.layers.N.`.
+    pub fn path(self) -> String {
+        let parent = if self as usize <= 3 {
+            "self_attn"
+        } else {
+            "mlp"
+        };
+        format!("{parent}.{}", self.module())
+    }
+
+    /// Index of this projection's weight in `BlockConfig::tensor_shapes`.
+    fn weight_index(self) -> usize {
+        [1, 2, 3, 4, 6, 7, 8][self as usize]
+    }
+}
+
+/// LoRA factors of one projection: `A (r, in)`, `B (out, r)`; the update is `scale * B A`.
+#[derive(Clone, Debug)]
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
 /// A decoder layer's weights. Linear weights are `(out, in)` as in HF checkpoints.
 #[derive(Clone, Debug)]
 pub struct Block {
     pub config: BlockConfig,
     tensors: Vec<Tensor>,
+    /// Optional LoRA adapter per projection, indexed by `Linear`.
+    lora: [Option<LoraPair>; 7],
 }
 
 impl Block {
@@ -109,7 +171,11 @@ impl Block {
                 });
             }
         }
-        Ok(Block { config, tensors })
+        Ok(Block {
+            config,
+            tensors,
+            lora: Default::default(),
+        })
     }
 
     /// Random weights (normal, std 0.2; norms around 1) for tests and benchmarks.
@@ -141,6 +207,66 @@ impl Block {
         &self.tensors
     }
 
+    /// The base weights, for full-parameter training (replaced in place by the optimizer).
+    pub fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
+    }
+
+    pub fn lora(&self, l: Linear) -> Option<&LoraPair> {
+        self.lora[l as usize].as_ref()
+    }
+
+    /// Every attached adapter, in `Linear::ALL` order.
+    pub fn lora_pairs_mut(&mut self) -> impl Iterator<Item = &mut LoraPair> {
+        self.lora.iter_mut().flatten()
+    }
+
+    /// Attaches (or with `None` removes) the adapter of one projection, checking its shapes.
+    pub fn set_lora(&mut self, l: Linear, pair: Option<LoraPair>) -> Result<()> {
+        if let Some(p) = &pair {
+            let w = self.tensors[l.weight_index()].dims();
+            let r = p.a.dims().first().copied().unwrap_or(0);
+            if p.a.dims() != [r, w[1]] || p.b.dims() != [w[0], r] {
+                return Err(Error::WeightShape {
+                    name: format!("LoRA of {} (A, B)", l.path()),
+                    expected: vec![r, w[1], w[0], r],
+                    got: [p.a.dims(), p.b.dims()].concat(),
+                });
+            }
+        }
+        self.lora[l as usize] = pair;
+        Ok(())
+    }
+
+    /// Folds every adapter into its base weight (`W += scale * B A`) and removes it.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for l in Linear::ALL {
+            if let Some(p) = self.lora[l as usize].take() {
+                let i = l.weight_index();
+                let delta =
+                    p.b.matmul(&p.a)?
+                        .scale(p.scale)?
+                        .to_dtype(self.tensors[i].dtype())?;
+                self.tensors[i] = self.tensors[i].add(&delta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `x W^T`, plus `scale * (x A^T) B^T` when the projection has an adapter: the low-rank
+    /// path never forms `B A`.
+    fn linear(&self, x: &Tensor, l: Linear) -> Result<Tensor> {
+        let y = x.matmul_t(&self.tensors[l.weight_index()], false, true)?;
+        match &self.lora[l as usize] {
+            None => Ok(y),
+            Some(p) => Ok(y.add(
+                &x.matmul_t(&p.a, false, true)?
+                    .matmul_t(&p.b, false, true)?
+                    .scale(p.scale)?,
+            )?),
+        }
+    }
+
     /// `x (B, T, C)` -> `(B, T, C)`; `cos, sin (T, head_dim / 2)` from `rope_tables`.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         self.forward_cached(x, cos, sin, None)
@@ -168,17 +294,17 @@ impl Block {
         };
         let h = x.rms_norm(&w[0], c.rms_eps)?;
         // (B, T, C) . (out, C)^T -> (B, T, out) -> (B, T, heads, D) -> (B, heads, T, D)
-        let proj = |wi: usize, bias: Option<usize>, heads: usize| -> Result<Tensor> {
-            let mut y = h.matmul_t(&w[wi], false, true)?;
+        let proj = |l: Linear, bias: Option<usize>, heads: usize| -> Result<Tensor> {
+            let mut y = self.linear(&h, l)?;
             if let Some(bi) = bias {
                 y = y.add(&w[bi])?;
             }
             Ok(y.reshape([b, t, heads, c.head_dim])?.transpose(1, 2)?)
         };
         let bias = |i: usize| c.qkv_bias.then_some(9 + i);
-        let q = proj(1, bias(0), c.heads)?.rope(cos, sin)?;
-        let mut k = proj(2, bias(1), c.kv_heads)?.rope(cos, sin)?;
-        let mut v = proj(3, bias(2), c.kv_heads)?;
+        let q = proj(Linear::Q, bias(0), c.heads)?.rope(cos, sin)?;
+        let mut k = proj(Linear::K, bias(1), c.kv_heads)?.rope(cos, sin)?;
+        let mut v = proj(Linear::V, bias(2), c.kv_heads)?;
         if let Some(cache) = cache {
             // (B, Hkv, S, D): earlier positions first; K is cached after RoPE.
             if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
@@ -193,11 +319,11 @@ impl Block {
             .causal_attention(&k, &v, None)?
             .transpose(1, 2)?
             .reshape([b, t, c.heads * c.head_dim])?;
-        let x = x.add(&a.matmul_t(&w[4], false, true)?)?;
+        let x = x.add(&self.linear(&a, Linear::O)?)?;
         let h = x.rms_norm(&w[5], c.rms_eps)?;
-        let m = h
-            .matmul_t(&w[6], false, true)?
-            .swiglu(&h.matmul_t(&w[7], false, true)?)?;
-        Ok(x.add(&m.matmul_t(&w[8], false, true)?)?)
+        let m = self
+            .linear(&h, Linear::Gate)?
+            .swiglu(&self.linear(&h, Linear::Up)?)?;
+        Ok(x.add(&self.linear(&m, Linear::Down)?)?)
     }
 }

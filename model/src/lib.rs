@@ -5,14 +5,16 @@ pub mod block;
 pub mod config;
 pub mod generate;
 pub mod loader;
+pub mod lora;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 
-pub use block::{Block, BlockConfig, KvCache};
+pub use block::{Block, BlockConfig, KvCache, Linear, LoraPair};
 pub use config::{Arch, Llama3Scaling, ModelConfig};
 pub use generate::{Sampling, generate};
 pub use loader::{LoadedModel, load_model, save_hf_dir};
+pub use lora::LoraConfig;
 pub use tokenizer::{ChatTemplate, Message, tokenizer_from_dir, tokenizer_from_gguf};
 pub use transformer::Transformer;
 pub use weights::{GgufFile, SafetensorsDir, WeightSource};

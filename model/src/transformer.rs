@@ -112,6 +112,14 @@ impl Transformer {
         v
     }
 
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    pub fn blocks_mut(&mut self) -> &mut [Block] {
+        &mut self.blocks
+    }
+
     /// The `(V, C)` LM head: `lm_head.weight`, or the embedding matrix when tied.
     pub fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)

@@ -149,6 +149,16 @@ impl SafetensorsDir {
         })
     }
 
+    /// One safetensors file on its own (a LoRA adapter, say).
+    pub fn open_file(path: &Path) -> Result<SafetensorsDir> {
+        let shard = Shard::open(path)?;
+        let index = shard.names().into_iter().map(|n| (n, 0)).collect();
+        Ok(SafetensorsDir {
+            shards: vec![shard],
+            index,
+        })
+    }
+
     /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
