@@ -31,6 +31,24 @@ enum Command {
     /// Convert a GGUF file into an HF model directory (model.safetensors, config.json,
     /// tokenizer.json, tokenizer_config.json) that HF transformers and `bft` load.
     Convert(ConvertArgs),
+    /// Fold a LoRA adapter (PEFT format) into its base model and write a full HF directory.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MergeArgs {
+    /// Base model: HF directory or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory (must not exist yet).
+    #[arg(long)]
+    output: PathBuf,
+    /// Storage dtype of the written weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: SaveDType,
 }
 
 #[derive(clap::Args, Debug)]
@@ -38,6 +56,9 @@ struct GenerateArgs {
     /// Model directory (config.json + safetensors + tokenizer.json) or .gguf file.
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter directory in PEFT's format, applied on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The user message (or, with --raw, the exact text to continue).
     #[arg(long)]
     prompt: String,
@@ -92,6 +113,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info => info(),
         Command::Generate(a) => generate_cmd(a),
         Command::Convert(a) => convert(a),
+        Command::Merge(a) => merge(a),
     }
 }
 
@@ -191,31 +213,73 @@ fn convert(a: ConvertArgs) -> Result<()> {
             a.output.display()
         );
     }
-    let g = GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-    let hf_config = g.hf_config()?;
-    drop(g);
+    let hf_config = hf_config_of(&a.input)?;
     let m = load_model(&a.input, DType::F32)
         .with_context(|| format!("loading {}", a.input.display()))?;
-    let dtype = match a.dtype {
+    write_dir(&m, &hf_config, &a.output, a.dtype)
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    if a.output.exists() {
+        bail!(
+            "{} already exists; choose a new output directory",
+            a.output.display()
+        );
+    }
+    let hf_config = hf_config_of(&a.model)?;
+    let mut m = load_model(&a.model, DType::F32)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let cfg = m
+        .model
+        .load_peft(&a.adapter)
+        .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
+    m.model.merge_lora()?;
+    eprintln!(
+        "merged a rank-{} adapter on {} module kinds",
+        cfg.rank,
+        cfg.targets.len()
+    );
+    write_dir(&m, &hf_config, &a.output, a.dtype)
+}
+
+/// The HF config.json of a model given as a directory or a GGUF file.
+fn hf_config_of(path: &Path) -> Result<serde_json::Value> {
+    if path.is_dir() {
+        let p = path.join("config.json");
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        return serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()));
+    }
+    let g = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(g.hf_config()?)
+}
+
+/// Writes beside the target and renames at the end: no half-written directory on failure.
+fn write_dir(
+    m: &bft_model::LoadedModel,
+    hf_config: &serde_json::Value,
+    out: &Path,
+    dtype: SaveDType,
+) -> Result<()> {
+    let dtype = match dtype {
         SaveDType::F32 => DType::F32,
         SaveDType::Bf16 => DType::BF16,
         SaveDType::F16 => DType::F16,
     };
-    // Written beside the target and renamed at the end: no half-written directory on failure.
-    let tmp = sibling_tmp(&a.output);
-    let result = save_hf_dir(&m, &hf_config, &tmp, dtype).and_then(|()| {
-        std::fs::rename(&tmp, &a.output).map_err(|e| bft_model::Error::Io {
-            path: a.output.clone(),
+    let tmp = sibling_tmp(out);
+    let result = save_hf_dir(m, hf_config, &tmp, dtype).and_then(|()| {
+        std::fs::rename(&tmp, out).map_err(|e| bft_model::Error::Io {
+            path: out.to_owned(),
             error: e,
         })
     });
     if let Err(e) = result {
         std::fs::remove_dir_all(&tmp).ok();
-        return Err(e).with_context(|| format!("writing {}", a.output.display()));
+        return Err(e).with_context(|| format!("writing {}", out.display()));
     }
     eprintln!(
         "wrote {} ({} tensors)",
-        a.output.display(),
+        out.display(),
         m.model.named_tensors().len()
     );
     Ok(())
