@@ -139,6 +139,8 @@ pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`).
+    pub dropout: f64,
 }
 
 /// A decoder layer's weights. Linear weights are `(out, in)` as in HF checkpoints.
@@ -255,21 +257,64 @@ impl Block {
 
     /// `x W^T`, plus `scale * (x A^T) B^T` when the projection has an adapter: the low-rank
     /// path never forms `B A`.
-    fn linear(&self, x: &Tensor, l: Linear) -> Result<Tensor> {
+    fn linear(&self, x: &Tensor, l: Linear, dropout_seed: Option<u64>) -> Result<Tensor> {
         let y = x.matmul_t(&self.tensors[l.weight_index()], false, true)?;
-        match &self.lora[l as usize] {
-            None => Ok(y),
-            Some(p) => Ok(y.add(
-                &x.matmul_t(&p.a, false, true)?
-                    .matmul_t(&p.b, false, true)?
-                    .scale(p.scale)?,
-            )?),
-        }
+        let Some(p) = &self.lora[l as usize] else {
+            return Ok(y);
+        };
+        let xd = match dropout_seed {
+            Some(seed) if p.dropout > 0.0 => x.mul(&dropout_mask(
+                x,
+                p.dropout,
+                seed ^ (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )?)?,
+            _ => x.clone(),
+        };
+        Ok(y.add(
+            &xd.matmul_t(&p.a, false, true)?
+                .matmul_t(&p.b, false, true)?
+                .scale(p.scale)?,
+        )?)
     }
 
     /// `x (B, T, C)` -> `(B, T, C)`; `cos, sin (T, head_dim / 2)` from `rope_tables`.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        self.forward_cached(x, cos, sin, None)
+        self.forward_impl(x, cos, sin, None, None)
+    }
+
+    /// As `forward`, in training mode: LoRA dropout masks are drawn from `dropout_seed`
+    /// (deterministically, so a recomputation under checkpointing sees the same masks).
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        dropout_seed: u64,
+    ) -> Result<Tensor> {
+        self.forward_impl(x, cos, sin, None, Some(dropout_seed))
+    }
+
+    /// Every tensor the layer computes with: base weights, then each adapter's A and B in
+    /// `Linear::ALL` order (what a checkpoint of this layer takes as inputs).
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut v = self.tensors.clone();
+        for p in self.lora.iter().flatten() {
+            v.push(p.a.clone());
+            v.push(p.b.clone());
+        }
+        v
+    }
+
+    /// A copy of this layer computing with `params` (in `params()` order) instead.
+    pub fn with_params(&self, params: &[Tensor]) -> Block {
+        let mut b = self.clone();
+        let n = b.tensors.len();
+        b.tensors = params[..n].to_vec();
+        for (p, ab) in b.lora.iter_mut().flatten().zip(params[n..].chunks(2)) {
+            p.a = ab[0].clone();
+            p.b = ab[1].clone();
+        }
+        b
     }
 
     /// As `forward`, attending also to the positions held in `cache` (which then grows by T);
@@ -280,6 +325,17 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_impl(x, cos, sin, cache, None)
+    }
+
+    fn forward_impl(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut KvCache>,
+        dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let w = &self.tensors;
@@ -295,7 +351,7 @@ impl Block {
         let h = x.rms_norm(&w[0], c.rms_eps)?;
         // (B, T, C) . (out, C)^T -> (B, T, out) -> (B, T, heads, D) -> (B, heads, T, D)
         let proj = |l: Linear, bias: Option<usize>, heads: usize| -> Result<Tensor> {
-            let mut y = self.linear(&h, l)?;
+            let mut y = self.linear(&h, l, dropout_seed)?;
             if let Some(bi) = bias {
                 y = y.add(&w[bi])?;
             }
@@ -319,11 +375,22 @@ impl Block {
             .causal_attention(&k, &v, None)?
             .transpose(1, 2)?
             .reshape([b, t, c.heads * c.head_dim])?;
-        let x = x.add(&self.linear(&a, Linear::O)?)?;
+        let x = x.add(&self.linear(&a, Linear::O, dropout_seed)?)?;
         let h = x.rms_norm(&w[5], c.rms_eps)?;
         let m = self
-            .linear(&h, Linear::Gate)?
-            .swiglu(&self.linear(&h, Linear::Up)?)?;
-        Ok(x.add(&self.linear(&m, Linear::Down)?)?)
+            .linear(&h, Linear::Gate, dropout_seed)?
+            .swiglu(&self.linear(&h, Linear::Up, dropout_seed)?)?;
+        Ok(x.add(&self.linear(&m, Linear::Down, dropout_seed)?)?)
     }
+}
+
+/// Inverted dropout: a constant mask of 0 (probability `p`) and `1 / (1 - p)`, shaped like `x`.
+fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let m: Vec<f64> = (0..x.numel())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Ok(Tensor::from_vec(m, x.dims().to_vec(), &bft_engine::Device::Cpu)?.to_dtype(x.dtype())?)
 }

@@ -92,6 +92,7 @@ impl Transformer {
                         a,
                         b,
                         scale: cfg.scale(),
+                        dropout: cfg.dropout,
                     }),
                 )?;
             }
@@ -234,6 +235,7 @@ impl Transformer {
                     a: get('A')?,
                     b: get('B')?,
                     scale: cfg.scale(),
+                    dropout: cfg.dropout,
                 };
                 self.blocks_mut()[i].set_lora(l, Some(pair))?;
             }

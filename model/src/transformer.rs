@@ -4,8 +4,9 @@
 use crate::block::KvCache;
 use crate::weights::WeightSource;
 use crate::{Block, Error, ModelConfig, Result};
-use bft_engine::ops::rope_tables_from;
+use bft_engine::ops::{CheckpointFn, rope_tables_from};
 use bft_engine::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// A Llama/Qwen2 model's weights and the forward pass over them.
 #[derive(Clone, Debug)]
@@ -16,6 +17,9 @@ pub struct Transformer {
     norm: Tensor,
     /// `None` when tied to `embed`.
     lm_head: Option<Tensor>,
+    /// Recompute each layer in the backward pass of `hidden_train` instead of keeping its
+    /// activations.
+    pub checkpointing: bool,
 }
 
 impl Transformer {
@@ -64,6 +68,7 @@ impl Transformer {
             blocks,
             norm,
             lm_head,
+            checkpointing: false,
         })
     }
 
@@ -93,6 +98,7 @@ impl Transformer {
             blocks,
             norm,
             lm_head,
+            checkpointing: false,
             config,
         })
     }
@@ -131,6 +137,65 @@ impl Transformer {
         self.hidden_impl(ids, None)
     }
 
+    /// Hidden states in training mode: LoRA dropout drawn from `dropout_seed`, and each layer
+    /// checkpointed when `checkpointing` is set (gradients are identical either way).
+    pub fn hidden_train(&self, ids: &Tensor, dropout_seed: u64) -> Result<Tensor> {
+        let t = self.check_ids(ids)?;
+        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, 0, self.embed.dtype())?;
+        let mut x = self.embed.embedding(ids)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let seed =
+                dropout_seed.wrapping_add((i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            x = if self.checkpointing {
+                let (b, cos, sin) = (block.clone(), cos.clone(), sin.clone());
+                let f: CheckpointFn = Arc::new(move |xs: &[Tensor]| {
+                    b.with_params(&xs[1..])
+                        .forward_train(&xs[0], &cos, &sin, seed)
+                        .map_err(|e| match e {
+                            Error::Engine(e) => e,
+                            other => bft_engine::Error::Backward(other.to_string()),
+                        })
+                });
+                let mut inputs = vec![x];
+                inputs.extend(block.params());
+                Tensor::checkpoint(&inputs, f)?
+            } else {
+                block.forward_train(&x, &cos, &sin, seed)?
+            };
+        }
+        Ok(x.rms_norm(&self.norm, self.config.rms_eps)?)
+    }
+
+    /// Every base weight, mutable, in `named_tensors` order: what full-parameter training
+    /// tracks and updates.
+    pub fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.embed];
+        for b in &mut self.blocks {
+            v.extend(b.tensors_mut().iter_mut());
+        }
+        v.push(&mut self.norm);
+        if let Some(h) = &mut self.lm_head {
+            v.push(h);
+        }
+        v
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<usize> {
+        let [_, t] = *ids.dims() else {
+            return Err(Error::Config(format!(
+                "token ids must be (B, T), got {:?}",
+                ids.dims()
+            )));
+        };
+        if ids.dtype() != DType::U32 {
+            return Err(Error::Config(format!(
+                "token ids must be u32, got {:?}",
+                ids.dtype()
+            )));
+        }
+        Ok(t)
+    }
+
     /// One empty KV cache per layer, for `hidden_cached`.
     pub fn new_cache(&self) -> Vec<KvCache> {
         vec![KvCache::default(); self.blocks.len()]
@@ -150,18 +215,7 @@ impl Transformer {
     }
 
     fn hidden_impl(&self, ids: &Tensor, mut cache: Option<&mut [KvCache]>) -> Result<Tensor> {
-        let [_, t] = *ids.dims() else {
-            return Err(Error::Config(format!(
-                "token ids must be (B, T), got {:?}",
-                ids.dims()
-            )));
-        };
-        if ids.dtype() != DType::U32 {
-            return Err(Error::Config(format!(
-                "token ids must be u32, got {:?}",
-                ids.dtype()
-            )));
-        }
+        let t = self.check_ids(ids)?;
         let offset = cache.as_ref().map_or(0, |c| c[0].len());
         let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, offset, self.embed.dtype())?;
         let mut x = self.embed.embedding(ids)?;
@@ -289,6 +343,65 @@ mod tests {
         let (a, b) = (full.to_vec::<f64>().unwrap(), inc.to_vec::<f64>().unwrap());
         assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-12));
         assert_eq!(cache[0].len(), 5);
+    }
+
+    #[test]
+    fn checkpointing_gives_identical_gradients_with_lora_dropout() {
+        use crate::LoraConfig;
+        let mut m = Transformer::random(config(false), 6, DType::F64).unwrap();
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.3,
+            targets: LoraConfig::parse_targets("all").unwrap(),
+        };
+        m.attach_lora(&lora, 1).unwrap();
+        for (i, t) in m.lora_tensors_mut().into_iter().enumerate() {
+            *t = t
+                .add(
+                    &Tensor::randn(t.dims().to_vec(), 0.2, i as u64, DType::F64, &Device::Cpu)
+                        .unwrap(),
+                )
+                .unwrap();
+        }
+        let run = |m: &mut Transformer, checkpointing: bool, seed: u64| {
+            m.checkpointing = checkpointing;
+            let tape = bft_engine::Tape::new();
+            for t in m.lora_tensors_mut() {
+                *t = tape.track(t);
+            }
+            let h = m.hidden_train(&ids(), seed).unwrap();
+            let loss = h.mul(&h).unwrap().sum_all().unwrap();
+            let g = tape.backward(&loss).unwrap();
+            let grads: Vec<Vec<f64>> = m
+                .lora_tensors()
+                .iter()
+                .map(|(_, t)| g.get(t).unwrap().to_vec::<f64>().unwrap())
+                .collect();
+            for t in m.lora_tensors_mut() {
+                *t = t.stop_gradient();
+            }
+            (loss.to_scalar().unwrap(), grads)
+        };
+        let plain = run(&mut m, false, 7);
+        let recomputed = run(&mut m, true, 7);
+        assert_eq!(
+            plain, recomputed,
+            "checkpointing must not change the gradients"
+        );
+        // Dropout is live: another seed gives another loss, and training mode differs from eval.
+        assert_ne!(run(&mut m, false, 8).0, plain.0);
+        let eval = m.hidden(&ids()).unwrap();
+        assert_ne!(
+            eval.mul(&eval)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap(),
+            plain.0
+        );
+        assert_eq!(m.params_mut().len(), m.named_tensors().len());
     }
 
     #[test]

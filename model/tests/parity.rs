@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 const CASES: [&str; 3] = ["llama_gqa_untied", "llama_odd_tied", "qwen2_bias_tied"];
 
 fn dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parity").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/parity")
+        .join(case)
 }
 
 fn load(case: &str) -> Transformer {
@@ -24,7 +26,9 @@ fn reference(case: &str, name: &str) -> Vec<f32> {
 }
 
 fn ids(case: &str) -> Tensor {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir(case).join("reference.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir(case).join("reference.json")).unwrap())
+            .unwrap();
     let rows: Vec<Vec<u32>> = serde_json::from_value(v["ids"].clone()).unwrap();
     let (b, t) = (rows.len(), rows[0].len());
     Tensor::from_vec(rows.concat(), [b, t], &Device::Cpu).unwrap()
@@ -38,7 +42,11 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn logits_match_hf_transformers() {
     for case in CASES {
-        let got = load(case).logits(&ids(case)).unwrap().to_vec::<f32>().unwrap();
+        let got = load(case)
+            .logits(&ids(case))
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
         let diff = max_diff(&got, &reference(case, "logits"));
         assert!(diff <= 1e-4, "{case}: max |logits diff| {diff:e}");
     }
@@ -47,9 +55,15 @@ fn logits_match_hf_transformers() {
 /// HF's causal-LM loss: mean cross-entropy of position t predicting token t + 1.
 fn shifted_ce(logits: &Tensor, ids: &Tensor) -> Tensor {
     let (b, t, v) = (logits.dims()[0], logits.dims()[1], logits.dims()[2]);
-    let z = logits.narrow(1, 0, t - 1).unwrap().reshape([b * (t - 1), v]).unwrap();
+    let z = logits
+        .narrow(1, 0, t - 1)
+        .unwrap()
+        .reshape([b * (t - 1), v])
+        .unwrap();
     let all = ids.to_vec::<u32>().unwrap();
-    let next: Vec<u32> = (0..b).flat_map(|i| all[i * t + 1..(i + 1) * t].to_vec()).collect();
+    let next: Vec<u32> = (0..b)
+        .flat_map(|i| all[i * t + 1..(i + 1) * t].to_vec())
+        .collect();
     let next = Tensor::from_vec(next, [b * (t - 1)], &Device::Cpu).unwrap();
     let mask = Tensor::ones([b * (t - 1)], DType::F32, &Device::Cpu).unwrap();
     z.cross_entropy(&next, &mask).unwrap()
@@ -67,22 +81,41 @@ fn peft_adapter_logits_loss_and_lora_gradients_match() {
         }
         let ids = ids(case);
         let logits = m.logits(&ids).unwrap();
-        let diff = max_diff(&logits.to_vec::<f32>().unwrap(), &reference(case, "lora_logits"));
+        let diff = max_diff(
+            &logits.to_vec::<f32>().unwrap(),
+            &reference(case, "lora_logits"),
+        );
         assert!(diff <= 1e-4, "{case}: adapter logits differ by {diff:e}");
         let loss = shifted_ce(&logits, &ids);
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir(case).join("reference.json")).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir(case).join("reference.json")).unwrap(),
+        )
+        .unwrap();
         let want_loss = v["lora_loss"].as_f64().unwrap();
-        assert!((loss.to_scalar().unwrap() - want_loss).abs() < 1e-5, "{case}: loss {} vs {want_loss}", loss.to_scalar().unwrap());
+        assert!(
+            (loss.to_scalar().unwrap() - want_loss).abs() < 1e-5,
+            "{case}: loss {} vs {want_loss}",
+            loss.to_scalar().unwrap()
+        );
         let grads = tape.backward(&loss).unwrap();
-        let reference = SafetensorsDir::open_file(&dir(case).join("lora_grads.safetensors")).unwrap();
+        let reference =
+            SafetensorsDir::open_file(&dir(case).join("lora_grads.safetensors")).unwrap();
         let mut checked = 0;
         for (name, t) in m.lora_tensors() {
-            let want = reference.tensor(&name).unwrap().unwrap_or_else(|| panic!("{case}: no reference for {name}"));
-            let (g, w) = (grads.get(t).unwrap().to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
+            let want = reference
+                .tensor(&name)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{case}: no reference for {name}"));
+            let (g, w) = (
+                grads.get(t).unwrap().to_vec::<f32>().unwrap(),
+                want.to_vec::<f32>().unwrap(),
+            );
             let scale = w.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-6);
             let rel = max_diff(&g, &w) / scale;
-            assert!(rel <= 1e-4, "{case}: {name} gradient differs (relative {rel:e})");
+            assert!(
+                rel <= 1e-4,
+                "{case}: {name} gradient differs (relative {rel:e})"
+            );
             checked += 1;
         }
         assert_eq!(checked, 28, "{case}: every LoRA factor of both layers");
@@ -92,12 +125,21 @@ fn peft_adapter_logits_loss_and_lora_gradients_match() {
             let mut m = load(case);
             m.load_peft(&dir(case).join("adapter")).unwrap();
             for (i, t) in m.lora_tensors_mut().into_iter().enumerate() {
-                *t = t.add(&Tensor::randn(t.dims().to_vec(), 0.05, i as u64, DType::F32, &Device::Cpu).unwrap()).unwrap();
+                *t = t
+                    .add(
+                        &Tensor::randn(t.dims().to_vec(), 0.05, i as u64, DType::F32, &Device::Cpu)
+                            .unwrap(),
+                    )
+                    .unwrap();
             }
             let out = dir(case).join("bft_adapter");
             m.save_peft(&cfg, "parity fixture", &out).unwrap();
             let logits = m.logits(&ids).unwrap();
-            bft_model::weights::write_safetensors(&out.join("bft_logits.safetensors"), &[("logits".into(), &logits)]).unwrap();
+            bft_model::weights::write_safetensors(
+                &out.join("bft_logits.safetensors"),
+                &[("logits".into(), &logits)],
+            )
+            .unwrap();
         }
     }
 }

@@ -4,6 +4,7 @@
 mod attention;
 mod binary;
 mod cast;
+mod checkpoint;
 mod embedding;
 mod lm_head;
 mod matmul;
@@ -19,6 +20,7 @@ mod unary;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use checkpoint::CheckpointFn;
 pub use lm_head::HeadLoss;
 pub use rope::{rope_tables, rope_tables_from};
 
@@ -54,6 +56,8 @@ pub enum Op {
     Nll,
     /// Fused LM head + weighted NLL over selected rows (the loss kernel).
     LmHeadNll,
+    /// A recomputed sub-graph (activation checkpointing).
+    Checkpoint,
     Cast,
     /// Not differentiable: recording it on a tape is an error.
     ArgMax,
@@ -87,6 +91,7 @@ impl Op {
         Op::SwiGlu,
         Op::Nll,
         Op::LmHeadNll,
+        Op::Checkpoint,
         Op::Cast,
         Op::ArgMax,
     ];
@@ -185,6 +190,7 @@ mod registry_tests {
             attention::cases(),
             binary::cases(),
             cast::cases(),
+            checkpoint::cases(),
             embedding::cases(),
             lm_head::cases(),
             matmul::cases(),
