@@ -21,6 +21,12 @@ pub fn tiny_block_config(qkv_bias: bool) -> BlockConfig {
 /// `target/bft-models/` (or taken from `$BFT_SMOLLM2_GGUF`). Panics with the reason if it
 /// cannot be had: the tests that need it must run, not skip.
 pub fn smollm2_gguf() -> PathBuf {
+    // Tests run on parallel threads: fetch once per process.
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(fetch_smollm2).clone()
+}
+
+fn fetch_smollm2() -> PathBuf {
     if let Ok(p) = std::env::var("BFT_SMOLLM2_GGUF") {
         return PathBuf::from(p);
     }

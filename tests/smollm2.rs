@@ -88,3 +88,44 @@ fn gguf_converts_to_an_hf_directory_that_loads_back_identically() {
     assert_eq!(la.to_vec::<f32>().unwrap(), lb.to_vec::<f32>().unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn only_assistant_replies_and_their_end_tokens_are_targets() {
+    use bft_trainer::data::{Conversation, encode};
+    let m = bft_model::load_model(&bft_tests::smollm2_gguf(), DType::F32).unwrap();
+    let template = m.template.as_ref().unwrap();
+    let msg = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let conv = Conversation {
+        messages: vec![
+            msg("user", "Capital of France?"),
+            msg("assistant", "Paris."),
+            msg("user", "And of Italy?"),
+            msg("assistant", "Rome."),
+        ],
+        line: 1,
+    };
+    let e = encode(&conv, &m.tokenizer, template, "<|im_end|>", 4096).unwrap();
+    assert_eq!(e.ids.len(), e.target_mask.len());
+    let targets: Vec<u32> = e
+        .ids
+        .iter()
+        .zip(&e.target_mask)
+        .filter(|(_, t)| **t)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(
+        m.tokenizer.decode(&targets, false).unwrap(),
+        "Paris.<|im_end|>Rome.<|im_end|>"
+    );
+    // The whole rendering is what HF's template gives; the system prompt comes from the template.
+    let all = m.tokenizer.decode(&e.ids, false).unwrap();
+    assert!(
+        all.starts_with("<|im_start|>system\n") && all.ends_with("Rome.<|im_end|>\n"),
+        "{all:?}"
+    );
+    let cut = encode(&conv, &m.tokenizer, template, "<|im_end|>", 10).unwrap();
+    assert_eq!((cut.ids.len(), cut.target_mask.len()), (10, 10));
+}

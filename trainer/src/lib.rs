@@ -1,4 +1,5 @@
 //! bft-trainer: the loss library (SFT, DFT, BFT and research variants through one fused,
 //! memory-bounded LM-head loss) and, as the `bft` binary, the trainer.
 
+pub mod data;
 pub mod loss;
