@@ -1,6 +1,8 @@
 //! bft-trainer: the loss library (SFT, DFT, BFT and research variants through one fused,
 //! memory-bounded LM-head loss) and, as the `bft` binary, the trainer.
 
+pub mod batch;
 pub mod data;
 pub mod loss;
 pub mod optim;
+pub mod train;

@@ -1,0 +1,587 @@
+//! The training loop: exact gradient accumulation over micro-batches through the fused loss,
+//! AdamW with a warm-up schedule and clipping, NaN/Inf steps skipped and reported, and
+//! crash-safe checkpoints from which a resumed run continues bit-identically on CPU.
+//!
+//! Everything a step does is a function of (seed, step): the data position, the LoRA dropout
+//! masks and the learning rate. A checkpoint therefore needs only the weights, the optimizer
+//! state and the step count to resume exactly.
+
+use crate::batch::{epoch_batches, make_batch};
+use crate::data::Encoded;
+use crate::loss::{GroupConfig, LossBatch, LossOptions, LossVariant, Reduction, fused_loss};
+use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
+use bft_engine::{DType, Device, Gradients, Tape, Tensor};
+use bft_model::weights::write_safetensors;
+use bft_model::{LoraConfig, SafetensorsDir, Transformer, WeightSource};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Engine(#[from] bft_engine::Error),
+    #[error(transparent)]
+    Model(#[from] bft_model::Error),
+    #[error(transparent)]
+    Loss(#[from] crate::loss::LossError),
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("checkpoint {}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("{0} consecutive steps had a non-finite loss or gradient; stopping (last: step {1})")]
+    Diverged(u32, u64),
+    #[error("training: {0}")]
+    Config(String),
+}
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// What is trained: LoRA adapters (the base frozen) or every weight.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trainable {
+    Lora(LoraConfig),
+    Full,
+}
+
+/// Settings of a run.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub total_steps: u64,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this (0 disables clipping).
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_steps: u64,
+    /// Checkpoints kept on disk.
+    pub keep_last: usize,
+    pub pad_id: u32,
+    pub analysis: GroupConfig,
+    /// Consecutive non-finite steps tolerated before stopping.
+    pub max_bad_steps: u32,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, serde::Serialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    /// The weighted (BFT/DFT/...) loss of the step.
+    pub loss: f64,
+    /// Plain cross-entropy, mean over the step's samples.
+    pub ce: f64,
+    pub s_mean: f64,
+    pub w_mean: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Input tokens processed (padding excluded).
+    pub tokens: usize,
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    /// True when a non-finite loss or gradient made the step skip its update.
+    pub skipped: bool,
+}
+
+/// A run in progress over a model and encoded data.
+pub struct Trainer<'a> {
+    pub model: &'a mut Transformer,
+    data: &'a [Encoded],
+    cfg: TrainConfig,
+    variant: &'a dyn LossVariant,
+    trainable: Trainable,
+    opt: AdamW,
+    /// Optimizer steps taken (skipped ones included).
+    pub step: u64,
+    bad_streak: u32,
+    /// The current epoch's batches, cached: (epoch, batches).
+    epoch: Option<(u64, Vec<Vec<usize>>)>,
+    lengths: Vec<usize>,
+}
+
+fn trainable_params<'m>(model: &'m mut Transformer, t: &Trainable) -> Vec<&'m mut Tensor> {
+    match t {
+        Trainable::Lora(_) => model.lora_tensors_mut(),
+        Trainable::Full => model.params_mut(),
+    }
+}
+
+impl<'a> Trainer<'a> {
+    /// Prepares a run; with LoRA the adapters must already be attached (`attach_lora`).
+    pub fn new(
+        model: &'a mut Transformer,
+        data: &'a [Encoded],
+        cfg: TrainConfig,
+        variant: &'a dyn LossVariant,
+        trainable: Trainable,
+    ) -> Result<Self> {
+        if data.is_empty() || cfg.batch_size == 0 || cfg.grad_accum == 0 {
+            return Err(TrainError::Config(
+                "need data, batch_size >= 1 and grad_accum >= 1".into(),
+            ));
+        }
+        let sizes: Vec<usize> = trainable_params(model, &trainable)
+            .iter()
+            .map(|p| p.numel())
+            .collect();
+        if sizes.is_empty() {
+            return Err(TrainError::Config(
+                "nothing to train: attach LoRA adapters or train all weights".into(),
+            ));
+        }
+        let opt = AdamW::new(cfg.adamw, &sizes);
+        let lengths = data.iter().map(|e| e.ids.len()).collect();
+        Ok(Trainer {
+            model,
+            data,
+            cfg,
+            variant,
+            trainable,
+            opt,
+            step: 0,
+            bad_streak: 0,
+            epoch: None,
+            lengths,
+        })
+    }
+
+    /// Sample indices of micro-batch `j` of optimizer step `step`.
+    fn micro_batch(&mut self, step: u64, j: usize) -> Vec<usize> {
+        let per_epoch = self.data.len().div_ceil(self.cfg.batch_size) as u64;
+        let global = step * self.cfg.grad_accum as u64 + j as u64;
+        let (epoch, i) = (global / per_epoch, (global % per_epoch) as usize);
+        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.epoch = Some((
+                epoch,
+                epoch_batches(&self.lengths, self.cfg.batch_size, self.cfg.seed, epoch),
+            ));
+        }
+        self.epoch.as_ref().expect("just set").1[i].clone()
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let step = self.step;
+        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum)
+            .map(|j| self.micro_batch(step, j))
+            .collect();
+        let step_samples: usize = micro.iter().map(Vec::len).sum();
+        let tape = Tape::new();
+        let mut grads = Gradients::default();
+        let (mut loss, mut ce, mut s_sum, mut w_sum, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0);
+        for (j, idx) in micro.iter().enumerate() {
+            let samples: Vec<&Encoded> = idx.iter().map(|&i| &self.data[i]).collect();
+            let batch = make_batch(&samples, self.cfg.pad_id)?;
+            tokens += samples.iter().map(|s| s.ids.len()).sum::<usize>();
+            for p in trainable_params(self.model, &self.trainable) {
+                *p = tape.track(p);
+            }
+            let seed = self.cfg.seed
+                ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (j as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let hidden = self.model.hidden_train(&batch.ids, seed)?;
+            let opts = LossOptions {
+                reduction: Reduction::Exact {
+                    step_samples: Some(step_samples),
+                },
+                analysis: self.cfg.analysis,
+            };
+            let lb = LossBatch {
+                hidden: &hidden,
+                head: self.model.head(),
+                targets: &batch.targets,
+                mask: &batch.mask,
+            };
+            let out = fused_loss(lb, self.variant, opts)?;
+            loss += out.loss.to_scalar()?;
+            for s in &out.samples {
+                (ce, s_sum, w_sum) = (ce + s.ce, s_sum + s.s_b, w_sum + s.w_mean);
+            }
+            tape.backward_into(&out.loss, &mut grads)?;
+        }
+        let lr = self.cfg.schedule.lr(step);
+        let params = trainable_params(self.model, &self.trainable);
+        let mut g: Vec<Tensor> = params
+            .iter()
+            .map(|p| {
+                grads.get(p).cloned().map_or_else(
+                    || Tensor::zeros(p.dims().to_vec(), p.dtype(), &Device::Cpu),
+                    Ok,
+                )
+            })
+            .collect::<bft_engine::Result<_>>()?;
+        let grad_norm = clip_grad_norm(&mut g, self.cfg.max_grad_norm)?;
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        let mut params = params;
+        if skipped {
+            self.bad_streak += 1;
+            if self.bad_streak >= self.cfg.max_bad_steps {
+                return Err(TrainError::Diverged(self.bad_streak, step));
+            }
+        } else {
+            self.bad_streak = 0;
+            self.opt.update(&mut params, &g, lr)?;
+        }
+        // The parameters leave this step untracked: the next step tracks them on a new tape.
+        for p in params {
+            *p = p.stop_gradient();
+        }
+        self.step += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        let n = step_samples as f64;
+        Ok(StepMetrics {
+            step: self.step,
+            loss,
+            ce: ce / n,
+            s_mean: s_sum / n,
+            w_mean: w_sum / n,
+            lr,
+            grad_norm,
+            tokens,
+            step_time_s: dt,
+            tokens_per_s: tokens as f64 / dt.max(1e-9),
+            skipped,
+        })
+    }
+
+    /// Writes `dir/checkpoint-<step>` completely (temporary name, fsynced, renamed), then points
+    /// `dir/latest` at it, then drops checkpoints beyond `keep_last`.
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<PathBuf> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |error| TrainError::Io { path, error }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let name = format!("checkpoint-{}", self.step);
+        let (tmp, done) = (dir.join(format!(".{name}.partial")), dir.join(&name));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        match &self.trainable {
+            Trainable::Lora(cfg) => self.model.save_peft(cfg, "bft", &tmp.join("adapter"))?,
+            Trainable::Full => {
+                write_safetensors(&tmp.join("model.safetensors"), &self.model.named_tensors())?
+            }
+        }
+        let mut moments: Vec<(String, Tensor)> = Vec::new();
+        for (i, (m, v)) in self.opt.m.iter().zip(&self.opt.v).enumerate() {
+            moments.push((
+                format!("m.{i}"),
+                Tensor::from_vec(m.clone(), [m.len()], &Device::Cpu)?,
+            ));
+            moments.push((
+                format!("v.{i}"),
+                Tensor::from_vec(v.clone(), [v.len()], &Device::Cpu)?,
+            ));
+        }
+        let refs: Vec<(String, &Tensor)> = moments.iter().map(|(n, t)| (n.clone(), t)).collect();
+        write_safetensors(&tmp.join("optimizer.safetensors"), &refs)?;
+        let state = serde_json::json!({ "step": self.step, "adam_step": self.opt.step, "seed": self.cfg.seed });
+        write_synced(&tmp.join("state.json"), state.to_string().as_bytes())?;
+        if done.exists() {
+            std::fs::remove_dir_all(&done).map_err(io(&done))?;
+        }
+        std::fs::rename(&tmp, &done).map_err(io(&done))?;
+        sync_dir(dir)?;
+        // `latest` is replaced atomically and only ever names a complete checkpoint.
+        let latest_tmp = dir.join(".latest.partial");
+        write_synced(&latest_tmp, name.as_bytes())?;
+        std::fs::rename(&latest_tmp, dir.join("latest")).map_err(io(dir))?;
+        sync_dir(dir)?;
+        let mut steps: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("checkpoint-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        steps.sort_unstable();
+        let drop = steps.len().saturating_sub(self.cfg.keep_last.max(1));
+        for s in steps.into_iter().take(drop).filter(|&s| s != self.step) {
+            let old = dir.join(format!("checkpoint-{s}"));
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        Ok(done)
+    }
+
+    /// Continues from `dir/latest` if there is one; returns the step resumed at.
+    pub fn resume(&mut self, dir: &Path) -> Result<Option<u64>> {
+        let latest = dir.join("latest");
+        let Ok(name) = std::fs::read_to_string(&latest) else {
+            return Ok(None);
+        };
+        let ck = dir.join(name.trim());
+        let bad = |msg: String| TrainError::Checkpoint {
+            path: ck.clone(),
+            msg,
+        };
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(ck.join("state.json"))
+                .map_err(|e| bad(format!("state.json: {e}")))?,
+        )
+        .map_err(|e| bad(format!("state.json: {e}")))?;
+        let step = state["step"]
+            .as_u64()
+            .ok_or_else(|| bad("state.json has no step".into()))?;
+        if state["seed"].as_u64() != Some(self.cfg.seed) {
+            return Err(bad(format!(
+                "it was written with seed {}, this run uses {}",
+                state["seed"], self.cfg.seed
+            )));
+        }
+        match &self.trainable {
+            Trainable::Lora(cfg) => {
+                let loaded = self.model.load_peft(&ck.join("adapter"))?;
+                if &loaded != cfg {
+                    return Err(bad(format!(
+                        "its LoRA settings {loaded:?} differ from this run's {cfg:?}"
+                    )));
+                }
+            }
+            Trainable::Full => {
+                let file = SafetensorsDir::open_file(&ck.join("model.safetensors"))?;
+                let names: Vec<String> = self
+                    .model
+                    .named_tensors()
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .collect();
+                for (name, p) in names.iter().zip(self.model.params_mut()) {
+                    let t = file
+                        .tensor(name)?
+                        .ok_or_else(|| bad(format!("missing {name}")))?;
+                    *p = t.to_dtype(p.dtype())?;
+                }
+            }
+        }
+        let moments = SafetensorsDir::open_file(&ck.join("optimizer.safetensors"))?;
+        for i in 0..self.opt.m.len() {
+            for (kind, dst) in [("m", &mut self.opt.m[i]), ("v", &mut self.opt.v[i])] {
+                let t = moments
+                    .tensor(&format!("{kind}.{i}"))?
+                    .ok_or_else(|| bad(format!("missing optimizer {kind}.{i}")))?;
+                let v = t.to_dtype(DType::F32)?.to_vec::<f32>()?;
+                if v.len() != dst.len() {
+                    return Err(bad(format!(
+                        "optimizer {kind}.{i} has {} values, expected {}",
+                        v.len(),
+                        dst.len()
+                    )));
+                }
+                *dst = v;
+            }
+        }
+        self.opt.step = state["adam_step"].as_u64().unwrap_or(step);
+        self.step = step;
+        Ok(Some(step))
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.cfg.total_steps
+    }
+
+    pub fn save_steps(&self) -> u64 {
+        self.cfg.save_steps
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |error| TrainError::Io {
+        path: path.to_owned(),
+        error,
+    };
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Makes a rename durable: fsync the directory holding it.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|error| TrainError::Io {
+            path: dir.to_owned(),
+            error,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::Bft;
+    use crate::optim::Decay;
+    use bft_model::ModelConfig;
+
+    fn model() -> Transformer {
+        let cfg = ModelConfig::from_json(
+            r#"{"model_type": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 23}"#,
+        )
+        .unwrap();
+        let mut m = Transformer::random(cfg, 11, DType::F32).unwrap();
+        let lora = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: LoraConfig::parse_targets("all").unwrap(),
+        };
+        m.attach_lora(&lora, 3).unwrap();
+        m
+    }
+
+    /// Samples whose replies follow a learnable rule (each token is the previous + 1).
+    fn data() -> Vec<Encoded> {
+        (0..10)
+            .map(|i| {
+                let n = 8 + i % 5;
+                let ids: Vec<u32> = (0..n).map(|p| ((i * 3 + p) % 23) as u32).collect();
+                let target_mask = (0..n).map(|p| p >= 3).collect();
+                Encoded { ids, target_mask }
+            })
+            .collect()
+    }
+
+    fn config(total_steps: u64) -> TrainConfig {
+        TrainConfig {
+            batch_size: 2,
+            grad_accum: 2,
+            total_steps,
+            schedule: Schedule {
+                base_lr: 2e-2,
+                warmup_steps: 2,
+                total_steps,
+                decay: Decay::Cosine,
+            },
+            adamw: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            seed: 5,
+            save_steps: 0,
+            keep_last: 2,
+            pad_id: 0,
+            analysis: GroupConfig {
+                window: 4,
+                ..Default::default()
+            },
+            max_bad_steps: 5,
+        }
+    }
+
+    fn lora() -> Trainable {
+        Trainable::Lora(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: LoraConfig::parse_targets("all").unwrap(),
+        })
+    }
+
+    #[test]
+    fn loss_falls_on_a_learnable_task() {
+        let (mut m, d, bft) = (
+            model(),
+            data(),
+            Bft {
+                group: GroupConfig {
+                    window: 4,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let mut t = Trainer::new(&mut m, &d, config(40), &bft, lora()).unwrap();
+        let metrics: Vec<StepMetrics> = (0..40).map(|_| t.train_step().unwrap()).collect();
+        let mean = |r: &[StepMetrics]| r.iter().map(|m| m.ce).sum::<f64>() / r.len() as f64;
+        let (first, last) = (mean(&metrics[..5]), mean(&metrics[35..]));
+        assert!(last < 0.7 * first, "cross-entropy {first} -> {last}");
+        assert!(
+            metrics
+                .iter()
+                .all(|m| !m.skipped && m.grad_norm.is_finite() && m.tokens > 0)
+        );
+        assert_eq!(metrics[0].lr, 0.0, "warm-up starts at 0");
+    }
+
+    #[test]
+    fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+        let (d, bft) = (data(), Bft::default());
+        let dir = std::env::temp_dir().join(format!("bft-resume-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let adapter = |m: &Transformer| -> Vec<Vec<f32>> {
+            m.lora_tensors()
+                .iter()
+                .map(|(_, t)| t.to_vec::<f32>().unwrap())
+                .collect()
+        };
+        let mut whole = model();
+        let mut t = Trainer::new(&mut whole, &d, config(6), &bft, lora()).unwrap();
+        let uninterrupted: Vec<StepMetrics> = (0..6).map(|_| t.train_step().unwrap()).collect();
+        drop(t);
+        // Interrupted after step 3: everything but the checkpoint on disk is gone.
+        let mut first = model();
+        let mut t = Trainer::new(&mut first, &d, config(6), &bft, lora()).unwrap();
+        for _ in 0..3 {
+            t.train_step().unwrap();
+        }
+        t.save_checkpoint(&dir).unwrap();
+        drop(t);
+        let mut resumed = model();
+        let mut t = Trainer::new(&mut resumed, &d, config(6), &bft, lora()).unwrap();
+        assert_eq!(t.resume(&dir).unwrap(), Some(3));
+        let rest: Vec<StepMetrics> = (0..3).map(|_| t.train_step().unwrap()).collect();
+        drop(t);
+        let strip = |m: &StepMetrics| (m.step, m.loss, m.ce, m.grad_norm, m.lr);
+        assert_eq!(
+            rest.iter().map(strip).collect::<Vec<_>>(),
+            uninterrupted[3..].iter().map(strip).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            adapter(&resumed),
+            adapter(&whole),
+            "final adapters must be bit-identical"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn checkpoints_are_pruned_and_latest_names_a_complete_one() {
+        let (mut m, d, bft) = (model(), data(), Bft::default());
+        let dir = std::env::temp_dir().join(format!("bft-ckpt-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let mut t = Trainer::new(&mut m, &d, config(4), &bft, lora()).unwrap();
+        for _ in 0..4 {
+            t.train_step().unwrap();
+            t.save_checkpoint(&dir).unwrap();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["checkpoint-3", "checkpoint-4", "latest"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("latest")).unwrap(),
+            "checkpoint-4"
+        );
+        for f in [
+            "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json",
+            "optimizer.safetensors",
+            "state.json",
+        ] {
+            assert!(dir.join("checkpoint-4").join(f).exists(), "{f}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
