@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod config;
+pub mod fetch;
 pub mod generate;
 pub mod loader;
 pub mod lora;

@@ -33,6 +33,101 @@ enum Command {
     Convert(ConvertArgs),
     /// Fold a LoRA adapter (PEFT format) into its base model and write a full HF directory.
     Merge(MergeArgs),
+    /// Fine-tune a model on JSONL conversations with LoRA (default) or all weights, with the
+    /// BFT loss (default) or another variant. Writes metrics.jsonl, run_config.json,
+    /// checkpoints/ (resumable with --resume) and the final adapter/ (PEFT format).
+    Train(Box<TrainArgs>),
+}
+
+#[derive(clap::Args, Debug, serde::Serialize)]
+struct TrainArgs {
+    /// Base model: HF directory or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data: JSONL with OpenAI `messages`, ShareGPT `conversations` or Alpaca
+    /// `instruction`/`input`/`output` rows (detected per file).
+    #[arg(long)]
+    data: PathBuf,
+    /// Loss variant: sft, dft, bft, bft-no-token, bft-no-sample, focal.
+    #[arg(long, default_value = "bft")]
+    loss: String,
+    /// Output directory.
+    #[arg(long)]
+    output: PathBuf,
+    /// Optimizer steps to run (default: --epochs over the data).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    epochs: f64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Samples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step (exact accumulation).
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Longest sequence in tokens; longer ones are cut.
+    #[arg(long, default_value_t = 1024)]
+    cutoff_len: usize,
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Projections that get adapters: q,k,v,o,gate,up,down (or `all`).
+    #[arg(long, default_value = "all")]
+    lora_targets: String,
+    /// Train every weight instead of LoRA adapters.
+    #[arg(long)]
+    full: bool,
+    /// BFT group-confidence window g, in tokens.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// BFT window mean: arithmetic (the paper) or geometric (the authors' code).
+    #[arg(long, default_value = "arithmetic")]
+    group_mean: String,
+    /// BFT exponent on p_conf.
+    #[arg(long, default_value_t = 1.0)]
+    gamma: f64,
+    /// Floor of DFT/BFT token weights.
+    #[arg(long, default_value_t = 0.0)]
+    floor: f64,
+    #[arg(long, default_value_t = 2.0)]
+    focal_gamma: f64,
+    /// Share of the steps spent warming the learning rate up from 0.
+    #[arg(long, default_value_t = 0.03)]
+    warmup_ratio: f64,
+    /// Decay after warm-up: cosine, linear or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_steps: u64,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    keep_last: usize,
+    /// Continue from OUTPUT/checkpoints/latest.
+    #[arg(long)]
+    resume: bool,
+    /// Skip (and count) malformed rows instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Recompute each layer in the backward pass (less memory, about 30% more compute).
+    #[arg(long)]
+    checkpointing: bool,
+    /// Compute device (only `cpu` in this build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -114,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate_cmd(a),
         Command::Convert(a) => convert(a),
         Command::Merge(a) => merge(a),
+        Command::Train(a) => train(*a),
     }
 }
 
@@ -291,4 +387,197 @@ fn sibling_tmp(target: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
     target.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    use bft_trainer::loss::{GroupConfig, VariantParams, builtin};
+    use bft_trainer::optim::{AdamWConfig, Decay, Schedule};
+    use bft_trainer::train::{TrainConfig, Trainable, Trainer};
+    if a.device != "cpu" {
+        bail!(
+            "device `{}` is not available in this build (only cpu)",
+            a.device
+        );
+    }
+    let metrics_path = a.output.join("metrics.jsonl");
+    if metrics_path.exists() && !a.resume {
+        bail!(
+            "{} already holds a run; pass --resume to continue it or choose a new --output",
+            a.output.display()
+        );
+    }
+    let group = GroupConfig {
+        window: a.window,
+        mean: a.group_mean.parse().map_err(anyhow::Error::msg)?,
+    };
+    let params = VariantParams {
+        group,
+        gamma: a.gamma,
+        floor: a.floor,
+        focal_gamma: a.focal_gamma,
+    };
+    let variant = builtin(&a.loss, params)?;
+    let decay = match a.schedule.as_str() {
+        "cosine" => Decay::Cosine,
+        "linear" => Decay::Linear,
+        "constant" => Decay::Constant,
+        other => bail!("unknown --schedule `{other}` (cosine, linear or constant)"),
+    };
+    let mut m = load_model(&a.model, DType::F32)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let template = m
+        .template
+        .take()
+        .with_context(|| format!("{} has no chat template", a.model.display()))?;
+    let eos = m
+        .tokenizer_config
+        .get("eos_token")
+        .and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
+        .unwrap_or("")
+        .to_string();
+    let ds = bft_trainer::data::read_jsonl(&a.data, a.skip_bad_rows)?;
+    if ds.skipped > 0 {
+        eprintln!(
+            "skipped {} malformed rows of {}",
+            ds.skipped,
+            a.data.display()
+        );
+    }
+    let encoded = ds
+        .conversations
+        .iter()
+        .map(|c| bft_trainer::data::encode(c, &m.tokenizer, &template, &eos, a.cutoff_len))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("encoding {}", a.data.display()))?;
+    let trainable = if a.full {
+        Trainable::Full
+    } else {
+        let lora = bft_model::LoraConfig {
+            rank: a.lora_rank,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: bft_model::LoraConfig::parse_targets(&a.lora_targets)?,
+        };
+        m.model.attach_lora(&lora, a.seed)?;
+        Trainable::Lora(lora)
+    };
+    m.model.checkpointing = a.checkpointing;
+    let per_epoch = encoded
+        .len()
+        .div_ceil(a.batch_size.max(1))
+        .div_ceil(a.grad_accum.max(1)) as u64;
+    let total = a
+        .max_steps
+        .unwrap_or(((a.epochs * per_epoch as f64).ceil() as u64).max(1));
+    let warmup = (a.warmup_ratio * total as f64).ceil() as u64;
+    let pad_id = m.stop_ids.first().copied().unwrap_or(0);
+    let cfg = TrainConfig {
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        total_steps: total,
+        schedule: Schedule {
+            base_lr: a.lr,
+            warmup_steps: warmup,
+            total_steps: total,
+            decay,
+        },
+        adamw: AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        save_steps: a.save_steps,
+        keep_last: a.keep_last,
+        pad_id,
+        analysis: group,
+        max_bad_steps: 5,
+    };
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    let resolved = serde_json::json!({
+        "args": &a, "total_steps": total, "warmup_steps": warmup, "samples": encoded.len(),
+        "data_format": format!("{:?}", ds.format), "skipped_rows": ds.skipped,
+    });
+    std::fs::write(
+        a.output.join("run_config.json"),
+        serde_json::to_string_pretty(&resolved)?,
+    )?;
+    let ckpt_dir = a.output.join("checkpoints");
+    let mut trainer = Trainer::new(
+        &mut m.model,
+        &encoded,
+        cfg,
+        variant.as_ref(),
+        trainable.clone(),
+    )?;
+    let start = if a.resume {
+        trainer.resume(&ckpt_dir)?.unwrap_or(0)
+    } else {
+        0
+    };
+    // Metrics past the checkpoint belong to steps that will run again: keep only those before.
+    let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= start)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&metrics_path, kept.concat())?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)?;
+    eprintln!(
+        "training {} on {} samples: {total} steps (from step {start}), loss {}, {}",
+        a.model.display(),
+        encoded.len(),
+        a.loss,
+        if a.full {
+            "all weights".to_string()
+        } else {
+            format!("LoRA r={} alpha={}", a.lora_rank, a.lora_alpha)
+        }
+    );
+    while trainer.step < total {
+        let s = trainer.train_step()?;
+        writeln!(metrics_file, "{}", serde_json::to_string(&s)?)?;
+        eprintln!(
+            "step {}/{total}  loss {:.5}  ce {:.4}  s {:.3}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{}",
+            s.step,
+            s.loss,
+            s.ce,
+            s.s_mean,
+            s.lr,
+            s.grad_norm,
+            s.tokens_per_s,
+            if s.skipped {
+                "  (skipped: non-finite)"
+            } else {
+                ""
+            }
+        );
+        if (a.save_steps > 0 && s.step % a.save_steps == 0) || s.step == total {
+            metrics_file.sync_all()?;
+            trainer.save_checkpoint(&ckpt_dir)?;
+        }
+    }
+    drop(trainer);
+    match &trainable {
+        Trainable::Lora(cfg) => m.model.save_peft(
+            cfg,
+            &a.model.display().to_string(),
+            &a.output.join("adapter"),
+        )?,
+        Trainable::Full => bft_model::weights::write_safetensors(
+            &a.output.join("model.safetensors"),
+            &m.model.named_tensors(),
+        )?,
+    }
+    eprintln!("wrote {}", a.output.display());
+    Ok(())
 }
