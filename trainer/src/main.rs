@@ -37,6 +37,39 @@ enum Command {
     /// BFT loss (default) or another variant. Writes metrics.jsonl, run_config.json,
     /// checkpoints/ (resumable with --resume) and the final adapter/ (PEFT format).
     Train(Box<TrainArgs>),
+    /// Per-token log-probs, weights and losses of a dataset under a model, one JSON line per
+    /// sample (input_ids, target_mask, logprobs, n_valid, p_conf, s_b, loss, ce,
+    /// weakest_window_start); prints the dataset's loss and CE.
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ScoreArgs {
+    /// Model: HF directory or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A LoRA adapter (PEFT format) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL data (messages, conversations or instruction/output rows).
+    #[arg(long)]
+    data: PathBuf,
+    /// Loss variant whose weights are reported.
+    #[arg(long, default_value = "bft")]
+    loss: String,
+    /// Group-confidence window g, in tokens.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// arithmetic (the paper) or geometric (the authors' code).
+    #[arg(long, default_value = "arithmetic")]
+    group_mean: String,
+    #[arg(long, default_value_t = 1024)]
+    cutoff_len: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Output JSONL file (written only if scoring succeeds).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug, serde::Serialize)]
@@ -210,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert(a),
         Command::Merge(a) => merge(a),
         Command::Train(a) => train(*a),
+        Command::Score(a) => score(a),
     }
 }
 
@@ -579,5 +613,90 @@ fn train(a: TrainArgs) -> Result<()> {
         )?,
     }
     eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    use bft_trainer::loss::{
+        GroupConfig, LossBatch, LossOptions, Reduction, VariantParams, builtin, fused_loss,
+    };
+    let group = GroupConfig {
+        window: a.window,
+        mean: a.group_mean.parse().map_err(anyhow::Error::msg)?,
+    };
+    let variant = builtin(
+        &a.loss,
+        VariantParams {
+            group,
+            ..Default::default()
+        },
+    )?;
+    let mut m = load_model(&a.model, DType::F32)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(dir) = &a.adapter {
+        m.model
+            .load_peft(dir)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+    }
+    let template = m
+        .template
+        .take()
+        .with_context(|| format!("{} has no chat template", a.model.display()))?;
+    let eos = m
+        .tokenizer_config
+        .get("eos_token")
+        .and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
+        .unwrap_or("")
+        .to_string();
+    let ds = bft_trainer::data::read_jsonl(&a.data, false)?;
+    let encoded = ds
+        .conversations
+        .iter()
+        .map(|c| bft_trainer::data::encode(c, &m.tokenizer, &template, &eos, a.cutoff_len))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("encoding {}", a.data.display()))?;
+    let pad = m.stop_ids.first().copied().unwrap_or(0);
+    let opts = LossOptions {
+        reduction: Reduction::Exact {
+            step_samples: Some(encoded.len()),
+        },
+        analysis: group,
+    };
+    let mut lines = String::new();
+    let (mut loss, mut ce) = (0.0, 0.0);
+    for chunk in encoded.chunks(a.batch_size.max(1)) {
+        let refs: Vec<&bft_trainer::data::Encoded> = chunk.iter().collect();
+        let batch = bft_trainer::batch::make_batch(&refs, pad)?;
+        let hidden = m.model.hidden(&batch.ids)?;
+        let lb = LossBatch {
+            hidden: &hidden,
+            head: m.model.head(),
+            targets: &batch.targets,
+            mask: &batch.mask,
+        };
+        let out = fused_loss(lb, variant.as_ref(), opts)?;
+        loss += out.loss.to_scalar()?;
+        for (e, s) in chunk.iter().zip(&out.samples) {
+            ce += s.ce;
+            let row = serde_json::json!({
+                "input_ids": e.ids,
+                "target_mask": e.target_mask.iter().map(|&t| t as u8).collect::<Vec<_>>(),
+                "logprobs": s.logprobs, "n_valid": s.n_valid, "p_conf": s.p_conf, "s_b": s.s_b,
+                "loss": s.loss, "ce": s.ce, "weakest_window_start": s.weakest_window_start,
+            });
+            lines.push_str(&row.to_string());
+            lines.push('\n');
+        }
+    }
+    // Written under a temporary name and renamed: a failed run leaves no output file.
+    let tmp = sibling_tmp(&a.out);
+    std::fs::write(&tmp, lines).with_context(|| format!("writing {}", a.out.display()))?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "loss {loss:.6}  ce {:.6}  ({} samples, {})",
+        ce / encoded.len() as f64,
+        encoded.len(),
+        a.loss
+    );
     Ok(())
 }

@@ -210,3 +210,64 @@ fn bad_input_fails_with_one_line_naming_the_file_and_leaves_no_output() {
         "{err}"
     );
 }
+
+#[test]
+fn score_writes_one_consistent_line_per_sample_and_nothing_on_error() {
+    let out = tmp("score.jsonl");
+    let run = |data: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_bft"))
+            .args(["score", "--window", "8"])
+            .arg("--model")
+            .arg(model())
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let r = run(&data());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).starts_with("loss "));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        let ids = r["input_ids"].as_array().unwrap();
+        let mask: Vec<u64> = r["target_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(ids.len(), mask.len());
+        let n = r["n_valid"].as_u64().unwrap();
+        assert_eq!(r["logprobs"].as_array().unwrap().len() as u64, n);
+        assert_eq!(
+            mask.iter().sum::<u64>(),
+            n,
+            "every target token has a log-prob"
+        );
+        assert!(
+            r["logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|v| v.as_f64().unwrap() <= 0.0)
+        );
+        let s = r["s_b"].as_f64().unwrap();
+        assert!(
+            (0.0..=1.0).contains(&s)
+                && r["p_conf"].is_number()
+                && r["weakest_window_start"].is_number()
+        );
+    }
+    std::fs::remove_file(&out).unwrap();
+    let bad = tmp("score-bad.jsonl");
+    std::fs::write(&bad, "{\"messages\": 3}\n").unwrap();
+    assert!(!run(&bad).status.success());
+    assert!(!out.exists(), "a failed score leaves no output file");
+}
