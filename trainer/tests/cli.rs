@@ -271,3 +271,46 @@ fn score_writes_one_consistent_line_per_sample_and_nothing_on_error() {
     assert!(!run(&bad).status.success());
     assert!(!out.exists(), "a failed score leaves no output file");
 }
+
+#[test]
+fn demo_trains_and_reports_before_and_after() {
+    let out_dir = tmp("demo");
+    let cache = model().parent().unwrap().to_owned();
+    let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .args(["demo", "--max-steps", "2", "--eval-samples", "4", "--cache"])
+        .arg(&cache)
+        .arg("--output")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("Q (held-out gene)").count(), 3, "{stdout}");
+    assert!(
+        stdout.contains("before:")
+            && stdout.contains("after:")
+            && stdout.contains("held-out cross-entropy"),
+        "{stdout}"
+    );
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "run_config.json",
+        "data/train.jsonl",
+        "data/eval.jsonl",
+    ] {
+        assert!(out_dir.join(f).exists(), "{f}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    std::fs::remove_dir_all(&out_dir).ok();
+}
