@@ -367,28 +367,12 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
-    if a.output.exists() {
-        bail!(
-            "{} already exists; choose a new output directory",
-            a.output.display()
-        );
-    }
-    let hf_config = hf_config_of(&a.input)?;
-    let m = load_model(&a.input, DType::F32)
-        .with_context(|| format!("loading {}", a.input.display()))?;
+    let (hf_config, m) = open_for_writing(&a.input, &a.output)?;
     write_dir(&m, &hf_config, &a.output, a.dtype)
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    if a.output.exists() {
-        bail!(
-            "{} already exists; choose a new output directory",
-            a.output.display()
-        );
-    }
-    let hf_config = hf_config_of(&a.model)?;
-    let mut m = load_model(&a.model, DType::F32)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let (hf_config, mut m) = open_for_writing(&a.model, &a.output)?;
     let cfg = m
         .model
         .load_peft(&a.adapter)
@@ -400,6 +384,23 @@ fn merge(a: MergeArgs) -> Result<()> {
         cfg.targets.len()
     );
     write_dir(&m, &hf_config, &a.output, a.dtype)
+}
+
+/// The model to rewrite and its HF config, after refusing to overwrite `output`.
+fn open_for_writing(
+    model: &Path,
+    output: &Path,
+) -> Result<(serde_json::Value, bft_model::LoadedModel)> {
+    if output.exists() {
+        bail!(
+            "{} already exists; choose a new output directory",
+            output.display()
+        );
+    }
+    let hf_config = hf_config_of(model)?;
+    let m =
+        load_model(model, DType::F32).with_context(|| format!("loading {}", model.display()))?;
+    Ok((hf_config, m))
 }
 
 /// The HF config.json of a model given as a directory or a GGUF file.
