@@ -16,6 +16,8 @@ pub struct LoadedModel {
     pub template: Option<ChatTemplate>,
     /// Chat template source and special tokens, as `tokenizer_config.json` states them.
     pub tokenizer_config: Value,
+    /// The text of the end-of-turn token (`eos_token`), which ends each assistant reply.
+    pub eos_token: String,
     pub stop_ids: Vec<u32>,
 }
 
@@ -106,6 +108,7 @@ pub fn load_model(path: &Path, dtype: DType) -> Result<LoadedModel> {
         tokenizer,
         template,
         tokenizer_config: tok_cfg,
+        eos_token: eos,
         stop_ids,
     })
 }

@@ -1,7 +1,7 @@
 //! Tokenizers (the `tokenizers` crate) from a model directory's `tokenizer.json` or from a GGUF
 //! file's embedded BPE vocabulary, and chat templates rendered with `minijinja`.
 
-use crate::weights::{GgufFile, MetaValue};
+use crate::weights::{GgufFile, MetaValue, WeightSource};
 use crate::{Error, Result};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -24,7 +24,7 @@ pub fn tokenizer_from_dir(dir: &Path) -> Result<Tokenizer> {
 
 /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`: byte-level BPE).
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
-    let err = |m: String| Error::Tokenizer(format!("{}: {m}", g.describe_path()));
+    let err = |m: String| Error::Tokenizer(format!("{}: {m}", g.describe()));
     let meta = |k: &str| g.metadata.get(k);
     let model = meta("tokenizer.ggml.model")
         .and_then(MetaValue::as_str)

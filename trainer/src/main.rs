@@ -494,23 +494,7 @@ fn train(a: TrainArgs) -> Result<()> {
         .template
         .take()
         .with_context(|| format!("{} has no chat template", a.model.display()))?;
-    let eos = eos_token(&m);
-    let ds = bft_trainer::data::read_jsonl(&a.data, a.skip_bad_rows)?;
-    if ds.skipped > 0 {
-        eprintln!(
-            "skipped {} malformed rows of {}",
-            ds.skipped,
-            a.data.display()
-        );
-    }
-    let encoded = encode_all(
-        &ds.conversations,
-        &m.tokenizer,
-        &template,
-        &eos,
-        a.cutoff_len,
-    )
-    .with_context(|| format!("encoding {}", a.data.display()))?;
+    let (ds, encoded) = read_encoded(&m, &template, &a.data, a.skip_bad_rows, a.cutoff_len)?;
     let trainable = if a.full {
         Trainable::Full
     } else {
@@ -642,16 +626,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         .template
         .take()
         .with_context(|| format!("{} has no chat template", a.model.display()))?;
-    let eos = eos_token(&m);
-    let ds = bft_trainer::data::read_jsonl(&a.data, false)?;
-    let encoded = encode_all(
-        &ds.conversations,
-        &m.tokenizer,
-        &template,
-        &eos,
-        a.cutoff_len,
-    )
-    .with_context(|| format!("encoding {}", a.data.display()))?;
+    let (_, encoded) = read_encoded(&m, &template, &a.data, false, a.cutoff_len)?;
     let (loss, ce, stats) = evaluate(&m, &encoded, variant.as_ref(), group, a.batch_size)?;
     let mut lines = String::new();
     for (e, st) in encoded.iter().zip(&stats) {
@@ -676,12 +651,31 @@ fn score(a: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// The text of the model's end-of-turn token (`eos_token` of tokenizer_config).
-fn eos_token(m: &bft_model::LoadedModel) -> String {
-    let eos = m.tokenizer_config.get("eos_token");
-    eos.and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
-        .unwrap_or("")
-        .to_string()
+/// A JSONL dataset read (reporting skipped rows) and encoded with the model's template.
+fn read_encoded(
+    m: &bft_model::LoadedModel,
+    template: &bft_model::ChatTemplate,
+    data: &Path,
+    skip_bad_rows: bool,
+    cutoff_len: usize,
+) -> Result<(bft_trainer::data::Dataset, Vec<bft_trainer::data::Encoded>)> {
+    let ds = bft_trainer::data::read_jsonl(data, skip_bad_rows)?;
+    if ds.skipped > 0 {
+        eprintln!(
+            "skipped {} malformed rows of {}",
+            ds.skipped,
+            data.display()
+        );
+    }
+    let encoded = encode_all(
+        &ds.conversations,
+        &m.tokenizer,
+        template,
+        &m.eos_token,
+        cutoff_len,
+    )
+    .with_context(|| format!("encoding {}", data.display()))?;
+    Ok((ds, encoded))
 }
 
 fn encode_all(
@@ -810,7 +804,6 @@ fn demo(a: DemoArgs) -> Result<()> {
         .template
         .take()
         .context("the model has no chat template")?;
-    let eos = eos_token(&m);
     let data = bft_trainer::genes::build();
     std::fs::create_dir_all(a.output.join("data"))
         .with_context(|| format!("creating {}", a.output.display()))?;
@@ -823,7 +816,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let mut train = data.train.clone();
     train.shuffle(&mut rand::rngs::StdRng::seed_from_u64(a.seed));
     train.truncate(total as usize * batch_size);
-    let encoded = encode_all(&train, &m.tokenizer, &template, &eos, cutoff)?;
+    let encoded = encode_all(&train, &m.tokenizer, &template, &m.eos_token, cutoff)?;
     let stride = (data.eval.len() / a.eval_samples.max(1)).max(1);
     let eval: Vec<_> = data
         .eval
@@ -832,7 +825,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         .take(a.eval_samples.max(1))
         .cloned()
         .collect();
-    let eval_enc = encode_all(&eval, &m.tokenizer, &template, &eos, cutoff)?;
+    let eval_enc = encode_all(&eval, &m.tokenizer, &template, &m.eos_token, cutoff)?;
     // Three held-out genes, one question each, answered before and after training.
     let shown: Vec<&bft_trainer::data::Conversation> = eval
         .iter()

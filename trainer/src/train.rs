@@ -390,10 +390,6 @@ impl<'a> Trainer<'a> {
     pub fn total_steps(&self) -> u64 {
         self.cfg.total_steps
     }
-
-    pub fn save_steps(&self) -> u64 {
-        self.cfg.save_steps
-    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -263,11 +263,6 @@ impl GgufFile {
         })
     }
 
-    /// The file's path, for messages.
-    pub fn describe_path(&self) -> String {
-        self.path.display().to_string()
-    }
-
     fn meta(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.get(key)
     }

@@ -158,13 +158,6 @@ impl SafetensorsDir {
             index,
         })
     }
-
-    /// Every tensor name, sorted.
-    pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
-        v.sort();
-        v
-    }
 }
 
 impl WeightSource for SafetensorsDir {
