@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod data;
+pub mod eval;
 pub mod genes;
 pub mod loss;
 pub mod optim;
