@@ -1,6 +1,8 @@
 //! `bft`: the trainer binary. `generate` and `convert` run real checkpoints today; training,
 //! scoring and evaluation subcommands arrive with the trainer issue.
 
+mod cmd;
+
 use anyhow::{Context, Result, bail};
 use bft_engine::DType;
 use bft_model::{GgufFile, Message, Sampling, generate, load_model, save_hf_dir};
@@ -45,6 +47,10 @@ enum Command {
     /// with LoRA + BFT on gene-function instructions built from NCBI/Alliance gene summaries,
     /// and prints held-out answers and cross-entropy before and after (CPU, minutes).
     Demo(DemoArgs),
+    /// Benchmarks: GeneAgent gene-set process naming (GO, MSigDB, NeST; ROUGE-1/2/L as Google's
+    /// rouge-score with stemming) and PubMedQA (accuracy, macro-F1). Prints a table and writes
+    /// a JSON report with every answer.
+    Eval(cmd::eval::EvalArgs),
 }
 
 #[derive(clap::Args, Debug, serde::Serialize)]
@@ -290,6 +296,10 @@ fn run(cli: Cli) -> Result<()> {
             score(a)
         }
         Command::Demo(a) => demo(a),
+        Command::Eval(mut a) => {
+            a.model = model_path(&a.model)?;
+            cmd::eval::run(a)
+        }
     }
 }
 

@@ -32,7 +32,11 @@ impl std::str::FromStr for Collection {
         Collection::ALL
             .into_iter()
             .find(|c| c.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| Error::Config(format!("unknown gene-set collection `{s}` (go, msigdb, nest)")))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown gene-set collection `{s}` (go, msigdb, nest)"
+                ))
+            })
     }
 }
 
@@ -120,7 +124,11 @@ pub fn prompt(genes: &[String]) -> String {
 /// holds `process:` (any case), else the first non-empty line, without markdown emphasis,
 /// quotes or a closing period.
 pub fn extract_process(reply: &str) -> String {
-    let lines: Vec<&str> = reply.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = reply
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let named = lines.iter().find_map(|l| {
         let lower = l.to_ascii_lowercase();
         lower.find("process:").map(|i| &l[i + "process:".len()..])
@@ -178,12 +186,23 @@ mod tests {
         assert_eq!(go[2].name, "nucleotide-excision repair, DNA incision");
         let msig = gene_sets(Collection::Msigdb).unwrap();
         assert_eq!(msig.len(), 56);
-        assert_eq!((msig[0].name.as_str(), msig[0].genes.len()), ("Progeria", 4));
+        assert_eq!(
+            (msig[0].name.as_str(), msig[0].genes.len()),
+            ("Progeria", 4)
+        );
         let nest = gene_sets(Collection::Nest).unwrap();
         assert_eq!(nest.len(), 50);
         assert_eq!(nest[0].name, "MAPK signaling");
-        assert_eq!(nest[0].genes, ["ERBB2", "ERBB4", "FGFR2", "FGFR4", "HRAS", "KRAS"]);
-        assert!([go, msig, nest].iter().flatten().all(|s| !s.genes.is_empty() && !s.name.is_empty()));
+        assert_eq!(
+            nest[0].genes,
+            ["ERBB2", "ERBB4", "FGFR2", "FGFR4", "HRAS", "KRAS"]
+        );
+        assert!(
+            [go, msig, nest]
+                .iter()
+                .flatten()
+                .all(|s| !s.genes.is_empty() && !s.name.is_empty())
+        );
     }
 
     #[test]
@@ -197,8 +216,14 @@ mod tests {
 
     #[test]
     fn process_names_are_extracted() {
-        assert_eq!(extract_process("Process: DNA repair\n\nThe genes..."), "DNA repair");
-        assert_eq!(extract_process("**Process: Cell cycle regulation.**\n1. ..."), "Cell cycle regulation");
+        assert_eq!(
+            extract_process("Process: DNA repair\n\nThe genes..."),
+            "DNA repair"
+        );
+        assert_eq!(
+            extract_process("**Process: Cell cycle regulation.**\n1. ..."),
+            "Cell cycle regulation"
+        );
         assert_eq!(
             extract_process("Here is my analysis.\n### Process: \"Lipid transport\"\n"),
             "Lipid transport"
@@ -206,11 +231,18 @@ mod tests {
         assert_eq!(extract_process("Glycolysis\nThe enzymes ..."), "Glycolysis");
         assert_eq!(extract_process(""), "");
         let a = score(
-            &GeneSet { id: "x".into(), name: "DNA repair".into(), genes: vec![] },
+            &GeneSet {
+                id: "x".into(),
+                name: "DNA repair".into(),
+                genes: vec![],
+            },
             "Process: DNA repair pathway".into(),
         );
         assert!((a.rouge.rouge1.fmeasure - 0.8).abs() < 1e-12);
         let m = mean_f1(&[a.clone(), a]);
-        assert!((m[0] - 0.8).abs() < 1e-12 && m[1] > 0.6 && m[2] > 0.79, "{m:?}");
+        assert!(
+            (m[0] - 0.8).abs() < 1e-12 && m[1] > 0.6 && m[2] > 0.79,
+            "{m:?}"
+        );
     }
 }

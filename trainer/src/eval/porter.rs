@@ -160,7 +160,11 @@ fn step1b(w: &mut Vec<u8>) {
     w.truncate(w.len() - cut.len());
     if apply_rules(
         w,
-        &[("at", "ate", None), ("bl", "ble", None), ("iz", "ize", None)],
+        &[
+            ("at", "ate", None),
+            ("bl", "ble", None),
+            ("iz", "ize", None),
+        ],
     ) {
         return;
     }

@@ -64,8 +64,8 @@ pub fn test_items() -> Result<Vec<Item>> {
             let raw = all
                 .get(pmid)
                 .ok_or_else(|| bad(format!("test PMID {pmid} is not in ori_pqal.json")))?;
-            let label = Label::parse(truth)
-                .ok_or_else(|| bad(format!("PMID {pmid}: label `{truth}`")))?;
+            let label =
+                Label::parse(truth).ok_or_else(|| bad(format!("PMID {pmid}: label `{truth}`")))?;
             if raw.final_decision != *truth {
                 return Err(bad(format!("PMID {pmid}: the two files disagree")));
             }
@@ -155,7 +155,11 @@ mod tests {
         let count = |l| items.iter().filter(|i| i.label == l).count();
         assert_eq!(count(Yes) + count(No) + count(Maybe), 500);
         assert!(count(Yes) > count(No) && count(No) > count(Maybe) && count(Maybe) > 0);
-        assert!(items.iter().all(|i| !i.contexts.is_empty() && i.question.ends_with('?')));
+        assert!(
+            items
+                .iter()
+                .all(|i| !i.contexts.is_empty() && i.question.ends_with('?'))
+        );
         let p = prompt(&items[0]);
         assert!(p.contains(&items[0].question) && p.ends_with("yes, no or maybe."));
     }

@@ -113,10 +113,7 @@ fn lcs_score(target: &[String], prediction: &[String]) -> Score {
         std::mem::swap(&mut prev, &mut row);
     }
     let lcs = prev[prediction.len()] as f64;
-    Score::new(
-        lcs / prediction.len() as f64,
-        lcs / target.len() as f64,
-    )
+    Score::new(lcs / prediction.len() as f64, lcs / target.len() as f64)
 }
 
 #[cfg(test)]
@@ -153,7 +150,12 @@ mod tests {
             .filter(|(w, s)| porter::stem(w) != *s)
             .map(|(w, s)| format!("{w}: nltk {s}, ours {}", porter::stem(w)))
             .collect();
-        assert!(wrong.is_empty(), "{} differ: {:?}", wrong.len(), &wrong[..wrong.len().min(20)]);
+        assert!(
+            wrong.is_empty(),
+            "{} differ: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(20)]
+        );
         assert!(v.stems.len() > 4000);
     }
 
@@ -191,7 +193,12 @@ mod tests {
         assert!((r.rouge_l.fmeasure - 2.0 / 3.0).abs() < 1e-15);
         assert_eq!(r.rouge2.recall, 1.0);
         // Stemming joins inflections.
-        assert_eq!(score("signaling pathways", "signal pathway").rouge1.fmeasure, 1.0);
+        assert_eq!(
+            score("signaling pathways", "signal pathway")
+                .rouge1
+                .fmeasure,
+            1.0
+        );
         assert_eq!(score("", "x").rouge_l, Score::default());
     }
 }

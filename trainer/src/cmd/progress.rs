@@ -1,0 +1,66 @@
+//! Progress for long work: an indicatif bar on a terminal, plain lines (every tenth of the
+//! work) when stderr is a file or a pipe, so logs stay readable.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    what: String,
+    len: u64,
+    done: u64,
+}
+
+impl Progress {
+    pub fn new(len: u64, what: &str) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(len);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            b.set_prefix(what.to_string());
+            b
+        });
+        Progress {
+            bar,
+            what: what.to_string(),
+            len,
+            done: 0,
+        }
+    }
+
+    /// One more unit done; `msg` is shown beside the bar (or on the plain line).
+    pub fn inc(&mut self, msg: &str) {
+        self.done += 1;
+        match &self.bar {
+            Some(b) => {
+                b.set_message(msg.to_string());
+                b.inc(1);
+            }
+            None => {
+                let tenth = (self.len / 10).max(1);
+                if self.done % tenth == 0 || self.done == self.len {
+                    eprintln!("{} {}/{} {msg}", self.what, self.done, self.len);
+                }
+            }
+        }
+    }
+
+    /// A line printed above the bar (or as is).
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
