@@ -107,6 +107,7 @@ pub struct Message {
 }
 
 /// A model's own Jinja chat template, rendered as HF's `apply_chat_template` does.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos: String,

@@ -8,7 +8,9 @@
 
 use crate::batch::{epoch_batches, make_batch};
 use crate::data::Encoded;
-use crate::loss::{GroupConfig, LossBatch, LossOptions, LossVariant, Reduction, fused_loss};
+use crate::loss::{
+    GroupConfig, LossBatch, LossOptions, LossVariant, Reduction, SampleStats, fused_loss,
+};
 use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
 use bft_engine::{DType, Device, Gradients, Tape, Tensor};
 use bft_model::weights::write_safetensors;
@@ -86,6 +88,50 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// True when a non-finite loss or gradient made the step skip its update.
     pub skipped: bool,
+}
+
+/// A dataset's loss under a variant and its plain cross-entropy, without gradients.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// The variant's loss over the whole set (exact reduction over all samples).
+    pub loss: f64,
+    /// Mean per-sample cross-entropy (nats per target token).
+    pub ce: f64,
+    pub samples: Vec<SampleStats>,
+}
+
+/// Evaluates `data` under `model` in batches of `batch_size` (padding with `pad_id`).
+pub fn evaluate(
+    model: &Transformer,
+    data: &[Encoded],
+    variant: &dyn LossVariant,
+    group: GroupConfig,
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<Evaluation> {
+    let opts = LossOptions {
+        reduction: Reduction::Exact {
+            step_samples: Some(data.len()),
+        },
+        analysis: group,
+    };
+    let (mut loss, mut samples) = (0.0, Vec::new());
+    for chunk in data.chunks(batch_size.max(1)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let batch = make_batch(&refs, pad_id)?;
+        let hidden = model.hidden(&batch.ids)?;
+        let lb = LossBatch {
+            hidden: &hidden,
+            head: model.head(),
+            targets: &batch.targets,
+            mask: &batch.mask,
+        };
+        let out = fused_loss(lb, variant, opts)?;
+        loss += out.loss.to_scalar()?;
+        samples.extend(out.samples);
+    }
+    let ce = samples.iter().map(|s| s.ce).sum::<f64>() / samples.len().max(1) as f64;
+    Ok(Evaluation { loss, ce, samples })
 }
 
 /// A run in progress over a model and encoded data.
@@ -389,6 +435,15 @@ impl<'a> Trainer<'a> {
 
     pub fn total_steps(&self) -> u64 {
         self.cfg.total_steps
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// The loss variant's name.
+    pub fn variant_name(&self) -> &str {
+        self.variant.name()
     }
 }
 

@@ -1,4 +1,7 @@
 //! Subcommands of the `bft` binary that live in their own files.
 
+pub mod demo;
 pub mod eval;
+pub mod plot;
 pub mod progress;
+pub mod train;

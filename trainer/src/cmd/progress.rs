@@ -9,6 +9,9 @@ pub struct Progress {
     what: String,
     len: u64,
     done: u64,
+    plain_every: u64,
+    /// Plain mode prints the caller's message alone (it already says where the work is).
+    own_lines: bool,
 }
 
 impl Progress {
@@ -30,6 +33,23 @@ impl Progress {
             what: what.to_string(),
             len,
             done: 0,
+            plain_every: (len / 10).max(1),
+            own_lines: false,
+        }
+    }
+
+    /// Without a terminal, print a line for every unit rather than every tenth.
+    pub fn every_step(mut self) -> Progress {
+        self.plain_every = 1;
+        self.own_lines = true;
+        self
+    }
+
+    /// Work already done before (a resumed run).
+    pub fn set_position(&mut self, done: u64) {
+        self.done = done;
+        if let Some(b) = &self.bar {
+            b.set_position(done);
         }
     }
 
@@ -42,8 +62,9 @@ impl Progress {
                 b.inc(1);
             }
             None => {
-                let tenth = (self.len / 10).max(1);
-                if self.done % tenth == 0 || self.done == self.len {
+                if self.own_lines {
+                    eprintln!("{msg}");
+                } else if self.done.is_multiple_of(self.plain_every) || self.done == self.len {
                     eprintln!("{} {}/{} {msg}", self.what, self.done, self.len);
                 }
             }

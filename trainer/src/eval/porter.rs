@@ -180,7 +180,7 @@ fn step1b(w: &mut Vec<u8>) {
     }
 }
 
-fn step1c(w: &mut Vec<u8>) {
+fn step1c(w: &mut [u8]) {
     // y -> i only after a consonant, and not when that consonant is the whole stem.
     let n = w.len();
     if n >= 3 && w[n - 1] == b'y' && is_consonant(w, n - 2) {

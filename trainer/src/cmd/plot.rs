@@ -1,0 +1,129 @@
+//! The loss curve of a run, drawn with plotters as a self-contained SVG: training loss and
+//! cross-entropy per step, and held-out cross-entropy where the run evaluated.
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+/// One series: a name, a colour and (step, value) points.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub color: RGBColor,
+    pub points: Vec<(f64, f64)>,
+    pub dots: bool,
+}
+
+/// Draws panels of series against the step into one SVG, stacked: each panel is
+/// (y-axis label, series).
+pub fn loss_curve(out: &Path, title: &str, panels: &[(&str, Vec<Series>)]) -> Result<()> {
+    let root = SVGBackend::new(out, (800, 300 * panels.len() as u32)).into_drawing_area();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let root = root.titled(title, ("sans-serif", 20))?;
+        for (area, (y_desc, series)) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
+            draw_panel(area, y_desc, series)?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("drawing {}", out.display()))
+}
+
+fn draw_panel(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    y_desc: &str,
+    series: &[Series],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let finite: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let x_max = finite.iter().map(|p| p.0).fold(1.0f64, f64::max);
+    let y_min = finite.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let y_max = finite.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let (y_min, y_max) = if y_min.is_finite() {
+        let pad = ((y_max - y_min) * 0.05).max(1e-3);
+        (y_min - pad, y_max + pad)
+    } else {
+        (0.0, 1.0)
+    };
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..x_max, y_min..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .draw()?;
+    for s in series {
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.1.is_finite())
+            .collect();
+        let color = s.color;
+        if s.dots {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?
+                .label(s.name)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+        } else {
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(s.name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    Ok(())
+}
+
+/// Reads `(step, field)` pairs from a JSONL file (missing file: none).
+pub fn column(path: &Path, field: &str) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v[field].as_f64()?)))
+        .collect()
+}
+
+/// The standard plot of a run directory: `loss.svg` from metrics.jsonl and eval.jsonl.
+pub fn plot_run(dir: &Path, title: &str) -> Result<std::path::PathBuf> {
+    let metrics = dir.join("metrics.jsonl");
+    let loss = vec![Series {
+        name: "training loss (the variant's objective)",
+        color: RGBColor(31, 119, 180),
+        points: column(&metrics, "loss"),
+        dots: false,
+    }];
+    let ce = vec![
+        Series {
+            name: "training cross-entropy",
+            color: RGBColor(255, 127, 14),
+            points: column(&metrics, "ce"),
+            dots: false,
+        },
+        Series {
+            name: "held-out cross-entropy",
+            color: RGBColor(44, 160, 44),
+            points: column(&dir.join("eval.jsonl"), "eval_ce"),
+            dots: true,
+        },
+    ];
+    let out = dir.join("loss.svg");
+    loss_curve(&out, title, &[("loss", loss), ("cross-entropy (nats)", ce)])?;
+    Ok(out)
+}

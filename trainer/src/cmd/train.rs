@@ -1,0 +1,407 @@
+//! `bft train`: LoRA or full fine-tuning with any loss variant, checkpoints and resume,
+//! held-out evaluation, metrics, a progress bar and a loss-curve plot.
+
+use super::{plot, progress::Progress};
+use anyhow::{Context, Result, bail};
+use bft_engine::DType;
+use bft_model::load_model;
+use bft_trainer::data::Encoded;
+use bft_trainer::train::Trainer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug, serde::Serialize)]
+pub struct TrainArgs {
+    /// Base model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data: JSONL with OpenAI `messages`, ShareGPT `conversations` or Alpaca
+    /// `instruction`/`input`/`output` rows (detected per file).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Loss variant: sft, dft, bft, bft-no-token, bft-no-sample, focal.
+    #[arg(long, default_value = "bft")]
+    pub loss: String,
+    /// Output directory.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Optimizer steps to run (default: --epochs over the data).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub epochs: f64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Samples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (exact accumulation).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Longest sequence in tokens; longer ones are cut.
+    #[arg(long, default_value_t = 1024)]
+    pub cutoff_len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Projections that get adapters: q,k,v,o,gate,up,down (or `all`).
+    #[arg(long, default_value = "all")]
+    pub lora_targets: String,
+    /// Train every weight instead of LoRA adapters.
+    #[arg(long)]
+    pub full: bool,
+    /// BFT group-confidence window g, in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    /// BFT window mean: arithmetic (the paper) or geometric (the authors' code).
+    #[arg(long, default_value = "arithmetic")]
+    pub group_mean: String,
+    /// BFT exponent on p_conf.
+    #[arg(long, default_value_t = 1.0)]
+    pub gamma: f64,
+    /// Floor of DFT/BFT token weights.
+    #[arg(long, default_value_t = 0.0)]
+    pub floor: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub focal_gamma: f64,
+    /// Share of the steps spent warming the learning rate up from 0.
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    /// Decay after warm-up: cosine, linear or constant.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_steps: u64,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    pub keep_last: usize,
+    /// Continue from OUTPUT/checkpoints/latest.
+    #[arg(long)]
+    pub resume: bool,
+    /// Skip (and count) malformed rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// Recompute each layer in the backward pass (less memory, about 30% more compute).
+    #[arg(long)]
+    pub checkpointing: bool,
+    /// Compute device (only `cpu` in this build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Held-out data (JSONL) whose cross-entropy is measured every --eval-steps.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this share of --data for evaluation instead (seeded), e.g. 0.05.
+    #[arg(long, default_value_t = 0.0)]
+    pub val_ratio: f64,
+    /// Evaluate the held-out data every N steps and at the end (0: a tenth of the run).
+    #[arg(long, default_value_t = 0)]
+    pub eval_steps: u64,
+    /// A TOML file of these options (keys as here, `lora-rank` or `lora_rank`); options given on
+    /// the command line override it. Every run writes its resolved options to OUTPUT/config.toml.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    use bft_trainer::loss::{GroupConfig, VariantParams, builtin};
+    use bft_trainer::optim::{AdamWConfig, Decay, Schedule};
+    use bft_trainer::train::{TrainConfig, Trainable, Trainer};
+    if a.device != "cpu" {
+        bail!(
+            "device `{}` is not available in this build (only cpu)",
+            a.device
+        );
+    }
+    let metrics_path = a.output.join("metrics.jsonl");
+    if metrics_path.exists() && !a.resume {
+        bail!(
+            "{} already holds a run; pass --resume to continue it or choose a new --output",
+            a.output.display()
+        );
+    }
+    let group = GroupConfig {
+        window: a.window,
+        mean: a.group_mean.parse().map_err(anyhow::Error::msg)?,
+    };
+    let params = VariantParams {
+        group,
+        gamma: a.gamma,
+        floor: a.floor,
+        focal_gamma: a.focal_gamma,
+    };
+    let variant = builtin(&a.loss, params)?;
+    let decay = match a.schedule.as_str() {
+        "cosine" => Decay::Cosine,
+        "linear" => Decay::Linear,
+        "constant" => Decay::Constant,
+        other => bail!("unknown --schedule `{other}` (cosine, linear or constant)"),
+    };
+    let mut m = load_model(&a.model, DType::F32)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let template = m
+        .template
+        .take()
+        .with_context(|| format!("{} has no chat template", a.model.display()))?;
+    let (ds, mut encoded) =
+        crate::read_encoded(&m, &template, &a.data, a.skip_bad_rows, a.cutoff_len)?;
+    let held_out = held_out(&a, &m, &template, &mut encoded)?;
+    let trainable = if a.full {
+        Trainable::Full
+    } else {
+        let lora = bft_model::LoraConfig {
+            rank: a.lora_rank,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: bft_model::LoraConfig::parse_targets(&a.lora_targets)?,
+        };
+        m.model.attach_lora(&lora, a.seed)?;
+        Trainable::Lora(lora)
+    };
+    m.model.checkpointing = a.checkpointing;
+    let per_epoch = encoded
+        .len()
+        .div_ceil(a.batch_size.max(1))
+        .div_ceil(a.grad_accum.max(1)) as u64;
+    let total = a
+        .max_steps
+        .unwrap_or(((a.epochs * per_epoch as f64).ceil() as u64).max(1));
+    let warmup = (a.warmup_ratio * total as f64).ceil() as u64;
+    let cfg = TrainConfig {
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        total_steps: total,
+        schedule: Schedule {
+            base_lr: a.lr,
+            warmup_steps: warmup,
+            total_steps: total,
+            decay,
+        },
+        adamw: AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        save_steps: a.save_steps,
+        keep_last: a.keep_last,
+        pad_id: m.stop_ids.first().copied().unwrap_or(0),
+        analysis: group,
+        max_bad_steps: 5,
+    };
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    let resolved = serde_json::json!({
+        "args": &a, "total_steps": total, "warmup_steps": warmup, "samples": encoded.len(),
+        "data_format": format!("{:?}", ds.format), "skipped_rows": ds.skipped,
+        "held_out_samples": held_out.len(),
+    });
+    let toml = toml::to_string(&a).context("writing the resolved options as TOML")?;
+    std::fs::write(a.output.join("config.toml"), toml)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    std::fs::write(
+        a.output.join("run_config.json"),
+        serde_json::to_string_pretty(&resolved)?,
+    )?;
+    let ckpt_dir = a.output.join("checkpoints");
+    let mut trainer = Trainer::new(
+        &mut m.model,
+        &encoded,
+        cfg,
+        variant.as_ref(),
+        trainable.clone(),
+    )?;
+    let start = if a.resume {
+        trainer.resume(&ckpt_dir)?.unwrap_or(0)
+    } else {
+        0
+    };
+    // Lines past the checkpoint belong to steps that will run again: keep only those before.
+    keep_steps_up_to(&metrics_path, start)?;
+    keep_steps_up_to(&a.output.join("eval.jsonl"), start)?;
+    let what = if a.full {
+        "all weights".to_string()
+    } else {
+        format!("LoRA r={} alpha={}", a.lora_rank, a.lora_alpha)
+    };
+    eprintln!(
+        "training {} on {} samples: {total} steps (from step {start}), loss {}, {what}",
+        a.model.display(),
+        encoded.len(),
+        a.loss
+    );
+    let every = if a.eval_steps > 0 {
+        a.eval_steps
+    } else {
+        (total / 10).max(1)
+    };
+    let eval = (!held_out.is_empty()).then_some(HeldOut {
+        data: &held_out,
+        every,
+        batch_size: a.batch_size,
+    });
+    train_loop(&mut trainer, &a.output, a.save_steps, eval.as_ref())?;
+    drop(trainer);
+    match &trainable {
+        Trainable::Lora(cfg) => m.model.save_peft(
+            cfg,
+            &a.model.display().to_string(),
+            &a.output.join("adapter"),
+        )?,
+        Trainable::Full => bft_model::weights::write_safetensors(
+            &a.output.join("model.safetensors"),
+            &m.model.named_tensors(),
+        )?,
+    }
+    eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+/// The held-out set: --eval-data encoded, or a seeded --val-ratio share taken out of `train`.
+fn held_out(
+    a: &TrainArgs,
+    m: &bft_model::LoadedModel,
+    template: &bft_model::ChatTemplate,
+    train: &mut Vec<Encoded>,
+) -> Result<Vec<Encoded>> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    if let Some(path) = &a.eval_data {
+        if a.val_ratio > 0.0 {
+            bail!("give either --eval-data or --val-ratio, not both");
+        }
+        return Ok(crate::read_encoded(m, template, path, a.skip_bad_rows, a.cutoff_len)?.1);
+    }
+    if a.val_ratio <= 0.0 {
+        return Ok(Vec::new());
+    }
+    if a.val_ratio >= 1.0 || train.len() < 2 {
+        bail!(
+            "--val-ratio {} leaves no training data ({} samples)",
+            a.val_ratio,
+            train.len()
+        );
+    }
+    let n = ((a.val_ratio * train.len() as f64).ceil() as usize).min(train.len() - 1);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x5eed_e7a1));
+    let mut take: Vec<usize> = order[..n].to_vec();
+    take.sort_unstable();
+    let mut held = Vec::with_capacity(n);
+    for &i in take.iter().rev() {
+        held.push(train.remove(i));
+    }
+    held.reverse();
+    Ok(held)
+}
+
+/// Keeps only the JSONL lines whose `step` is at most `step` (a missing file stays missing).
+fn keep_steps_up_to(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Held-out data measured during training.
+pub struct HeldOut<'a> {
+    pub data: &'a [Encoded],
+    /// Evaluate every this many steps (and at the end).
+    pub every: u64,
+    pub batch_size: usize,
+}
+
+/// Runs the remaining steps: appends to `dir/metrics.jsonl` (and `dir/eval.jsonl`), shows
+/// progress, checkpoints every `save_steps` and at the end, and draws `dir/loss.svg`.
+pub fn train_loop(
+    t: &mut Trainer,
+    dir: &Path,
+    save_steps: u64,
+    held_out: Option<&HeldOut>,
+) -> Result<()> {
+    use bft_trainer::loss::{GroupConfig, Sft};
+    let append = |p: PathBuf| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))
+    };
+    let mut metrics = append(dir.join("metrics.jsonl"))?;
+    let mut evals = held_out
+        .map(|_| append(dir.join("eval.jsonl")))
+        .transpose()?;
+    let ckpt_dir = dir.join("checkpoints");
+    let total = t.total_steps();
+    let mut p = Progress::new(total, "train").every_step();
+    p.set_position(t.step);
+    while t.step < total {
+        let s = t.train_step()?;
+        writeln!(metrics, "{}", serde_json::to_string(&s)?)?;
+        let line = format!(
+            "step {}/{total}  loss {:.5}  ce {:.4}  s {:.3}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+            s.step, s.loss, s.ce, s.s_mean, s.lr, s.grad_norm, s.tokens_per_s
+        );
+        if s.skipped {
+            p.println(&format!("{line}  (skipped: non-finite loss or gradient)"));
+        }
+        p.inc(&line);
+        if let (Some(h), Some(f)) = (held_out, evals.as_mut())
+            && (s.step % h.every == 0 || s.step == total)
+        {
+            let pad = t.config().pad_id;
+            let e = bft_trainer::train::evaluate(
+                t.model,
+                h.data,
+                &Sft,
+                GroupConfig::default(),
+                h.batch_size,
+                pad,
+            )?;
+            writeln!(
+                f,
+                "{}",
+                serde_json::json!({"step": s.step, "eval_ce": e.ce, "samples": h.data.len()})
+            )?;
+            p.println(&format!(
+                "step {}/{total}  held-out ce {:.4} ({} samples)",
+                s.step,
+                e.ce,
+                h.data.len()
+            ));
+        }
+        if (save_steps > 0 && s.step % save_steps == 0) || s.step == total {
+            metrics.sync_all()?;
+            if let Some(f) = &evals {
+                f.sync_all()?;
+            }
+            t.save_checkpoint(&ckpt_dir)?;
+        }
+    }
+    p.finish();
+    let svg = plot::plot_run(dir, &format!("{} ({} steps)", t.variant_name(), total))?;
+    eprintln!("loss curve: {}", svg.display());
+    Ok(())
+}
