@@ -1,6 +1,7 @@
 //! bft-trainer: the loss library (SFT, DFT, BFT and research variants through one fused,
 //! memory-bounded LM-head loss) and, as the `bft` binary, the trainer.
 
+pub mod analysis;
 pub mod batch;
 pub mod data;
 pub mod eval;

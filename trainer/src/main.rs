@@ -52,6 +52,10 @@ enum Command {
     /// rouge-score with stemming) and PubMedQA (accuracy, macro-F1). Prints a table and writes
     /// a JSON report with every answer.
     Eval(cmd::eval::EvalArgs),
+    /// The paper's Figure 1 over a dataset: per-token confidence under a model, isolated drops
+    /// (Group A) versus sustained low spans (Group B), with BFT's sample weights. Prints a
+    /// summary table and writes analysis.json and a self-contained analysis.html.
+    Analyze(cmd::analyze::AnalyzeArgs),
     /// Redraw the loss curve (DIR/loss.svg) of a training run from its metrics.jsonl and
     /// eval.jsonl, e.g. while it is still running.
     Plot {
@@ -272,6 +276,10 @@ fn run(cli: Cli) -> Result<()> {
             score(a)
         }
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Analyze(mut a) => {
+            a.model = model_path(&a.model)?;
+            cmd::analyze::run(a)
+        }
         Command::Plot { dir } => {
             if !dir.join("metrics.jsonl").exists() {
                 bail!("{} has no metrics.jsonl", dir.display());
