@@ -168,6 +168,95 @@ fn train_writes_metrics_and_adapter_and_a_killed_run_resumes_bit_identically() {
     std::fs::remove_dir_all(&killed).ok();
 }
 
+/// `latest`, if present, names a checkpoint with every file a resume reads.
+fn assert_latest_is_complete(ckpts: &Path) {
+    let Ok(name) = std::fs::read_to_string(ckpts.join("latest")) else {
+        return;
+    };
+    let dir = ckpts.join(name.trim());
+    for f in [
+        "state.json",
+        "optimizer.safetensors",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ] {
+        assert!(
+            dir.join(f).exists(),
+            "latest names {} without {f}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn runs_killed_at_random_moments_and_mid_checkpoint_resume_bit_identically() {
+    use rand::{Rng, SeedableRng};
+    let whole = tmp("whole-random");
+    let out = train(&whole, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let run = tmp("killed-random");
+    let ckpts = run.join("checkpoints");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (mut kills, mut mid_checkpoint) = (0, 0);
+    // Alternate two kinds of moment: the instant a checkpoint is being written (its
+    // `.partial` directory exists), and a random delay (loading, a step, or a write).
+    for attempt in 0..6 {
+        let mut child = train(&run, &["--resume"]).spawn().unwrap();
+        let t0 = Instant::now();
+        let delay = Duration::from_millis(rng.random_range(50..3000));
+        let ended = loop {
+            if child.try_wait().unwrap().is_some() {
+                break true;
+            }
+            let writing = std::fs::read_dir(&ckpts).is_ok_and(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            });
+            if (attempt % 2 == 0 && writing) || (attempt % 2 == 1 && t0.elapsed() >= delay) {
+                break false;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "the run hangs");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if ended {
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        let partial_left = std::fs::read_dir(&ckpts).is_ok_and(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        });
+        mid_checkpoint += usize::from(partial_left);
+        assert_latest_is_complete(&ckpts);
+    }
+    let out = train(&run, &["--resume"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{kills} kills, {mid_checkpoint} of them during a checkpoint write");
+    assert!(kills >= 2, "only {kills} kills landed before the run ended");
+    assert!(
+        mid_checkpoint >= 1,
+        "no kill landed during a checkpoint write"
+    );
+    assert_eq!(
+        adapter(&run),
+        adapter(&whole),
+        "after {kills} kills ({mid_checkpoint} mid-checkpoint) the adapter differs"
+    );
+    std::fs::remove_dir_all(&whole).ok();
+    std::fs::remove_dir_all(&run).ok();
+}
+
 #[test]
 fn bad_input_fails_with_one_line_naming_the_file_and_leaves_no_output() {
     let bad = tmp("bad.jsonl");
@@ -313,4 +402,156 @@ fn demo_trains_and_reports_before_and_after() {
         2
     );
     std::fs::remove_dir_all(&out_dir).ok();
+}
+
+#[test]
+fn eval_and_analyze_report_tables_and_json() {
+    let report = tmp("eval.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .args([
+            "eval",
+            "--benchmark",
+            "nest,pubmedqa",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "12",
+        ])
+        .arg("--model")
+        .arg(model())
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("ROUGE-L") && table.contains("macro-F1"),
+        "{table}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let nest = &r["benchmarks"]["nest"];
+    assert_eq!(nest["n"], 2);
+    assert_eq!(nest["items"][0]["reference"], "MAPK signaling");
+    for k in ["rouge1_f1", "rouge2_f1", "rougeL_f1"] {
+        let v = nest[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    let qa = &r["benchmarks"]["pubmedqa"];
+    assert_eq!(qa["n"], 2);
+    let acc = qa["accuracy"].as_f64().unwrap();
+    assert!([0.0, 0.5, 1.0].contains(&acc), "accuracy {acc}");
+    assert!(["yes", "no", "maybe"].contains(&qa["items"][0]["answer"].as_str().unwrap()));
+
+    let dir = tmp("analysis");
+    let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .arg("analyze")
+        .arg("--model")
+        .arg(model())
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Group B: sustained low spans"));
+    let a: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("analysis.json")).unwrap()).unwrap();
+    let samples = a["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 4);
+    let n_valid: u64 = samples.iter().map(|s| s["n_valid"].as_u64().unwrap()).sum();
+    let s = &a["summary"];
+    let counted: u64 = ["group_a", "group_b", "other"]
+        .iter()
+        .map(|g| s[g]["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        (s["target_tokens"].as_u64(), counted),
+        (Some(n_valid), n_valid)
+    );
+    let html = std::fs::read_to_string(dir.join("analysis.html")).unwrap();
+    assert!(html.starts_with("<!doctype html>") && html.contains("title=\"p = "));
+    std::fs::remove_file(&report).ok();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_toml_config_is_overridden_by_the_command_line_and_written_back() {
+    let dir = tmp("config-run");
+    let cfg = tmp("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = {:?}\nmax_steps = 2\nbatch-size = 2\ncutoff_len = 96\n\
+             lora_rank = 2\nlora_targets = [\"q\", \"v\"]\nlr = 1e-3\nval_ratio = 0.5\neval_steps = 1\n",
+            model(),
+            data()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .args(["train", "--lr", "2e-4", "--config"])
+        .arg(&cfg)
+        .arg("--output")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written: toml::Table = std::fs::read_to_string(dir.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        written["lr"].as_float(),
+        Some(2e-4),
+        "the command line wins"
+    );
+    assert_eq!(written["lora_rank"].as_integer(), Some(2));
+    assert_eq!(written["lora_targets"].as_str(), Some("q,v"));
+    // Two of the four samples are held out and evaluated after each step.
+    let evals = std::fs::read_to_string(dir.join("eval.jsonl")).unwrap();
+    let steps: Vec<u64> = evals
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2]);
+    assert!(
+        std::fs::read_to_string(dir.join("loss.svg"))
+            .unwrap()
+            .contains("<svg")
+    );
+
+    std::fs::write(&cfg, "lora_rnak = 4\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("config.toml") && err.contains("lora_rnak"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_file(&cfg).ok();
 }

@@ -209,7 +209,7 @@ fn page(
     table: &str,
 ) -> Result<String> {
     let mut order: Vec<usize> = (0..encoded.len()).collect();
-    order.sort_by_key(|&i| groups[i].isolated.is_empty() && groups[i].spans.is_empty());
+    order.sort_by_key(|&i| (groups[i].isolated.is_empty(), groups[i].spans.is_empty()));
     order.truncate(a.html_samples);
     let mut body = String::new();
     for &i in &order {
