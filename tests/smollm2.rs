@@ -129,3 +129,32 @@ fn only_assistant_replies_and_their_end_tokens_are_targets() {
     let cut = encode(&conv, &m.tokenizer, template, "<|im_end|>", 10).unwrap();
     assert_eq!((cut.ids.len(), cut.target_mask.len()), (10, 10));
 }
+
+/// Token ids of whole conversations and of generation prompts equal what HF transformers'
+/// `apply_chat_template` gives with the tokenizer and template it reads from the same GGUF
+/// (`fixtures/make_chat_ids.py`): multi-turn, a system message, Unicode, whitespace and
+/// Jinja-like text.
+#[test]
+fn chat_token_ids_equal_hf_apply_chat_template() {
+    use bft_trainer::data::{Conversation, encode};
+    #[derive(serde::Deserialize)]
+    struct Case {
+        messages: Vec<Message>,
+        ids: Vec<u32>,
+        prompt_ids: Vec<u32>,
+    }
+    let cases: Vec<Case> = serde_json::from_str(include_str!("fixtures/chat_ids.json")).unwrap();
+    let m = bft_model::load_model(&bft_tests::smollm2_gguf(), DType::F32).unwrap();
+    let template = m.template.as_ref().unwrap();
+    for (i, c) in cases.iter().enumerate() {
+        let conv = Conversation {
+            messages: c.messages.clone(),
+            line: i + 1,
+        };
+        let e = encode(&conv, &m.tokenizer, template, &m.eos_token, 4096).unwrap();
+        assert_eq!(e.ids, c.ids, "conversation {i}");
+        let prompt = bft_trainer::eval::prompt_ids(&m, &c.messages[..c.messages.len() - 1]);
+        assert_eq!(prompt.unwrap(), c.prompt_ids, "prompt of conversation {i}");
+    }
+    assert_eq!(cases.len(), 5);
+}
