@@ -555,3 +555,70 @@ fn a_toml_config_is_overridden_by_the_command_line_and_written_back() {
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&cfg).ok();
 }
+
+/// Truncated and corrupt weights, a broken config.json and a missing data file: exit code 1, one
+/// line naming the file, no panic, no output directory.
+#[test]
+fn corrupt_weights_bad_config_and_missing_files_fail_cleanly() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/fixtures/parity/llama_gqa_untied/model");
+    let copy_fixture = |name: &str| {
+        let dir = tmp(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+    let truncated_gguf = tmp("truncated.gguf");
+    let gguf = std::fs::read(model()).unwrap();
+    std::fs::write(&truncated_gguf, &gguf[..2 << 20]).unwrap();
+    let truncated_st = copy_fixture("truncated-st");
+    let st = std::fs::read(truncated_st.join("model.safetensors")).unwrap();
+    std::fs::write(truncated_st.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
+    let corrupt_header = copy_fixture("corrupt-header");
+    let mut bytes = std::fs::read(corrupt_header.join("model.safetensors")).unwrap();
+    bytes[8..16].copy_from_slice(b"{garbage");
+    std::fs::write(corrupt_header.join("model.safetensors"), bytes).unwrap();
+    let bad_config = copy_fixture("bad-config");
+    std::fs::write(bad_config.join("config.json"), "{\"hidden_size\": 12,").unwrap();
+    let data = data();
+    let missing = tmp("missing.jsonl");
+    let cases: [(&Path, &Path, PathBuf); 5] = [
+        (&truncated_gguf, &data, truncated_gguf.clone()),
+        (&truncated_st, &data, truncated_st.join("model.safetensors")),
+        (
+            &corrupt_header,
+            &data,
+            corrupt_header.join("model.safetensors"),
+        ),
+        (&bad_config, &data, bad_config.join("config.json")),
+        (&model(), &missing, missing.clone()),
+    ];
+    for (model, data, named) in cases {
+        let out_dir = tmp("never-written");
+        let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+            .args(["train", "--max-steps", "1", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(data)
+            .arg("--output")
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", named.display());
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&named.display().to_string()),
+            "should name {}: {err}",
+            named.display()
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out_dir.exists(), "no output directory on failure");
+    }
+    for d in [&truncated_st, &corrupt_header, &bad_config] {
+        std::fs::remove_dir_all(d).ok();
+    }
+    std::fs::remove_file(&truncated_gguf).ok();
+}

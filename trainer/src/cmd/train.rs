@@ -252,7 +252,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         every,
         batch_size: a.batch_size,
     });
-    train_loop(&mut trainer, &a.output, a.save_steps, eval.as_ref())?;
+    let steps = train_loop(&mut trainer, &a.output, a.save_steps, eval.as_ref())?;
     drop(trainer);
     match &trainable {
         Trainable::Lora(cfg) => m.model.save_peft(
@@ -265,7 +265,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             &m.model.named_tensors(),
         )?,
     }
-    eprintln!("wrote {}", a.output.display());
+    eprintln!(
+        "wrote {}: {} tokens in {:.1} s of optimizer steps ({:.0} tokens/s)",
+        a.output.display(),
+        steps.tokens,
+        steps.seconds,
+        steps.tokens as f64 / steps.seconds.max(1e-9)
+    );
     Ok(())
 }
 
@@ -333,6 +339,13 @@ pub struct HeldOut<'a> {
     pub batch_size: usize,
 }
 
+/// Tokens and seconds of the optimizer steps a `train_loop` ran (evaluation and checkpoints
+/// excluded).
+pub struct StepTotals {
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
 /// Runs the remaining steps: appends to `dir/metrics.jsonl` (and `dir/eval.jsonl`), shows
 /// progress, checkpoints every `save_steps` and at the end, and draws `dir/loss.svg`.
 pub fn train_loop(
@@ -340,7 +353,7 @@ pub fn train_loop(
     dir: &Path,
     save_steps: u64,
     held_out: Option<&HeldOut>,
-) -> Result<()> {
+) -> Result<StepTotals> {
     use bft_trainer::loss::{GroupConfig, Sft};
     let append = |p: PathBuf| {
         std::fs::OpenOptions::new()
@@ -357,8 +370,14 @@ pub fn train_loop(
     let total = t.total_steps();
     let mut p = Progress::new(total, "train").every_step();
     p.set_position(t.step);
+    let mut totals = StepTotals {
+        tokens: 0,
+        seconds: 0.0,
+    };
     while t.step < total {
         let s = t.train_step()?;
+        totals.tokens += s.tokens;
+        totals.seconds += s.step_time_s;
         writeln!(metrics, "{}", serde_json::to_string(&s)?)?;
         let line = format!(
             "step {}/{total}  loss {:.5}  ce {:.4}  s {:.3}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
@@ -403,5 +422,5 @@ pub fn train_loop(
     p.finish();
     let svg = plot::plot_run(dir, &format!("{} ({} steps)", t.variant_name(), total))?;
     eprintln!("loss curve: {}", svg.display());
-    Ok(())
+    Ok(totals)
 }
