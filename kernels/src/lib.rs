@@ -8,3 +8,4 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod cpu;
+pub mod wgpu;

@@ -1,0 +1,269 @@
+//! Launchers: one function per WGSL entry point, taking device buffers and sizes and returning
+//! new buffers (from the pool), mirroring the CPU kernels' signatures.
+
+use super::{Gpu, GpuBuffer, Result, Shader, grid};
+use crate::cpu::binary::BinaryKind;
+use crate::cpu::unary::UnaryKind;
+use std::sync::Arc;
+
+macro_rules! shader {
+    ($name:ident, $file:literal, [$($entry:literal),+]) => {
+        pub static $name: Shader = Shader {
+            name: $file,
+            source: include_str!(concat!("../../wgsl/", $file, ".wgsl")),
+            entries: &[$($entry),+],
+        };
+    };
+}
+
+shader!(ELEMENTWISE, "elementwise", ["unary", "binary", "sum_rows"]);
+shader!(UNARY_BACKWARD, "unary_backward", ["unary_backward"]);
+shader!(MATMUL, "matmul", ["matmul"]);
+shader!(RMSNORM, "rmsnorm", ["rmsnorm"]);
+shader!(RMSNORM_BACKWARD, "rmsnorm_backward", ["rmsnorm_dx"]);
+shader!(RMSNORM_DW, "rmsnorm_dw", ["rmsnorm_dw"]);
+shader!(SOFTMAX, "softmax", ["softmax", "softmax_backward"]);
+
+/// Every shader, so a test can compile them all.
+pub static ALL: &[&Shader] = &[
+    &ELEMENTWISE,
+    &UNARY_BACKWARD,
+    &MATMUL,
+    &RMSNORM,
+    &RMSNORM_BACKWARD,
+    &RMSNORM_DW,
+    &SOFTMAX,
+];
+
+const F32: u64 = 4;
+
+fn unary_code(kind: UnaryKind) -> u32 {
+    match kind {
+        UnaryKind::Exp => 0,
+        UnaryKind::Log => 1,
+        UnaryKind::Sigmoid => 2,
+        UnaryKind::Silu => 3,
+        UnaryKind::Neg => 4,
+    }
+}
+
+/// Code 5 in both unary shaders: `alpha * x`.
+const SCALE: u32 = 5;
+
+fn u(n: usize) -> u32 {
+    u32::try_from(n).expect("sizes beyond u32 do not fit a wgpu storage binding")
+}
+
+/// `f(x)` elementwise over `n` values.
+pub fn unary(g: &Arc<Gpu>, kind: UnaryKind, x: &GpuBuffer, n: usize) -> Result<GpuBuffer> {
+    let y = g.alloc(n as u64 * F32);
+    g.dispatch(
+        &ELEMENTWISE,
+        "unary",
+        &[u(n), unary_code(kind), 0, 0],
+        &[x, &y],
+        grid(n, 256),
+    )?;
+    Ok(y)
+}
+
+/// `alpha * x`.
+pub fn scale(g: &Arc<Gpu>, alpha: f32, x: &GpuBuffer, n: usize) -> Result<GpuBuffer> {
+    let y = g.alloc(n as u64 * F32);
+    let params = [u(n), SCALE, 0, alpha.to_bits()];
+    g.dispatch(&ELEMENTWISE, "unary", &params, &[x, &y], grid(n, 256))?;
+    Ok(y)
+}
+
+/// `dx = dy * f'(x)` from the forward input `x` and output `y`; `kind: None` is `scale` by
+/// `alpha`.
+pub fn unary_backward(
+    g: &Arc<Gpu>,
+    kind: Option<UnaryKind>,
+    alpha: f32,
+    x: &GpuBuffer,
+    y: &GpuBuffer,
+    dy: &GpuBuffer,
+    n: usize,
+) -> Result<GpuBuffer> {
+    let dx = g.alloc(n as u64 * F32);
+    let code = kind.map_or(SCALE, unary_code);
+    let params = [u(n), code, 0, alpha.to_bits()];
+    g.dispatch(
+        &UNARY_BACKWARD,
+        "unary_backward",
+        &params,
+        &[x, y, dy, &dx],
+        grid(n, 256),
+    )?;
+    Ok(dx)
+}
+
+/// `out[i] = a[i] (op) b[i % nb]`: `b` (nb values) tiled over the `n` values of `a`.
+pub fn binary(
+    g: &Arc<Gpu>,
+    kind: BinaryKind,
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    n: usize,
+    nb: usize,
+) -> Result<GpuBuffer> {
+    let out = g.alloc(n as u64 * F32);
+    let code = match kind {
+        BinaryKind::Add => 0,
+        BinaryKind::Sub => 1,
+        BinaryKind::Mul => 2,
+        BinaryKind::Div => 3,
+    };
+    g.dispatch(
+        &ELEMENTWISE,
+        "binary",
+        &[u(n), code, u(nb), 0],
+        &[a, &out, b],
+        grid(n, 256),
+    )?;
+    Ok(out)
+}
+
+/// `out[j] = sum_r a[r, j]` for `a (n / cols, cols)`.
+pub fn sum_rows(g: &Arc<Gpu>, a: &GpuBuffer, n: usize, cols: usize) -> Result<GpuBuffer> {
+    let out = g.alloc(cols as u64 * F32);
+    g.dispatch(
+        &ELEMENTWISE,
+        "sum_rows",
+        &[u(n), 0, u(cols), 0],
+        &[a, &out],
+        grid(cols, 256),
+    )?;
+    Ok(out)
+}
+
+/// One GEMM operand on the device: stored transposed or not, and the elements between its
+/// batch matrices (0 broadcasts one matrix).
+pub struct DeviceOperand<'a> {
+    pub data: &'a GpuBuffer,
+    pub trans: bool,
+    pub batch_stride: usize,
+}
+
+/// `C (batch, m, n) = op(A) op(B)`, or `C += op(A) op(B)` into `acc`.
+pub fn matmul(
+    g: &Arc<Gpu>,
+    dims: crate::cpu::matmul::GemmDims,
+    a: DeviceOperand,
+    b: DeviceOperand,
+    acc: Option<GpuBuffer>,
+) -> Result<GpuBuffer> {
+    let crate::cpu::matmul::GemmDims { batch, m, n, k } = dims;
+    let accumulate = u32::from(acc.is_some());
+    let c = match acc {
+        Some(c) => c,
+        None => g.alloc((batch * m * n) as u64 * F32),
+    };
+    let params = [
+        u(m),
+        u(n),
+        u(k),
+        u32::from(a.trans),
+        u32::from(b.trans),
+        u(a.batch_stride),
+        u(b.batch_stride),
+        accumulate,
+    ];
+    let groups = [u(n.div_ceil(64)), u(m.div_ceil(64)), u(batch)];
+    g.dispatch(&MATMUL, "matmul", &params, &[a.data, b.data, &c], groups)?;
+    Ok(c)
+}
+
+/// RMSNorm of `x (rows, cols)` by `w (cols)`: `(y, rstd (rows))`.
+pub fn rmsnorm(
+    g: &Arc<Gpu>,
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<(GpuBuffer, GpuBuffer)> {
+    let y = g.alloc((rows * cols) as u64 * F32);
+    let rstd = g.alloc(rows as u64 * F32);
+    let params = [u(rows), u(cols), eps.to_bits(), 0];
+    g.dispatch(
+        &RMSNORM,
+        "rmsnorm",
+        &params,
+        &[x, w, &y, &rstd],
+        grid(rows, 1),
+    )?;
+    Ok((y, rstd))
+}
+
+/// RMSNorm backward for `x (rows, cols)`: `dx`, and `dw` when `need_dw`.
+pub fn rmsnorm_backward(
+    g: &Arc<Gpu>,
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    rstd: &GpuBuffer,
+    dy: &GpuBuffer,
+    (rows, cols): (usize, usize),
+    need_dw: bool,
+) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
+    let params = [u(rows), u(cols), 0, 0];
+    let dx = g.alloc((rows * cols) as u64 * F32);
+    g.dispatch(
+        &RMSNORM_BACKWARD,
+        "rmsnorm_dx",
+        &params,
+        &[x, w, rstd, dy, &dx],
+        grid(rows, 1),
+    )?;
+    let dw = if need_dw {
+        let dw = g.alloc(cols as u64 * F32);
+        let groups = grid(cols, 256);
+        g.dispatch(
+            &RMSNORM_DW,
+            "rmsnorm_dw",
+            &params,
+            &[x, rstd, dy, &dw],
+            groups,
+        )?;
+        Some(dw)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// Softmax (or log-softmax) over the rows of `x (rows, cols)`.
+pub fn softmax(
+    g: &Arc<Gpu>,
+    x: &GpuBuffer,
+    rows: usize,
+    cols: usize,
+    log: bool,
+) -> Result<GpuBuffer> {
+    let y = g.alloc((rows * cols) as u64 * F32);
+    let params = [u(rows), u(cols), u32::from(log), 0];
+    g.dispatch(&SOFTMAX, "softmax", &params, &[x, &y], grid(rows, 1))?;
+    Ok(y)
+}
+
+/// Softmax backward from the forward output `y`.
+pub fn softmax_backward(
+    g: &Arc<Gpu>,
+    y: &GpuBuffer,
+    dy: &GpuBuffer,
+    rows: usize,
+    cols: usize,
+    log: bool,
+) -> Result<GpuBuffer> {
+    let dx = g.alloc((rows * cols) as u64 * F32);
+    let params = [u(rows), u(cols), u32::from(log), 0];
+    g.dispatch(
+        &SOFTMAX,
+        "softmax_backward",
+        &params,
+        &[y, &dx, dy],
+        grid(rows, 1),
+    )?;
+    Ok(dx)
+}

@@ -1,0 +1,261 @@
+//! Differential tests: every WGSL kernel against its CPU kernel on random inputs with planted
+//! outliers. Without a wgpu adapter they report a skip, unless BFT_REQUIRE_WGPU=1 (CI sets it,
+//! with Mesa's software Vulkan device), where a missing adapter fails.
+
+use bft_kernels::cpu;
+use bft_kernels::cpu::binary::BinaryKind;
+use bft_kernels::cpu::matmul::{GemmDims, Operand};
+use bft_kernels::cpu::unary::UnaryKind;
+use bft_kernels::wgpu::ops::{self, DeviceOperand};
+use bft_kernels::wgpu::{Gpu, GpuBuffer, gpu};
+use std::sync::Arc;
+
+fn device() -> Option<Arc<Gpu>> {
+    match gpu(0) {
+        Ok(g) => Some(g),
+        Err(e) if std::env::var("BFT_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
+            panic!("BFT_REQUIRE_WGPU=1 but {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// Uniform values in [lo, hi) from a fixed LCG, with every 37th value an outlier (x 50).
+fn random(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|i| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            let v = lo + (hi - lo) * u;
+            if i % 37 == 5 { v * 50.0 } else { v }
+        })
+        .collect()
+}
+
+fn up(g: &Arc<Gpu>, v: &[f32]) -> GpuBuffer {
+    g.upload(bytemuck::cast_slice(v)).unwrap()
+}
+
+fn down(g: &Arc<Gpu>, b: &GpuBuffer) -> Vec<f32> {
+    bytemuck::cast_slice(&g.read(b).unwrap()).to_vec()
+}
+
+#[track_caller]
+fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let ok = (a - b).abs() <= tol * (b.abs() + 1e-3 * scale) || (a.is_nan() && b.is_nan());
+        assert!(ok, "{what}[{i}]: wgpu {a}, cpu {b}");
+    }
+}
+
+#[test]
+fn every_shader_compiles_and_the_pool_reuses_buffers() {
+    let Some(shared) = device() else { return };
+    eprintln!("adapter: {}", shared.describe());
+    for s in ops::ALL {
+        shared
+            .prepare(s)
+            .unwrap_or_else(|e| panic!("{}: {e}", s.name));
+    }
+    // A device of its own, so the other tests' buffers do not come and go in its pool.
+    let g = Gpu::open(0).unwrap();
+    let x = up(&g, &[1.0, 2.0, 3.0]);
+    let before = g.pooled_bytes();
+    drop(ops::unary(&g, UnaryKind::Exp, &x, 3).unwrap());
+    assert!(
+        g.pooled_bytes() > before,
+        "a dropped buffer returns to the pool"
+    );
+    let again = ops::unary(&g, UnaryKind::Exp, &x, 3).unwrap();
+    assert_eq!(
+        g.pooled_bytes(),
+        before,
+        "and is reused by the next op of its size"
+    );
+    close(
+        "exp",
+        &down(&g, &again),
+        &[1f32.exp(), 2f32.exp(), 3f32.exp()],
+        1e-6,
+    );
+}
+
+#[test]
+fn unary_ops_and_their_backward_match_cpu() {
+    let Some(g) = device() else { return };
+    let n = 70_001;
+    for kind in [
+        UnaryKind::Exp,
+        UnaryKind::Log,
+        UnaryKind::Sigmoid,
+        UnaryKind::Silu,
+        UnaryKind::Neg,
+    ] {
+        let (lo, hi) = match kind {
+            UnaryKind::Log => (0.01, 3.0),
+            UnaryKind::Exp => (-3.0, 1.5),
+            _ => (-4.0, 4.0),
+        };
+        let x = random(n, 1, lo, hi);
+        let mut y = vec![0.0; n];
+        cpu::unary::unary(kind, &x, &mut y);
+        let (xd, dyv) = (up(&g, &x), random(n, 2, -1.0, 1.0));
+        let yd = ops::unary(&g, kind, &xd, n).unwrap();
+        close(&format!("{kind:?}"), &down(&g, &yd), &y, 2e-5);
+        let mut dx = vec![0.0; n];
+        cpu::unary::unary_backward(kind, &x, &y, &dyv, &mut dx);
+        let dxd = ops::unary_backward(&g, Some(kind), 0.0, &xd, &yd, &up(&g, &dyv), n).unwrap();
+        close(&format!("{kind:?} backward"), &down(&g, &dxd), &dx, 2e-5);
+    }
+    let x = random(n, 3, -2.0, 2.0);
+    let mut y = vec![0.0; n];
+    cpu::unary::scale(-0.75, &x, &mut y);
+    close(
+        "scale",
+        &down(&g, &ops::scale(&g, -0.75, &up(&g, &x), n).unwrap()),
+        &y,
+        1e-6,
+    );
+}
+
+#[test]
+fn binary_ops_broadcast_and_column_sums_match_cpu() {
+    let Some(g) = device() else { return };
+    let (rows, cols) = (301, 77);
+    let a = random(rows * cols, 4, -2.0, 2.0);
+    for nb in [cols, rows * cols] {
+        let b = random(nb, 5, 0.5, 2.0);
+        for kind in [
+            BinaryKind::Add,
+            BinaryKind::Sub,
+            BinaryKind::Mul,
+            BinaryKind::Div,
+        ] {
+            let mut want = vec![0.0; a.len()];
+            cpu::binary::binary(kind, &a, &b, &mut want);
+            let got = ops::binary(&g, kind, &up(&g, &a), &up(&g, &b), a.len(), nb).unwrap();
+            close(&format!("{kind:?} nb={nb}"), &down(&g, &got), &want, 1e-6);
+        }
+    }
+    let mut want = vec![0.0; cols];
+    cpu::binary::sum_rows(&a, &mut want);
+    let got = ops::sum_rows(&g, &up(&g, &a), a.len(), cols).unwrap();
+    close("sum_rows", &down(&g, &got), &want, 1e-5);
+}
+
+#[test]
+fn tiled_matmul_matches_cpu_for_every_layout() {
+    let Some(g) = device() else { return };
+    let cases = [
+        (1, 1, 1, 1),
+        (1, 64, 64, 16),
+        (3, 70, 45, 33),
+        (2, 129, 131, 200),
+    ];
+    for (batch, m, n, k) in cases {
+        for (ta, tb, shared_b, accumulate) in [
+            (false, false, false, false),
+            (true, false, true, false),
+            (false, true, false, true),
+            (true, true, true, true),
+        ] {
+            let a = random(batch * m * k, 6, -1.0, 1.0);
+            let b = random(if shared_b { k * n } else { batch * k * n }, 7, -1.0, 1.0);
+            let c0 = random(batch * m * n, 8, -1.0, 1.0);
+            let b_stride = if shared_b { 0 } else { k * n };
+            let dims = GemmDims { batch, m, n, k };
+            let mut want = if accumulate {
+                c0.clone()
+            } else {
+                vec![0.0; batch * m * n]
+            };
+            cpu::matmul::matmul(
+                dims,
+                Operand {
+                    data: &a,
+                    trans: ta,
+                    batch_stride: m * k,
+                },
+                Operand {
+                    data: &b,
+                    trans: tb,
+                    batch_stride: b_stride,
+                },
+                &mut want,
+                accumulate,
+            );
+            let (ad, bd) = (up(&g, &a), up(&g, &b));
+            let acc = accumulate.then(|| up(&g, &c0));
+            let got = ops::matmul(
+                &g,
+                dims,
+                DeviceOperand {
+                    data: &ad,
+                    trans: ta,
+                    batch_stride: m * k,
+                },
+                DeviceOperand {
+                    data: &bd,
+                    trans: tb,
+                    batch_stride: b_stride,
+                },
+                acc,
+            )
+            .unwrap();
+            let what = format!("matmul {batch}x{m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}");
+            close(&what, &down(&g, &got), &want, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_and_softmax_forward_and_backward_match_cpu() {
+    let Some(g) = device() else { return };
+    for (rows, cols) in [(1, 1), (5, 300), (130, 576), (3, 1031)] {
+        let x = random(rows * cols, 9, -3.0, 3.0);
+        let w = random(cols, 10, 0.5, 1.5);
+        let dy = random(rows * cols, 11, -1.0, 1.0);
+        let (mut y, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows]);
+        cpu::rmsnorm::rmsnorm(&x, &w, 1e-5, &mut y, &mut rstd);
+        let (xd, wd, dyd) = (up(&g, &x), up(&g, &w), up(&g, &dy));
+        let (yd, rd) = ops::rmsnorm(&g, &xd, &wd, rows, cols, 1e-5).unwrap();
+        close("rmsnorm y", &down(&g, &yd), &y, 2e-5);
+        close("rmsnorm rstd", &down(&g, &rd), &rstd, 2e-5);
+        let (mut dx, mut dw) = (vec![0.0; rows * cols], vec![0.0; cols]);
+        cpu::rmsnorm::rmsnorm_backward(&x, &w, &rstd, &dy, &mut dx, Some(&mut dw));
+        let (dxd, dwd) =
+            ops::rmsnorm_backward(&g, &xd, &wd, &rd, &dyd, (rows, cols), true).unwrap();
+        close("rmsnorm dx", &down(&g, &dxd), &dx, 1e-4);
+        close("rmsnorm dw", &down(&g, &dwd.unwrap()), &dw, 1e-4);
+        for log in [false, true] {
+            let mut s = vec![0.0; rows * cols];
+            cpu::softmax::softmax(&x, cols, log, &mut s);
+            let sd = ops::softmax(&g, &xd, rows, cols, log).unwrap();
+            // The CPU kernel forms x - lse in f32, where lse nears the planted outliers (~150):
+            // its log-probs carry an absolute error of about 1e-5 there.
+            let tol = if log { 1e-4 } else { 2e-5 };
+            close(&format!("softmax log={log}"), &down(&g, &sd), &s, tol);
+            let mut ds = vec![0.0; rows * cols];
+            cpu::softmax::softmax_backward(&s, &dy, cols, log, &mut ds);
+            let dsd = ops::softmax_backward(&g, &sd, &dyd, rows, cols, log).unwrap();
+            // y * (dy - sum(dy * y)) cancels where dy is near the sum: the tolerance has an
+            // absolute floor at the output's scale.
+            close(
+                &format!("softmax backward log={log}"),
+                &down(&g, &dsd),
+                &ds,
+                5e-4,
+            );
+        }
+    }
+}
