@@ -19,3 +19,10 @@ impl fmt::Display for Device {
         }
     }
 }
+
+impl Device {
+    /// The wgpu adapters on this machine, in `Device::Wgpu(i)` order (name, backend, type).
+    pub fn wgpu_adapters() -> Vec<String> {
+        bft_kernels::wgpu::adapters()
+    }
+}

@@ -26,6 +26,10 @@ pub enum Error {
     },
     #[error("device {0} is not available in this build or on this machine")]
     DeviceUnavailable(Device),
+    #[error("{op} is not implemented on {device} yet")]
+    Unsupported { op: &'static str, device: Device },
+    #[error("{0}")]
+    Gpu(#[from] bft_kernels::wgpu::GpuError),
     #[error("{op}: index {index} is out of range for size {size}")]
     Index {
         op: &'static str,

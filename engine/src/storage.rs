@@ -6,6 +6,28 @@ use half::{bf16, f16};
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Wgpu(WgpuStorage),
+}
+
+/// A buffer on a wgpu device: f32 or u32 elements (WGSL's storage types).
+#[derive(Debug)]
+pub struct WgpuStorage {
+    pub(crate) buf: bft_kernels::wgpu::GpuBuffer,
+    pub(crate) dtype: DType,
+    pub(crate) index: usize,
+    _ticket: Ticket,
+}
+
+impl WgpuStorage {
+    pub(crate) fn new(buf: bft_kernels::wgpu::GpuBuffer, dtype: DType, index: usize) -> Self {
+        let bytes = buf.len() as usize;
+        WgpuStorage {
+            buf,
+            dtype,
+            index,
+            _ticket: Ticket::new(bytes),
+        }
+    }
 }
 
 /// Host memory holding one of the element types.
@@ -68,19 +90,28 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Wgpu(s) => Device::Wgpu(s.index),
         }
     }
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.data.dtype(),
+            Storage::Wgpu(s) => s.dtype,
         }
     }
 }
 
 impl Clone for Storage {
+    /// A device copy. Only in-place gradient accumulation clones storage, so a failed device
+    /// copy (a lost device) is a bug to surface, not an input error.
     fn clone(&self) -> Self {
         match self {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
+            Storage::Wgpu(s) => {
+                let g = s.buf.gpu().clone();
+                let copy = g.copy(&s.buf).expect("copying a wgpu buffer");
+                Storage::Wgpu(WgpuStorage::new(copy, s.dtype, s.index))
+            }
         }
     }
 }

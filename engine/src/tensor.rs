@@ -1,6 +1,7 @@
 use crate::storage::{CpuData, CpuStorage};
 use crate::tape::Tape;
 use crate::{DType, Device, Elem, Error, Result, Shape, Storage};
+use bft_kernels::cpu::binary::BinaryKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -182,7 +183,33 @@ impl Tensor {
                 got: self.dtype(),
                 expected: std::any::type_name::<T>(),
             }),
+            Storage::Wgpu(_) => Err(Error::Unsupported {
+                op,
+                device: self.device(),
+            }),
         }
+    }
+
+    /// The device buffer, if the tensor is on a wgpu device (f32 or u32).
+    pub(crate) fn wgpu(&self) -> Option<&bft_kernels::wgpu::GpuBuffer> {
+        match &*self.storage {
+            Storage::Wgpu(s) => Some(&s.buf),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// A tensor on wgpu device `index` holding `buf`.
+    pub(crate) fn from_wgpu(
+        buf: bft_kernels::wgpu::GpuBuffer,
+        dtype: DType,
+        index: usize,
+        shape: impl Into<Shape>,
+    ) -> Tensor {
+        use crate::storage::WgpuStorage;
+        Tensor::from_storage(
+            Arc::new(Storage::Wgpu(WgpuStorage::new(buf, dtype, index))),
+            shape.into(),
+        )
     }
 
     /// Copies the elements to a host vector. The dtype must be `T`'s (use `to_dtype` first).
@@ -212,7 +239,37 @@ impl Tensor {
         if self.device() == *device {
             return Ok(self.clone());
         }
-        Err(Error::DeviceUnavailable(*device))
+        match (&*self.storage, device) {
+            (Storage::Cpu(s), Device::Wgpu(i)) => {
+                let g = bft_kernels::wgpu::gpu(*i)?;
+                let bytes: &[u8] = match &s.data {
+                    CpuData::F32(v) => bytemuck::cast_slice(v),
+                    CpuData::U32(v) => bytemuck::cast_slice(v),
+                    _ => {
+                        return Err(Error::DType {
+                            op: "to_device(wgpu)",
+                            got: self.dtype(),
+                            expected: "f32 or u32 (convert with to_dtype first)",
+                        });
+                    }
+                };
+                let buf = g.upload(bytes)?;
+                Ok(Tensor::from_wgpu(buf, self.dtype(), *i, self.shape.clone()))
+            }
+            (Storage::Wgpu(s), Device::Cpu) => {
+                let bytes = s.buf.gpu().read(&s.buf)?;
+                let data = match s.dtype {
+                    DType::U32 => CpuData::U32(bytemuck::pod_collect_to_vec(&bytes)),
+                    _ => CpuData::F32(bytemuck::pod_collect_to_vec(&bytes)),
+                };
+                Ok(Tensor::from_storage(
+                    Arc::new(Storage::Cpu(CpuStorage::new(data))),
+                    self.shape.clone(),
+                ))
+            }
+            (Storage::Wgpu(_), Device::Wgpu(_)) => self.to_device(&Device::Cpu)?.to_device(device),
+            _ => Err(Error::DeviceUnavailable(*device)),
+        }
     }
 
     /// Converts element type without recording on a tape.
@@ -220,7 +277,13 @@ impl Tensor {
         if self.dtype() == dtype {
             return self.stop_gradient();
         }
-        let Storage::Cpu(s) = &*self.storage;
+        let Storage::Cpu(s) = &*self.storage else {
+            // Device tensors convert on the host (used for reading values back).
+            return self
+                .to_device(&Device::Cpu)
+                .map(|t| t.cast_untracked(dtype))
+                .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"));
+        };
         fn conv<S: Elem, D: Elem>(v: &[S]) -> Vec<D> {
             v.iter().map(|&x| D::from_f64(x.to_f64())).collect()
         }
@@ -258,8 +321,32 @@ impl Tensor {
                 self.dtype()
             )));
         }
-        let Storage::Cpu(theirs) = &*other.storage;
-        let Storage::Cpu(mine) = Arc::make_mut(&mut self.storage);
+        if let (Some(a), Some(b)) = (self.wgpu(), other.wgpu()) {
+            let g = a.gpu().clone();
+            let n = self.numel();
+            let sum = bft_kernels::wgpu::ops::binary(&g, BinaryKind::Add, a, b, n, n.max(1))?;
+            *self = Tensor {
+                storage: Arc::new(Storage::Wgpu(crate::storage::WgpuStorage::new(
+                    sum,
+                    self.dtype(),
+                    match self.device() {
+                        Device::Wgpu(i) => i,
+                        _ => 0,
+                    },
+                ))),
+                ..self.clone()
+            };
+            return Ok(());
+        }
+        let (Storage::Cpu(theirs), Storage::Cpu(mine)) =
+            (&*other.storage, Arc::make_mut(&mut self.storage))
+        else {
+            return Err(Error::DeviceMismatch {
+                op: "gradient accumulation",
+                lhs: self.device(),
+                rhs: other.device(),
+            });
+        };
         fn add<T: Elem>(a: &mut [T], b: &[T]) {
             a.iter_mut()
                 .zip(b)

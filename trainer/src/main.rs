@@ -298,9 +298,25 @@ fn run(cli: Cli) -> Result<()> {
 fn info() -> Result<()> {
     use bft_engine::{Device, Op};
     println!("bft {}", env!("CARGO_PKG_VERSION"));
+    let adapters = Device::wgpu_adapters();
     println!(
-        "backends: {} (CUDA and wgpu are not built yet)",
-        Device::Cpu
+        "backends: {} and wgpu (CUDA is not built yet); wgpu adapters: {}",
+        Device::Cpu,
+        if adapters.is_empty() {
+            "none found".to_string()
+        } else {
+            adapters
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("wgpu:{i} {a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    println!(
+        "wgpu ops so far: matmul, add/sub/mul/div, scale, exp/log/sigmoid/silu/neg, rms_norm, \
+         softmax/log_softmax, sum over the first or last axis (training on wgpu comes with the \
+         remaining kernels)"
     );
     println!(
         "cpu threads: {}",

@@ -164,6 +164,33 @@ pub(crate) fn via_f32(
     f(&wide)?.to_dtype(half).map(Some)
 }
 
+/// The wgpu device of `t` and its index, when `t` lives on one. Ops take their wgpu branch
+/// from this; WGSL kernels compute in f32.
+pub(crate) fn wgpu_of(t: &Tensor) -> Option<(std::sync::Arc<bft_kernels::wgpu::Gpu>, usize)> {
+    match t.device() {
+        crate::Device::Wgpu(i) => t.wgpu().map(|b| (b.gpu().clone(), i)),
+        _ => None,
+    }
+}
+
+/// The wgpu buffer of an input that must be on the same wgpu device as the op's first input.
+pub(crate) fn wbuf<'a>(
+    op: &'static str,
+    t: &'a Tensor,
+) -> Result<&'a bft_kernels::wgpu::GpuBuffer> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType {
+            op,
+            got: t.dtype(),
+            expected: "f32 on wgpu",
+        });
+    }
+    t.wgpu().ok_or(Error::Unsupported {
+        op,
+        device: t.device(),
+    })
+}
+
 /// Resolves a possibly negative axis against `rank`.
 pub(crate) fn axis(op: &'static str, dim: isize, rank: usize) -> Result<usize> {
     let d = if dim < 0 { dim + rank as isize } else { dim };

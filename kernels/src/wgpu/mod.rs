@@ -250,6 +250,17 @@ impl Gpu {
         Ok(out)
     }
 
+    /// A new buffer with the contents of `src` (recorded in order like any dispatch).
+    pub fn copy(self: &Arc<Self>, src: &GpuBuffer) -> Result<GpuBuffer> {
+        let out = self.alloc(src.len);
+        if src.len > 0 {
+            self.record(|enc| {
+                enc.copy_buffer_to_buffer(src.raw(), 0, out.raw(), 0, padded(src.len as usize))
+            })?;
+        }
+        Ok(out)
+    }
+
     /// A mapped-at-creation copy source holding `data` (padded to 4 bytes).
     fn staging(&self, data: &[u8]) -> Result<wgpu::Buffer> {
         self.filled(data, wgpu::BufferUsages::COPY_SRC)

@@ -1,6 +1,7 @@
 //! Elementwise add/sub/mul/div with `rhs` broadcast over the leading axes of `self`, and scale.
 
-use super::{Op, float_dispatch, same_kind, via_f32};
+use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
+use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
 use bft_kernels::cpu::binary::{BinaryKind, binary, sum_rows};
@@ -44,13 +45,26 @@ impl Tensor {
                 format!("cannot broadcast {bd:?} over {ad:?} (rhs must match trailing axes)"),
             ));
         }
-        let out = float_dispatch!(name, self.dtype(), |T| {
-            let mut o = vec![T::default(); self.numel()];
-            if !o.is_empty() {
-                binary(kind, self.cpu::<T>(name)?, rhs.cpu::<T>(name)?, &mut o);
-            }
-            Ok(Tensor::from_cpu(o, self.shape().clone()))
-        })?;
+        let out = if let Some((g, i)) = wgpu_of(self) {
+            let (n, nb) = (self.numel(), rhs.numel().max(1));
+            let o = bft_kernels::wgpu::ops::binary(
+                &g,
+                kind,
+                wbuf(name, self)?,
+                wbuf(name, rhs)?,
+                n,
+                nb,
+            )?;
+            Tensor::from_wgpu(o, DType::F32, i, self.shape().clone())
+        } else {
+            float_dispatch!(name, self.dtype(), |T| {
+                let mut o = vec![T::default(); self.numel()];
+                if !o.is_empty() {
+                    binary(kind, self.cpu::<T>(name)?, rhs.cpu::<T>(name)?, &mut o);
+                }
+                Ok(Tensor::from_cpu(o, self.shape().clone()))
+            })?
+        };
         let saved_out = matches!(kind, BinaryKind::Div).then(|| out.stop_gradient());
         Tape::record(op, &[self, rhs], out, || BinaryBackward {
             kind,
@@ -64,6 +78,16 @@ impl Tensor {
     pub fn scale(&self, alpha: f64) -> Result<Tensor> {
         if let Some(out) = via_f32(&[self], |t| t[0].scale(alpha))? {
             return Ok(out);
+        }
+        if let Some((g, i)) = wgpu_of(self) {
+            let o = bft_kernels::wgpu::ops::scale(
+                &g,
+                alpha as f32,
+                wbuf("scale", self)?,
+                self.numel(),
+            )?;
+            let out = Tensor::from_wgpu(o, DType::F32, i, self.shape().clone());
+            return Tape::record(Op::Scale, &[self], out, || ScaleBackward(alpha));
         }
         let out = float_dispatch!("scale", self.dtype(), |T| {
             let mut o = vec![T::default(); self.numel()];
@@ -82,6 +106,12 @@ impl Tensor {
     pub(crate) fn sum_to(&self, shape: &crate::Shape) -> Result<Tensor> {
         if self.shape() == shape {
             return Ok(self.clone());
+        }
+        if let Some((g, i)) = wgpu_of(self) {
+            let cols = shape.numel();
+            let o =
+                bft_kernels::wgpu::ops::sum_rows(&g, wbuf("sum_to", self)?, self.numel(), cols)?;
+            return Ok(Tensor::from_wgpu(o, DType::F32, i, shape.clone()));
         }
         float_dispatch!("sum_to", self.dtype(), |T| {
             let mut o = vec![T::default(); shape.numel()];

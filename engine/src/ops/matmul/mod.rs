@@ -1,6 +1,7 @@
 //! Batched matrix product with optionally transposed operands.
 
-use super::{Op, float_dispatch, same_kind, via_f32};
+use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
+use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
 use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
@@ -72,7 +73,40 @@ impl Tensor {
         let dims = GemmDims { batch, m, n, k: ka };
         let mut out_dims = ad[..r - 2].to_vec();
         out_dims.extend([m, n]);
-        let out = float_dispatch!("matmul", self.dtype(), |T| {
+        let out = if let Some((g, i)) = wgpu_of(self) {
+            use bft_kernels::wgpu::ops::{DeviceOperand, matmul as gemm};
+            let a = DeviceOperand {
+                data: wbuf("matmul", self)?,
+                trans: ta,
+                batch_stride: m * ka,
+            };
+            let b = DeviceOperand {
+                data: wbuf("matmul", rhs)?,
+                trans: tb,
+                batch_stride: ka * n,
+            };
+            Tensor::from_wgpu(gemm(&g, dims, a, b, None)?, DType::F32, i, out_dims)
+        } else {
+            self.matmul_cpu(rhs, dims, ta, tb, out_dims)?
+        };
+        Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
+            a: self.stop_gradient(),
+            b: rhs.stop_gradient(),
+            ta,
+            tb,
+        })
+    }
+
+    fn matmul_cpu(
+        &self,
+        rhs: &Tensor,
+        dims: GemmDims,
+        ta: bool,
+        tb: bool,
+        out_dims: Vec<usize>,
+    ) -> Result<Tensor> {
+        let GemmDims { batch, m, n, k: ka } = dims;
+        float_dispatch!("matmul", self.dtype(), |T| {
             let mut c = vec![T::default(); batch * m * n];
             let a = Operand {
                 data: self.cpu::<T>("matmul")?,
@@ -86,12 +120,6 @@ impl Tensor {
             };
             matmul(dims, a, b, &mut c, false);
             Ok(Tensor::from_cpu(c, out_dims))
-        })?;
-        Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
-            a: self.stop_gradient(),
-            b: rhs.stop_gradient(),
-            ta,
-            tb,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Sum, mean and max over one axis (the axis is removed), the full sum, and argmax.
 
-use super::{Op, axis, float_dispatch, via_f32};
+use super::{Op, axis, float_dispatch, via_f32, wbuf, wgpu_of};
 use crate::tape::{Backward, Tape};
 use crate::{Result, Shape, Tensor};
 use bft_kernels::cpu::reduce::{ReduceKind, argmax_last, reduce, reduce_backward};
@@ -63,6 +63,23 @@ impl Tensor {
         }
         let mut dims = self.dims().to_vec();
         dims.remove(d);
+        if let Some((g, i)) = wgpu_of(self) {
+            if kind != ReduceKind::Sum || (sizes.0 > 1 && sizes.2 > 1) {
+                return Err(crate::Error::Unsupported {
+                    op: "max, or a sum over a middle axis,",
+                    device: self.device(),
+                });
+            }
+            let x = wbuf(name, self)?;
+            let o = ones_product(&g, x, sizes, false)?;
+            let out = Tensor::from_wgpu(o, crate::DType::F32, i, dims);
+            return Tape::record(op, &[self], out, || ReduceBackward {
+                kind,
+                shape: self.shape().clone(),
+                sizes,
+                argmax: Vec::new(),
+            });
+        }
         let mut argmax = vec![
             0u32;
             if kind == ReduceKind::Max {
@@ -94,6 +111,11 @@ struct ReduceBackward {
 
 impl Backward for ReduceBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        if let Some((gpu, i)) = wgpu_of(g) {
+            let dx = ones_product(&gpu, wbuf("sum", g)?, self.sizes, true)?;
+            let dx = Tensor::from_wgpu(dx, crate::DType::F32, i, self.shape.clone());
+            return Ok(vec![Some(dx)]);
+        }
         let dx = float_dispatch!("reduce backward", g.dtype(), |T| {
             let mut dx = vec![T::default(); self.shape.numel()];
             reduce_backward(
@@ -107,6 +129,79 @@ impl Backward for ReduceBackward {
         })?;
         Ok(vec![Some(dx)])
     }
+}
+
+/// A sum over the first or last axis on wgpu as a product with a vector of ones, for `x` of
+/// `sizes = (outer, size, inner)` with `outer == 1` or `inner == 1`; `spread` is its backward,
+/// the gradient copied along the summed axis.
+fn ones_product(
+    g: &std::sync::Arc<bft_kernels::wgpu::Gpu>,
+    x: &bft_kernels::wgpu::GpuBuffer,
+    (outer, size, inner): (usize, usize, usize),
+    spread: bool,
+) -> Result<bft_kernels::wgpu::GpuBuffer> {
+    use bft_kernels::cpu::matmul::GemmDims;
+    use bft_kernels::wgpu::ops::{DeviceOperand, matmul};
+    let ones = g.upload(bytemuck::cast_slice(&vec![1f32; size]))?;
+    let op = |data, trans| DeviceOperand {
+        data,
+        trans,
+        batch_stride: 0,
+    };
+    let (rows, cols) = if inner == 1 { (outer, 1) } else { (1, inner) };
+    let out = match (inner == 1, spread) {
+        // (outer, size) . (size, 1) and (outer, 1) . (1, size)
+        (true, false) => matmul(
+            g,
+            GemmDims {
+                batch: 1,
+                m: rows,
+                n: 1,
+                k: size,
+            },
+            op(x, false),
+            op(&ones, false),
+            None,
+        )?,
+        (true, true) => matmul(
+            g,
+            GemmDims {
+                batch: 1,
+                m: rows,
+                n: size,
+                k: 1,
+            },
+            op(x, false),
+            op(&ones, false),
+            None,
+        )?,
+        // (1, size) . (size, inner) and (size, 1) . (1, inner)
+        (false, false) => matmul(
+            g,
+            GemmDims {
+                batch: 1,
+                m: 1,
+                n: cols,
+                k: size,
+            },
+            op(&ones, false),
+            op(x, false),
+            None,
+        )?,
+        (false, true) => matmul(
+            g,
+            GemmDims {
+                batch: 1,
+                m: size,
+                n: cols,
+                k: 1,
+            },
+            op(&ones, false),
+            op(x, false),
+            None,
+        )?,
+    };
+    Ok(out)
 }
 
 #[cfg(test)]

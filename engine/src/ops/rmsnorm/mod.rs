@@ -1,6 +1,7 @@
 //! RMSNorm over the last axis with a learned per-channel weight.
 
-use super::{Op, float_dispatch, same_kind, via_f32};
+use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
+use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
 use bft_kernels::cpu::rmsnorm::{rmsnorm, rmsnorm_backward};
@@ -25,6 +26,17 @@ impl Tensor {
             ));
         }
         let rows = self.numel() / c.max(1);
+        if let Some((g, i)) = wgpu_of(self) {
+            let (x, wb) = (wbuf("rms_norm", self)?, wbuf("rms_norm", w)?);
+            let (y, r) = bft_kernels::wgpu::ops::rmsnorm(&g, x, wb, rows, c, eps as f32)?;
+            let out = Tensor::from_wgpu(y, DType::F32, i, self.shape().clone());
+            let rstd = Tensor::from_wgpu(r, DType::F32, i, [rows]);
+            return Tape::record(Op::RmsNorm, &[self, w], out, || RmsNormBackward {
+                x: self.stop_gradient(),
+                w: w.stop_gradient(),
+                rstd,
+            });
+        }
         let (out, rstd) = float_dispatch!("rms_norm", self.dtype(), |T| {
             let (mut y, mut r) = (vec![T::default(); self.numel()], vec![T::default(); rows]);
             rmsnorm(
@@ -56,6 +68,23 @@ struct RmsNormBackward {
 
 impl Backward for RmsNormBackward {
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        if let Some((gpu, i)) = wgpu_of(g) {
+            let c = self.w.numel();
+            let rows = g.numel() / c.max(1);
+            let (dx, dw) = bft_kernels::wgpu::ops::rmsnorm_backward(
+                &gpu,
+                wbuf("rms_norm", &self.x)?,
+                wbuf("rms_norm", &self.w)?,
+                wbuf("rms_norm", &self.rstd)?,
+                wbuf("rms_norm", g)?,
+                (rows, c),
+                needs[1],
+            )?;
+            return Ok(vec![
+                Some(Tensor::from_wgpu(dx, DType::F32, i, g.shape().clone())),
+                dw.map(|d| Tensor::from_wgpu(d, DType::F32, i, [c])),
+            ]);
+        }
         float_dispatch!("rms_norm backward", g.dtype(), |T| {
             let c = self.w.numel();
             let mut dx = vec![T::default(); g.numel()];

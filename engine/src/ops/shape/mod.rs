@@ -8,9 +8,25 @@ use crate::{Error, Result, Shape, Storage, Tensor};
 use bft_kernels::cpu::layout::{copy_slab, permute};
 use std::sync::Arc;
 
+/// The host storage of a tensor whose data an op moves (copies on other devices come later).
+fn host<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CpuStorage> {
+    match t.storage() {
+        Storage::Cpu(s) => Ok(s),
+        Storage::Wgpu(_) => Err(Error::Unsupported {
+            op,
+            device: t.device(),
+        }),
+    }
+}
+
 /// Applies a generic data-movement kernel to whichever element type the storage holds.
-fn map_cpu(t: &Tensor, shape: Shape, f: impl Fn(&dyn AnySlice) -> CpuData) -> Tensor {
-    let Storage::Cpu(s) = t.storage();
+fn map_cpu(
+    op: &'static str,
+    t: &Tensor,
+    shape: Shape,
+    f: impl Fn(&dyn AnySlice) -> CpuData,
+) -> Result<Tensor> {
+    let s = host(op, t)?;
     let data = match &s.data {
         CpuData::F32(v) => f(&v.as_slice()),
         CpuData::F64(v) => f(&v.as_slice()),
@@ -18,7 +34,10 @@ fn map_cpu(t: &Tensor, shape: Shape, f: impl Fn(&dyn AnySlice) -> CpuData) -> Te
         CpuData::F16(v) => f(&v.as_slice()),
         CpuData::U32(v) => f(&v.as_slice()),
     };
-    Tensor::from_storage(Arc::new(Storage::Cpu(CpuStorage::new(data))), shape)
+    Ok(Tensor::from_storage(
+        Arc::new(Storage::Cpu(CpuStorage::new(data))),
+        shape,
+    ))
 }
 
 /// Type-erased source buffer so each movement op is written once for every dtype.
@@ -93,7 +112,9 @@ impl Tensor {
             ));
         }
         let dims: Vec<usize> = perm.iter().map(|&p| self.dims()[p]).collect();
-        let out = map_cpu(self, dims.into(), |s| s.permute(self.dims(), perm));
+        let out = map_cpu("permute", self, dims.into(), |s| {
+            s.permute(self.dims(), perm)
+        })?;
         let mut inverse = vec![0; rank];
         for (i, &p) in perm.iter().enumerate() {
             inverse[p] = i;
@@ -129,9 +150,9 @@ impl Tensor {
         let (outer, _, inner) = self.shape().split_at_axis(d);
         let mut dims = self.dims().to_vec();
         dims[d] = len;
-        let out = map_cpu(self, dims.into(), |s| {
+        let out = map_cpu("narrow", self, dims.into(), |s| {
             s.slab(size, start, len, 0, (outer, len, inner), None)
-        });
+        })?;
         Tape::record(Op::Narrow, &[self], out, || NarrowBackward {
             shape: self.shape().clone(),
             dim: d,
@@ -191,7 +212,7 @@ impl Tensor {
         let mut at = 0;
         for t in tensors {
             let len = t.dims()[d];
-            let Storage::Cpu(s) = t.storage();
+            let s = host("cat", t)?;
             let src: &dyn AnySlice = match &s.data {
                 CpuData::F32(v) => &v.as_slice(),
                 CpuData::F64(v) => &v.as_slice(),
@@ -236,10 +257,10 @@ impl Backward for NarrowBackward {
     /// The gradient lands in its slab of an otherwise zero tensor.
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let zeros = Tensor::zeros(self.shape.clone(), g.dtype(), &g.device())?;
-        let Storage::Cpu(z) = zeros.storage();
+        let z = host("narrow backward", &zeros)?;
         let (outer, size, inner) = self.shape.split_at_axis(self.dim);
         let len = g.dims()[self.dim];
-        let out = map_cpu(g, self.shape.clone(), |s| {
+        let out = map_cpu("narrow backward", g, self.shape.clone(), |s| {
             s.slab(
                 len,
                 0,
@@ -248,7 +269,7 @@ impl Backward for NarrowBackward {
                 (outer, len, inner),
                 Some(z.data.clone()),
             )
-        });
+        })?;
         Ok(vec![Some(out)])
     }
 }

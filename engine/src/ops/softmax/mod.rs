@@ -1,6 +1,7 @@
 //! Softmax and log-softmax over the last axis.
 
-use super::{Op, float_dispatch, via_f32};
+use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
+use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Result, Tensor};
 use bft_kernels::cpu::softmax::{softmax, softmax_backward};
@@ -21,13 +22,19 @@ impl Tensor {
             return Ok(out);
         }
         let cols = self.shape().last();
-        let out = float_dispatch!("softmax", self.dtype(), |T| {
-            let mut y = vec![T::default(); self.numel()];
-            if !y.is_empty() {
-                softmax(self.cpu::<T>("softmax")?, cols, log, &mut y);
-            }
-            Ok(Tensor::from_cpu(y, self.shape().clone()))
-        })?;
+        let out = if let Some((g, i)) = wgpu_of(self) {
+            let rows = self.numel() / cols.max(1);
+            let y = bft_kernels::wgpu::ops::softmax(&g, wbuf("softmax", self)?, rows, cols, log)?;
+            Tensor::from_wgpu(y, DType::F32, i, self.shape().clone())
+        } else {
+            float_dispatch!("softmax", self.dtype(), |T| {
+                let mut y = vec![T::default(); self.numel()];
+                if !y.is_empty() {
+                    softmax(self.cpu::<T>("softmax")?, cols, log, &mut y);
+                }
+                Ok(Tensor::from_cpu(y, self.shape().clone()))
+            })?
+        };
         let op = if log { Op::LogSoftmax } else { Op::Softmax };
         Tape::record(op, &[self], out.clone(), || SoftmaxBackward {
             y: out.stop_gradient(),
@@ -44,6 +51,17 @@ struct SoftmaxBackward {
 impl Backward for SoftmaxBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let cols = g.shape().last();
+        if let Some((gpu, i)) = wgpu_of(g) {
+            let rows = g.numel() / cols.max(1);
+            let (y, dy) = (wbuf("softmax", &self.y)?, wbuf("softmax", g)?);
+            let dx = bft_kernels::wgpu::ops::softmax_backward(&gpu, y, dy, rows, cols, self.log)?;
+            return Ok(vec![Some(Tensor::from_wgpu(
+                dx,
+                DType::F32,
+                i,
+                g.shape().clone(),
+            ))]);
+        }
         let dx = float_dispatch!("softmax backward", g.dtype(), |T| {
             let mut dx = vec![T::default(); g.numel()];
             if !dx.is_empty() {

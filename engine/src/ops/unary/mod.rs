@@ -1,6 +1,7 @@
 //! Elementwise exp, log, sigmoid, silu and negation.
 
-use super::{Op, float_dispatch, via_f32};
+use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
+use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Result, Tensor};
 use bft_kernels::cpu::unary::{UnaryKind, unary, unary_backward};
@@ -35,11 +36,16 @@ impl Tensor {
             UnaryKind::Silu => (Op::Silu, "silu"),
             UnaryKind::Neg => (Op::Neg, "neg"),
         };
-        let out = float_dispatch!(name, self.dtype(), |T| {
-            let mut o = vec![T::default(); self.numel()];
-            unary(kind, self.cpu::<T>(name)?, &mut o);
-            Ok(Tensor::from_cpu(o, self.shape().clone()))
-        })?;
+        let out = if let Some((g, i)) = wgpu_of(self) {
+            let y = bft_kernels::wgpu::ops::unary(&g, kind, wbuf(name, self)?, self.numel())?;
+            Tensor::from_wgpu(y, DType::F32, i, self.shape().clone())
+        } else {
+            float_dispatch!(name, self.dtype(), |T| {
+                let mut o = vec![T::default(); self.numel()];
+                unary(kind, self.cpu::<T>(name)?, &mut o);
+                Ok(Tensor::from_cpu(o, self.shape().clone()))
+            })?
+        };
         Tape::record(op, &[self], out.clone(), || UnaryBackward {
             kind,
             x: self.stop_gradient(),
@@ -56,6 +62,28 @@ struct UnaryBackward {
 
 impl Backward for UnaryBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        if let Some((gpu, i)) = wgpu_of(g) {
+            let (x, y, dy) = (
+                wbuf("unary", &self.x)?,
+                wbuf("unary", &self.y)?,
+                wbuf("unary", g)?,
+            );
+            let dx = bft_kernels::wgpu::ops::unary_backward(
+                &gpu,
+                Some(self.kind),
+                0.0,
+                x,
+                y,
+                dy,
+                g.numel(),
+            )?;
+            return Ok(vec![Some(Tensor::from_wgpu(
+                dx,
+                DType::F32,
+                i,
+                g.shape().clone(),
+            ))]);
+        }
         let dx = float_dispatch!("unary backward", g.dtype(), |T| {
             let mut dx = vec![T::default(); g.numel()];
             let (x, y, dy) = (

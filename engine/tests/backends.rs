@@ -1,0 +1,81 @@
+//! One test body on every available backend: a small graph with the ops the wgpu backend has
+//! so far (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
+//! RMSNorm, softmax and log-softmax, sums over the first and last axes), forward and backward,
+//! compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
+
+use bft_engine::{DType, Device, Tape, Tensor};
+
+fn backends() -> Vec<Device> {
+    let mut out = vec![Device::Cpu];
+    match Tensor::zeros([1], DType::F32, &Device::Wgpu(0)) {
+        Ok(_) => out.push(Device::Wgpu(0)),
+        Err(e) if std::env::var("BFT_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
+            panic!("BFT_REQUIRE_WGPU=1 but {e}")
+        }
+        Err(e) => eprintln!("wgpu skipped: {e}"),
+    }
+    out
+}
+
+/// The loss and the gradients of the four leaves, on the host.
+fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
+    let t = |shape: Vec<usize>, std: f64, seed: u64| {
+        Tensor::randn(shape, std, seed, DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap()
+    };
+    let tape = Tape::new();
+    let x = tape.track(&t(vec![2, 6, 20], 1.0, 1));
+    let w = tape.track(&t(vec![33, 20], 0.3, 2));
+    let gain = tape.track(&t(vec![33], 0.5, 3).exp().unwrap());
+    let bias = tape.track(&t(vec![33], 0.2, 4));
+    let target = t(vec![2, 6, 33], 1.0, 5).softmax().unwrap();
+    // (2, 6, 20) . (33, 20)^T -> (2, 6, 33)
+    let h = x.matmul_t(&w, false, true).unwrap();
+    let h = h.rms_norm(&gain, 1e-5).unwrap().silu().unwrap();
+    let h = h.mul(&bias).unwrap().add(&bias).unwrap();
+    let gate = h.sigmoid().unwrap().add(&gain).unwrap();
+    let h = h.div(&gate).unwrap().sub(&bias.neg().unwrap()).unwrap();
+    let logp = h.log_softmax().unwrap();
+    let ce = logp.mul(&target).unwrap().sum(-1).unwrap().sum(0).unwrap();
+    let aux = h.softmax().unwrap().log().unwrap().scale(0.01).unwrap();
+    let loss = ce
+        .sum_all()
+        .unwrap()
+        .scale(-1.0 / 12.0)
+        .unwrap()
+        .add(&aux.sum_all().unwrap())
+        .unwrap();
+    let value = loss.to_scalar().unwrap();
+    let mut grads = tape.backward(&loss).unwrap();
+    let leaves = [&x, &w, &gain, &bias];
+    let g = leaves
+        .iter()
+        .map(|l| grads.remove(l).expect("a gradient").to_f64_vec().unwrap())
+        .collect();
+    (value, g)
+}
+
+#[test]
+fn forward_and_backward_agree_on_every_backend() {
+    let (cpu_loss, cpu_grads) = run(Device::Cpu);
+    assert!(cpu_loss.is_finite());
+    for dev in backends().into_iter().skip(1) {
+        let (loss, grads) = run(dev);
+        assert!(
+            (loss - cpu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0),
+            "{dev}: loss {loss} vs cpu {cpu_loss}"
+        );
+        for (k, (g, c)) in grads.iter().zip(&cpu_grads).enumerate() {
+            let scale = c.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in g.iter().zip(c).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * scale,
+                    "{dev}: gradient of leaf {k} [{i}]: {a} vs cpu {b}"
+                );
+            }
+        }
+        eprintln!("{dev}: loss {loss:.6} (cpu {cpu_loss:.6}), gradients within 1e-4");
+    }
+}
