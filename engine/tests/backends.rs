@@ -1,7 +1,7 @@
 //! One test body on every available backend: a small graph with the ops the wgpu backend has
 //! so far (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
-//! RMSNorm, softmax and log-softmax, sums over the first and last axes), forward and backward,
-//! compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
+//! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums over the first and last axes), forward
+//! and backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
 
 use bft_engine::{DType, Device, Tape, Tensor};
 
@@ -37,6 +37,19 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
     let h = h.mul(&bias).unwrap().add(&bias).unwrap();
     let gate = h.sigmoid().unwrap().add(&gain).unwrap();
     let h = h.div(&gate).unwrap().sub(&bias.neg().unwrap()).unwrap();
+    // (2, 6, 33 -> 32): rotate pairs of the first 32 channels at positions 3..9, then gate.
+    let (cos, sin) = bft_engine::ops::rope_tables(10_000.0, 32, 6, 3, DType::F32).unwrap();
+    let (cos, sin) = (cos.to_device(&dev).unwrap(), sin.to_device(&dev).unwrap());
+    let ones = Tensor::ones([2, 6, 32], DType::F32, &dev).unwrap();
+    let first = h.matmul_t(&t(vec![32, 33], 0.2, 6), false, true).unwrap();
+    let rotated = first
+        .rope(&cos, &sin)
+        .unwrap()
+        .swiglu(&first.add(&ones).unwrap())
+        .unwrap();
+    let h = h
+        .add(&rotated.matmul(&t(vec![32, 33], 0.2, 7)).unwrap())
+        .unwrap();
     let logp = h.log_softmax().unwrap();
     let ce = logp.mul(&target).unwrap().sum(-1).unwrap().sum(0).unwrap();
     let aux = h.softmax().unwrap().log().unwrap().scale(0.01).unwrap();

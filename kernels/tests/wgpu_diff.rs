@@ -259,3 +259,48 @@ fn rmsnorm_and_softmax_forward_and_backward_match_cpu() {
         }
     }
 }
+
+#[test]
+fn swiglu_and_rope_match_cpu() {
+    let Some(g) = device() else { return };
+    let n = 10_007;
+    let (gate, upv, dy) = (
+        random(n, 12, -4.0, 4.0),
+        random(n, 13, -2.0, 2.0),
+        random(n, 14, -1.0, 1.0),
+    );
+    let mut y = vec![0.0; n];
+    cpu::unary::swiglu(&gate, &upv, &mut y);
+    let (gd, ud, dyd) = (up(&g, &gate), up(&g, &upv), up(&g, &dy));
+    close(
+        "swiglu",
+        &down(&g, &ops::swiglu(&g, &gd, &ud, n).unwrap()),
+        &y,
+        2e-5,
+    );
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    cpu::unary::swiglu_backward(&gate, &upv, &dy, &mut dg, &mut du);
+    let (dgd, dud) = ops::swiglu_backward(&g, &gd, &ud, &dyd, n).unwrap();
+    close("swiglu dgate", &down(&g, &dgd), &dg, 2e-5);
+    close("swiglu dup", &down(&g, &dud), &du, 2e-5);
+
+    let (rows, t, d) = (6, 33, 64);
+    let x = random(rows * t * d, 15, -2.0, 2.0);
+    let (c64, s64) = cpu::rope::rope_tables(&cpu::rope::default_inv_freq(10_000.0, d), t, 7);
+    let (c, s): (Vec<f32>, Vec<f32>) = (
+        c64.iter().map(|&v| v as f32).collect(),
+        s64.iter().map(|&v| v as f32).collect(),
+    );
+    let (xd, cd, sd) = (up(&g, &x), up(&g, &c), up(&g, &s));
+    for inverse in [false, true] {
+        let mut want = vec![0.0; x.len()];
+        cpu::rope::rope(&x, &c, &s, t, d, inverse, &mut want);
+        let got = ops::rope(&g, &xd, &cd, &sd, (rows, t, d), inverse).unwrap();
+        close(
+            &format!("rope inverse={inverse}"),
+            &down(&g, &got),
+            &want,
+            1e-5,
+        );
+    }
+}

@@ -23,6 +23,8 @@ shader!(RMSNORM, "rmsnorm", ["rmsnorm"]);
 shader!(RMSNORM_BACKWARD, "rmsnorm_backward", ["rmsnorm_dx"]);
 shader!(RMSNORM_DW, "rmsnorm_dw", ["rmsnorm_dw"]);
 shader!(SOFTMAX, "softmax", ["softmax", "softmax_backward"]);
+shader!(SWIGLU, "swiglu", ["swiglu", "swiglu_backward"]);
+shader!(ROPE, "rope", ["rope"]);
 
 /// Every shader, so a test can compile them all.
 pub static ALL: &[&Shader] = &[
@@ -33,6 +35,8 @@ pub static ALL: &[&Shader] = &[
     &RMSNORM_BACKWARD,
     &RMSNORM_DW,
     &SOFTMAX,
+    &SWIGLU,
+    &ROPE,
 ];
 
 const F32: u64 = 4;
@@ -266,4 +270,53 @@ pub fn softmax_backward(
         grid(rows, 1),
     )?;
     Ok(dx)
+}
+
+/// `silu(gate) * up` over `n` values.
+pub fn swiglu(g: &Arc<Gpu>, gate: &GpuBuffer, up: &GpuBuffer, n: usize) -> Result<GpuBuffer> {
+    let y = g.alloc(n as u64 * F32);
+    g.dispatch(
+        &SWIGLU,
+        "swiglu",
+        &[u(n), 0, 0, 0],
+        &[gate, up, &y],
+        grid(n, 256),
+    )?;
+    Ok(y)
+}
+
+/// SwiGLU backward: `(dgate, dup)`.
+pub fn swiglu_backward(
+    g: &Arc<Gpu>,
+    gate: &GpuBuffer,
+    up: &GpuBuffer,
+    dy: &GpuBuffer,
+    n: usize,
+) -> Result<(GpuBuffer, GpuBuffer)> {
+    let (dgate, dup) = (g.alloc(n as u64 * F32), g.alloc(n as u64 * F32));
+    let bufs = [gate, up, &dgate, dy, &dup];
+    g.dispatch(
+        &SWIGLU,
+        "swiglu_backward",
+        &[u(n), 0, 0, 0],
+        &bufs,
+        grid(n, 256),
+    )?;
+    Ok((dgate, dup))
+}
+
+/// RoPE of `x (rows, t, d)` with `cos, sin (t, d / 2)`; `inverse` is the backward rotation.
+pub fn rope(
+    g: &Arc<Gpu>,
+    x: &GpuBuffer,
+    cos: &GpuBuffer,
+    sin: &GpuBuffer,
+    (rows, t, d): (usize, usize, usize),
+    inverse: bool,
+) -> Result<GpuBuffer> {
+    let y = g.alloc((rows * t * d) as u64 * F32);
+    let pairs = rows * t * (d / 2);
+    let params = [u(pairs), u(t), u(d / 2), u32::from(inverse)];
+    g.dispatch(&ROPE, "rope", &params, &[x, cos, sin, &y], grid(pairs, 256))?;
+    Ok(y)
 }

@@ -1,6 +1,6 @@
 //! Rotary position embedding (HF's rotate-half convention) from precomputed tables.
 
-use super::{Op, float_dispatch, same_kind, via_f32};
+use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
 use crate::tape::{Backward, Tape};
 use crate::{DType, Device, Error, Result, Tensor};
 use bft_kernels::cpu::rope::{default_inv_freq, rope, rope_tables as tables};
@@ -79,6 +79,12 @@ impl Tensor {
 fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {
     let r = x.rank();
     let (t, d) = (x.dims()[r - 2], x.dims()[r - 1]);
+    if let Some((g, i)) = wgpu_of(x) {
+        let rows = x.numel() / (t * d).max(1);
+        let (xb, c, s) = (wbuf("rope", x)?, wbuf("rope", cos)?, wbuf("rope", sin)?);
+        let y = bft_kernels::wgpu::ops::rope(&g, xb, c, s, (rows, t, d), inverse)?;
+        return Ok(Tensor::from_wgpu(y, DType::F32, i, x.shape().clone()));
+    }
     float_dispatch!("rope", x.dtype(), |T| {
         let mut o = vec![T::default(); x.numel()];
         if !o.is_empty() {
