@@ -1,7 +1,7 @@
 //! One test body on every available backend: a small graph with the ops the wgpu backend has
 //! so far (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
-//! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums over the first and last axes), forward
-//! and backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
+//! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums over the first and last axes, permute,
+//! narrow/split and cat), forward and backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
 
 use bft_engine::{DType, Device, Tape, Tensor};
 
@@ -50,6 +50,23 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
     let h = h
         .add(&rotated.matmul(&t(vec![32, 33], 0.2, 7)).unwrap())
         .unwrap();
+    // Heads: (2, 6, 33) -> narrow to 32 channels -> (2, 6, 4, 8) -> (2, 4, 6, 8), split and
+    // re-joined along the head axis, back to (2, 6, 32), then cat with the last channel.
+    let heads = h
+        .narrow(-1, 0, 32)
+        .unwrap()
+        .reshape([2, 6, 4, 8])
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let parts = heads.split(1, &[1, 3]).unwrap();
+    let heads = Tensor::cat(&[parts[1].clone(), parts[0].scale(2.0).unwrap()], 1).unwrap();
+    let back = heads
+        .permute(&[0, 2, 1, 3])
+        .unwrap()
+        .reshape([2, 6, 32])
+        .unwrap();
+    let h = Tensor::cat(&[back, h.narrow(-1, 32, 1).unwrap()], -1).unwrap();
     let logp = h.log_softmax().unwrap();
     let ce = logp.mul(&target).unwrap().sum(-1).unwrap().sum(0).unwrap();
     let aux = h.softmax().unwrap().log().unwrap().scale(0.01).unwrap();

@@ -304,3 +304,36 @@ fn swiglu_and_rope_match_cpu() {
         );
     }
 }
+
+#[test]
+fn permutes_slabs_and_fills_match_cpu() {
+    let Some(g) = device() else { return };
+    let dims = [3usize, 4, 5, 6];
+    let x = random(dims.iter().product(), 16, -1.0, 1.0);
+    let xd = up(&g, &x);
+    for perm in [[0usize, 2, 1, 3], [3, 2, 1, 0], [1, 0, 3, 2], [0, 1, 2, 3]] {
+        let mut want = vec![0.0; x.len()];
+        cpu::layout::permute(&x, &dims, &perm, &mut want);
+        let got = ops::permute(&g, &xd, &dims, &perm).unwrap();
+        close(&format!("permute {perm:?}"), &down(&g, &got), &want, 0.0);
+    }
+    // Narrow rows 1..4 of the middle axis of (6, 7, 5) into a zeroed (6, 9, 5) at offset 2.
+    let (outer, inner) = (6, 5);
+    let src = random(outer * 7 * inner, 17, -1.0, 1.0);
+    let mut want = vec![0.0; outer * 9 * inner];
+    cpu::layout::copy_slab(&src, 7, 1, &mut want, 9, 2, (outer, 3, inner));
+    let dst = ops::fill(&g, want.len(), 0).unwrap();
+    let s = ops::Slab {
+        outer,
+        inner,
+        len: 3,
+        src_dim: 7,
+        src_at: 1,
+        dst_dim: 9,
+        dst_at: 2,
+    };
+    ops::slab(&g, &up(&g, &src), &dst, s).unwrap();
+    close("slab", &down(&g, &dst), &want, 0.0);
+    let filled = ops::fill(&g, 5, 2.5f32.to_bits()).unwrap();
+    close("fill", &down(&g, &filled), &[2.5; 5], 0.0);
+}

@@ -25,6 +25,8 @@ shader!(RMSNORM_DW, "rmsnorm_dw", ["rmsnorm_dw"]);
 shader!(SOFTMAX, "softmax", ["softmax", "softmax_backward"]);
 shader!(SWIGLU, "swiglu", ["swiglu", "swiglu_backward"]);
 shader!(ROPE, "rope", ["rope"]);
+shader!(LAYOUT, "layout", ["permute", "slab"]);
+shader!(FILL, "fill", ["fill"]);
 
 /// Every shader, so a test can compile them all.
 pub static ALL: &[&Shader] = &[
@@ -37,6 +39,8 @@ pub static ALL: &[&Shader] = &[
     &SOFTMAX,
     &SWIGLU,
     &ROPE,
+    &LAYOUT,
+    &FILL,
 ];
 
 const F32: u64 = 4;
@@ -318,5 +322,69 @@ pub fn rope(
     let pairs = rows * t * (d / 2);
     let params = [u(pairs), u(t), u(d / 2), u32::from(inverse)];
     g.dispatch(&ROPE, "rope", &params, &[x, cos, sin, &y], grid(pairs, 256))?;
+    Ok(y)
+}
+
+/// Most axes a permutation on the device handles.
+pub const MAX_RANK: usize = 6;
+
+/// `x` (contiguous, 32-bit elements, shape `dims`) with its axes permuted: the output has shape
+/// `dims[perm[0]], dims[perm[1]], ...`. Ranks above `MAX_RANK` are refused by the caller.
+pub fn permute(g: &Arc<Gpu>, x: &GpuBuffer, dims: &[usize], perm: &[usize]) -> Result<GpuBuffer> {
+    let rank = dims.len();
+    assert!(rank <= MAX_RANK && perm.len() == rank);
+    let n: usize = dims.iter().product();
+    let mut in_strides = vec![1usize; rank];
+    for a in (0..rank.saturating_sub(1)).rev() {
+        in_strides[a] = in_strides[a + 1] * dims[a + 1];
+    }
+    let mut params = vec![u(n), u(rank), 0, 0, 0, 0, 0, 0];
+    let mut out_dims = [1u32; MAX_RANK];
+    let mut strides = [0u32; MAX_RANK];
+    for (a, &pa) in perm.iter().enumerate() {
+        out_dims[a] = u(dims[pa]);
+        strides[a] = u(in_strides[pa]);
+    }
+    params.extend(out_dims);
+    params.extend(strides);
+    let y = g.alloc(n as u64 * 4);
+    g.dispatch(&LAYOUT, "permute", &params, &[x, &y], grid(n, 256))?;
+    Ok(y)
+}
+
+/// Where a slab copy reads and writes: `src (outer, src_dim, inner)` from `src_at`, into
+/// `dst (outer, dst_dim, inner)` at `dst_at`, `len` steps of the middle axis.
+#[derive(Clone, Copy, Debug)]
+pub struct Slab {
+    pub outer: usize,
+    pub inner: usize,
+    pub len: usize,
+    pub src_dim: usize,
+    pub src_at: usize,
+    pub dst_dim: usize,
+    pub dst_at: usize,
+}
+
+/// Copies a slab of `src` into `dst` (narrow reads one, cat writes one per input).
+pub fn slab(g: &Arc<Gpu>, src: &GpuBuffer, dst: &GpuBuffer, s: Slab) -> Result<()> {
+    let n = s.outer * s.len * s.inner;
+    let mut params = vec![
+        u(n),
+        0,
+        u(s.src_dim),
+        u(s.src_at),
+        u(s.dst_dim),
+        u(s.dst_at),
+        u(s.len.max(1)),
+        u(s.inner.max(1)),
+    ];
+    params.extend([0u32; 2 * MAX_RANK]);
+    g.dispatch(&LAYOUT, "slab", &params, &[src, dst], grid(n, 256))
+}
+
+/// A buffer of `n` 32-bit elements all holding `bits` (`0` is f32 zero and u32 zero).
+pub fn fill(g: &Arc<Gpu>, n: usize, bits: u32) -> Result<GpuBuffer> {
+    let y = g.alloc(n as u64 * 4);
+    g.dispatch(&FILL, "fill", &[u(n), bits, 0, 0], &[&y], grid(n, 256))?;
     Ok(y)
 }

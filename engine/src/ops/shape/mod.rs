@@ -8,7 +8,37 @@ use crate::{Error, Result, Shape, Storage, Tensor};
 use bft_kernels::cpu::layout::{copy_slab, permute};
 use std::sync::Arc;
 
-/// The host storage of a tensor whose data an op moves (copies on other devices come later).
+/// A wgpu tensor's buffer for a data-movement op: any 32-bit element type moves as bits.
+fn moved<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a bft_kernels::wgpu::GpuBuffer> {
+    if t.dtype().size_in_bytes() != 4 {
+        return Err(Error::DType {
+            op,
+            got: t.dtype(),
+            expected: "f32 or u32 on wgpu",
+        });
+    }
+    t.wgpu().ok_or(Error::Unsupported {
+        op,
+        device: t.device(),
+    })
+}
+
+/// A slab copy on wgpu from `src` into `dst`; both have the layout of `sizes` around the axis.
+fn wgpu_slab(
+    src: &Tensor,
+    dst: &bft_kernels::wgpu::GpuBuffer,
+    slab: bft_kernels::wgpu::ops::Slab,
+) -> Result<()> {
+    let g = dst.gpu().clone();
+    Ok(bft_kernels::wgpu::ops::slab(
+        &g,
+        moved("slab", src)?,
+        dst,
+        slab,
+    )?)
+}
+
+/// The host storage of a tensor whose data an op moves on the CPU.
 fn host<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CpuStorage> {
     match t.storage() {
         Storage::Cpu(s) => Ok(s),
@@ -112,9 +142,21 @@ impl Tensor {
             ));
         }
         let dims: Vec<usize> = perm.iter().map(|&p| self.dims()[p]).collect();
-        let out = map_cpu("permute", self, dims.into(), |s| {
-            s.permute(self.dims(), perm)
-        })?;
+        let out = if let Some((g, i)) = super::wgpu_of(self) {
+            if rank > bft_kernels::wgpu::ops::MAX_RANK {
+                return Err(Error::Unsupported {
+                    op: "permute of more than 6 axes",
+                    device: self.device(),
+                });
+            }
+            let y =
+                bft_kernels::wgpu::ops::permute(&g, moved("permute", self)?, self.dims(), perm)?;
+            Tensor::from_wgpu(y, self.dtype(), i, dims)
+        } else {
+            map_cpu("permute", self, dims.into(), |s| {
+                s.permute(self.dims(), perm)
+            })?
+        };
         let mut inverse = vec![0; rank];
         for (i, &p) in perm.iter().enumerate() {
             inverse[p] = i;
@@ -150,9 +192,24 @@ impl Tensor {
         let (outer, _, inner) = self.shape().split_at_axis(d);
         let mut dims = self.dims().to_vec();
         dims[d] = len;
-        let out = map_cpu("narrow", self, dims.into(), |s| {
-            s.slab(size, start, len, 0, (outer, len, inner), None)
-        })?;
+        let out = if let Some((g, i)) = super::wgpu_of(self) {
+            let dst = g.alloc((outer * len * inner * 4) as u64);
+            let slab = bft_kernels::wgpu::ops::Slab {
+                outer,
+                inner,
+                len,
+                src_dim: size,
+                src_at: start,
+                dst_dim: len,
+                dst_at: 0,
+            };
+            wgpu_slab(self, &dst, slab)?;
+            Tensor::from_wgpu(dst, self.dtype(), i, dims)
+        } else {
+            map_cpu("narrow", self, dims.into(), |s| {
+                s.slab(size, start, len, 0, (outer, len, inner), None)
+            })?
+        };
         Tape::record(Op::Narrow, &[self], out, || NarrowBackward {
             shape: self.shape().clone(),
             dim: d,
@@ -208,6 +265,28 @@ impl Tensor {
         let mut dims = first.dims().to_vec();
         dims[d] = total;
         let (outer, _, inner) = first.shape().split_at_axis(d);
+        if let Some((g, i)) = super::wgpu_of(first) {
+            let dst = g.alloc((outer * total * inner * 4) as u64);
+            let mut at = 0;
+            for t in tensors {
+                let len = t.dims()[d];
+                let slab = bft_kernels::wgpu::ops::Slab {
+                    outer,
+                    inner,
+                    len,
+                    src_dim: len,
+                    src_at: 0,
+                    dst_dim: total,
+                    dst_at: at,
+                };
+                wgpu_slab(t, &dst, slab)?;
+                at += len;
+            }
+            let out = Tensor::from_wgpu(dst, first.dtype(), i, dims);
+            let refs: Vec<&Tensor> = tensors.iter().collect();
+            let sizes = tensors.iter().map(|t| t.dims()[d]).collect();
+            return Tape::record(Op::Cat, &refs, out, || CatBackward { dim: d, sizes });
+        }
         let mut data: Option<CpuData> = None;
         let mut at = 0;
         for t in tensors {
@@ -256,10 +335,29 @@ struct NarrowBackward {
 impl Backward for NarrowBackward {
     /// The gradient lands in its slab of an otherwise zero tensor.
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let zeros = Tensor::zeros(self.shape.clone(), g.dtype(), &g.device())?;
-        let z = host("narrow backward", &zeros)?;
         let (outer, size, inner) = self.shape.split_at_axis(self.dim);
         let len = g.dims()[self.dim];
+        if let Some((gpu, i)) = super::wgpu_of(g) {
+            let dst = bft_kernels::wgpu::ops::fill(&gpu, self.shape.numel(), 0)?;
+            let slab = bft_kernels::wgpu::ops::Slab {
+                outer,
+                inner,
+                len,
+                src_dim: len,
+                src_at: 0,
+                dst_dim: size,
+                dst_at: self.start,
+            };
+            wgpu_slab(g, &dst, slab)?;
+            return Ok(vec![Some(Tensor::from_wgpu(
+                dst,
+                g.dtype(),
+                i,
+                self.shape.clone(),
+            ))]);
+        }
+        let zeros = Tensor::zeros(self.shape.clone(), g.dtype(), &g.device())?;
+        let z = host("narrow backward", &zeros)?;
         let out = map_cpu("narrow backward", g, self.shape.clone(), |s| {
             s.slab(
                 len,
