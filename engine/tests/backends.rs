@@ -17,7 +17,7 @@ fn backends() -> Vec<Device> {
     out
 }
 
-/// The loss and the gradients of the four leaves, on the host.
+/// The loss and the gradients of the five leaves, on the host.
 fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
     let t = |shape: Vec<usize>, std: f64, seed: u64| {
         Tensor::randn(shape, std, seed, DType::F32, &Device::Cpu)
@@ -67,6 +67,15 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
         .reshape([2, 6, 32])
         .unwrap();
     let h = Tensor::cat(&[back, h.narrow(-1, 32, 1).unwrap()], -1).unwrap();
+    // Token embeddings (ids stay on the host) added per position.
+    let table = tape.track(&t(vec![9, 33], 0.5, 8));
+    let ids = Tensor::from_vec(
+        vec![3u32, 1, 3, 8, 0, 3, 5, 5, 2, 1, 7, 3],
+        [2, 6],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let h = h.add(&table.embedding(&ids).unwrap()).unwrap();
     let logp = h.log_softmax().unwrap();
     let ce = logp.mul(&target).unwrap().sum(-1).unwrap().sum(0).unwrap();
     let aux = h.softmax().unwrap().log().unwrap().scale(0.01).unwrap();
@@ -79,7 +88,7 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
         .unwrap();
     let value = loss.to_scalar().unwrap();
     let mut grads = tape.backward(&loss).unwrap();
-    let leaves = [&x, &w, &gain, &bias];
+    let leaves = [&x, &w, &gain, &bias, &table];
     let g = leaves
         .iter()
         .map(|l| grads.remove(l).expect("a gradient").to_f64_vec().unwrap())

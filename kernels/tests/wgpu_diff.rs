@@ -337,3 +337,21 @@ fn permutes_slabs_and_fills_match_cpu() {
     let filled = ops::fill(&g, 5, 2.5f32.to_bits()).unwrap();
     close("fill", &down(&g, &filled), &[2.5; 5], 0.0);
 }
+
+#[test]
+fn embedding_gather_and_scatter_add_match_cpu() {
+    let Some(g) = device() else { return };
+    let (vocab, dim) = (97, 40);
+    let table = random(vocab * dim, 18, -1.0, 1.0);
+    // Repeated ids (and unused rows) exercise the accumulation.
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 31 + i / 7) % 60).collect();
+    let mut want = vec![0.0; ids.len() * dim];
+    cpu::embedding::gather(&table, dim, &ids, &mut want);
+    let got = ops::gather(&g, &up(&g, &table), dim, &ids).unwrap();
+    close("gather", &down(&g, &got), &want, 0.0);
+    let dout = random(ids.len() * dim, 19, -1.0, 1.0);
+    let mut dt = vec![0.0; vocab * dim];
+    cpu::embedding::scatter_add(&dout, dim, &ids, &mut dt);
+    let got = ops::scatter_add(&g, &up(&g, &dout), dim, &ids, vocab).unwrap();
+    close("scatter_add", &down(&g, &got), &dt, 1e-6);
+}

@@ -27,6 +27,8 @@ shader!(SWIGLU, "swiglu", ["swiglu", "swiglu_backward"]);
 shader!(ROPE, "rope", ["rope"]);
 shader!(LAYOUT, "layout", ["permute", "slab"]);
 shader!(FILL, "fill", ["fill"]);
+shader!(EMBEDDING, "embedding", ["gather"]);
+shader!(EMBEDDING_BACKWARD, "embedding_backward", ["scatter_add"]);
 
 /// Every shader, so a test can compile them all.
 pub static ALL: &[&Shader] = &[
@@ -41,6 +43,8 @@ pub static ALL: &[&Shader] = &[
     &ROPE,
     &LAYOUT,
     &FILL,
+    &EMBEDDING,
+    &EMBEDDING_BACKWARD,
 ];
 
 const F32: u64 = 4;
@@ -387,4 +391,58 @@ pub fn fill(g: &Arc<Gpu>, n: usize, bits: u32) -> Result<GpuBuffer> {
     let y = g.alloc(n as u64 * 4);
     g.dispatch(&FILL, "fill", &[u(n), bits, 0, 0], &[&y], grid(n, 256))?;
     Ok(y)
+}
+
+/// Rows `ids` of `table (vocab, dim)`: `(ids.len(), dim)`. The ids are checked by the caller.
+pub fn gather(g: &Arc<Gpu>, table: &GpuBuffer, dim: usize, ids: &[u32]) -> Result<GpuBuffer> {
+    let n = ids.len() * dim;
+    let out = g.alloc(n as u64 * F32);
+    let ids = g.upload(bytemuck::cast_slice(ids))?;
+    g.dispatch(
+        &EMBEDDING,
+        "gather",
+        &[u(n), u(dim), 0, 0],
+        &[table, &ids, &out],
+        grid(n, 256),
+    )?;
+    Ok(out)
+}
+
+/// `dtable (vocab, dim)` with `dtable[ids[i]] += dout[i]`, summed in token order per row.
+pub fn scatter_add(
+    g: &Arc<Gpu>,
+    dout: &GpuBuffer,
+    dim: usize,
+    ids: &[u32],
+    vocab: usize,
+) -> Result<GpuBuffer> {
+    // CSR on the host: the ids are few next to the table.
+    let mut start = vec![0u32; vocab + 1];
+    for &id in ids {
+        start[id as usize + 1] += 1;
+    }
+    for v in 0..vocab {
+        start[v + 1] += start[v];
+    }
+    let mut next = start.clone();
+    let mut tokens = vec![0u32; ids.len()];
+    for (t, &id) in ids.iter().enumerate() {
+        tokens[next[id as usize] as usize] = t as u32;
+        next[id as usize] += 1;
+    }
+    let n = vocab * dim;
+    let out = g.alloc(n as u64 * F32);
+    let (start, tokens) = (
+        g.upload(bytemuck::cast_slice(&start))?,
+        g.upload(bytemuck::cast_slice(&tokens))?,
+    );
+    let bufs = [dout, &start, &tokens, &out];
+    g.dispatch(
+        &EMBEDDING_BACKWARD,
+        "scatter_add",
+        &[u(n), u(dim), 0, 0],
+        &bufs,
+        grid(n, 256),
+    )?;
+    Ok(out)
 }

@@ -1,6 +1,7 @@
 //! Embedding lookup; its backward is a scatter-add into the table's gradient.
 
-use super::{Op, float_dispatch, via_f32};
+use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
+use crate::Device;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
 use bft_kernels::cpu::embedding::{gather, scatter_add};
@@ -25,7 +26,10 @@ impl Tensor {
             });
         }
         let (vocab, dim) = (self.dims()[0], self.dims()[1]);
-        let idv = ids.cpu::<u32>("embedding")?;
+        // Ids are few: a device copy is read back to check them (and to group them for the
+        // backward scatter).
+        let host_ids = ids.to_device(&Device::Cpu)?;
+        let idv = host_ids.cpu::<u32>("embedding")?;
         if let Some(&bad) = idv.iter().find(|&&i| i as usize >= vocab) {
             return Err(Error::Index {
                 op: "embedding",
@@ -35,13 +39,18 @@ impl Tensor {
         }
         let mut dims = ids.dims().to_vec();
         dims.push(dim);
-        let out = float_dispatch!("embedding", self.dtype(), |T| {
-            let mut o = vec![T::default(); idv.len() * dim];
-            gather(self.cpu::<T>("embedding")?, dim, idv, &mut o);
-            Ok(Tensor::from_cpu(o, dims))
-        })?;
+        let out = if let Some((g, i)) = wgpu_of(self) {
+            let o = bft_kernels::wgpu::ops::gather(&g, wbuf("embedding", self)?, dim, idv)?;
+            Tensor::from_wgpu(o, DType::F32, i, dims)
+        } else {
+            float_dispatch!("embedding", self.dtype(), |T| {
+                let mut o = vec![T::default(); idv.len() * dim];
+                gather(self.cpu::<T>("embedding")?, dim, idv, &mut o);
+                Ok(Tensor::from_cpu(o, dims))
+            })?
+        };
         Tape::record(Op::Embedding, &[self, ids], out, || EmbeddingBackward {
-            ids: ids.stop_gradient(),
+            ids: host_ids.stop_gradient(),
             vocab,
         })
     }
@@ -58,6 +67,20 @@ impl Backward for EmbeddingBackward {
             return Ok(vec![None, None]);
         }
         let dim = g.shape().last();
+        if let Some((gpu, i)) = wgpu_of(g) {
+            let ids = self.ids.cpu::<u32>("embedding")?;
+            let dt = bft_kernels::wgpu::ops::scatter_add(
+                &gpu,
+                wbuf("embedding", g)?,
+                dim,
+                ids,
+                self.vocab,
+            )?;
+            return Ok(vec![
+                Some(Tensor::from_wgpu(dt, DType::F32, i, [self.vocab, dim])),
+                None,
+            ]);
+        }
         let dt = float_dispatch!("embedding backward", g.dtype(), |T| {
             let mut dt = vec![T::default(); self.vocab * dim];
             scatter_add(
