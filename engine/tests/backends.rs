@@ -1,7 +1,8 @@
 //! One test body on every available backend: a small graph with the ops the wgpu backend has
 //! so far (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
 //! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums over the first and last axes, permute,
-//! narrow/split and cat), forward and backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
+//! narrow/split and cat, embedding, causal GQA attention), forward and backward, compared with
+//! the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
 
 use bft_engine::{DType, Device, Tape, Tensor};
 
@@ -61,6 +62,11 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
         .unwrap();
     let parts = heads.split(1, &[1, 3]).unwrap();
     let heads = Tensor::cat(&[parts[1].clone(), parts[0].scale(2.0).unwrap()], 1).unwrap();
+    // Causal attention over the heads: 4 query heads share 2 K/V heads.
+    let kv = heads.narrow(1, 0, 2).unwrap();
+    let heads = heads
+        .causal_attention(&kv, &kv.scale(0.5).unwrap(), None)
+        .unwrap();
     let back = heads
         .permute(&[0, 2, 1, 3])
         .unwrap()

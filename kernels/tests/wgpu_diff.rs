@@ -58,6 +58,27 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
+/// Norm-wise: the largest error at most `tol` times the largest value. For outputs that are sums
+/// of cancelling terms (attention gradients when an outlier makes a softmax row one-hot), an
+/// element's own size says nothing about its rounding error; the tensor's scale does.
+#[track_caller]
+fn close_norm(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let (i, err) = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .enumerate()
+        .fold((0, 0.0f32), |m, (i, e)| if e > m.1 { (i, e) } else { m });
+    assert!(
+        err <= tol * scale,
+        "{what}: max error {err} at [{i}] (wgpu {}, cpu {}) over scale {scale}",
+        got[i],
+        want[i]
+    );
+}
+
 #[test]
 fn every_shader_compiles_and_the_pool_reuses_buffers() {
     let Some(shared) = device() else { return };
@@ -354,4 +375,67 @@ fn embedding_gather_and_scatter_add_match_cpu() {
     cpu::embedding::scatter_add(&dout, dim, &ids, &mut dt);
     let got = ops::scatter_add(&g, &up(&g, &dout), dim, &ids, vocab).unwrap();
     close("scatter_add", &down(&g, &got), &dt, 1e-6);
+}
+
+#[test]
+fn causal_gqa_attention_forward_and_backward_match_cpu() {
+    use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_backward, attention_forward};
+    let Some(g) = device() else { return };
+    // (batch, q heads, kv heads, T, S, D): GQA groups of 1 and 3, a KV cache offset, odd sizes.
+    for (batch, hq, hkv, t, s, d) in [
+        (1, 2, 2, 5, 5, 8),
+        (2, 6, 2, 33, 40, 16),
+        (1, 3, 1, 70, 70, 64),
+    ] {
+        let dims = AttnDims {
+            batch,
+            q_heads: hq,
+            kv_heads: hkv,
+            q_len: t,
+            kv_len: s,
+            head_dim: d,
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = random(batch * hq * t * d, 20, -1.0, 1.0);
+        let k = random(batch * hkv * s * d, 21, -1.0, 1.0);
+        let v = random(batch * hkv * s * d, 22, -1.0, 1.0);
+        let dout = random(q.len(), 23, -1.0, 1.0);
+        let rows = batch * hq * t;
+        let (mut o, mut lse) = (vec![0.0; q.len()], vec![0.0; rows]);
+        attention_forward(
+            dims,
+            Tiles::default(),
+            scale,
+            (&q, &k, &v),
+            &mut o,
+            &mut lse,
+        );
+        let (qd, kd, vd) = (up(&g, &q), up(&g, &k), up(&g, &v));
+        let (od, ld) = ops::attention_forward(&g, dims, scale as f32, (&qd, &kd, &vd)).unwrap();
+        let what = format!("attention {batch}x{hq}/{hkv}x{t}/{s}x{d}");
+        close(&format!("{what} o"), &down(&g, &od), &o, 1e-4);
+        close(&format!("{what} lse"), &down(&g, &ld), &lse, 1e-5);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(
+            dims,
+            Tiles::default(),
+            scale,
+            (&q, &k, &v),
+            (&o, &lse, &dout),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        let (dqd, dkd, dvd) = ops::attention_backward(
+            &g,
+            dims,
+            scale as f32,
+            (&qd, &kd, &vd),
+            (&od, &ld, &up(&g, &dout)),
+        )
+        .unwrap();
+        close_norm(&format!("{what} dq"), &down(&g, &dqd), &dq, 1e-5);
+        close_norm(&format!("{what} dk"), &down(&g, &dkd), &dk, 1e-5);
+        close_norm(&format!("{what} dv"), &down(&g, &dvd), &dv, 1e-5);
+    }
 }

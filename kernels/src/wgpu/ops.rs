@@ -30,6 +30,24 @@ shader!(FILL, "fill", ["fill"]);
 shader!(EMBEDDING, "embedding", ["gather"]);
 shader!(EMBEDDING_BACKWARD, "embedding_backward", ["scatter_add"]);
 
+/// The attention passes: the shared part (`attention.wgsl`) with each pass appended.
+macro_rules! attention_pass {
+    ($name:ident, $file:literal, $entry:literal) => {
+        pub static $name: Shader = Shader {
+            name: $file,
+            source: concat!(
+                include_str!("../../wgsl/attention.wgsl"),
+                include_str!(concat!("../../wgsl/", $file, ".wgsl"))
+            ),
+            entries: &[$entry],
+        };
+    };
+}
+
+attention_pass!(ATTENTION_FWD, "attention_fwd", "attn_fwd");
+attention_pass!(ATTENTION_DQ, "attention_dq", "attn_bwd_dq");
+attention_pass!(ATTENTION_DKV, "attention_dkv", "attn_bwd_dkv");
+
 /// Every shader, so a test can compile them all.
 pub static ALL: &[&Shader] = &[
     &ELEMENTWISE,
@@ -45,6 +63,9 @@ pub static ALL: &[&Shader] = &[
     &FILL,
     &EMBEDDING,
     &EMBEDDING_BACKWARD,
+    &ATTENTION_FWD,
+    &ATTENTION_DQ,
+    &ATTENTION_DKV,
 ];
 
 const F32: u64 = 4;
@@ -445,4 +466,71 @@ pub fn scatter_add(
         grid(n, 256),
     )?;
     Ok(out)
+}
+
+/// Largest head dimension the attention kernels hold in registers.
+pub const MAX_HEAD_DIM: usize = 256;
+
+fn attention_params(dims: crate::cpu::attention::AttnDims, scale: f32) -> [u32; 8] {
+    [
+        u(dims.batch),
+        u(dims.q_heads),
+        u(dims.kv_heads),
+        u(dims.q_len),
+        u(dims.kv_len),
+        u(dims.head_dim),
+        scale.to_bits(),
+        0,
+    ]
+}
+
+/// Causal GQA attention: `(o (B, Hq, T, D), lse (B * Hq * T))`. The caller checks the shapes
+/// and `head_dim <= MAX_HEAD_DIM`.
+pub fn attention_forward(
+    g: &Arc<Gpu>,
+    dims: crate::cpu::attention::AttnDims,
+    scale: f32,
+    (q, k, v): (&GpuBuffer, &GpuBuffer, &GpuBuffer),
+) -> Result<(GpuBuffer, GpuBuffer)> {
+    let rows = dims.batch * dims.q_heads * dims.q_len;
+    let o = g.alloc((rows * dims.head_dim) as u64 * F32);
+    let lse = g.alloc(rows as u64 * F32);
+    let params = attention_params(dims, scale);
+    g.dispatch(
+        &ATTENTION_FWD,
+        "attn_fwd",
+        &params,
+        &[q, k, v, &o, &lse],
+        grid(rows, 64),
+    )?;
+    Ok((o, lse))
+}
+
+/// Attention backward from the saved `o` and `lse`: `(dq, dk, dv)`.
+pub fn attention_backward(
+    g: &Arc<Gpu>,
+    dims: crate::cpu::attention::AttnDims,
+    scale: f32,
+    (q, k, v): (&GpuBuffer, &GpuBuffer, &GpuBuffer),
+    (o, lse, dout): (&GpuBuffer, &GpuBuffer, &GpuBuffer),
+) -> Result<(GpuBuffer, GpuBuffer, GpuBuffer)> {
+    let rows = dims.batch * dims.q_heads * dims.q_len;
+    let kv_rows = dims.batch * dims.kv_heads * dims.kv_len;
+    let d = dims.head_dim;
+    let params = attention_params(dims, scale);
+    let dq = g.alloc((rows * d) as u64 * F32);
+    let delta = g.alloc(rows as u64 * F32);
+    let bufs = [q, k, v, o, lse, dout, &dq, &delta];
+    g.dispatch(&ATTENTION_DQ, "attn_bwd_dq", &params, &bufs, grid(rows, 64))?;
+    let dk = g.alloc((kv_rows * d) as u64 * F32);
+    let dv = g.alloc((kv_rows * d) as u64 * F32);
+    let bufs = [q, k, v, lse, dout, &delta, &dk, &dv];
+    g.dispatch(
+        &ATTENTION_DKV,
+        "attn_bwd_dkv",
+        &params,
+        &bufs,
+        grid(kv_rows, 64),
+    )?;
+    Ok((dq, dk, dv))
 }

@@ -1,6 +1,7 @@
 //! Causal scaled-dot-product attention with grouped-query heads, tiled flash-style.
 
-use super::{Op, float_dispatch, same_kind, via_f32};
+use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
+use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
 use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_backward, attention_forward};
@@ -24,7 +25,50 @@ impl Tensor {
         let dims = attn_dims(self, k, v)?;
         let scale = scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt());
         let rows = dims.batch * dims.q_heads * dims.q_len;
-        let (out, lse) = float_dispatch!("attention", self.dtype(), |T| {
+        let (out, lse) = if let Some((g, i)) = wgpu_of(self) {
+            use bft_kernels::wgpu::ops::{MAX_HEAD_DIM, attention_forward as fwd};
+            if dims.head_dim > MAX_HEAD_DIM {
+                return Err(Error::Unsupported {
+                    op: "attention with head_dim above 256",
+                    device: self.device(),
+                });
+            }
+            let qkv = (
+                wbuf("attention", self)?,
+                wbuf("attention", k)?,
+                wbuf("attention", v)?,
+            );
+            let (o, l) = fwd(&g, dims, scale as f32, qkv)?;
+            (
+                Tensor::from_wgpu(o, DType::F32, i, self.shape().clone()),
+                Tensor::from_wgpu(l, DType::F32, i, [rows]),
+            )
+        } else {
+            self.attention_cpu(k, v, dims, scale)?
+        };
+        Tape::record(Op::Attention, &[self, k, v], out.clone(), || {
+            AttentionBackward {
+                q: self.stop_gradient(),
+                k: k.stop_gradient(),
+                v: v.stop_gradient(),
+                o: out.stop_gradient(),
+                lse,
+                dims,
+                scale,
+            }
+        })
+    }
+
+    /// `(o, lse)` of the forward pass on the CPU.
+    fn attention_cpu(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        dims: AttnDims,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let rows = dims.batch * dims.q_heads * dims.q_len;
+        float_dispatch!("attention", self.dtype(), |T| {
             let (mut o, mut l) = (vec![T::default(); self.numel()], vec![T::default(); rows]);
             if rows > 0 {
                 let qkv = (
@@ -38,17 +82,6 @@ impl Tensor {
                 Tensor::from_cpu(o, self.shape().clone()),
                 Tensor::from_cpu(l, [rows]),
             ))
-        })?;
-        Tape::record(Op::Attention, &[self, k, v], out.clone(), || {
-            AttentionBackward {
-                q: self.stop_gradient(),
-                k: k.stop_gradient(),
-                v: v.stop_gradient(),
-                o: out.stop_gradient(),
-                lse,
-                dims,
-                scale,
-            }
         })
     }
 }
@@ -101,6 +134,18 @@ struct AttentionBackward {
 
 impl Backward for AttentionBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        if let Some((gpu, i)) = wgpu_of(g) {
+            let n = "attention";
+            let (dq, dk, dv) = bft_kernels::wgpu::ops::attention_backward(
+                &gpu,
+                self.dims,
+                self.scale as f32,
+                (wbuf(n, &self.q)?, wbuf(n, &self.k)?, wbuf(n, &self.v)?),
+                (wbuf(n, &self.o)?, wbuf(n, &self.lse)?, wbuf(n, g)?),
+            )?;
+            let t = |b, s: &Tensor| Some(Tensor::from_wgpu(b, DType::F32, i, s.shape().clone()));
+            return Ok(vec![t(dq, &self.q), t(dk, &self.k), t(dv, &self.v)]);
+        }
         float_dispatch!("attention backward", g.dtype(), |T| {
             let mut dq = vec![T::default(); self.q.numel()];
             let mut dk = vec![T::default(); self.k.numel()];

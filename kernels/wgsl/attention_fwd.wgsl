@@ -1,0 +1,37 @@
+// Attention forward pass (appended to attention.wgsl).
+
+@group(0) @binding(4) var<storage, read_write> o: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+
+@compute @workgroup_size(64)
+fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let row = row_id(wid, nwg, lid);
+    if (row >= p.batch * p.hq * p.t) { return; }
+    let i = row % p.t;
+    let h = (row / p.t) % p.hq;
+    let b = row / (p.t * p.hq);
+    let hk = h / (p.hq / p.hkv);
+    let qb = q_base(b, h, i);
+    var acc: array<f32, 256>;
+    var m = -3.4028235e38;
+    var l = 0.0;
+    let last = i + (p.s - p.t);
+    for (var j = 0u; j <= last; j++) {
+        let kb = kv_base(b, hk, j);
+        let sc = qk(qb, kb);
+        let m_new = max(m, sc);
+        let corr = exp(m - m_new);
+        let e = exp(sc - m_new);
+        l = l * corr + e;
+        for (var c = 0u; c < p.d; c++) {
+            acc[c] = acc[c] * corr + e * v[kb + c];
+        }
+        m = m_new;
+    }
+    for (var c = 0u; c < p.d; c++) {
+        o[qb + c] = acc[c] / l;
+    }
+    lse[row] = m + log(l);
+}
+
