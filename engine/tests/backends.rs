@@ -1,8 +1,8 @@
 //! One test body on every available backend: a small graph with the ops the wgpu backend has
 //! so far (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
 //! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums over the first and last axes, permute,
-//! narrow/split and cat, embedding, causal GQA attention), forward and backward, compared with
-//! the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
+//! narrow/split and cat, embedding, causal GQA attention, the fused LM-head loss), forward and
+//! backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
 
 use bft_engine::{DType, Device, Tape, Tensor};
 
@@ -18,7 +18,7 @@ fn backends() -> Vec<Device> {
     out
 }
 
-/// The loss and the gradients of the five leaves, on the host.
+/// The loss and the gradients of the six leaves, on the host.
 fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
     let t = |shape: Vec<usize>, std: f64, seed: u64| {
         Tensor::randn(shape, std, seed, DType::F32, &Device::Cpu)
@@ -92,9 +92,21 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
         .unwrap()
         .add(&aux.sum_all().unwrap())
         .unwrap();
+    // The fused LM head over 9 of the 12 rows, weighted per row by a detached function of the
+    // log-probs (as BFT weighs tokens).
+    let head = tape.track(&t(vec![50, 33], 0.3, 9));
+    let hidden = h.reshape([12, 33]).unwrap();
+    let rows = [0u32, 2, 3, 4, 6, 7, 9, 10, 11];
+    let targets = [5u32, 49, 0, 17, 17, 3, 30, 44, 8];
+    let nll = hidden
+        .lm_head_nll(&head, &rows, &targets, |lp| {
+            lp.iter().map(|l| 0.5 + l.exp()).collect()
+        })
+        .unwrap();
+    let loss = loss.add(&nll.loss.scale(0.1).unwrap()).unwrap();
     let value = loss.to_scalar().unwrap();
     let mut grads = tape.backward(&loss).unwrap();
-    let leaves = [&x, &w, &gain, &bias, &table];
+    let leaves = [&x, &w, &gain, &bias, &table, &head];
     let g = leaves
         .iter()
         .map(|l| grads.remove(l).expect("a gradient").to_f64_vec().unwrap())

@@ -439,3 +439,63 @@ fn causal_gqa_attention_forward_and_backward_match_cpu() {
         close_norm(&format!("{what} dv"), &down(&g, &dvd), &dv, 1e-5);
     }
 }
+
+#[test]
+fn fused_lm_head_loss_passes_match_cpu() {
+    use bft_kernels::cpu::lm_head::{HeadDims, lm_head_backward_head, lm_head_forward};
+    let Some(g) = device() else { return };
+    let (rows, c, v) = (37, 24, 301);
+    let dims = HeadDims {
+        rows,
+        hidden: c,
+        vocab: v,
+    };
+    let x = random(rows * c, 24, -1.0, 1.0);
+    let w = random(v * c, 25, -0.5, 0.5);
+    let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 97 + 5) % v as u32).collect();
+    let coef: Vec<f32> = (0..rows).map(|i| 0.1 + (i % 5) as f32 * 0.2).collect();
+    // Chunks of 16 rows: the last chunk is partial.
+    let chunk = 16;
+    let mut z = vec![0.0; chunk * v];
+    let (mut lse, mut tl, mut unit) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * c]);
+    lm_head_forward(
+        dims,
+        chunk,
+        (&x, &w, &targets),
+        &mut z,
+        &mut lse,
+        &mut tl,
+        Some(&mut unit),
+    );
+    let (xd, wd) = (up(&g, &x), up(&g, &w));
+    let f = ops::head_forward(&g, dims, chunk, (&xd, &wd, &targets), true).unwrap();
+    close("lse", &down(&g, &f.lse), &lse, 1e-5);
+    close("target logit", &down(&g, &f.target_logit), &tl, 1e-5);
+    // Sums of 301 products with outliers: f32 rounding, norm-wise.
+    close_norm("unit gradient", &down(&g, &f.unit.unwrap()), &unit, 5e-5);
+    let mut dw = vec![0.0; v * c];
+    lm_head_backward_head(
+        dims,
+        chunk,
+        (&x, &w, &targets),
+        (&lse, &coef),
+        &mut z,
+        &mut dw,
+    );
+    let dwd = ops::head_backward_weight(
+        &g,
+        dims,
+        chunk,
+        (&xd, &wd, &targets),
+        (&f.lse, &up(&g, &coef)),
+    )
+    .unwrap();
+    close_norm("head gradient", &down(&g, &dwd), &dw, 5e-5);
+    let scaled = ops::scale_rows(&g, &xd, &up(&g, &coef), rows * c, c).unwrap();
+    let want: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| e * coef[i / c])
+        .collect();
+    close("scale_rows", &down(&g, &scaled), &want, 1e-6);
+}

@@ -1,5 +1,5 @@
-// Elementwise kernels: unary ops and their backward, binary ops with `b` tiled over the rows of
-// `a`, column sums (the gradient of a broadcast operand), scale and SwiGLU. One invocation per
+// Elementwise kernels: unary ops, binary ops with `b` tiled over the rows of `a`, per-row
+// scaling, column sums (the gradient of a broadcast operand) and scale. One invocation per
 // element; the launcher spreads workgroups over x and y past 65,535 (index = flat id).
 
 struct P {
@@ -58,6 +58,15 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         case 2u: { y[i] = a * b; }
         default: { y[i] = a / b; }
     }
+}
+
+// scale_rows: y[i] = a[i] * b[i / nb]: each row of length nb scaled by its own factor.
+@compute @workgroup_size(256)
+fn scale_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= p.n) { return; }
+    y[i] = x[i] * xb[i / p.nb];
 }
 
 // sum_rows: y[j] = sum_r x[r * nb + j], rows in order (deterministic). n = nb outputs.

@@ -16,7 +16,11 @@ macro_rules! shader {
     };
 }
 
-shader!(ELEMENTWISE, "elementwise", ["unary", "binary", "sum_rows"]);
+shader!(
+    ELEMENTWISE,
+    "elementwise",
+    ["unary", "binary", "scale_rows", "sum_rows"]
+);
 shader!(UNARY_BACKWARD, "unary_backward", ["unary_backward"]);
 shader!(MATMUL, "matmul", ["matmul"]);
 shader!(RMSNORM, "rmsnorm", ["rmsnorm"]);
@@ -29,6 +33,8 @@ shader!(LAYOUT, "layout", ["permute", "slab"]);
 shader!(FILL, "fill", ["fill"]);
 shader!(EMBEDDING, "embedding", ["gather"]);
 shader!(EMBEDDING_BACKWARD, "embedding_backward", ["scatter_add"]);
+shader!(HEAD_LSE, "head_lse", ["head_lse"]);
+shader!(HEAD_GRAD, "head_grad", ["head_grad"]);
 
 /// The attention passes: the shared part (`attention.wgsl`) with each pass appended.
 macro_rules! attention_pass {
@@ -66,6 +72,8 @@ pub static ALL: &[&Shader] = &[
     &ATTENTION_FWD,
     &ATTENTION_DQ,
     &ATTENTION_DKV,
+    &HEAD_LSE,
+    &HEAD_GRAD,
 ];
 
 const F32: u64 = 4;
@@ -152,6 +160,25 @@ pub fn binary(
         &ELEMENTWISE,
         "binary",
         &[u(n), code, u(nb), 0],
+        &[a, &out, b],
+        grid(n, 256),
+    )?;
+    Ok(out)
+}
+
+/// `out[r, j] = a[r, j] * b[r]` for `a (n / cols, cols)`.
+pub fn scale_rows(
+    g: &Arc<Gpu>,
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    n: usize,
+    cols: usize,
+) -> Result<GpuBuffer> {
+    let out = g.alloc(n as u64 * F32);
+    g.dispatch(
+        &ELEMENTWISE,
+        "scale_rows",
+        &[u(n), 0, u(cols), 0],
         &[a, &out, b],
         grid(n, 256),
     )?;
@@ -533,4 +560,210 @@ pub fn attention_backward(
         grid(kv_rows, 64),
     )?;
     Ok((dq, dk, dv))
+}
+
+/// What pass 1 of the fused LM-head loss returns: per row the log-sum-exp and the target's
+/// logit, and with `unit` each row's gradient direction `(softmax - onehot) W` (n, C).
+pub struct HeadForward {
+    pub lse: GpuBuffer,
+    pub target_logit: GpuBuffer,
+    pub unit: Option<GpuBuffer>,
+}
+
+/// Pass 1 of the fused loss over `x (n, C)` and `head (V, C)`, `chunk` rows of logits at a time
+/// (the only vocabulary-sized buffer).
+pub fn head_forward(
+    g: &Arc<Gpu>,
+    dims: crate::cpu::lm_head::HeadDims,
+    chunk: usize,
+    (x, head, targets): (&GpuBuffer, &GpuBuffer, &[u32]),
+    unit: bool,
+) -> Result<HeadForward> {
+    use crate::cpu::matmul::GemmDims;
+    let crate::cpu::lm_head::HeadDims {
+        rows,
+        hidden: c,
+        vocab: v,
+    } = dims;
+    let lse = g.alloc(rows as u64 * F32);
+    let tl = g.alloc(rows as u64 * F32);
+    let unit_buf = unit.then(|| g.alloc((rows * c) as u64 * F32));
+    let chunk = chunk.max(1);
+    for r0 in (0..rows).step_by(chunk) {
+        let n = chunk.min(rows - r0);
+        let xs = g.alloc((n * c) as u64 * F32);
+        slab(
+            g,
+            x,
+            &xs,
+            Slab {
+                outer: 1,
+                inner: c,
+                len: n,
+                src_dim: rows,
+                src_at: r0,
+                dst_dim: n,
+                dst_at: 0,
+            },
+        )?;
+        // (n, C) . (V, C)^T -> (n, V)
+        let z = matmul(
+            g,
+            GemmDims {
+                batch: 1,
+                m: n,
+                n: v,
+                k: c,
+            },
+            DeviceOperand {
+                data: &xs,
+                trans: false,
+                batch_stride: 0,
+            },
+            DeviceOperand {
+                data: head,
+                trans: true,
+                batch_stride: 0,
+            },
+            None,
+        )?;
+        let t = g.upload(bytemuck::cast_slice(&targets[r0..r0 + n]))?;
+        let params = [u(n), u(v), u32::from(unit), u(r0)];
+        g.dispatch(
+            &HEAD_LSE,
+            "head_lse",
+            &params,
+            &[&z, &t, &lse, &tl],
+            grid(n, 1),
+        )?;
+        if let Some(ub) = &unit_buf {
+            // (n, V) . (V, C) -> (n, C), placed at rows r0.. of the unit buffer.
+            let uc = matmul(
+                g,
+                GemmDims {
+                    batch: 1,
+                    m: n,
+                    n: c,
+                    k: v,
+                },
+                DeviceOperand {
+                    data: &z,
+                    trans: false,
+                    batch_stride: 0,
+                },
+                DeviceOperand {
+                    data: head,
+                    trans: false,
+                    batch_stride: 0,
+                },
+                None,
+            )?;
+            slab(
+                g,
+                &uc,
+                ub,
+                Slab {
+                    outer: 1,
+                    inner: c,
+                    len: n,
+                    src_dim: n,
+                    src_at: 0,
+                    dst_dim: rows,
+                    dst_at: r0,
+                },
+            )?;
+        }
+    }
+    Ok(HeadForward {
+        lse,
+        target_logit: tl,
+        unit: unit_buf,
+    })
+}
+
+/// Pass 2 for the head: `dW (V, C) = sum over chunks of (coef * (softmax - onehot))^T x`.
+pub fn head_backward_weight(
+    g: &Arc<Gpu>,
+    dims: crate::cpu::lm_head::HeadDims,
+    chunk: usize,
+    (x, head, targets): (&GpuBuffer, &GpuBuffer, &[u32]),
+    (lse, coef): (&GpuBuffer, &GpuBuffer),
+) -> Result<GpuBuffer> {
+    use crate::cpu::matmul::GemmDims;
+    let crate::cpu::lm_head::HeadDims {
+        rows,
+        hidden: c,
+        vocab: v,
+    } = dims;
+    let mut dw = fill(g, v * c, 0)?;
+    let chunk = chunk.max(1);
+    for r0 in (0..rows).step_by(chunk) {
+        let n = chunk.min(rows - r0);
+        let xs = g.alloc((n * c) as u64 * F32);
+        slab(
+            g,
+            x,
+            &xs,
+            Slab {
+                outer: 1,
+                inner: c,
+                len: n,
+                src_dim: rows,
+                src_at: r0,
+                dst_dim: n,
+                dst_at: 0,
+            },
+        )?;
+        let z = matmul(
+            g,
+            GemmDims {
+                batch: 1,
+                m: n,
+                n: v,
+                k: c,
+            },
+            DeviceOperand {
+                data: &xs,
+                trans: false,
+                batch_stride: 0,
+            },
+            DeviceOperand {
+                data: head,
+                trans: true,
+                batch_stride: 0,
+            },
+            None,
+        )?;
+        let t = g.upload(bytemuck::cast_slice(&targets[r0..r0 + n]))?;
+        let params = [u(n * v), u(v), u(r0), 0];
+        g.dispatch(
+            &HEAD_GRAD,
+            "head_grad",
+            &params,
+            &[&z, &t, lse, coef],
+            grid(n * v, 256),
+        )?;
+        // (n, V)^T . (n, C) -> (V, C), accumulated.
+        dw = matmul(
+            g,
+            GemmDims {
+                batch: 1,
+                m: v,
+                n: c,
+                k: n,
+            },
+            DeviceOperand {
+                data: &z,
+                trans: true,
+                batch_stride: 0,
+            },
+            DeviceOperand {
+                data: &xs,
+                trans: false,
+                batch_stride: 0,
+            },
+            Some(dw),
+        )?;
+    }
+    Ok(dw)
 }

@@ -1,6 +1,6 @@
 //! Fused LM head + weighted NLL: the memory-bounded core of every loss variant.
 
-use super::{Op, float_dispatch, same_kind};
+use super::{Op, float_dispatch, same_kind, wbuf, wgpu_of};
 use crate::memory::Scratch;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
@@ -85,6 +85,9 @@ impl Tensor {
             hidden: c,
             vocab: v,
         };
+        if let Some((g, i)) = wgpu_of(self) {
+            return self.lm_head_wgpu(&g, i, head, dims, (rows, targets), weigh, n_all);
+        }
         let (loss, lse, coef, logprobs, xs, unit) =
             float_dispatch!("lm_head_nll", self.dtype(), |T| {
                 // (n, C): only the rows with a target.
@@ -154,6 +157,72 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// The fused loss on a wgpu device: the same two passes, with only the per-row log-sum-exp
+    /// and target logits read back to weigh the rows on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_wgpu(
+        &self,
+        g: &std::sync::Arc<bft_kernels::wgpu::Gpu>,
+        index: usize,
+        head: &Tensor,
+        dims: HeadDims,
+        (rows, targets): (&[u32], &[u32]),
+        weigh: impl FnOnce(&[f64]) -> Vec<f64>,
+        n_all: usize,
+    ) -> Result<HeadLoss> {
+        use bft_kernels::wgpu::ops as k;
+        let n = "lm_head_nll";
+        let c = dims.hidden;
+        let xs = k::gather(g, wbuf(n, self)?, c, rows)?;
+        let chunk = chunk_rows(dims.vocab, 4, CHUNK_BYTES);
+        let f = k::head_forward(
+            g,
+            dims,
+            chunk,
+            (&xs, wbuf(n, head)?, targets),
+            self.is_tracked(),
+        )?;
+        let read = |b: &bft_kernels::wgpu::GpuBuffer| -> Result<Vec<f32>> {
+            Ok(bytemuck::pod_collect_to_vec(&g.read(b)?))
+        };
+        let (lse_h, tl_h) = (read(&f.lse)?, read(&f.target_logit)?);
+        let logprobs: Vec<f64> = tl_h
+            .iter()
+            .zip(&lse_h)
+            .map(|(&t, &l)| f64::from(t - l))
+            .collect();
+        let coef = weigh(&logprobs);
+        if coef.len() != rows.len() {
+            return Err(Error::shape(
+                n,
+                format!(
+                    "weigh returned {} coefficients for {} rows",
+                    coef.len(),
+                    rows.len()
+                ),
+            ));
+        }
+        let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
+        let dev = crate::Device::Wgpu(index);
+        let loss = Tensor::from_vec(vec![loss as f32], Vec::<usize>::new(), &dev)?;
+        let coef: Vec<f32> = coef.iter().map(|&a| a as f32).collect();
+        let w = |b, shape: Vec<usize>| Tensor::from_wgpu(b, DType::F32, index, shape);
+        let saved = LmHeadBackward {
+            xs: w(xs, vec![rows.len(), c]),
+            unit: f.unit.map(|u| w(u, vec![rows.len(), c])),
+            head: head.stop_gradient(),
+            rows: rows.to_vec(),
+            targets: targets.to_vec(),
+            lse: w(f.lse, vec![rows.len()]),
+            coef: Tensor::from_vec(coef, [rows.len()], &dev)?,
+            n_all,
+        };
+        let loss = Tape::record(Op::LmHeadNll, &[self, head], loss, || saved)?;
+        Ok(HeadLoss { loss, logprobs })
+    }
+}
+
 struct LmHeadBackward {
     /// `(n, C)` the selected rows of the hidden states.
     xs: Tensor,
@@ -178,6 +247,39 @@ impl Backward for LmHeadBackward {
             vocab: v,
         };
         let upstream = g.to_scalar()?;
+        if let Some((gpu, i)) = wgpu_of(g) {
+            use bft_kernels::wgpu::ops as k;
+            let n = "lm_head_nll";
+            let coef = k::scale(&gpu, upstream as f32, wbuf(n, &self.coef)?, self.rows.len())?;
+            let dx = match (&self.unit, needs[0]) {
+                (Some(unit), true) => {
+                    let scaled =
+                        k::scale_rows(&gpu, wbuf(n, unit)?, &coef, self.rows.len() * c, c)?;
+                    let dx = k::scatter_add(&gpu, &scaled, c, &self.rows, self.n_all)?;
+                    Some(Tensor::from_wgpu(dx, DType::F32, i, [self.n_all, c]))
+                }
+                _ => None,
+            };
+            let dw = if needs[1] {
+                let chunk = chunk_rows(v, 4, CHUNK_BYTES);
+                let inputs = (
+                    wbuf(n, &self.xs)?,
+                    wbuf(n, &self.head)?,
+                    self.targets.as_slice(),
+                );
+                let dw = k::head_backward_weight(
+                    &gpu,
+                    dims,
+                    chunk,
+                    inputs,
+                    (wbuf(n, &self.lse)?, &coef),
+                )?;
+                Some(Tensor::from_wgpu(dw, DType::F32, i, [v, c]))
+            } else {
+                None
+            };
+            return Ok(vec![dx, dw]);
+        }
         float_dispatch!("lm_head_nll backward", g.dtype(), |T| {
             let n = "lm_head_nll";
             let coef: Vec<T> = self
