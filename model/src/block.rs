@@ -392,5 +392,9 @@ fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     let m: Vec<f64> = (0..x.numel())
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
         .collect();
-    Ok(Tensor::from_vec(m, x.dims().to_vec(), &bft_engine::Device::Cpu)?.to_dtype(x.dtype())?)
+    Ok(
+        Tensor::from_vec(m, x.dims().to_vec(), &bft_engine::Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(&x.device())?,
+    )
 }

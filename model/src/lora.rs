@@ -84,8 +84,12 @@ impl Transformer {
                 let a: Vec<f64> = (0..cfg.rank * w[1])
                     .map(|_| rng.random_range(-bound..bound))
                     .collect();
-                let a = Tensor::from_vec(a, [cfg.rank, w[1]], &Device::Cpu)?.to_dtype(dtype)?;
-                let b = Tensor::zeros([w[0], cfg.rank], dtype, &Device::Cpu)?;
+                // Adapters live where their base weight does.
+                let dev = block.tensors()[weight_of(l)].device();
+                let a = Tensor::from_vec(a, [cfg.rank, w[1]], &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(&dev)?;
+                let b = Tensor::zeros([w[0], cfg.rank], dtype, &dev)?;
                 block.set_lora(
                     l,
                     Some(LoraPair {
@@ -220,7 +224,7 @@ impl Transformer {
         };
         cfg.check()?;
         let src = SafetensorsDir::open_file(&dir.join("adapter_model.safetensors"))?;
-        let dtype = self.head().dtype();
+        let (dtype, dev) = (self.head().dtype(), self.head().device());
         let layers = self.blocks().len();
         for i in 0..layers {
             for &l in &cfg.targets {
@@ -229,7 +233,7 @@ impl Transformer {
                     let t = src.tensor(&name)?.ok_or_else(|| {
                         Error::Weights(format!("{}: missing {name}", src.describe()))
                     })?;
-                    Ok(t.to_dtype(dtype)?)
+                    Ok(t.to_dtype(dtype)?.to_device(&dev)?)
                 };
                 let pair = LoraPair {
                     a: get('A')?,

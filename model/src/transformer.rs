@@ -141,7 +141,7 @@ impl Transformer {
     /// checkpointed when `checkpointing` is set (gradients are identical either way).
     pub fn hidden_train(&self, ids: &Tensor, dropout_seed: u64) -> Result<Tensor> {
         let t = self.check_ids(ids)?;
-        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, 0, self.embed.dtype())?;
+        let (cos, sin) = self.rope(t, 0)?;
         let mut x = self.embed.embedding(ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let seed =
@@ -196,6 +196,39 @@ impl Transformer {
         Ok(t)
     }
 
+    /// RoPE tables for positions `offset..offset + t`, on the model's device.
+    fn rope(&self, t: usize, offset: usize) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, offset, self.embed.dtype())?;
+        let dev = self.embed.device();
+        Ok((cos.to_device(&dev)?, sin.to_device(&dev)?))
+    }
+
+    /// This model with every weight (and adapter) copied to `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Transformer> {
+        let mv = |t: &Tensor| t.to_device(device);
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let params = b.params().iter().map(mv).collect::<Result<Vec<_>, _>>()?;
+                Ok(b.with_params(&params))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Transformer {
+            config: self.config.clone(),
+            embed: mv(&self.embed)?,
+            blocks,
+            norm: mv(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(mv).transpose()?,
+            checkpointing: self.checkpointing,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.embed.device()
+    }
+
     /// One empty KV cache per layer, for `hidden_cached`.
     pub fn new_cache(&self) -> Vec<KvCache> {
         vec![KvCache::default(); self.blocks.len()]
@@ -217,7 +250,7 @@ impl Transformer {
     fn hidden_impl(&self, ids: &Tensor, mut cache: Option<&mut [KvCache]>) -> Result<Tensor> {
         let t = self.check_ids(ids)?;
         let offset = cache.as_ref().map_or(0, |c| c[0].len());
-        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, offset, self.embed.dtype())?;
+        let (cos, sin) = self.rope(t, offset)?;
         let mut x = self.embed.embedding(ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward_cached(&x, &cos, &sin, cache.as_deref_mut().map(|c| &mut c[i]))?;

@@ -91,6 +91,9 @@ struct ScoreArgs {
     /// Output JSONL file (written only if scoring succeeds).
     #[arg(long)]
     out: PathBuf,
+    /// Compute device: cpu, wgpu (the first adapter) or wgpu:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -513,6 +516,19 @@ fn model_path(arg: &Path) -> Result<PathBuf> {
 
 const SMOLLM2: &str = "smollm2";
 
+/// A `--device` argument: `cpu`, `wgpu` (the first adapter) or `wgpu:N`.
+fn parse_device(s: &str) -> Result<bft_engine::Device> {
+    use bft_engine::Device;
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "wgpu" => Ok(Device::Wgpu(0)),
+        _ => match s.strip_prefix("wgpu:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Device::Wgpu(i)),
+            _ => bail!("unknown --device `{s}` (cpu, wgpu or wgpu:N; `bft info` lists adapters)"),
+        },
+    }
+}
+
 fn sibling_tmp(target: &Path) -> PathBuf {
     let name = target
         .file_name()
@@ -541,6 +557,11 @@ fn score(a: ScoreArgs) -> Result<()> {
             .load_peft(dir)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
     }
+    let device = parse_device(&a.device)?;
+    m.model = m
+        .model
+        .to_device(&device)
+        .with_context(|| format!("moving the model to {device}"))?;
     let template = m
         .template
         .take()

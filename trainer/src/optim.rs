@@ -71,7 +71,10 @@ impl AdamW {
                 let (mh, vh) = (m[j] as f64 / bc1, v[j] as f64 / bc2);
                 w[j] -= lr * mh / (vh.sqrt() + c.eps);
             }
-            **p = Tensor::from_vec(w, p.dims().to_vec(), &Device::Cpu)?.to_dtype(dtype)?;
+            // The update runs on the host; the parameter returns to its device.
+            **p = Tensor::from_vec(w, p.dims().to_vec(), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(&p.device())?;
         }
         Ok(())
     }

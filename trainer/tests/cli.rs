@@ -622,3 +622,93 @@ fn corrupt_weights_bad_config_and_missing_files_fail_cleanly() {
     }
     std::fs::remove_file(&truncated_gguf).ok();
 }
+
+/// `bft score --device wgpu` gives the CPU's log-probs within 1e-4, and `bft train --device
+/// wgpu` runs a step. Skips without a wgpu adapter unless BFT_REQUIRE_WGPU=1 (CI runs it on
+/// Mesa's software Vulkan device).
+#[test]
+fn score_and_train_on_wgpu_match_the_cpu() {
+    let has_wgpu =
+        bft_engine::Tensor::zeros([1], bft_engine::DType::F32, &bft_engine::Device::Wgpu(0));
+    if let Err(e) = has_wgpu {
+        assert!(
+            !std::env::var("BFT_REQUIRE_WGPU").is_ok_and(|v| v == "1"),
+            "BFT_REQUIRE_WGPU=1 but {e}"
+        );
+        return eprintln!("wgpu skipped: {e}");
+    }
+    let data = tmp("wgpu.jsonl");
+    std::fs::write(
+        &data,
+        "{\"instruction\": \"What does TP53 do?\", \"output\": \"It suppresses tumors.\"}\n",
+    )
+    .unwrap();
+    let score = |device: &str| -> Vec<f64> {
+        let out = tmp(&format!("score-{device}.jsonl"));
+        let run = Command::new(env!("CARGO_BIN_EXE_bft"))
+            .args(["score", "--device", device, "--model"])
+            .arg(model())
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let row: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        row["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let (gpu, cpu) = (score("wgpu"), score("cpu"));
+    assert_eq!(gpu.len(), cpu.len());
+    assert!(!cpu.is_empty());
+    for (a, b) in gpu.iter().zip(&cpu) {
+        assert!((a - b).abs() <= 1e-4, "log-prob {a} on wgpu vs {b} on cpu");
+    }
+    let dir = tmp("wgpu-train");
+    let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .args([
+            "train",
+            "--device",
+            "wgpu",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "1",
+        ])
+        .args(["--cutoff-len", "48", "--lora-rank", "2", "--model"])
+        .arg(model())
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(
+        step["loss"].as_f64().unwrap().is_finite() && step["grad_norm"].as_f64().unwrap() > 0.0
+    );
+    assert!(dir.join("adapter/adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

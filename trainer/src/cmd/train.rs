@@ -96,7 +96,7 @@ pub struct TrainArgs {
     /// Recompute each layer in the backward pass (less memory, about 30% more compute).
     #[arg(long)]
     pub checkpointing: bool,
-    /// Compute device (only `cpu` in this build).
+    /// Compute device: cpu, wgpu (the first adapter; `bft info` lists them) or wgpu:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Held-out data (JSONL) whose cross-entropy is measured every --eval-steps.
@@ -119,12 +119,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     use bft_trainer::loss::{GroupConfig, VariantParams, builtin};
     use bft_trainer::optim::{AdamWConfig, Decay, Schedule};
     use bft_trainer::train::{TrainConfig, Trainable, Trainer};
-    if a.device != "cpu" {
-        bail!(
-            "device `{}` is not available in this build (only cpu)",
-            a.device
-        );
-    }
+    let device = crate::parse_device(&a.device)?;
     let metrics_path = a.output.join("metrics.jsonl");
     if metrics_path.exists() && !a.resume {
         bail!(
@@ -158,6 +153,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (ds, mut encoded) =
         crate::read_encoded(&m, &template, &a.data, a.skip_bad_rows, a.cutoff_len)?;
     let held_out = held_out(&a, &m, &template, &mut encoded)?;
+    m.model = m
+        .model
+        .to_device(&device)
+        .with_context(|| format!("moving the model to {device}"))?;
     let trainable = if a.full {
         Trainable::Full
     } else {
