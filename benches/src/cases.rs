@@ -41,27 +41,30 @@ const QWEN2_1_5B: Model = Model {
 };
 
 /// Is the kernel bound by arithmetic or by memory traffic (which roofline it is judged on)?
+/// Device kernels have no measured roofline yet: their rows report no percentage.
 #[derive(Clone, Copy)]
-enum Bound {
+pub enum Bound {
     Compute,
     Memory,
+    Unmeasured,
 }
 
 /// What a case's body measures: validation error, median time in microseconds, and the peak
 /// engine tensor bytes where the case tracks them.
-struct Measured {
-    err: f64,
-    time_us: f64,
-    peak_bytes: Option<usize>,
+pub struct Measured {
+    pub err: f64,
+    pub time_us: f64,
+    pub peak_bytes: Option<usize>,
 }
 
 pub struct Case {
     pub name: String,
-    shape: String,
-    flops: f64,
-    bytes: f64,
-    bound: Bound,
-    body: Box<dyn FnOnce(f64) -> Result<Measured>>,
+    pub shape: String,
+    pub flops: f64,
+    pub bytes: f64,
+    pub bound: Bound,
+    pub backend: &'static str,
+    pub body: Box<dyn FnOnce(f64) -> Result<Measured>>,
 }
 
 impl Case {
@@ -77,15 +80,15 @@ impl Case {
             peak_bytes,
         } = (self.body)(budget)?;
         let (gflops, gbps) = (self.flops / time_us / 1e3, self.bytes / time_us / 1e3);
-        let (achieved, roofline) = if compute {
-            (gflops, peak.gflops)
-        } else {
-            (gbps, peak.gbps)
+        let (achieved, roofline) = match self.bound {
+            Bound::Compute => (gflops, peak.gflops),
+            Bound::Memory => (gbps, peak.gbps),
+            Bound::Unmeasured => (f64::NAN, f64::NAN),
         };
         let pct = 100.0 * achieved / roofline;
         Ok(Record {
             kernel: self.name,
-            backend: "cpu",
+            backend: self.backend,
             dtype: "f32",
             shape: self.shape,
             time_us,
@@ -100,7 +103,7 @@ impl Case {
 }
 
 /// Deterministic pseudo-random values in [-1, 1] (a hash, so no RNG state is shared).
-fn data(n: usize, seed: u64) -> Vec<f32> {
+pub fn data(n: usize, seed: u64) -> Vec<f32> {
     (0..n as u64)
         .map(|i| {
             let mut z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -222,6 +225,7 @@ fn gemm(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
         flops: 2.0 * (m * n * k) as f64,
         bytes: 4.0 * (m * k + k * n + m * n) as f64,
         bound: Bound::Compute,
+        backend: "cpu",
         body: Box::new(body),
     }
 }
@@ -305,6 +309,7 @@ fn attention_fwd(m: &Model, t: usize) -> Case {
         flops: 4.0 * causal_pairs(&dims) * m.head_dim as f64,
         bytes: 4.0 * (2 * m.heads + 2 * m.kv_heads) as f64 * (t * m.head_dim) as f64,
         bound: Bound::Compute,
+        backend: "cpu",
         body: Box::new(body),
     }
 }
@@ -379,6 +384,7 @@ fn attention_fwd_bwd(m: &Model, t: usize) -> Case {
         flops: 3.5 * 4.0 * causal_pairs(&dims) * m.head_dim as f64,
         bytes: 4.0 * 2.0 * (2 * m.heads + 2 * m.kv_heads) as f64 * (t * m.head_dim) as f64,
         bound: Bound::Compute,
+        backend: "cpu",
         body: Box::new(body),
     }
 }
@@ -433,6 +439,7 @@ fn elementwise(
         flops,
         bytes,
         bound: Bound::Memory,
+        backend: "cpu",
         body: Box::new(body),
     }
 }
@@ -637,6 +644,7 @@ fn lm_loss(m: &Model, tokens: usize, fused: bool) -> Case {
         flops: 4.0 * (tokens * m.vocab * m.hidden) as f64,
         bytes: 4.0 * (m.vocab * m.hidden + 2 * tokens * m.hidden) as f64,
         bound: Bound::Compute,
+        backend: "cpu",
         body: Box::new(body),
     }
 }

@@ -8,6 +8,7 @@ mod cases;
 mod reference;
 mod report;
 mod timing;
+mod wgpu_cases;
 
 use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
@@ -40,22 +41,38 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.backend != Backend::Cpu {
-        bail!(
-            "backend {:?} is not built yet: only the CPU backend exists so far",
-            args.backend
-        );
+    if args.backend == Backend::Cuda {
+        bail!("the CUDA backend is not built yet");
     }
     let threads = rayon::current_num_threads();
-    eprintln!("measuring the roofline on {threads} threads...");
-    let mut peak = Peak::measure(args.quick);
-    println!(
-        "peak: {:.1} GFLOP/s f32 (FMA loop, {threads} threads), {:.1} GB/s (copy, read+write)\n",
-        peak.gflops, peak.gbps
-    );
+    let mut peak = if args.backend == Backend::Wgpu {
+        Peak {
+            gflops: f64::NAN,
+            gbps: f64::NAN,
+        }
+    } else {
+        eprintln!("measuring the roofline on {threads} threads...");
+        let peak = Peak::measure(args.quick);
+        println!(
+            "peak: {:.1} GFLOP/s f32 (FMA loop, {threads} threads), {:.1} GB/s (copy, read+write)\n",
+            peak.gflops, peak.gbps
+        );
+        peak
+    };
+    let cases = match args.backend {
+        Backend::Wgpu => {
+            let g = bft_kernels::wgpu::gpu(0)?;
+            println!(
+                "wgpu adapter: {} (no measured roofline: no %peak)\n",
+                g.describe()
+            );
+            wgpu_cases::all(&g, args.quick)
+        }
+        _ => cases::all(args.quick),
+    };
     let mut records: Vec<Record> = Vec::new();
     report::print_header();
-    for case in cases::all(args.quick) {
+    for case in cases {
         if args
             .filter
             .as_deref()

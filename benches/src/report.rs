@@ -66,8 +66,13 @@ pub fn print_row(r: &Record) {
         .peak_bytes
         .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
         .unwrap_or_default();
+    let pct = if r.pct_of_peak.is_finite() {
+        format!("{:.1}%", r.pct_of_peak)
+    } else {
+        "n/a".into()
+    };
     println!(
-        "{:<28} {:<34} {:>11} {:>9.1} {:>8.1} {:>6.1}% {:>9.1e} {:>10}",
-        r.kernel, r.shape, time, r.gflops, r.gbps, r.pct_of_peak, r.max_rel_err, mem
+        "{:<28} {:<34} {:>11} {:>9.1} {:>8.1} {:>7} {:>9.1e} {:>10}",
+        r.kernel, r.shape, time, r.gflops, r.gbps, pct, r.max_rel_err, mem
     );
 }

@@ -318,8 +318,8 @@ fn info() -> Result<()> {
     );
     println!(
         "wgpu ops so far: matmul, add/sub/mul/div, scale, exp/log/sigmoid/silu/neg, rms_norm, \
-         softmax/log_softmax, sum over the first or last axis (training on wgpu comes with the \
-         remaining kernels)"
+         rope, swiglu, softmax/log_softmax, sums over the first or last axis, \
+         permute/narrow/cat, embedding, causal attention, the fused LM-head loss"
     );
     println!(
         "cpu threads: {}",
