@@ -16,34 +16,6 @@ struct P {
 @group(0) @binding(3) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(4) var<storage, read_write> tl: array<f32>;
 
-var<workgroup> red: array<f32, 256>;
-
-fn reduce(v: f32, lid: u32, take_max: bool) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            if (take_max) {
-                red[lid] = max(red[lid], red[lid + s]);
-            } else {
-                red[lid] += red[lid + s];
-            }
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-// log(1 + t), accurate for small t where the builtin log near 1 is not.
-fn log1p_small(t: f32) -> f32 {
-    if (t < 0.01) {
-        return t * (1.0 - t * (0.5 - t * (1.0 / 3.0 - t * (0.25 - t * 0.2))));
-    }
-    return log(1.0 + t);
-}
-
 @compute @workgroup_size(256)
 fn head_lse(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
@@ -54,12 +26,12 @@ fn head_lse(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     for (var j = lid; j < p.vocab; j += 256u) {
         m = max(m, z[o + j]);
     }
-    m = reduce(m, lid, true);
+    m = row_max(m, lid);
     var s = 0.0;
     for (var j = lid; j < p.vocab; j += 256u) {
         s += exp(z[o + j] - m);
     }
-    s = reduce(s, lid, false);
+    s = row_sum(s, lid);
     let y = targets[r];
     let l = m + log1p_small(s - 1.0);
     if (lid == 0u) {

@@ -14,44 +14,6 @@ struct P {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>; // forward: y; backward: dx
 @group(0) @binding(3) var<storage, read> dy: array<f32>;      // backward only
 
-var<workgroup> red: array<f32, 256>;
-
-fn row_sum(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    workgroupBarrier();
-    return total;
-}
-
-fn row_max(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let m = red[0];
-    workgroupBarrier();
-    return m;
-}
-
-// log(1 + t): a five-term series below t = 0.01 (error under t^6 / 6), the builtin above.
-fn log1p_small(t: f32) -> f32 {
-    if (t < 0.01) {
-        return t * (1.0 - t * (0.5 - t * (1.0 / 3.0 - t * (0.25 - t * 0.2))));
-    }
-    return log(1.0 + t);
-}
-
 @compute @workgroup_size(256)
 fn softmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {

@@ -15,14 +15,6 @@ struct P {
 @group(0) @binding(4) var<storage, read> dy: array<f32>;          // backward only
 @group(0) @binding(5) var<storage, read_write> dup: array<f32>;   // backward only
 
-fn sigmoid(v: f32) -> f32 {
-    if (v >= 0.0) {
-        return 1.0 / (1.0 + exp(-v));
-    }
-    let e = exp(v);
-    return e / (1.0 + e);
-}
-
 @compute @workgroup_size(256)
 fn swiglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {

@@ -6,11 +6,15 @@ use crate::cpu::binary::BinaryKind;
 use crate::cpu::unary::UnaryKind;
 use std::sync::Arc;
 
+/// A kernel file with `common.wgsl` (the shared helpers) in front of it.
 macro_rules! shader {
     ($name:ident, $file:literal, [$($entry:literal),+]) => {
         pub static $name: Shader = Shader {
             name: $file,
-            source: include_str!(concat!("../../wgsl/", $file, ".wgsl")),
+            source: concat!(
+                include_str!("../../wgsl/common.wgsl"),
+                include_str!(concat!("../../wgsl/", $file, ".wgsl"))
+            ),
             entries: &[$($entry),+],
         };
     };
@@ -36,12 +40,14 @@ shader!(EMBEDDING_BACKWARD, "embedding_backward", ["scatter_add"]);
 shader!(HEAD_LSE, "head_lse", ["head_lse"]);
 shader!(HEAD_GRAD, "head_grad", ["head_grad"]);
 
-/// The attention passes: the shared part (`attention.wgsl`) with each pass appended.
+/// The attention passes: the common helpers, the part all passes share (`attention.wgsl`),
+/// then the pass.
 macro_rules! attention_pass {
     ($name:ident, $file:literal, $entry:literal) => {
         pub static $name: Shader = Shader {
             name: $file,
             source: concat!(
+                include_str!("../../wgsl/common.wgsl"),
                 include_str!("../../wgsl/attention.wgsl"),
                 include_str!(concat!("../../wgsl/", $file, ".wgsl"))
             ),
@@ -570,108 +576,98 @@ pub struct HeadForward {
     pub unit: Option<GpuBuffer>,
 }
 
+/// One chunk of the fused loss: rows `r0..r0 + n` of `x (rows, C)` copied out, their logits
+/// `z (n, V) = x W^T`, and their targets on the device.
+struct Chunk {
+    xs: GpuBuffer,
+    z: GpuBuffer,
+    targets: GpuBuffer,
+}
+
+fn chunk_logits(
+    g: &Arc<Gpu>,
+    dims: crate::cpu::lm_head::HeadDims,
+    (x, head, targets): (&GpuBuffer, &GpuBuffer, &[u32]),
+    (r0, n): (usize, usize),
+) -> Result<Chunk> {
+    use crate::cpu::matmul::GemmDims;
+    let (rows, c, v) = (dims.rows, dims.hidden, dims.vocab);
+    let xs = g.alloc((n * c) as u64 * F32);
+    let rows_of = Slab {
+        outer: 1,
+        inner: c,
+        len: n,
+        src_dim: rows,
+        src_at: r0,
+        dst_dim: n,
+        dst_at: 0,
+    };
+    slab(g, x, &xs, rows_of)?;
+    let gemm = GemmDims {
+        batch: 1,
+        m: n,
+        n: v,
+        k: c,
+    };
+    let operand = |data, trans| DeviceOperand {
+        data,
+        trans,
+        batch_stride: 0,
+    };
+    let z = matmul(g, gemm, operand(&xs, false), operand(head, true), None)?;
+    let targets = g.upload(bytemuck::cast_slice(&targets[r0..r0 + n]))?;
+    Ok(Chunk { xs, z, targets })
+}
+
 /// Pass 1 of the fused loss over `x (n, C)` and `head (V, C)`, `chunk` rows of logits at a time
 /// (the only vocabulary-sized buffer).
 pub fn head_forward(
     g: &Arc<Gpu>,
     dims: crate::cpu::lm_head::HeadDims,
     chunk: usize,
-    (x, head, targets): (&GpuBuffer, &GpuBuffer, &[u32]),
+    inputs: (&GpuBuffer, &GpuBuffer, &[u32]),
     unit: bool,
 ) -> Result<HeadForward> {
     use crate::cpu::matmul::GemmDims;
-    let crate::cpu::lm_head::HeadDims {
-        rows,
-        hidden: c,
-        vocab: v,
-    } = dims;
+    let (rows, c, v) = (dims.rows, dims.hidden, dims.vocab);
     let lse = g.alloc(rows as u64 * F32);
     let tl = g.alloc(rows as u64 * F32);
     let unit_buf = unit.then(|| g.alloc((rows * c) as u64 * F32));
-    let chunk = chunk.max(1);
-    for r0 in (0..rows).step_by(chunk) {
-        let n = chunk.min(rows - r0);
-        let xs = g.alloc((n * c) as u64 * F32);
-        slab(
-            g,
-            x,
-            &xs,
-            Slab {
+    for r0 in (0..rows).step_by(chunk.max(1)) {
+        let n = chunk.max(1).min(rows - r0);
+        let ch = chunk_logits(g, dims, inputs, (r0, n))?;
+        let params = [u(n), u(v), u32::from(unit), u(r0)];
+        let bufs = [&ch.z, &ch.targets, &lse, &tl];
+        g.dispatch(&HEAD_LSE, "head_lse", &params, &bufs, grid(n, 1))?;
+        if let Some(ub) = &unit_buf {
+            // (n, V) . (V, C) -> (n, C), placed at rows r0.. of the unit buffer.
+            let gemm = GemmDims {
+                batch: 1,
+                m: n,
+                n: c,
+                k: v,
+            };
+            let a = DeviceOperand {
+                data: &ch.z,
+                trans: false,
+                batch_stride: 0,
+            };
+            let b = DeviceOperand {
+                data: inputs.1,
+                trans: false,
+                batch_stride: 0,
+            };
+            let uc = matmul(g, gemm, a, b, None)?;
+            let into = Slab {
                 outer: 1,
                 inner: c,
                 len: n,
-                src_dim: rows,
-                src_at: r0,
-                dst_dim: n,
-                dst_at: 0,
-            },
-        )?;
-        // (n, C) . (V, C)^T -> (n, V)
-        let z = matmul(
-            g,
-            GemmDims {
-                batch: 1,
-                m: n,
-                n: v,
-                k: c,
-            },
-            DeviceOperand {
-                data: &xs,
-                trans: false,
-                batch_stride: 0,
-            },
-            DeviceOperand {
-                data: head,
-                trans: true,
-                batch_stride: 0,
-            },
-            None,
-        )?;
-        let t = g.upload(bytemuck::cast_slice(&targets[r0..r0 + n]))?;
-        let params = [u(n), u(v), u32::from(unit), u(r0)];
-        g.dispatch(
-            &HEAD_LSE,
-            "head_lse",
-            &params,
-            &[&z, &t, &lse, &tl],
-            grid(n, 1),
-        )?;
-        if let Some(ub) = &unit_buf {
-            // (n, V) . (V, C) -> (n, C), placed at rows r0.. of the unit buffer.
-            let uc = matmul(
-                g,
-                GemmDims {
-                    batch: 1,
-                    m: n,
-                    n: c,
-                    k: v,
-                },
-                DeviceOperand {
-                    data: &z,
-                    trans: false,
-                    batch_stride: 0,
-                },
-                DeviceOperand {
-                    data: head,
-                    trans: false,
-                    batch_stride: 0,
-                },
-                None,
-            )?;
-            slab(
-                g,
-                &uc,
-                ub,
-                Slab {
-                    outer: 1,
-                    inner: c,
-                    len: n,
-                    src_dim: n,
-                    src_at: 0,
-                    dst_dim: rows,
-                    dst_at: r0,
-                },
-            )?;
+                src_dim: n,
+                src_at: 0,
+                dst_dim: rows,
+                dst_at: r0,
+            };
+            slab(g, &uc, ub, into)?;
         }
     }
     Ok(HeadForward {
@@ -686,84 +682,36 @@ pub fn head_backward_weight(
     g: &Arc<Gpu>,
     dims: crate::cpu::lm_head::HeadDims,
     chunk: usize,
-    (x, head, targets): (&GpuBuffer, &GpuBuffer, &[u32]),
+    inputs: (&GpuBuffer, &GpuBuffer, &[u32]),
     (lse, coef): (&GpuBuffer, &GpuBuffer),
 ) -> Result<GpuBuffer> {
     use crate::cpu::matmul::GemmDims;
-    let crate::cpu::lm_head::HeadDims {
-        rows,
-        hidden: c,
-        vocab: v,
-    } = dims;
+    let (rows, c, v) = (dims.rows, dims.hidden, dims.vocab);
     let mut dw = fill(g, v * c, 0)?;
-    let chunk = chunk.max(1);
-    for r0 in (0..rows).step_by(chunk) {
-        let n = chunk.min(rows - r0);
-        let xs = g.alloc((n * c) as u64 * F32);
-        slab(
-            g,
-            x,
-            &xs,
-            Slab {
-                outer: 1,
-                inner: c,
-                len: n,
-                src_dim: rows,
-                src_at: r0,
-                dst_dim: n,
-                dst_at: 0,
-            },
-        )?;
-        let z = matmul(
-            g,
-            GemmDims {
-                batch: 1,
-                m: n,
-                n: v,
-                k: c,
-            },
-            DeviceOperand {
-                data: &xs,
-                trans: false,
-                batch_stride: 0,
-            },
-            DeviceOperand {
-                data: head,
-                trans: true,
-                batch_stride: 0,
-            },
-            None,
-        )?;
-        let t = g.upload(bytemuck::cast_slice(&targets[r0..r0 + n]))?;
+    for r0 in (0..rows).step_by(chunk.max(1)) {
+        let n = chunk.max(1).min(rows - r0);
+        let ch = chunk_logits(g, dims, inputs, (r0, n))?;
         let params = [u(n * v), u(v), u(r0), 0];
-        g.dispatch(
-            &HEAD_GRAD,
-            "head_grad",
-            &params,
-            &[&z, &t, lse, coef],
-            grid(n * v, 256),
-        )?;
+        let bufs = [&ch.z, &ch.targets, lse, coef];
+        g.dispatch(&HEAD_GRAD, "head_grad", &params, &bufs, grid(n * v, 256))?;
         // (n, V)^T . (n, C) -> (V, C), accumulated.
-        dw = matmul(
-            g,
-            GemmDims {
-                batch: 1,
-                m: v,
-                n: c,
-                k: n,
-            },
-            DeviceOperand {
-                data: &z,
-                trans: true,
-                batch_stride: 0,
-            },
-            DeviceOperand {
-                data: &xs,
-                trans: false,
-                batch_stride: 0,
-            },
-            Some(dw),
-        )?;
+        let gemm = GemmDims {
+            batch: 1,
+            m: v,
+            n: c,
+            k: n,
+        };
+        let a = DeviceOperand {
+            data: &ch.z,
+            trans: true,
+            batch_stride: 0,
+        };
+        let b = DeviceOperand {
+            data: &ch.xs,
+            trans: false,
+            batch_stride: 0,
+        };
+        dw = matmul(g, gemm, a, b, Some(dw))?;
     }
     Ok(dw)
 }
