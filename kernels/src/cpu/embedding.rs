@@ -17,19 +17,7 @@ pub fn gather<T: Float>(table: &[T], dim: usize, ids: &[u32], out: &mut [T]) {
 /// owned by one task. Tokens of a row are summed in input order: deterministic for any thread count.
 pub fn scatter_add<T: Float>(dout: &[T], dim: usize, ids: &[u32], dtable: &mut [T]) {
     let vocab = dtable.len() / dim.max(1);
-    let mut start = vec![0u32; vocab + 1];
-    for &id in ids {
-        start[id as usize + 1] += 1;
-    }
-    for v in 0..vocab {
-        start[v + 1] += start[v];
-    }
-    let mut fill = start.clone();
-    let mut tokens = vec![0u32; ids.len()];
-    for (i, &id) in ids.iter().enumerate() {
-        tokens[fill[id as usize] as usize] = i as u32;
-        fill[id as usize] += 1;
-    }
+    let (start, tokens) = group_by_id(ids, vocab);
     dtable.par_chunks_mut(dim).enumerate().for_each(|(v, row)| {
         for &t in &tokens[start[v] as usize..start[v + 1] as usize] {
             let src = &dout[t as usize * dim..(t as usize + 1) * dim];
@@ -38,4 +26,23 @@ pub fn scatter_add<T: Float>(dout: &[T], dim: usize, ids: &[u32], dtable: &mut [
             }
         }
     });
+}
+
+/// Token positions grouped by id with a counting sort: `start (vocab + 1)` and `tokens`, so
+/// `tokens[start[id]..start[id + 1]]` are the positions holding `id`, in input order.
+pub fn group_by_id(ids: &[u32], vocab: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut start = vec![0u32; vocab + 1];
+    for &id in ids {
+        start[id as usize + 1] += 1;
+    }
+    for v in 0..vocab {
+        start[v + 1] += start[v];
+    }
+    let mut next = start.clone();
+    let mut tokens = vec![0u32; ids.len()];
+    for (i, &id) in ids.iter().enumerate() {
+        tokens[next[id as usize] as usize] = i as u32;
+        next[id as usize] += 1;
+    }
+    (start, tokens)
 }

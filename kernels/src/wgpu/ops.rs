@@ -470,20 +470,8 @@ pub fn scatter_add(
     ids: &[u32],
     vocab: usize,
 ) -> Result<GpuBuffer> {
-    // CSR on the host: the ids are few next to the table.
-    let mut start = vec![0u32; vocab + 1];
-    for &id in ids {
-        start[id as usize + 1] += 1;
-    }
-    for v in 0..vocab {
-        start[v + 1] += start[v];
-    }
-    let mut next = start.clone();
-    let mut tokens = vec![0u32; ids.len()];
-    for (t, &id) in ids.iter().enumerate() {
-        tokens[next[id as usize] as usize] = t as u32;
-        next[id as usize] += 1;
-    }
+    // Grouped on the host: the ids are few next to the table.
+    let (start, tokens) = crate::cpu::embedding::group_by_id(ids, vocab);
     let n = vocab * dim;
     let out = g.alloc(n as u64 * F32);
     let (start, tokens) = (
