@@ -118,7 +118,7 @@ impl Tensor {
             })
             .collect();
         Tensor::from_cpu(v, shape)
-            .cast_untracked(dtype)
+            .cast_untracked(dtype)?
             .to_device(device)
     }
 
@@ -220,7 +220,9 @@ impl Tensor {
 
     /// Every element widened to f64, whatever the dtype: for tests, metrics and printing.
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
-        self.cast_untracked(DType::F64).to_vec::<f64>()
+        self.to_device(&Device::Cpu)?
+            .cast_untracked(DType::F64)?
+            .to_vec::<f64>()
     }
 
     /// The value of a one-element tensor.
@@ -272,17 +274,17 @@ impl Tensor {
         }
     }
 
-    /// Converts element type without recording on a tape.
-    pub(crate) fn cast_untracked(&self, dtype: DType) -> Tensor {
+    /// Converts element type without recording on a tape, on the tensor's own device. A device
+    /// tensor converts on the host and returns (a dtype its device cannot store is an error).
+    pub(crate) fn cast_untracked(&self, dtype: DType) -> Result<Tensor> {
         if self.dtype() == dtype {
-            return self.stop_gradient();
+            return Ok(self.stop_gradient());
         }
         let Storage::Cpu(s) = &*self.storage else {
-            // Device tensors convert on the host (used for reading values back).
             return self
-                .to_device(&Device::Cpu)
-                .map(|t| t.cast_untracked(dtype))
-                .unwrap_or_else(|e| panic!("reading a device tensor back: {e}"));
+                .to_device(&Device::Cpu)?
+                .cast_untracked(dtype)?
+                .to_device(&self.device());
         };
         fn conv<S: Elem, D: Elem>(v: &[S]) -> Vec<D> {
             v.iter().map(|&x| D::from_f64(x.to_f64())).collect()
@@ -303,10 +305,10 @@ impl Tensor {
             DType::F16 => CpuData::F16(to(&s.data)),
             DType::U32 => CpuData::U32(to(&s.data)),
         };
-        Tensor::from_storage(
+        Ok(Tensor::from_storage(
             Arc::new(Storage::Cpu(CpuStorage::new(data))),
             self.shape.clone(),
-        )
+        ))
     }
 
     /// `self += other` in place when this handle owns its storage alone (gradient accumulation
@@ -321,31 +323,30 @@ impl Tensor {
                 self.dtype()
             )));
         }
-        if let (Some(a), Some(b)) = (self.wgpu(), other.wgpu()) {
-            let g = a.gpu().clone();
-            let n = self.numel();
-            let sum = bft_kernels::wgpu::ops::binary(&g, BinaryKind::Add, a, b, n, n.max(1))?;
-            *self = Tensor {
-                storage: Arc::new(Storage::Wgpu(crate::storage::WgpuStorage::new(
-                    sum,
-                    self.dtype(),
-                    match self.device() {
-                        Device::Wgpu(i) => i,
-                        _ => 0,
-                    },
-                ))),
-                ..self.clone()
-            };
-            return Ok(());
-        }
-        let (Storage::Cpu(theirs), Storage::Cpu(mine)) =
-            (&*other.storage, Arc::make_mut(&mut self.storage))
-        else {
+        if self.device() != other.device() {
             return Err(Error::DeviceMismatch {
                 op: "gradient accumulation",
                 lhs: self.device(),
                 rhs: other.device(),
             });
+        }
+        if let (Storage::Wgpu(a), Storage::Wgpu(b)) = (&*self.storage, &*other.storage) {
+            // A new buffer: device tensors are not updated in place.
+            let g = a.buf.gpu().clone();
+            let n = self.numel();
+            let sum =
+                bft_kernels::wgpu::ops::binary(&g, BinaryKind::Add, &a.buf, &b.buf, n, n.max(1))?;
+            let storage = crate::storage::WgpuStorage::new(sum, a.dtype, a.index);
+            self.storage = Arc::new(Storage::Wgpu(storage));
+            return Ok(());
+        }
+        // Both on the host (the device check above rules out anything else).
+        let (Storage::Cpu(theirs), Storage::Cpu(mine)) =
+            (&*other.storage, Arc::make_mut(&mut self.storage))
+        else {
+            return Err(Error::Backward(
+                "gradient storage is not on the host".into(),
+            ));
         };
         fn add<T: Elem>(a: &mut [T], b: &[T]) {
             a.iter_mut()

@@ -27,6 +27,22 @@ fn row_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 64u + lid;
 }
 
+// A query row's position: batch b, head h, index i, its K/V head and the offset of its q row.
+struct QueryRow {
+    b: u32,
+    h: u32,
+    i: u32,
+    hk: u32,
+    qb: u32,
+}
+
+fn query_row(row: u32) -> QueryRow {
+    let i = row % p.t;
+    let h = (row / p.t) % p.hq;
+    let b = row / (p.t * p.hq);
+    return QueryRow(b, h, i, h / (p.hq / p.hkv), q_base(b, h, i));
+}
+
 fn q_base(b: u32, h: u32, i: u32) -> u32 {
     return ((b * p.hq + h) * p.t + i) * p.d;
 }

@@ -11,11 +11,11 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                @builtin(local_invocation_index) lid: u32) {
     let row = row_id(wid, nwg, lid);
     if (row >= p.batch * p.hq * p.t) { return; }
-    let i = row % p.t;
-    let h = (row / p.t) % p.hq;
-    let b = row / (p.t * p.hq);
-    let hk = h / (p.hq / p.hkv);
-    let qb = q_base(b, h, i);
+    let qr = query_row(row);
+    let b = qr.b;
+    let i = qr.i;
+    let hk = qr.hk;
+    let qb = qr.qb;
     var di = 0.0;
     for (var c = 0u; c < p.d; c++) {
         di = fma(dout[qb + c], saved_o[qb + c], di);

@@ -8,11 +8,11 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
             @builtin(local_invocation_index) lid: u32) {
     let row = row_id(wid, nwg, lid);
     if (row >= p.batch * p.hq * p.t) { return; }
-    let i = row % p.t;
-    let h = (row / p.t) % p.hq;
-    let b = row / (p.t * p.hq);
-    let hk = h / (p.hq / p.hkv);
-    let qb = q_base(b, h, i);
+    let qr = query_row(row);
+    let b = qr.b;
+    let i = qr.i;
+    let hk = qr.hk;
+    let qb = qr.qb;
     var acc: array<f32, 256>;
     var m = -3.4028235e38;
     var l = 0.0;

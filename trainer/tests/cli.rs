@@ -77,6 +77,19 @@ fn train(out: &Path, extra: &[&str]) -> Command {
     c
 }
 
+/// The `step` of every line of a JSONL file a run wrote.
+fn steps_in(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn adapter(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
 }
@@ -154,15 +167,7 @@ fn train_writes_metrics_and_adapter_and_a_killed_run_resumes_bit_identically() {
         adapter(&whole),
         "resumed adapter differs from the uninterrupted one"
     );
-    let resumed_metrics = std::fs::read_to_string(killed.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = resumed_metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let steps = steps_in(&killed.join("metrics.jsonl"));
     assert_eq!(steps, vec![1, 2, 3]);
     std::fs::remove_dir_all(&whole).ok();
     std::fs::remove_dir_all(&killed).ok();
@@ -523,15 +528,7 @@ fn a_toml_config_is_overridden_by_the_command_line_and_written_back() {
     assert_eq!(written["lora_rank"].as_integer(), Some(2));
     assert_eq!(written["lora_targets"].as_str(), Some("q,v"));
     // Two of the four samples are held out and evaluated after each step.
-    let evals = std::fs::read_to_string(dir.join("eval.jsonl")).unwrap();
-    let steps: Vec<u64> = evals
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let steps = steps_in(&dir.join("eval.jsonl"));
     assert_eq!(steps, [1, 2]);
     assert!(
         std::fs::read_to_string(dir.join("loss.svg"))

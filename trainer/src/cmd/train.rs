@@ -302,14 +302,15 @@ fn held_out(
     let n = ((a.val_ratio * train.len() as f64).ceil() as usize).min(train.len() - 1);
     let mut order: Vec<usize> = (0..train.len()).collect();
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x5eed_e7a1));
-    let mut take: Vec<usize> = order[..n].to_vec();
-    take.sort_unstable();
-    let mut held = Vec::with_capacity(n);
-    for &i in take.iter().rev() {
-        held.push(train.remove(i));
-    }
-    held.reverse();
-    Ok(held)
+    let mut pick = vec![false; train.len()];
+    order[..n].iter().for_each(|&i| pick[i] = true);
+    // One pass, both sides keeping file order.
+    let (held, kept): (Vec<_>, Vec<_>) = std::mem::take(train)
+        .into_iter()
+        .zip(pick)
+        .partition(|(_, p)| *p);
+    *train = kept.into_iter().map(|(e, _)| e).collect();
+    Ok(held.into_iter().map(|(e, _)| e).collect())
 }
 
 /// Keeps only the JSONL lines whose `step` is at most `step` (a missing file stays missing).

@@ -17,7 +17,7 @@ impl Tensor {
                 input: "an integer cast",
             });
         }
-        let out = self.cast_untracked(dtype);
+        let out = self.cast_untracked(dtype)?;
         Tape::record(Op::Cast, &[self], out, || CastBackward(self.dtype()))
     }
 }

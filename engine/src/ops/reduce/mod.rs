@@ -33,7 +33,7 @@ impl Tensor {
         let cols = self.shape().last();
         let dims = self.dims()[..self.rank().saturating_sub(1)].to_vec();
         let wide = if self.dtype().is_half() {
-            self.cast_untracked(crate::DType::F32)
+            self.cast_untracked(crate::DType::F32)?
         } else {
             self.stop_gradient()
         };
