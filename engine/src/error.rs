@@ -28,7 +28,7 @@ pub enum Error {
     DeviceUnavailable(Device),
     #[error("{op} is not implemented on {device} yet")]
     Unsupported { op: &'static str, device: Device },
-    #[error("{0}")]
+    #[error(transparent)]
     Gpu(#[from] bft_kernels::wgpu::GpuError),
     #[error("{op}: index {index} is out of range for size {size}")]
     Index {
