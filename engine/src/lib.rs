@@ -21,6 +21,7 @@ mod error;
 pub mod gradcheck;
 pub mod memory;
 pub mod ops;
+pub mod optim;
 mod shape;
 mod storage;
 mod tape;

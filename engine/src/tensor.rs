@@ -1,4 +1,4 @@
-use crate::storage::{CpuData, CpuStorage};
+use crate::storage::{CpuData, CpuStorage, WgpuStorage};
 use crate::tape::Tape;
 use crate::{DType, Device, Elem, Error, Result, Shape, Storage};
 use bft_kernels::cpu::binary::BinaryKind;
@@ -168,6 +168,25 @@ impl Tensor {
     /// sample weight `sg(1 - p_conf)` go through it.
     pub fn stop_gradient(&self) -> Tensor {
         Tensor::from_storage(self.storage.clone(), self.shape.clone())
+    }
+
+    /// The storage, for writing in place: the tensor leaves its tape and gets a new id (it will
+    /// hold new values), and shared storage is copied first, so no other tensor sees the write.
+    pub(crate) fn storage_mut(&mut self) -> Result<&mut Storage> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            let copy = match &*self.storage {
+                Storage::Cpu(s) => Storage::Cpu(CpuStorage::new(s.data.clone())),
+                Storage::Wgpu(s) => Storage::Wgpu(WgpuStorage::new(
+                    s.buf.gpu().copy(&s.buf)?,
+                    s.dtype,
+                    s.index,
+                )),
+            };
+            self.storage = Arc::new(copy);
+        }
+        self.tape = None;
+        self.id = TensorId::fresh();
+        Ok(Arc::get_mut(&mut self.storage).expect("storage is unique: copied above if shared"))
     }
 
     /// Same storage under another shape; the caller has checked the element count.

@@ -45,7 +45,7 @@ fn up(g: &Arc<Gpu>, v: &[f32]) -> GpuBuffer {
 }
 
 fn down(g: &Arc<Gpu>, b: &GpuBuffer) -> Vec<f32> {
-    bytemuck::cast_slice(&g.read(b).unwrap()).to_vec()
+    bytemuck::pod_collect_to_vec(&g.read(b).unwrap())
 }
 
 #[track_caller]
@@ -498,4 +498,49 @@ fn fused_lm_head_loss_passes_match_cpu() {
         .map(|(i, &e)| e * coef[i / c])
         .collect();
     close("scale_rows", &down(&g, &scaled), &want, 1e-6);
+}
+
+#[test]
+fn adamw_and_sum_of_squares_match_cpu() {
+    let Some(g) = device() else { return };
+    let n = 70_001; // several workgroups, a ragged end
+    let (w0, grad) = (random(n, 31, -1.0, 1.0), random(n, 32, -0.1, 0.1));
+    let (m0, v0) = (random(n, 33, -0.01, 0.01), random(n, 34, 0.0, 1e-4));
+    let (wb, gb, mb, vb) = (up(&g, &w0), up(&g, &grad), up(&g, &m0), up(&g, &v0));
+    let (mut w, mut m, mut v) = (w0, m0, v0);
+    let h = cpu::optim::AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        bias1: 1.0 - 0.9f64.powi(3),
+        bias2: 1.0 - 0.999f64.powi(3),
+        grad_scale: 0.7,
+    };
+    for _ in 0..3 {
+        ops::adamw(&g, &wb, &gb, &mb, &vb, n, &h).unwrap();
+        cpu::optim::adamw(&mut w, &grad, &mut m, &mut v, &h);
+    }
+    // The moments are sums of cancelling terms: compared norm-wise.
+    close_norm("adamw m", &down(&g, &mb), &m, 1e-6);
+    close_norm("adamw v", &down(&g, &vb), &v, 1e-6);
+    // Steps are about 3e-3; a slip in the update (bias correction, decay) moves w by more than
+    // 1e-4, far beyond this tolerance, while f32 rounding of w stays within it.
+    close("adamw w", &down(&g, &wb), &w, 1e-6);
+
+    let short = random(100, 35, -3.0, 3.0);
+    let sb = up(&g, &short);
+    let sums = ops::sum_squares(&g, &[(&gb, n), (&sb, 100), (&sb, 0)]).unwrap();
+    let want = [
+        cpu::optim::sum_squares(&grad),
+        cpu::optim::sum_squares(&short),
+        0.0,
+    ];
+    for (a, b) in sums.iter().zip(want) {
+        assert!(
+            (a - b).abs() <= 1e-5 * b,
+            "sum of squares: wgpu {a}, cpu {b}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! AdamW with f32 state, gradient clipping by global norm, and learning-rate schedules, with
 //! PyTorch's and HF Trainer's semantics.
 
-use bft_engine::{Device, Tensor};
+use bft_engine::optim::{AdamWStep, adamw_step, sum_squares};
+use bft_engine::{DType, Tensor};
 
 /// AdamW hyper-parameters (PyTorch's defaults but for the learning rate).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,78 +25,75 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Optimizer state: first and second moments per parameter, in f32, and the step count.
-#[derive(Clone, Debug, PartialEq)]
+/// Optimizer state: first and second moments per parameter, f32 tensors on the parameter's
+/// device, and the step count.
+#[derive(Clone, Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
     pub step: u64,
-    pub m: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
 }
 
 impl AdamW {
-    /// State for parameters with these element counts.
-    pub fn new(config: AdamWConfig, sizes: &[usize]) -> AdamW {
-        AdamW {
+    /// Zero state for `params`, each moment on its parameter's device.
+    pub fn new(config: AdamWConfig, params: &[&Tensor]) -> bft_engine::Result<AdamW> {
+        let zeros = || -> bft_engine::Result<Vec<Tensor>> {
+            params
+                .iter()
+                .map(|p| Tensor::zeros([p.numel()], DType::F32, &p.device()))
+                .collect()
+        };
+        Ok(AdamW {
             config,
             step: 0,
-            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-        }
+            m: zeros()?,
+            v: zeros()?,
+        })
     }
 
-    /// One update of every parameter with its gradient at learning rate `lr`.
+    /// One fused update of every parameter, in place on its device, from its gradient times
+    /// `grad_scale` (the clipping factor) at learning rate `lr`.
     pub fn update(
         &mut self,
         params: &mut [&mut Tensor],
         grads: &[Tensor],
         lr: f64,
+        grad_scale: f64,
     ) -> bft_engine::Result<()> {
         assert_eq!(params.len(), self.m.len(), "AdamW: parameter count changed");
         self.step += 1;
         let c = self.config;
-        // Bias corrections of the moment estimates.
-        let (bc1, bc2) = (
-            1.0 - c.beta1.powi(self.step as i32),
-            1.0 - c.beta2.powi(self.step as i32),
-        );
+        let h = AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bias1: 1.0 - c.beta1.powi(self.step as i32),
+            bias2: 1.0 - c.beta2.powi(self.step as i32),
+            grad_scale,
+        };
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let dtype = p.dtype();
-            let mut w = p.to_f64_vec()?;
-            let g = g.to_f64_vec()?;
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..w.len() {
-                w[j] -= lr * c.weight_decay * w[j];
-                m[j] = (c.beta1 * m[j] as f64 + (1.0 - c.beta1) * g[j]) as f32;
-                v[j] = (c.beta2 * v[j] as f64 + (1.0 - c.beta2) * g[j] * g[j]) as f32;
-                let (mh, vh) = (m[j] as f64 / bc1, v[j] as f64 / bc2);
-                w[j] -= lr * mh / (vh.sqrt() + c.eps);
-            }
-            // The update runs on the host; the parameter returns to its device.
-            **p = Tensor::from_vec(w, p.dims().to_vec(), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(&p.device())?;
+            adamw_step(p, g, &mut self.m[i], &mut self.v[i], &h)?;
         }
         Ok(())
     }
 }
 
-/// The global L2 norm of all gradients, and the gradients scaled down to `max_norm` when they
-/// exceed it (PyTorch's `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`). Returns the norm
-/// before clipping; a non-finite norm is returned as is and nothing is scaled.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> bft_engine::Result<f64> {
-    let mut sq = 0.0;
-    for g in grads.iter() {
-        sq += g.to_f64_vec()?.iter().map(|x| x * x).sum::<f64>();
-    }
-    let norm = sq.sqrt();
+/// The global L2 norm of all gradients (one read per device).
+pub fn grad_norm(grads: &[Tensor]) -> bft_engine::Result<f64> {
+    Ok(sum_squares(grads)?.sqrt())
+}
+
+/// PyTorch's `clip_grad_norm_` as a factor for the gradients: `max_norm / (norm + 1e-6)` when
+/// the norm exceeds `max_norm`, else 1; a non-finite norm scales nothing.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     if norm.is_finite() && max_norm > 0.0 && norm > max_norm {
-        let f = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = g.scale(f)?;
-        }
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok(norm)
 }
 
 /// How the learning rate decays after warm-up.
@@ -135,6 +133,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bft_engine::Device;
 
     #[test]
     fn adamw_with_clipping_matches_pytorch() {
@@ -152,16 +151,17 @@ mod tests {
                 weight_decay: 0.01,
                 ..Default::default()
             },
-            &[4],
-        );
+            &[&p],
+        )
+        .unwrap();
         for g in [
             [0.3, -0.2, 1.5, 0.0],
             [-0.1, 0.4, 0.5, 2.0],
             [0.2, 0.2, -3.0, 1.0],
         ] {
-            let mut grads = vec![Tensor::from_vec(g.to_vec(), [4], &Device::Cpu).unwrap()];
-            clip_grad_norm(&mut grads, 1.0).unwrap();
-            opt.update(&mut [&mut p], &grads, 0.1).unwrap();
+            let grads = vec![Tensor::from_vec(g.to_vec(), [4], &Device::Cpu).unwrap()];
+            let f = clip_factor(grad_norm(&grads).unwrap(), 1.0);
+            opt.update(&mut [&mut p], &grads, 0.1, f).unwrap();
         }
         // The moments are kept in f32 (the specification), so agreement is to f32 precision.
         for (a, b) in p.to_vec::<f64>().unwrap().iter().zip(want) {
@@ -196,12 +196,13 @@ mod tests {
     }
 
     #[test]
-    fn clipping_returns_the_norm_and_leaves_small_or_nonfinite_gradients_alone() {
+    fn clipping_scales_only_finite_norms_beyond_the_limit() {
         let t = |v: Vec<f64>| Tensor::from_vec(v.clone(), [v.len()], &Device::Cpu).unwrap();
-        let mut g = vec![t(vec![3.0, 4.0])];
-        assert_eq!(clip_grad_norm(&mut g, 10.0).unwrap(), 5.0);
-        assert_eq!(g[0].to_vec::<f64>().unwrap(), vec![3.0, 4.0]);
-        let mut g = vec![t(vec![f64::NAN, 1.0])];
-        assert!(clip_grad_norm(&mut g, 1.0).unwrap().is_nan());
+        let norm = grad_norm(&[t(vec![3.0, 4.0]), t(vec![12.0])]).unwrap();
+        assert_eq!(norm, 13.0);
+        assert_eq!(clip_factor(norm, 20.0), 1.0);
+        assert!((clip_factor(norm, 1.0) - 1.0 / (13.0 + 1e-6)).abs() < 1e-15);
+        let nan = grad_norm(&[t(vec![f64::NAN, 1.0])]).unwrap();
+        assert!(nan.is_nan() && clip_factor(nan, 1.0) == 1.0);
     }
 }

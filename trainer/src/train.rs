@@ -11,7 +11,7 @@ use crate::data::Encoded;
 use crate::loss::{
     GroupConfig, LossBatch, LossOptions, LossVariant, Reduction, SampleStats, fused_loss,
 };
-use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
+use crate::optim::{AdamW, AdamWConfig, Schedule, clip_factor, grad_norm};
 use bft_engine::{DType, Device, Gradients, Tape, Tensor};
 use bft_model::weights::write_safetensors;
 use bft_model::{LoraConfig, SafetensorsDir, Transformer, WeightSource};
@@ -171,16 +171,14 @@ impl<'a> Trainer<'a> {
                 "need data, batch_size >= 1 and grad_accum >= 1".into(),
             ));
         }
-        let sizes: Vec<usize> = trainable_params(model, &trainable)
-            .iter()
-            .map(|p| p.numel())
-            .collect();
-        if sizes.is_empty() {
+        let params = trainable_params(model, &trainable);
+        if params.is_empty() {
             return Err(TrainError::Config(
                 "nothing to train: attach LoRA adapters or train all weights".into(),
             ));
         }
-        let opt = AdamW::new(cfg.adamw, &sizes);
+        let refs: Vec<&Tensor> = params.iter().map(|p| &**p).collect();
+        let opt = AdamW::new(cfg.adamw, &refs)?;
         let lengths = data.iter().map(|e| e.ids.len()).collect();
         Ok(Trainer {
             model,
@@ -253,7 +251,7 @@ impl<'a> Trainer<'a> {
         }
         let lr = self.cfg.schedule.lr(step);
         let params = trainable_params(self.model, &self.trainable);
-        let mut g: Vec<Tensor> = params
+        let g: Vec<Tensor> = params
             .iter()
             .map(|p| {
                 grads.get(p).cloned().map_or_else(
@@ -262,7 +260,7 @@ impl<'a> Trainer<'a> {
                 )
             })
             .collect::<bft_engine::Result<_>>()?;
-        let grad_norm = clip_grad_norm(&mut g, self.cfg.max_grad_norm)?;
+        let grad_norm = grad_norm(&g)?;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         let mut params = params;
         if skipped {
@@ -272,7 +270,8 @@ impl<'a> Trainer<'a> {
             }
         } else {
             self.bad_streak = 0;
-            self.opt.update(&mut params, &g, lr)?;
+            let scale = clip_factor(grad_norm, self.cfg.max_grad_norm);
+            self.opt.update(&mut params, &g, lr, scale)?;
         }
         // The parameters leave this step untracked: the next step tracks them on a new tape.
         for p in params {
@@ -318,14 +317,8 @@ impl<'a> Trainer<'a> {
         }
         let mut moments: Vec<(String, Tensor)> = Vec::new();
         for (i, (m, v)) in self.opt.m.iter().zip(&self.opt.v).enumerate() {
-            moments.push((
-                format!("m.{i}"),
-                Tensor::from_vec(m.clone(), [m.len()], &Device::Cpu)?,
-            ));
-            moments.push((
-                format!("v.{i}"),
-                Tensor::from_vec(v.clone(), [v.len()], &Device::Cpu)?,
-            ));
+            moments.push((format!("m.{i}"), m.to_device(&Device::Cpu)?));
+            moments.push((format!("v.{i}"), v.to_device(&Device::Cpu)?));
         }
         let refs: Vec<(String, &Tensor)> = moments.iter().map(|(n, t)| (n.clone(), t)).collect();
         write_safetensors(&tmp.join("optimizer.safetensors"), &refs)?;
@@ -417,15 +410,17 @@ impl<'a> Trainer<'a> {
                 let t = moments
                     .tensor(&format!("{kind}.{i}"))?
                     .ok_or_else(|| bad(format!("missing optimizer {kind}.{i}")))?;
-                let v = t.to_dtype(DType::F32)?.to_vec::<f32>()?;
-                if v.len() != dst.len() {
+                if t.numel() != dst.numel() {
                     return Err(bad(format!(
                         "optimizer {kind}.{i} has {} values, expected {}",
-                        v.len(),
-                        dst.len()
+                        t.numel(),
+                        dst.numel()
                     )));
                 }
-                *dst = v;
+                *dst = t
+                    .to_dtype(DType::F32)?
+                    .reshape([dst.numel()])?
+                    .to_device(&dst.device())?;
             }
         }
         self.opt.step = state["adam_step"].as_u64().unwrap_or(step);

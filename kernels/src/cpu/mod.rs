@@ -9,6 +9,7 @@ pub mod layout;
 pub mod lm_head;
 pub mod matmul;
 pub mod nll;
+pub mod optim;
 pub mod peak;
 pub mod reduce;
 pub mod rmsnorm;

@@ -3,6 +3,7 @@
 
 use super::{Gpu, GpuBuffer, Result, Shader, grid};
 use crate::cpu::binary::BinaryKind;
+use crate::cpu::optim::AdamWStep;
 use crate::cpu::unary::UnaryKind;
 use std::sync::Arc;
 
@@ -39,6 +40,8 @@ shader!(EMBEDDING, "embedding", ["gather"]);
 shader!(EMBEDDING_BACKWARD, "embedding_backward", ["scatter_add"]);
 shader!(HEAD_LSE, "head_lse", ["head_lse"]);
 shader!(HEAD_GRAD, "head_grad", ["head_grad"]);
+shader!(OPTIM, "optim", ["adamw"]);
+shader!(SUM_SQUARES, "sum_squares", ["sum_squares"]);
 
 /// The attention passes: the common helpers, the part all passes share (`attention.wgsl`),
 /// then the pass.
@@ -80,6 +83,8 @@ pub static ALL: &[&Shader] = &[
     &ATTENTION_DKV,
     &HEAD_LSE,
     &HEAD_GRAD,
+    &OPTIM,
+    &SUM_SQUARES,
 ];
 
 const F32: u64 = 4;
@@ -702,4 +707,67 @@ pub fn head_backward_weight(
         dw = matmul(g, gemm, a, b, Some(dw))?;
     }
     Ok(dw)
+}
+
+/// One AdamW step of `n` parameters `w` with gradient `grad` and moments `m`, `v`, all updated
+/// in place.
+pub fn adamw(
+    g: &Arc<Gpu>,
+    w: &GpuBuffer,
+    grad: &GpuBuffer,
+    m: &GpuBuffer,
+    v: &GpuBuffer,
+    n: usize,
+    h: &AdamWStep,
+) -> Result<()> {
+    let f = |x: f64| (x as f32).to_bits();
+    let params = [
+        u(n),
+        f(h.lr),
+        f(h.beta1),
+        f(h.beta2),
+        f(1.0 - h.beta1),
+        f(1.0 - h.beta2),
+        f(h.eps),
+        f(h.weight_decay),
+        f(h.bias1),
+        f(h.bias2),
+        f(h.grad_scale),
+    ];
+    g.dispatch(&OPTIM, "adamw", &params, &[w, grad, m, v], grid(n, 256))
+}
+
+/// Values per workgroup of `sum_squares.wgsl` (its `SPAN`).
+const SQUARES_SPAN: usize = 16384;
+
+/// `sum(x^2)` of each `(buffer, length)`, with one read of the device for all of them: each
+/// tensor's workgroups leave f32 partials, which are added here in f64.
+pub fn sum_squares(g: &Arc<Gpu>, xs: &[(&GpuBuffer, usize)]) -> Result<Vec<f64>> {
+    let groups: Vec<usize> = xs.iter().map(|&(_, n)| n.div_ceil(SQUARES_SPAN)).collect();
+    let total: usize = groups.iter().sum();
+    if total == 0 {
+        return Ok(vec![0.0; xs.len()]);
+    }
+    let partial = g.alloc((total as u64) * F32);
+    let mut base = 0;
+    for (&(x, n), &k) in xs.iter().zip(&groups) {
+        g.dispatch(
+            &SUM_SQUARES,
+            "sum_squares",
+            &[u(n), u(base)],
+            &[x, &partial],
+            grid(k, 1),
+        )?;
+        base += k;
+    }
+    let partials: Vec<f32> = bytemuck::pod_collect_to_vec(&g.read(&partial)?);
+    let mut at = 0;
+    Ok(groups
+        .iter()
+        .map(|&k| {
+            let s = partials[at..at + k].iter().map(|&p| p as f64).sum();
+            at += k;
+            s
+        })
+        .collect())
 }
