@@ -43,25 +43,33 @@ shader!(HEAD_GRAD, "head_grad", ["head_grad"]);
 shader!(OPTIM, "optim", ["adamw"]);
 shader!(SUM_SQUARES, "sum_squares", ["sum_squares"]);
 
-/// The attention passes: the common helpers, the part all passes share (`attention.wgsl`),
-/// then the pass.
+/// The attention passes: the common helpers, the part all passes share (`attention.wgsl`), the
+/// part the backward passes share (`attention_bwd.wgsl`), then the pass.
 macro_rules! attention_pass {
-    ($name:ident, $file:literal, $entry:literal) => {
+    ($name:ident, [$($file:literal),+], $entry:literal) => {
         pub static $name: Shader = Shader {
-            name: $file,
+            name: $entry,
             source: concat!(
                 include_str!("../../wgsl/common.wgsl"),
                 include_str!("../../wgsl/attention.wgsl"),
-                include_str!(concat!("../../wgsl/", $file, ".wgsl"))
+                $(include_str!(concat!("../../wgsl/", $file, ".wgsl"))),+
             ),
             entries: &[$entry],
         };
     };
 }
 
-attention_pass!(ATTENTION_FWD, "attention_fwd", "attn_fwd");
-attention_pass!(ATTENTION_DQ, "attention_dq", "attn_bwd_dq");
-attention_pass!(ATTENTION_DKV, "attention_dkv", "attn_bwd_dkv");
+attention_pass!(ATTENTION_FWD, ["attention_fwd"], "attn_fwd");
+attention_pass!(
+    ATTENTION_DQ,
+    ["attention_bwd", "attention_dq"],
+    "attn_bwd_dq"
+);
+attention_pass!(
+    ATTENTION_DKV,
+    ["attention_bwd", "attention_dkv"],
+    "attn_bwd_dkv"
+);
 
 /// Every shader, so a test can compile them all.
 pub static ALL: &[&Shader] = &[
@@ -497,6 +505,12 @@ pub fn scatter_add(
 /// Largest head dimension the attention kernels hold in registers.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Whether the attention kernels take this head dimension: a multiple of 4 (rows are read as
+/// vec4), at most [`MAX_HEAD_DIM`].
+pub fn attention_supports(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(4) && head_dim <= MAX_HEAD_DIM
+}
+
 fn attention_params(dims: crate::cpu::attention::AttnDims, scale: f32) -> [u32; 8] {
     [
         u(dims.batch),
@@ -504,14 +518,14 @@ fn attention_params(dims: crate::cpu::attention::AttnDims, scale: f32) -> [u32; 
         u(dims.kv_heads),
         u(dims.q_len),
         u(dims.kv_len),
-        u(dims.head_dim),
+        u(dims.head_dim / 4),
         scale.to_bits(),
         0,
     ]
 }
 
 /// Causal GQA attention: `(o (B, Hq, T, D), lse (B * Hq * T))`. The caller checks the shapes
-/// and `head_dim <= MAX_HEAD_DIM`.
+/// and [`attention_supports`] the head dimension.
 pub fn attention_forward(
     g: &Arc<Gpu>,
     dims: crate::cpu::attention::AttnDims,
@@ -546,11 +560,11 @@ pub fn attention_backward(
     let params = attention_params(dims, scale);
     let dq = g.alloc((rows * d) as u64 * F32);
     let delta = g.alloc(rows as u64 * F32);
-    let bufs = [q, k, v, o, lse, dout, &dq, &delta];
+    let bufs = [q, k, v, dout, lse, o, &dq, &delta];
     g.dispatch(&ATTENTION_DQ, "attn_bwd_dq", &params, &bufs, grid(rows, 64))?;
     let dk = g.alloc((kv_rows * d) as u64 * F32);
     let dv = g.alloc((kv_rows * d) as u64 * F32);
-    let bufs = [q, k, v, lse, dout, &delta, &dk, &dv];
+    let bufs = [q, k, v, dout, lse, &delta, &dk, &dv];
     g.dispatch(
         &ATTENTION_DKV,
         "attn_bwd_dkv",

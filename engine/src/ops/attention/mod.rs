@@ -26,10 +26,10 @@ impl Tensor {
         let scale = scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt());
         let rows = dims.batch * dims.q_heads * dims.q_len;
         let (out, lse) = if let Some((g, i)) = wgpu_of(self) {
-            use bft_kernels::wgpu::ops::{MAX_HEAD_DIM, attention_forward as fwd};
-            if dims.head_dim > MAX_HEAD_DIM {
+            use bft_kernels::wgpu::ops::{attention_forward as fwd, attention_supports};
+            if !attention_supports(dims.head_dim) {
                 return Err(Error::Unsupported {
-                    op: "attention with head_dim above 256",
+                    op: "attention with a head_dim that is not a multiple of 4 up to 256",
                     device: self.device(),
                 });
             }
