@@ -1,8 +1,8 @@
 //! One test body on every available backend: a small graph with the ops the wgpu backend has
 //! so far (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
-//! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums over the first and last axes, permute,
-//! narrow/split and cat, embedding, causal GQA attention, the fused LM-head loss), forward and
-//! backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
+//! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums and maxima over first, middle and last
+//! axes, argmax, permute, narrow/split and cat, embedding, causal GQA attention, the unfused
+//! cross-entropy (NLL) and the fused LM-head loss), forward and backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
 
 use bft_engine::{DType, Device, Tape, Tensor};
 
@@ -18,8 +18,8 @@ fn backends() -> Vec<Device> {
     out
 }
 
-/// The loss and the gradients of the six leaves, on the host.
-fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
+/// The loss, the gradients of the six leaves and an argmax, on the host.
+fn run(dev: Device) -> (f64, Vec<Vec<f64>>, Vec<u32>) {
     let t = |shape: Vec<usize>, std: f64, seed: u64| {
         Tensor::randn(shape, std, seed, DType::F32, &Device::Cpu)
             .unwrap()
@@ -82,6 +82,34 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
     )
     .unwrap();
     let h = h.add(&table.embedding(&ids).unwrap()).unwrap();
+    // Maxima and sums over the middle (token) axis, and the unfused cross-entropy over rows.
+    let peaks = h.max(1).unwrap().sum(1).unwrap().max(0).unwrap();
+    let spread = h.sum(1).unwrap().max(-1).unwrap().sum(0).unwrap();
+    let labels = Tensor::from_vec((0..12u32).map(|i| i * 7 % 33).collect(), [12], &Device::Cpu)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
+    let mask = Tensor::from_vec(vec![1.0f32; 12], [12], &dev).unwrap();
+    let plain_ce = h
+        .reshape([12, 33])
+        .unwrap()
+        .cross_entropy(&labels, &mask)
+        .unwrap();
+    let extra = peaks
+        .add(&spread)
+        .unwrap()
+        .scale(0.05)
+        .unwrap()
+        .add(&plain_ce)
+        .unwrap();
+    let argmax = h
+        .stop_gradient()
+        .argmax()
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_vec::<u32>()
+        .unwrap();
     let logp = h.log_softmax().unwrap();
     let ce = logp.mul(&target).unwrap().sum(-1).unwrap().sum(0).unwrap();
     let aux = h.softmax().unwrap().log().unwrap().scale(0.01).unwrap();
@@ -103,7 +131,11 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
             lp.iter().map(|l| 0.5 + l.exp()).collect()
         })
         .unwrap();
-    let loss = loss.add(&nll.loss.scale(0.1).unwrap()).unwrap();
+    let loss = loss
+        .add(&nll.loss.scale(0.1).unwrap())
+        .unwrap()
+        .add(&extra)
+        .unwrap();
     let value = loss.to_scalar().unwrap();
     let mut grads = tape.backward(&loss).unwrap();
     let leaves = [&x, &w, &gain, &bias, &table, &head];
@@ -111,15 +143,16 @@ fn run(dev: Device) -> (f64, Vec<Vec<f64>>) {
         .iter()
         .map(|l| grads.remove(l).expect("a gradient").to_f64_vec().unwrap())
         .collect();
-    (value, g)
+    (value, g, argmax)
 }
 
 #[test]
 fn forward_and_backward_agree_on_every_backend() {
-    let (cpu_loss, cpu_grads) = run(Device::Cpu);
+    let (cpu_loss, cpu_grads, cpu_argmax) = run(Device::Cpu);
     assert!(cpu_loss.is_finite());
     for dev in backends().into_iter().skip(1) {
-        let (loss, grads) = run(dev);
+        let (loss, grads, argmax) = run(dev);
+        assert_eq!(argmax, cpu_argmax, "{dev}: argmax");
         assert!(
             (loss - cpu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0),
             "{dev}: loss {loss} vs cpu {cpu_loss}"

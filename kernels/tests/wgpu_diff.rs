@@ -472,12 +472,18 @@ fn cpu_attention<T: cpu::Float>(
 }
 
 /// The WGSL result's largest error against the f64 reference is at most twice the f32 CPU
-/// kernel's, or 1e-6 of the scale: no less accurate than the CPU kernel.
+/// kernel's, or 1e-6 of the scale: no less accurate than the CPU kernel. NaN must match NaN.
 #[track_caller]
 fn no_worse(what: &str, got: &[f32], cpu32: &[f64], want: &[f64]) {
     let err = |x: &mut dyn Iterator<Item = f64>| {
         x.zip(want)
-            .map(|(a, b)| (a - b).abs())
+            .map(|(a, b)| {
+                if a.is_nan() && b.is_nan() {
+                    0.0
+                } else {
+                    (a - b).abs()
+                }
+            })
             .fold(0.0f64, |m, e| if e.is_nan() || e > m { e } else { m })
     };
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -594,4 +600,86 @@ fn adamw_and_sum_of_squares_match_cpu() {
             "sum of squares: wgpu {a}, cpu {b}"
         );
     }
+}
+
+#[test]
+fn sums_maxima_and_their_backward_over_any_axis_match_cpu() {
+    use bft_kernels::cpu::reduce::{ReduceKind, reduce, reduce_backward};
+    let Some(g) = device() else { return };
+    // (outer, size, inner): last axis, first axis, a middle axis, and a long row that each
+    // invocation strides many times.
+    for (case, sizes) in [(3, 70, 1), (1, 300, 17), (4, 9, 5), (2, 100_003, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let (outer, size, inner) = sizes;
+        let n = outer * size * inner;
+        let mut x = random(n, 40 + case as u64, -1.0, 1.0);
+        // Ties: the first maximal index wins. NaN: counted only as an axis' first element.
+        x[inner] = 1e4;
+        x[3 * inner] = 1e4;
+        if inner > 1 {
+            x[1] = f32::NAN;
+            x[inner + 1] = f32::NAN;
+        }
+        let xd = up(&g, &x);
+        let outputs = outer * inner;
+        let grad = random(outputs, 50, -1.0, 1.0);
+        let gd = up(&g, &grad);
+        for kind in [ReduceKind::Sum, ReduceKind::Max] {
+            let (mut y, mut idx) = (vec![0.0; outputs], vec![0u32; outputs]);
+            reduce(kind, &x, sizes, &mut y, &mut idx);
+            let mut dx = vec![0.0; n];
+            let (yd, dxd) = match kind {
+                ReduceKind::Sum => {
+                    let yd = ops::reduce_sum(&g, &xd, sizes).unwrap();
+                    reduce_backward(kind, &grad, &[], sizes, &mut dx);
+                    (yd, ops::reduce_backward(&g, &gd, None, sizes).unwrap())
+                }
+                ReduceKind::Max => {
+                    let (yd, id) = ops::reduce_max(&g, &xd, sizes).unwrap();
+                    let got: Vec<u32> = bytemuck::pod_collect_to_vec(&g.read(&id).unwrap());
+                    assert_eq!(got, idx, "argmax {sizes:?}");
+                    reduce_backward(kind, &grad, &idx, sizes, &mut dx);
+                    (yd, ops::reduce_backward(&g, &gd, Some(&id), sizes).unwrap())
+                }
+            };
+            let what = format!("{kind:?} {sizes:?}");
+            // A sum of 1e5 terms rounds by the order of addition: against f64, the tree sum must
+            // be no worse than the CPU's f32 sum.
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let mut y64 = vec![0.0f64; outputs];
+            reduce(kind, &x64, sizes, &mut y64, &mut idx.clone());
+            let y32: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+            no_worse(&what, &down(&g, &yd), &y32, &y64);
+            close(&format!("{what} backward"), &down(&g, &dxd), &dx, 0.0);
+        }
+    }
+}
+
+#[test]
+fn unfused_nll_and_its_gradient_direction_match_cpu() {
+    let Some(g) = device() else { return };
+    let (rows, vocab) = (13, 50_000);
+    let z = random(rows * vocab, 60, -4.0, 4.0);
+    let targets: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 7919 + 5) % vocab as u32)
+        .collect();
+    let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
+    cpu::nll::nll(&z, vocab, &targets, &mut loss, &mut lse);
+    let ones = vec![1.0; rows];
+    let mut dz = vec![0.0; rows * vocab];
+    cpu::nll::nll_backward(&z, vocab, &targets, &lse, &ones, &mut dz);
+    let tb = g.upload(bytemuck::cast_slice(&targets)).unwrap();
+    let (ld, dird) = ops::nll(&g, &up(&g, &z), &tb, rows, vocab).unwrap();
+    // Outliers put logits near 200, where exp's f32 rounding is 1e-5 relative: against the CPU
+    // kernel in f64, the WGSL one must be no worse than the CPU's f32 kernel.
+    let z64: Vec<f64> = z.iter().map(|&v| v as f64).collect();
+    let (mut loss64, mut lse64) = (vec![0.0f64; rows], vec![0.0f64; rows]);
+    cpu::nll::nll(&z64, vocab, &targets, &mut loss64, &mut lse64);
+    let mut dz64 = vec![0.0f64; rows * vocab];
+    cpu::nll::nll_backward(&z64, vocab, &targets, &lse64, &[1.0; 13], &mut dz64);
+    let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    no_worse("nll", &down(&g, &ld), &wide(&loss), &loss64);
+    no_worse("nll direction", &down(&g, &dird), &wide(&dz), &dz64);
 }

@@ -41,6 +41,8 @@ shader!(EMBEDDING_BACKWARD, "embedding_backward", ["scatter_add"]);
 shader!(HEAD_LSE, "head_lse", ["head_lse"]);
 shader!(HEAD_GRAD, "head_grad", ["head_grad"]);
 shader!(OPTIM, "optim", ["adamw"]);
+shader!(REDUCE, "reduce", ["reduce_sum", "reduce_max"]);
+shader!(REDUCE_BACKWARD, "reduce_backward", ["reduce_backward"]);
 shader!(SUM_SQUARES, "sum_squares", ["sum_squares"]);
 
 /// The attention passes: the common helpers, the part all passes share (`attention.wgsl`), the
@@ -93,6 +95,8 @@ pub static ALL: &[&Shader] = &[
     &HEAD_GRAD,
     &OPTIM,
     &SUM_SQUARES,
+    &REDUCE,
+    &REDUCE_BACKWARD,
 ];
 
 const F32: u64 = 4;
@@ -500,6 +504,87 @@ pub fn scatter_add(
         grid(n, 256),
     )?;
     Ok(out)
+}
+
+/// Sum over the axis of `x` viewed as `(outer, size, inner)`: `(outer, inner)` values.
+pub fn reduce_sum(g: &Arc<Gpu>, x: &GpuBuffer, sizes: (usize, usize, usize)) -> Result<GpuBuffer> {
+    let (outer, size, inner) = sizes;
+    let y = g.alloc((outer * inner) as u64 * F32);
+    let params = [u(outer), u(size), u(inner), 0];
+    g.dispatch(
+        &REDUCE,
+        "reduce_sum",
+        &params,
+        &[x, &y],
+        grid(outer * inner, 1),
+    )?;
+    Ok(y)
+}
+
+/// Maximum over the axis of `x` viewed as `(outer, size, inner)`, and the index (u32) of its
+/// first occurrence. `size` must be at least 1.
+pub fn reduce_max(
+    g: &Arc<Gpu>,
+    x: &GpuBuffer,
+    sizes: (usize, usize, usize),
+) -> Result<(GpuBuffer, GpuBuffer)> {
+    let (outer, size, inner) = sizes;
+    let y = g.alloc((outer * inner) as u64 * F32);
+    let idx = g.alloc((outer * inner) as u64 * F32);
+    let params = [u(outer), u(size), u(inner), 1];
+    g.dispatch(
+        &REDUCE,
+        "reduce_max",
+        &params,
+        &[x, &y, &idx],
+        grid(outer * inner, 1),
+    )?;
+    Ok((y, idx))
+}
+
+/// The gradient of [`reduce_sum`] (`argmax: None`) or [`reduce_max`] (its indices) from
+/// `grad (outer, inner)`: `(outer, size, inner)` values.
+pub fn reduce_backward(
+    g: &Arc<Gpu>,
+    grad: &GpuBuffer,
+    argmax: Option<&GpuBuffer>,
+    sizes: (usize, usize, usize),
+) -> Result<GpuBuffer> {
+    let (outer, size, inner) = sizes;
+    let n = outer * size * inner;
+    let dx = g.alloc(n as u64 * F32);
+    let params = [u(outer), u(size), u(inner), u32::from(argmax.is_some())];
+    // A sum reads no indices, but the binding must hold a buffer: the gradient stands in.
+    let idx = argmax.unwrap_or(grad);
+    g.dispatch(
+        &REDUCE_BACKWARD,
+        "reduce_backward",
+        &params,
+        &[grad, idx, &dx],
+        grid(n, 256),
+    )?;
+    Ok(dx)
+}
+
+/// Per row of logits `(rows, vocab)`: `lse(z) - z[y]`, and `softmax(z) - onehot(y)`, the
+/// direction of the row's gradient (times its loss gradient), in a buffer of its own.
+pub fn nll(
+    g: &Arc<Gpu>,
+    logits: &GpuBuffer,
+    targets: &GpuBuffer,
+    rows: usize,
+    vocab: usize,
+) -> Result<(GpuBuffer, GpuBuffer)> {
+    let dir = g.copy(logits)?;
+    let (lse, tl) = (g.alloc(rows as u64 * F32), g.alloc(rows as u64 * F32));
+    g.dispatch(
+        &HEAD_LSE,
+        "head_lse",
+        &[u(rows), u(vocab), 1, 0],
+        &[&dir, targets, &lse, &tl],
+        grid(rows, 1),
+    )?;
+    Ok((binary(g, BinaryKind::Sub, &lse, &tl, rows, rows)?, dir))
 }
 
 /// Largest head dimension the attention kernels hold in registers.

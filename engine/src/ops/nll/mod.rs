@@ -1,7 +1,7 @@
 //! Per-token negative log-likelihood and the plain masked cross-entropy built on it: the
 //! unfused reference (it materialises `(tokens, vocab)` logits) for the fused LM-head loss.
 
-use super::{Op, float_dispatch, via_f32};
+use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
 use bft_kernels::cpu::nll::{nll, nll_backward};
@@ -30,7 +30,8 @@ impl Tensor {
             });
         }
         let (n, vocab) = (self.dims()[0], self.dims()[1]);
-        let tv = targets.cpu::<u32>("nll")?;
+        let host = targets.to_device(&crate::Device::Cpu)?;
+        let tv = host.cpu::<u32>("nll")?;
         if let Some(&bad) = tv.iter().find(|&&y| y as usize >= vocab) {
             return Err(Error::Index {
                 op: "nll",
@@ -38,12 +39,30 @@ impl Tensor {
                 size: vocab,
             });
         }
+        if let Some((g, i)) = wgpu_of(self) {
+            let t = targets.to_device(&self.device())?;
+            let (loss, dir) = bft_kernels::wgpu::ops::nll(
+                &g,
+                wbuf("nll", self)?,
+                t.wgpu().ok_or(Error::Unsupported {
+                    op: "nll targets",
+                    device: t.device(),
+                })?,
+                n,
+                vocab,
+            )?;
+            let out = Tensor::from_wgpu(loss, DType::F32, i, [n]);
+            let dir = Tensor::from_wgpu(dir, DType::F32, i, self.shape().clone());
+            return Tape::record(Op::Nll, &[self, targets], out, || NllBackward::Device {
+                direction: dir,
+            });
+        }
         let (out, lse) = float_dispatch!("nll", self.dtype(), |T| {
             let (mut l, mut s) = (vec![T::default(); n], vec![T::default(); n]);
             nll(self.cpu::<T>("nll")?, vocab, tv, &mut l, &mut s);
             Ok((Tensor::from_cpu(l, [n]), Tensor::from_cpu(s, [n])))
         })?;
-        Tape::record(Op::Nll, &[self, targets], out, || NllBackward {
+        Tape::record(Op::Nll, &[self, targets], out, || NllBackward::Host {
             logits: self.stop_gradient(),
             targets: targets.stop_gradient(),
             lse,
@@ -66,26 +85,55 @@ impl Tensor {
     }
 }
 
-struct NllBackward {
-    logits: Tensor,
-    targets: Tensor,
-    lse: Tensor,
+enum NllBackward {
+    /// The CPU recomputes the softmax from the logits and their log-sum-exp.
+    Host {
+        logits: Tensor,
+        targets: Tensor,
+        lse: Tensor,
+    },
+    /// The device kept `softmax(z) - onehot(y)` (rows, vocab) from the forward pass.
+    Device { direction: Tensor },
 }
 
 impl Backward for NllBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let vocab = self.logits.dims()[1];
+        let (logits, targets, lse) = match self {
+            // dz_i = g_i * direction_i: each row scaled by its loss gradient.
+            NllBackward::Device { direction } => {
+                let (gpu, i) = wgpu_of(direction).ok_or(Error::Unsupported {
+                    op: "nll backward",
+                    device: direction.device(),
+                })?;
+                let vocab = direction.dims()[1];
+                let dz = bft_kernels::wgpu::ops::scale_rows(
+                    &gpu,
+                    wbuf("nll", direction)?,
+                    wbuf("nll", g)?,
+                    direction.numel(),
+                    vocab,
+                )?;
+                let dz = Tensor::from_wgpu(dz, DType::F32, i, direction.shape().clone());
+                return Ok(vec![Some(dz), None]);
+            }
+            NllBackward::Host {
+                logits,
+                targets,
+                lse,
+            } => (logits, targets, lse),
+        };
+        let vocab = logits.dims()[1];
         let dz = float_dispatch!("nll backward", g.dtype(), |T| {
-            let mut dz = vec![T::default(); self.logits.numel()];
+            let mut dz = vec![T::default(); logits.numel()];
             nll_backward(
-                self.logits.cpu::<T>("nll")?,
+                logits.cpu::<T>("nll")?,
                 vocab,
-                self.targets.cpu::<u32>("nll")?,
-                self.lse.cpu::<T>("nll")?,
+                targets.cpu::<u32>("nll")?,
+                lse.cpu::<T>("nll")?,
                 g.cpu::<T>("nll")?,
                 &mut dz,
             );
-            Ok(Tensor::from_cpu(dz, self.logits.shape().clone()))
+            Ok(Tensor::from_cpu(dz, logits.shape().clone()))
         })?;
         Ok(vec![Some(dz), None])
     }

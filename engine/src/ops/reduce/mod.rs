@@ -4,6 +4,7 @@ use super::{Op, axis, float_dispatch, via_f32, wbuf, wgpu_of};
 use crate::tape::{Backward, Tape};
 use crate::{Result, Shape, Tensor};
 use bft_kernels::cpu::reduce::{ReduceKind, argmax_last, reduce, reduce_backward};
+use bft_kernels::wgpu::ops::{reduce_backward as reduce_backward_wgpu, reduce_max, reduce_sum};
 
 impl Tensor {
     /// Sum over axis `dim`, which is removed from the shape.
@@ -37,6 +38,18 @@ impl Tensor {
         } else {
             self.stop_gradient()
         };
+        if let Some((g, i)) = wgpu_of(&wide) {
+            if cols == 0 {
+                return Err(crate::Error::shape(
+                    "argmax",
+                    format!("argmax over an empty last axis of {}", self.shape()),
+                ));
+            }
+            let rows = self.numel() / cols;
+            let (_, idx) = reduce_max(&g, wbuf("argmax", &wide)?, (rows, cols, 1))?;
+            let out = Tensor::from_wgpu(idx, crate::DType::U32, i, dims);
+            return Tape::record_nondifferentiable(Op::ArgMax, &[self], out);
+        }
         let out = float_dispatch!("argmax", wide.dtype(), |T| {
             let mut o = vec![0u32; self.numel() / cols.max(1)];
             argmax_last(wide.cpu::<T>("argmax")?, cols, &mut o);
@@ -64,35 +77,31 @@ impl Tensor {
         let mut dims = self.dims().to_vec();
         dims.remove(d);
         if let Some((g, i)) = wgpu_of(self) {
-            if kind != ReduceKind::Sum || (sizes.0 > 1 && sizes.2 > 1) {
-                return Err(crate::Error::Unsupported {
-                    op: "max, or a sum over a middle axis,",
-                    device: self.device(),
-                });
-            }
             let x = wbuf(name, self)?;
-            let o = ones_product(&g, x, sizes, false)?;
+            let (o, argmax) = match kind {
+                ReduceKind::Sum => (reduce_sum(&g, x, sizes)?, None),
+                ReduceKind::Max => {
+                    let (o, idx) = reduce_max(&g, x, sizes)?;
+                    let n = sizes.0 * sizes.2;
+                    (o, Some(Tensor::from_wgpu(idx, crate::DType::U32, i, [n])))
+                }
+            };
             let out = Tensor::from_wgpu(o, crate::DType::F32, i, dims);
             return Tape::record(op, &[self], out, || ReduceBackward {
                 kind,
                 shape: self.shape().clone(),
                 sizes,
-                argmax: Vec::new(),
+                argmax,
             });
         }
-        let mut argmax = vec![
-            0u32;
-            if kind == ReduceKind::Max {
-                sizes.0 * sizes.2
-            } else {
-                0
-            }
-        ];
+        let n = sizes.0 * sizes.2;
+        let mut argmax = vec![0u32; if kind == ReduceKind::Max { n } else { 0 }];
         let out = float_dispatch!(name, self.dtype(), |T| {
-            let mut o = vec![T::default(); sizes.0 * sizes.2];
+            let mut o = vec![T::default(); n];
             reduce(kind, self.cpu::<T>(name)?, sizes, &mut o, &mut argmax);
             Ok(Tensor::from_cpu(o, dims))
         })?;
+        let argmax = (kind == ReduceKind::Max).then(|| Tensor::from_cpu(argmax, [n]));
         Tape::record(op, &[self], out, || ReduceBackward {
             kind,
             shape: self.shape().clone(),
@@ -106,22 +115,29 @@ struct ReduceBackward {
     kind: ReduceKind,
     shape: Shape,
     sizes: (usize, usize, usize),
-    argmax: Vec<u32>,
+    /// U32, one per output, on the input's device; `None` for a sum.
+    argmax: Option<Tensor>,
 }
 
 impl Backward for ReduceBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
         if let Some((gpu, i)) = wgpu_of(g) {
-            let dx = ones_product(&gpu, wbuf("sum", g)?, self.sizes, true)?;
+            let idx = self.argmax.as_ref().and_then(Tensor::wgpu);
+            let dx = reduce_backward_wgpu(&gpu, wbuf("reduce", g)?, idx, self.sizes)?;
             let dx = Tensor::from_wgpu(dx, crate::DType::F32, i, self.shape.clone());
             return Ok(vec![Some(dx)]);
         }
+        let no_index: &[u32] = &[];
+        let argmax = match &self.argmax {
+            Some(t) => t.cpu::<u32>("reduce")?,
+            None => no_index,
+        };
         let dx = float_dispatch!("reduce backward", g.dtype(), |T| {
             let mut dx = vec![T::default(); self.shape.numel()];
             reduce_backward(
                 self.kind,
                 g.cpu::<T>("reduce")?,
-                &self.argmax,
+                argmax,
                 self.sizes,
                 &mut dx,
             );
@@ -129,79 +145,6 @@ impl Backward for ReduceBackward {
         })?;
         Ok(vec![Some(dx)])
     }
-}
-
-/// A sum over the first or last axis on wgpu as a product with a vector of ones, for `x` of
-/// `sizes = (outer, size, inner)` with `outer == 1` or `inner == 1`; `spread` is its backward,
-/// the gradient copied along the summed axis.
-fn ones_product(
-    g: &std::sync::Arc<bft_kernels::wgpu::Gpu>,
-    x: &bft_kernels::wgpu::GpuBuffer,
-    (outer, size, inner): (usize, usize, usize),
-    spread: bool,
-) -> Result<bft_kernels::wgpu::GpuBuffer> {
-    use bft_kernels::cpu::matmul::GemmDims;
-    use bft_kernels::wgpu::ops::{DeviceOperand, matmul};
-    let ones = g.upload(bytemuck::cast_slice(&vec![1f32; size]))?;
-    let op = |data, trans| DeviceOperand {
-        data,
-        trans,
-        batch_stride: 0,
-    };
-    let (rows, cols) = if inner == 1 { (outer, 1) } else { (1, inner) };
-    let out = match (inner == 1, spread) {
-        // (outer, size) . (size, 1) and (outer, 1) . (1, size)
-        (true, false) => matmul(
-            g,
-            GemmDims {
-                batch: 1,
-                m: rows,
-                n: 1,
-                k: size,
-            },
-            op(x, false),
-            op(&ones, false),
-            None,
-        )?,
-        (true, true) => matmul(
-            g,
-            GemmDims {
-                batch: 1,
-                m: rows,
-                n: size,
-                k: 1,
-            },
-            op(x, false),
-            op(&ones, false),
-            None,
-        )?,
-        // (1, size) . (size, inner) and (size, 1) . (1, inner)
-        (false, false) => matmul(
-            g,
-            GemmDims {
-                batch: 1,
-                m: 1,
-                n: cols,
-                k: size,
-            },
-            op(&ones, false),
-            op(x, false),
-            None,
-        )?,
-        (false, true) => matmul(
-            g,
-            GemmDims {
-                batch: 1,
-                m: size,
-                n: cols,
-                k: 1,
-            },
-            op(&ones, false),
-            op(x, false),
-            None,
-        )?,
-    };
-    Ok(out)
 }
 
 #[cfg(test)]
