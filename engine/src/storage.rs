@@ -9,7 +9,8 @@ pub enum Storage {
     Wgpu(WgpuStorage),
 }
 
-/// A buffer on a wgpu device: f32 or u32 elements (WGSL's storage types).
+/// A buffer on a wgpu device: f32 or u32 elements (WGSL's storage types), or f16/bf16 packed two
+/// to a u32 word (kernels compute on them through f32 casts).
 #[derive(Debug)]
 pub struct WgpuStorage {
     pub(crate) buf: bft_kernels::wgpu::GpuBuffer,

@@ -2,6 +2,7 @@ use crate::storage::{CpuData, CpuStorage, WgpuStorage};
 use crate::tape::Tape;
 use crate::{DType, Device, Elem, Error, Result, Shape, Storage};
 use bft_kernels::cpu::binary::BinaryKind;
+use half::{bf16, f16};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -263,14 +264,24 @@ impl Tensor {
         match (&*self.storage, device) {
             (Storage::Cpu(s), Device::Wgpu(i)) => {
                 let g = bft_kernels::wgpu::gpu(*i)?;
+                // 16-bit floats upload as their bits: two to a u32 word on the device.
+                let halves: Vec<u16>;
                 let bytes: &[u8] = match &s.data {
                     CpuData::F32(v) => bytemuck::cast_slice(v),
                     CpuData::U32(v) => bytemuck::cast_slice(v),
-                    _ => {
+                    CpuData::F16(v) => {
+                        halves = v.iter().map(|h| h.to_bits()).collect();
+                        bytemuck::cast_slice(&halves)
+                    }
+                    CpuData::BF16(v) => {
+                        halves = v.iter().map(|h| h.to_bits()).collect();
+                        bytemuck::cast_slice(&halves)
+                    }
+                    CpuData::F64(_) => {
                         return Err(Error::DType {
                             op: "to_device(wgpu)",
                             got: self.dtype(),
-                            expected: "f32 or u32 (convert with to_dtype first)",
+                            expected: "f32, f16, bf16 or u32 (convert with to_dtype first)",
                         });
                     }
                 };
@@ -279,8 +290,17 @@ impl Tensor {
             }
             (Storage::Wgpu(s), Device::Cpu) => {
                 let bytes = s.buf.gpu().read(&s.buf)?;
+                let n = self.numel();
+                let halves = || -> Vec<u16> {
+                    let all: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
+                    all[..n].to_vec()
+                };
                 let data = match s.dtype {
                     DType::U32 => CpuData::U32(bytemuck::pod_collect_to_vec(&bytes)),
+                    DType::F16 => CpuData::F16(halves().into_iter().map(f16::from_bits).collect()),
+                    DType::BF16 => {
+                        CpuData::BF16(halves().into_iter().map(bf16::from_bits).collect())
+                    }
                     _ => CpuData::F32(bytemuck::pod_collect_to_vec(&bytes)),
                 };
                 Ok(Tensor::from_storage(
@@ -300,6 +320,9 @@ impl Tensor {
             return Ok(self.stop_gradient());
         }
         let Storage::Cpu(s) = &*self.storage else {
+            if let Some(out) = self.cast_on_device(dtype)? {
+                return Ok(out);
+            }
             return self
                 .to_device(&Device::Cpu)?
                 .cast_untracked(dtype)?
@@ -328,6 +351,38 @@ impl Tensor {
             Arc::new(Storage::Cpu(CpuStorage::new(data))),
             self.shape.clone(),
         ))
+    }
+
+    /// Float casts among f32, f16 and bf16 by the device's own kernels (16-bit through f32);
+    /// `None` for the rest (U32), which go through the host.
+    fn cast_on_device(&self, dtype: DType) -> Result<Option<Tensor>> {
+        use bft_kernels::wgpu::ops::{Half, narrow, widen};
+        let (Storage::Wgpu(w), true) = (&*self.storage, dtype != DType::U32) else {
+            return Ok(None);
+        };
+        let half = |d: DType| match d {
+            DType::F16 => Some(Half::F16),
+            DType::BF16 => Some(Half::BF16),
+            _ => None,
+        };
+        let (g, n) = (w.buf.gpu(), self.numel());
+        let wide = match (w.dtype, half(w.dtype)) {
+            (DType::F32, _) => None,
+            (_, Some(h)) => Some(widen(g, &w.buf, n, h)?),
+            _ => return Ok(None),
+        };
+        let buf = match (half(dtype), wide) {
+            (None, Some(wide)) => wide,
+            (Some(h), Some(wide)) => narrow(g, &wide, n, h)?,
+            (Some(h), None) => narrow(g, &w.buf, n, h)?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Tensor::from_wgpu(
+            buf,
+            dtype,
+            w.index,
+            self.shape.clone(),
+        )))
     }
 
     /// `self += other` in place when this handle owns its storage alone (gradient accumulation

@@ -1,5 +1,4 @@
-//! One test body on every available backend: a small graph with the ops the wgpu backend has
-//! so far (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
+//! One test body on every available backend: a small graph with every op (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
 //! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums and maxima over first, middle and last
 //! axes, argmax, permute, narrow/split and cat, embedding, causal GQA attention, the unfused
 //! cross-entropy (NLL) and the fused LM-head loss), forward and backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
@@ -167,5 +166,59 @@ fn forward_and_backward_agree_on_every_backend() {
             }
         }
         eprintln!("{dev}: loss {loss:.6} (cpu {cpu_loss:.6}), gradients within 1e-4");
+    }
+}
+
+/// 16-bit tensors live on every backend: the same bits after a round trip and after casts on
+/// the device, and ops on them compute in f32 (one rounding to 16 bits at the end), with
+/// gradients flowing back through the casts.
+#[test]
+fn sixteen_bit_tensors_round_trip_cast_and_compute_on_every_backend() {
+    let base = Tensor::randn([7, 5], 2.0, 21, DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::randn([5, 3], 1.0, 22, DType::F32, &Device::Cpu).unwrap();
+    for half in [DType::F16, DType::BF16] {
+        let host = base.to_dtype(half).unwrap();
+        let cpu_y = host.matmul(&w.to_dtype(half).unwrap()).unwrap();
+        let cpu_y = cpu_y.to_f64_vec().unwrap();
+        for dev in backends().into_iter().skip(1) {
+            let on = host.to_device(&dev).unwrap();
+            assert_eq!(on.dtype(), half);
+            let back = on.to_device(&Device::Cpu).unwrap();
+            assert_eq!(back.to_f64_vec().unwrap(), host.to_f64_vec().unwrap());
+            // Casts on the device give the host's bits: f32 -> 16 bit, 16 bit -> f32.
+            let narrowed = base.to_device(&dev).unwrap().to_dtype(half).unwrap();
+            assert_eq!(narrowed.dtype(), half);
+            assert_eq!(narrowed.device(), dev);
+            assert_eq!(
+                narrowed.to_f64_vec().unwrap(),
+                host.to_f64_vec().unwrap(),
+                "{dev} {half:?}"
+            );
+            let widened = on.to_dtype(DType::F32).unwrap();
+            assert_eq!(widened.device(), dev);
+            assert_eq!(widened.to_f64_vec().unwrap(), host.to_f64_vec().unwrap());
+            // A product of 16-bit tensors: f32 inside, rounded once; the sums may round
+            // differently by one 16-bit step.
+            let tape = Tape::new();
+            let x = tape.track(&on);
+            let y = x
+                .matmul(&w.to_dtype(half).unwrap().to_device(&dev).unwrap())
+                .unwrap();
+            assert_eq!((y.dtype(), y.device()), (half, dev));
+            let step = if half == DType::F16 {
+                2f64.powi(-10)
+            } else {
+                2f64.powi(-7)
+            };
+            for (a, b) in y.to_f64_vec().unwrap().iter().zip(&cpu_y) {
+                assert!(
+                    (a - b).abs() <= step * b.abs().max(1.0),
+                    "{dev} {half:?}: {a} vs {b}"
+                );
+            }
+            let grads = tape.backward(&y.to_dtype(DType::F32).unwrap().sum_all().unwrap());
+            let gx = grads.unwrap().remove(&x).expect("a gradient");
+            assert_eq!((gx.dtype(), gx.device()), (half, dev));
+        }
     }
 }

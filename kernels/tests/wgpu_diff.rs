@@ -683,3 +683,78 @@ fn unfused_nll_and_its_gradient_direction_match_cpu() {
     no_worse("nll", &down(&g, &ld), &wide(&loss), &loss64);
     no_worse("nll direction", &down(&g, &dird), &wide(&dz), &dz64);
 }
+
+#[test]
+fn casts_to_and_from_16_bit_floats_give_the_host_bits() {
+    use bft_kernels::wgpu::ops::Half;
+    use half::{bf16, f16};
+    let Some(g) = device() else { return };
+    // Ties, the edges of f16's range and subnormals, infinities, NaN, then f32 bit patterns
+    // from every exponent. An odd count leaves the last word half full.
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        65504.0,
+        65519.99,
+        65520.0,
+        -1e5,
+        2f32.powi(-14),
+        2f32.powi(-25),
+        1.5 * 2f32.powi(-25),
+        1.5 * 2f32.powi(-24),
+        2.5 * 2f32.powi(-24),
+        2f32.powi(-14) - 2f32.powi(-26),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE / 3.0,
+    ];
+    let mut s = 12345u64;
+    for _ in 0..20_001 {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x.push(f32::from_bits((s >> 32) as u32));
+    }
+    let n = x.len();
+    let xd = up(&g, &x);
+    for half in [Half::F16, Half::BF16] {
+        let bits = |v: f32| match half {
+            Half::F16 => f16::from_f32(v).to_bits(),
+            Half::BF16 => bf16::from_f32(v).to_bits(),
+        };
+        let packed = ops::narrow(&g, &xd, n, half).unwrap();
+        let got: Vec<u16> = bytemuck::pod_collect_to_vec(&g.read(&packed).unwrap());
+        for (i, &v) in x.iter().enumerate() {
+            let want = bits(v);
+            let nan = |b: u16| match half {
+                Half::F16 => f16::from_bits(b).is_nan(),
+                Half::BF16 => bf16::from_bits(b).is_nan(),
+            };
+            assert!(
+                got[i] == want || (nan(got[i]) && nan(want)),
+                "{half:?} of {v:e} ({:#010x}): wgpu {:#06x}, host {want:#06x}",
+                v.to_bits(),
+                got[i]
+            );
+        }
+        // Every 16-bit pattern widens exactly.
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let hd = g.upload(bytemuck::cast_slice(&all)).unwrap();
+        let wide = down(&g, &ops::widen(&g, &hd, all.len(), half).unwrap());
+        for (&h, &w) in all.iter().zip(&wide) {
+            let want = match half {
+                Half::F16 => f16::from_bits(h).to_f32(),
+                Half::BF16 => bf16::from_bits(h).to_f32(),
+            };
+            assert!(
+                w.to_bits() == want.to_bits() || (w.is_nan() && want.is_nan()),
+                "{half:?} {h:#06x}: wgpu {w:e}, host {want:e}"
+            );
+        }
+    }
+}

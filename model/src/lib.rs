@@ -1,5 +1,5 @@
-//! bft-model: the Llama/Qwen2 transformer built from engine ops: configs and the decoder block
-//! so far; weight loaders, LoRA and generation come next.
+//! bft-model: the Llama/Qwen2 transformer built from engine ops: configs, the decoder block,
+//! weight loaders (safetensors, GGUF), LoRA and KV-cache generation.
 
 pub mod block;
 pub mod config;

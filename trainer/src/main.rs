@@ -94,6 +94,10 @@ struct ScoreArgs {
     /// Compute device: cpu, wgpu (the first adapter) or wgpu:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Storage dtype of the weights on the device (bf16/f16 halve their memory; the math stays
+    /// f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: SaveDType,
 }
 
 #[derive(clap::Args, Debug)]
@@ -150,6 +154,16 @@ enum SaveDType {
     F32,
     Bf16,
     F16,
+}
+
+impl From<SaveDType> for DType {
+    fn from(d: SaveDType) -> DType {
+        match d {
+            SaveDType::F32 => DType::F32,
+            SaveDType::Bf16 => DType::BF16,
+            SaveDType::F16 => DType::F16,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -317,9 +331,8 @@ fn info() -> Result<()> {
         }
     );
     println!(
-        "wgpu ops so far: matmul, add/sub/mul/div, scale, exp/log/sigmoid/silu/neg, rms_norm, \
-         rope, swiglu, softmax/log_softmax, sums over the first or last axis, \
-         permute/narrow/cat, embedding, causal attention, the fused LM-head loss"
+        "wgpu: every op (WGSL kernels) and AdamW; f32 and u32 tensors, and f16/bf16 stored two \
+         to a word, computing through f32"
     );
     println!(
         "cpu threads: {}",
@@ -459,11 +472,7 @@ fn write_dir(
     out: &Path,
     dtype: SaveDType,
 ) -> Result<()> {
-    let dtype = match dtype {
-        SaveDType::F32 => DType::F32,
-        SaveDType::Bf16 => DType::BF16,
-        SaveDType::F16 => DType::F16,
-    };
+    let dtype = dtype.into();
     let tmp = sibling_tmp(out);
     let result = save_hf_dir(m, hf_config, &tmp, dtype).and_then(|()| {
         std::fs::rename(&tmp, out).map_err(|e| bft_model::Error::Io {
@@ -550,7 +559,7 @@ fn score(a: ScoreArgs) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let mut m = load_model(&a.model, DType::F32)
+    let mut m = load_model(&a.model, a.dtype.into())
         .with_context(|| format!("loading {}", a.model.display()))?;
     if let Some(dir) = &a.adapter {
         m.model

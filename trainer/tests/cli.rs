@@ -620,8 +620,8 @@ fn corrupt_weights_bad_config_and_missing_files_fail_cleanly() {
     std::fs::remove_file(&truncated_gguf).ok();
 }
 
-/// `bft score --device wgpu` gives the CPU's log-probs within 1e-4, and `bft train --device
-/// wgpu` runs a step. Skips without a wgpu adapter unless BFT_REQUIRE_WGPU=1 (CI runs it on
+/// `bft score --device wgpu` gives the CPU's log-probs within 1e-4 (and with bf16 weights is as
+/// close to f32 as the CPU's bf16), and `bft train --device wgpu` runs a step. Skips without a wgpu adapter unless BFT_REQUIRE_WGPU=1 (CI runs it on
 /// Mesa's software Vulkan device).
 #[test]
 fn score_and_train_on_wgpu_match_the_cpu() {
@@ -640,10 +640,10 @@ fn score_and_train_on_wgpu_match_the_cpu() {
         "{\"instruction\": \"What does TP53 do?\", \"output\": \"It suppresses tumors.\"}\n",
     )
     .unwrap();
-    let score = |device: &str| -> Vec<f64> {
-        let out = tmp(&format!("score-{device}.jsonl"));
+    let score = |device: &str, dtype: &str| -> Vec<f64> {
+        let out = tmp(&format!("score-{device}-{dtype}.jsonl"));
         let run = Command::new(env!("CARGO_BIN_EXE_bft"))
-            .args(["score", "--device", device, "--model"])
+            .args(["score", "--device", device, "--dtype", dtype, "--model"])
             .arg(model())
             .arg("--data")
             .arg(&data)
@@ -671,12 +671,26 @@ fn score_and_train_on_wgpu_match_the_cpu() {
             .map(|v| v.as_f64().unwrap())
             .collect()
     };
-    let (gpu, cpu) = (score("wgpu"), score("cpu"));
+    let (gpu, cpu) = (score("wgpu", "f32"), score("cpu", "f32"));
     assert_eq!(gpu.len(), cpu.len());
     assert!(!cpu.is_empty());
     for (a, b) in gpu.iter().zip(&cpu) {
         assert!((a - b).abs() <= 1e-4, "log-prob {a} on wgpu vs {b} on cpu");
     }
+    // bf16 weights (and so bf16 activations between ops) on the device: every op rounds its f32
+    // result to bf16, and where the devices' f32 sums differ in the last bits a rounding flips
+    // by one bf16 step (0.4%), which 30 layers carry on, so the two bf16 runs differ about as
+    // much as bf16 differs from f32. The device's bf16 run must be no further from the f32
+    // log-probs than twice the CPU's bf16 run (measured: 0.068 and 0.060 mean per token).
+    let (gpu16, cpu16) = (score("wgpu", "bf16"), score("cpu", "bf16"));
+    assert_eq!(gpu16.len(), cpu16.len());
+    let mean =
+        |a: &[f64]| a.iter().zip(&cpu).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len() as f64;
+    let (gpu_gap, cpu_gap) = (mean(&gpu16), mean(&cpu16));
+    assert!(
+        cpu_gap > 0.0 && gpu_gap <= 2.0 * cpu_gap,
+        "bf16 log-probs against f32: wgpu {gpu_gap}, cpu {cpu_gap}"
+    );
     let dir = tmp("wgpu-train");
     let out = Command::new(env!("CARGO_BIN_EXE_bft"))
         .args([

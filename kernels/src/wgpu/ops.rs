@@ -42,6 +42,7 @@ shader!(HEAD_LSE, "head_lse", ["head_lse"]);
 shader!(HEAD_GRAD, "head_grad", ["head_grad"]);
 shader!(OPTIM, "optim", ["adamw"]);
 shader!(REDUCE, "reduce", ["reduce_sum", "reduce_max"]);
+shader!(CAST, "cast", ["narrow", "widen"]);
 shader!(REDUCE_BACKWARD, "reduce_backward", ["reduce_backward"]);
 shader!(SUM_SQUARES, "sum_squares", ["sum_squares"]);
 
@@ -97,6 +98,7 @@ pub static ALL: &[&Shader] = &[
     &SUM_SQUARES,
     &REDUCE,
     &REDUCE_BACKWARD,
+    &CAST,
 ];
 
 const F32: u64 = 4;
@@ -869,4 +871,51 @@ pub fn sum_squares(g: &Arc<Gpu>, xs: &[(&GpuBuffer, usize)]) -> Result<Vec<f64>>
             s
         })
         .collect())
+}
+
+/// The 16-bit float formats a wgpu buffer can hold, two to a u32 word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    F16,
+    BF16,
+}
+
+impl Half {
+    fn code(self) -> u32 {
+        match self {
+            Half::F16 => 0,
+            Half::BF16 => 1,
+        }
+    }
+}
+
+/// Bytes of `n` 16-bit values (whole u32 words).
+pub fn half_bytes(n: usize) -> u64 {
+    n.div_ceil(2) as u64 * 4
+}
+
+/// `n` f32 values rounded to `half` (to nearest even, like the `half` crate).
+pub fn narrow(g: &Arc<Gpu>, x: &GpuBuffer, n: usize, half: Half) -> Result<GpuBuffer> {
+    let out = g.alloc(half_bytes(n));
+    g.dispatch(
+        &CAST,
+        "narrow",
+        &[u(n), half.code()],
+        &[&out, x],
+        grid(n.div_ceil(2), 256),
+    )?;
+    Ok(out)
+}
+
+/// `n` 16-bit `half` values as f32 (exact).
+pub fn widen(g: &Arc<Gpu>, x: &GpuBuffer, n: usize, half: Half) -> Result<GpuBuffer> {
+    let out = g.alloc(n as u64 * F32);
+    g.dispatch(
+        &CAST,
+        "widen",
+        &[u(n), half.code()],
+        &[x, &out],
+        grid(n, 256),
+    )?;
+    Ok(out)
 }

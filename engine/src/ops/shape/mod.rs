@@ -23,6 +23,18 @@ fn moved<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a bft_kernels::wgpu::G
     })
 }
 
+/// 16-bit tensors on wgpu move as f32: the kernels move 32-bit words, and both casts are
+/// exact, so the result holds the same bits.
+fn wide_on_device(
+    inputs: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    if inputs.iter().all(|t| t.wgpu().is_none()) {
+        return Ok(None);
+    }
+    super::via_f32(inputs, f)
+}
+
 /// A slab copy on wgpu from `src` into `dst`; both have the layout of `sizes` around the axis.
 fn wgpu_slab(
     src: &Tensor,
@@ -141,6 +153,9 @@ impl Tensor {
                 ),
             ));
         }
+        if let Some(out) = wide_on_device(&[self], |t| t[0].permute(perm))? {
+            return Ok(out);
+        }
         let dims: Vec<usize> = perm.iter().map(|&p| self.dims()[p]).collect();
         let out = if let Some((g, i)) = super::wgpu_of(self) {
             if rank > bft_kernels::wgpu::ops::MAX_RANK {
@@ -188,6 +203,9 @@ impl Tensor {
                     self.shape()
                 ),
             ));
+        }
+        if let Some(out) = wide_on_device(&[self], |t| t[0].narrow(dim, start, len))? {
+            return Ok(out);
         }
         let (outer, _, inner) = self.shape().split_at_axis(d);
         let mut dims = self.dims().to_vec();
@@ -261,6 +279,10 @@ impl Tensor {
                 ));
             }
         }
+        let refs: Vec<&Tensor> = tensors.iter().collect();
+        if let Some(out) = wide_on_device(&refs, |t| Tensor::cat(t, dim))? {
+            return Ok(out);
+        }
         let total: usize = tensors.iter().map(|t| t.dims()[d]).sum();
         let mut dims = first.dims().to_vec();
         dims[d] = total;
@@ -283,7 +305,6 @@ impl Tensor {
                 at += len;
             }
             let out = Tensor::from_wgpu(dst, first.dtype(), i, dims);
-            let refs: Vec<&Tensor> = tensors.iter().collect();
             let sizes = tensors.iter().map(|t| t.dims()[d]).collect();
             return Tape::record(Op::Cat, &refs, out, || CatBackward { dim: d, sizes });
         }
