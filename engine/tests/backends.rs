@@ -1,7 +1,9 @@
-//! One test body on every available backend: a small graph with every op (matmul with transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg,
-//! RMSNorm, RoPE, SwiGLU, softmax and log-softmax, sums and maxima over first, middle and last
-//! axes, argmax, permute, narrow/split and cat, embedding, causal GQA attention, the unfused
-//! cross-entropy (NLL) and the fused LM-head loss), forward and backward, compared with the CPU. Without a wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
+//! One test body on every available backend: a small graph with every op (matmul with
+//! transposes, broadcast add/mul/div/sub, scale, exp/log/sigmoid/silu/neg, RMSNorm, RoPE,
+//! SwiGLU, softmax and log-softmax, sums and maxima over first, middle and last axes, argmax,
+//! permute, narrow/split and cat, embedding, causal GQA attention, the unfused cross-entropy
+//! (NLL) and the fused LM-head loss), forward and backward, compared with the CPU. Without a
+//! wgpu adapter only the CPU runs, unless BFT_REQUIRE_WGPU=1.
 
 use bft_engine::{DType, Device, Tape, Tensor};
 
