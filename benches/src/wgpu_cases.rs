@@ -45,6 +45,7 @@ pub fn all(g: &Arc<Gpu>, quick: bool) -> Vec<Case> {
         attention(g, if quick { 128 } else { 1024 }),
         rmsnorm(g, tokens),
         softmax(g, tokens / 4),
+        dispatches(g),
     ];
     if !quick {
         v.insert(0, gemm(g, "wgpu gemm 1024^3", 1024, 1024, 1024));
@@ -201,6 +202,40 @@ fn softmax(g: &Arc<Gpu>, rows: usize) -> Case {
         shape: format!("{rows}x{cols}"),
         flops: 4.0 * (rows * cols) as f64,
         bytes: 8.0 * (rows * cols) as f64,
+        bound: Bound::Unmeasured,
+        backend: "wgpu",
+        body: Box::new(body),
+    }
+}
+
+/// The runtime's cost per dispatch: 256 chained `scale` ops on 256 values, too small for the
+/// kernel to matter (parameters, bind group, recording, batched submission).
+fn dispatches(g: &Arc<Gpu>) -> Case {
+    let g = g.clone();
+    let (n, ops_per_run) = (256, 256);
+    let body = move |budget: f64| -> Result<Measured> {
+        let x = data(n, 9);
+        let xd = up(&g, &x)?;
+        let run = || -> Result<GpuBuffer> {
+            let mut y = ops::scale(&g, 1.0, &xd, n)?;
+            for _ in 1..ops_per_run {
+                y = ops::scale(&g, 1.0, &y, n)?;
+            }
+            Ok(y)
+        };
+        let e = err(&down(&g, &run()?)?, &x);
+        let t = time(&g, budget, || run().map(drop))?;
+        Ok(Measured {
+            err: e,
+            time_us: t,
+            peak_bytes: None,
+        })
+    };
+    Case {
+        name: "wgpu 256 tiny dispatches".into(),
+        shape: format!("{ops_per_run} x scale({n})"),
+        flops: (n * ops_per_run) as f64,
+        bytes: (8 * n * ops_per_run) as f64,
         bound: Bound::Unmeasured,
         backend: "wgpu",
         body: Box::new(body),

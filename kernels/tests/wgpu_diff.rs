@@ -80,7 +80,7 @@ fn close_norm(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 #[test]
-fn every_shader_compiles_and_the_pool_reuses_buffers() {
+fn every_shader_compiles_the_pool_reuses_buffers_and_parameters_stay_apart() {
     let Some(shared) = device() else { return };
     eprintln!("adapter: {}", shared.describe());
     for s in ops::ALL {
@@ -109,6 +109,17 @@ fn every_shader_compiles_and_the_pool_reuses_buffers() {
         &[1f32.exp(), 2f32.exp(), 3f32.exp()],
         1e-6,
     );
+    // 200 dispatches, each with parameters of its own, span several submitted batches that
+    // share one parameter arena: every dispatch must see its own factor.
+    let mut y = ops::scale(&g, 1.0, &x, 3).unwrap();
+    let mut want = 1.0f64;
+    for k in 0..200 {
+        let f = 1.0 + (k % 7) as f32 * 0.01 - 0.03;
+        y = ops::scale(&g, f, &y, 3).unwrap();
+        want *= f as f64;
+    }
+    let want: Vec<f32> = [1.0, 2.0, 3.0].iter().map(|v| (v * want) as f32).collect();
+    close("200 chained scales", &down(&g, &y), &want, 1e-5);
 }
 
 #[test]

@@ -51,6 +51,10 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 /// Dispatches recorded before the encoder is submitted anyway.
 const MAX_PENDING: usize = 64;
 
+/// Bytes of a dispatch's slot in the parameter arena: the largest storage-offset alignment
+/// WebGPU allows, and room for 64 parameter words.
+const PARAM_SLOT: u64 = 256;
+
 /// One wgpu adapter opened as a device.
 pub struct Gpu {
     device: wgpu::Device,
@@ -60,6 +64,10 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<(&'static str, &'static str), wgpu::ComputePipeline>>,
     pool: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     pending: Mutex<Pending>,
+    /// The parameters of one batch of dispatches, a slot each, written once when the batch is
+    /// submitted: no buffer is created per dispatch. The next batch's write is ordered after
+    /// this batch's reads (one queue), so a single arena serves every batch.
+    arena: wgpu::Buffer,
     /// The first uncaptured device error, reported at the next flush.
     error: Arc<Mutex<Option<String>>>,
 }
@@ -67,6 +75,8 @@ pub struct Gpu {
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
+    /// The arena's contents for the recorded dispatches (slot `k` at word `k * PARAM_SLOT / 4`).
+    params: Vec<u32>,
 }
 
 /// A pooled device buffer of `len` bytes; it goes back to its pool when dropped.
@@ -172,6 +182,12 @@ impl Gpu {
             let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert_with(|| e.to_string());
         }));
+        let arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bft params"),
+            size: MAX_PENDING as u64 * PARAM_SLOT,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -182,7 +198,9 @@ impl Gpu {
             pending: Mutex::new(Pending {
                 encoder: None,
                 dispatches: 0,
+                params: Vec::new(),
             }),
+            arena,
             error,
         }))
     }
@@ -337,16 +355,29 @@ impl Gpu {
             return Ok(());
         }
         let pipeline = self.pipeline(shader, entry);
-        let words: Vec<u32> = if params.is_empty() {
-            vec![0]
-        } else {
-            params.to_vec()
-        };
-        let params = self.filled(bytemuck::cast_slice(&words), wgpu::BufferUsages::STORAGE)?;
+        let words = if params.is_empty() { &[0][..] } else { params };
+        if words.len() as u64 * 4 > PARAM_SLOT {
+            return Err(GpuError::Validation(format!(
+                "{entry}: {} parameter words exceed a {PARAM_SLOT}-byte slot",
+                words.len()
+            )));
+        }
         let layout = pipeline.get_bind_group_layout(0);
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.dispatches >= MAX_PENDING {
+            self.submit(&mut p);
+        }
+        // This dispatch's slot: the batch's parameters so far, padded to whole slots.
+        let slot = p.params.len().div_ceil(PARAM_SLOT as usize / 4) as u64;
+        p.params.resize(slot as usize * PARAM_SLOT as usize / 4, 0);
+        p.params.extend_from_slice(words);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: params.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.arena,
+                offset: slot * PARAM_SLOT,
+                size: std::num::NonZeroU64::new(words.len() as u64 * 4),
+            }),
         }];
         for (i, b) in buffers.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
@@ -359,7 +390,11 @@ impl Gpu {
             layout: &layout,
             entries: &entries,
         });
-        let full = self.record(|enc| {
+        let enc = p.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("bft") })
+        });
+        {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(entry),
                 timestamp_writes: None,
@@ -367,7 +402,10 @@ impl Gpu {
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        })?;
+        }
+        p.dispatches += 1;
+        let full = p.dispatches >= MAX_PENDING;
+        drop(p);
         if full {
             self.flush()?;
         }
@@ -377,6 +415,9 @@ impl Gpu {
     /// Records into the batched encoder; true once it holds enough work to submit.
     fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<bool> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.dispatches >= MAX_PENDING {
+            self.submit(&mut p);
+        }
         let enc = p.encoder.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("bft") })
@@ -393,12 +434,23 @@ impl Gpu {
             // or a pooled buffer reused by later work could be overwritten before earlier work
             // reads it.
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.dispatches = 0;
-            if let Some(enc) = p.encoder.take() {
-                self.queue.submit([enc.finish()]);
-            }
+            self.submit(&mut p);
         }
         self.check()
+    }
+
+    /// Writes the batch's parameters into the arena and submits its encoder; the write lands
+    /// at the start of this submission, after every earlier one.
+    fn submit(&self, p: &mut Pending) {
+        p.dispatches = 0;
+        if !p.params.is_empty() {
+            self.queue
+                .write_buffer(&self.arena, 0, bytemuck::cast_slice(&p.params));
+            p.params.clear();
+        }
+        if let Some(enc) = p.encoder.take() {
+            self.queue.submit([enc.finish()]);
+        }
     }
 
     /// Waits until the device is idle (for timing).
