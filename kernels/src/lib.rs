@@ -8,4 +8,5 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod cpu;
+pub mod cuda;
 pub mod wgpu;
