@@ -6,6 +6,11 @@
 
 use std::ffi::CString;
 
+pub mod ops;
+mod runtime;
+
+pub use runtime::{Arg, Cuda, DeviceBuffer, cuda, driver_available, ptr};
+
 /// Errors of the CUDA backend.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -19,6 +24,8 @@ pub enum CudaError {
     },
     #[error("NVRTC: {0}")]
     Nvrtc(String),
+    #[error("CUDA: {0}")]
+    Driver(String),
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;
