@@ -5,6 +5,7 @@
 //! roofline (a peak-FMA loop and a memory-copy probe), as a table and as JSON records.
 
 mod cases;
+mod cuda_cases;
 mod reference;
 mod report;
 mod timing;
@@ -41,11 +42,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.backend == Backend::Cuda {
-        bail!("the CUDA backend is not built yet");
-    }
     let threads = rayon::current_num_threads();
-    let mut peak = if args.backend == Backend::Wgpu {
+    let mut peak = if args.backend != Backend::Cpu {
         Peak {
             gflops: f64::NAN,
             gbps: f64::NAN,
@@ -67,6 +65,14 @@ fn main() -> Result<()> {
                 g.describe()
             );
             wgpu_cases::all(&g, args.quick)
+        }
+        Backend::Cuda => {
+            let d = bft_kernels::cuda::cuda(0)?;
+            println!(
+                "CUDA device: {} (no measured roofline: no %peak)\n",
+                d.describe()
+            );
+            cuda_cases::all(&d, args.quick)
         }
         _ => cases::all(args.quick),
     };

@@ -99,6 +99,7 @@ fn gemm(g: &Arc<Gpu>, name: &str, m: usize, n: usize, k: usize) -> Case {
         bytes: 4.0 * (m * k + k * n + m * n) as f64,
         bound: Bound::Unmeasured,
         backend: "wgpu",
+        dtype: "f32",
         body: Box::new(body),
     }
 }
@@ -148,6 +149,7 @@ fn attention(g: &Arc<Gpu>, t: usize) -> Case {
         bytes: 4.0 * (2 * 9 * t * 64 + 2 * 3 * t * 64) as f64,
         bound: Bound::Unmeasured,
         backend: "wgpu",
+        dtype: "f32",
         body: Box::new(body),
     }
 }
@@ -176,6 +178,7 @@ fn rmsnorm(g: &Arc<Gpu>, rows: usize) -> Case {
         bytes: 8.0 * (rows * cols) as f64,
         bound: Bound::Unmeasured,
         backend: "wgpu",
+        dtype: "f32",
         body: Box::new(body),
     }
 }
@@ -204,6 +207,7 @@ fn softmax(g: &Arc<Gpu>, rows: usize) -> Case {
         bytes: 8.0 * (rows * cols) as f64,
         bound: Bound::Unmeasured,
         backend: "wgpu",
+        dtype: "f32",
         body: Box::new(body),
     }
 }
@@ -238,6 +242,7 @@ fn dispatches(g: &Arc<Gpu>) -> Case {
         bytes: (8 * n * ops_per_run) as f64,
         bound: Bound::Unmeasured,
         backend: "wgpu",
+        dtype: "f32",
         body: Box::new(body),
     }
 }

@@ -371,11 +371,12 @@ fn cublas_bf16_gemm_matches_cpu_for_every_layout() {
             &mut c,
             false,
         );
+        let (ad, bd) = (up_bf16(&d, &a), up_bf16(&d, &b));
         let got = ops::gemm(
             &d,
             dims,
-            (&up_bf16(&d, &a), ta),
-            (&up_bf16(&d, &b), tb, shared),
+            ops::Operand::new(&ad, ta),
+            (ops::Operand::new(&bd, tb), shared),
             true,
         )
         .unwrap();

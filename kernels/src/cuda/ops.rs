@@ -360,15 +360,39 @@ pub fn attention_backward(
     Ok((dq, dk, dv))
 }
 
+/// A bf16 GEMM operand: a buffer, the element where the operand starts, and whether it is
+/// stored transposed.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub buf: &'a DeviceBuffer,
+    pub offset: usize,
+    pub trans: bool,
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(buf: &'a DeviceBuffer, trans: bool) -> Self {
+        Operand {
+            buf,
+            offset: 0,
+            trans,
+        }
+    }
+
+    fn ptr(&self) -> *const std::ffi::c_void {
+        (self.buf.ptr() + 2 * self.offset as u64) as *const std::ffi::c_void
+    }
+}
+
 /// `c = op(a) . op(b)` for row-major bf16 operands, f32 accumulation, through cuBLAS; `c` is
 /// f32 when `f32_out`, else bf16. `b_shared`: one `b` for every batch.
 pub fn gemm(
     dev: &Arc<Cuda>,
     dims: GemmDims,
-    (a, trans_a): (&DeviceBuffer, bool),
-    (b, trans_b, b_shared): (&DeviceBuffer, bool, bool),
+    a: Operand<'_>,
+    (b, b_shared): (Operand<'_>, bool),
     f32_out: bool,
 ) -> Result<DeviceBuffer> {
+    let (trans_a, trans_b) = (a.trans, b.trans);
     use cudarc::cublas::sys::{
         cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
     };
@@ -406,11 +430,11 @@ pub fn gemm(
             i(m),
             i(k),
             (&alpha as *const f32).cast(),
-            b.ptr() as *const std::ffi::c_void,
+            b.ptr(),
             cudaDataType::CUDA_R_16BF,
             i(if trans_b { k } else { n }),
             if b_shared { 0 } else { (k * n) as i64 },
-            a.ptr() as *const std::ffi::c_void,
+            a.ptr(),
             cudaDataType::CUDA_R_16BF,
             i(if trans_a { m } else { k }),
             (m * k) as i64,
