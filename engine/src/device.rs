@@ -4,9 +4,9 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
-    /// A CUDA device by ordinal (backend lands with the CUDA issue).
+    /// A CUDA device by ordinal.
     Cuda(usize),
-    /// A wgpu adapter by index (backend lands with the WGSL issue).
+    /// A wgpu adapter by index.
     Wgpu(usize),
 }
 
@@ -24,5 +24,11 @@ impl Device {
     /// The wgpu adapters on this machine, in `Device::Wgpu(i)` order (name, backend, type).
     pub fn wgpu_adapters() -> Vec<String> {
         bft_kernels::wgpu::adapters()
+    }
+
+    /// The CUDA devices on this machine in `Device::Cuda(i)` order (name, architecture), or
+    /// why there are none.
+    pub fn cuda_devices() -> Result<Vec<String>, String> {
+        bft_kernels::cuda::devices()
     }
 }

@@ -30,6 +30,8 @@ pub enum Error {
     Unsupported { op: &'static str, device: Device },
     #[error(transparent)]
     Gpu(#[from] bft_kernels::wgpu::GpuError),
+    #[error(transparent)]
+    Cuda(#[from] bft_kernels::cuda::CudaError),
     #[error("{op}: index {index} is out of range for size {size}")]
     Index {
         op: &'static str,

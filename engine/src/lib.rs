@@ -32,6 +32,6 @@ pub use dtype::{DType, Elem};
 pub use error::{Error, Result};
 pub use ops::Op;
 pub use shape::Shape;
-pub use storage::{CpuData, Storage, WgpuStorage};
+pub use storage::{CpuData, CudaStorage, Storage, WgpuStorage};
 pub use tape::{Gradients, Tape};
 pub use tensor::{Tensor, TensorId};

@@ -3,7 +3,7 @@
 //! nothing here is recorded on a tape.
 
 use crate::storage::CpuData;
-use crate::{DType, Error, Result, Storage, Tensor};
+use crate::{DType, Device, Error, Result, Storage, Tensor};
 use bft_kernels::cpu::optim as cpu;
 pub use bft_kernels::cpu::optim::AdamWStep;
 
@@ -51,6 +51,21 @@ pub fn adamw_step(
         let mut p32 = p.cast_untracked(DType::F32)?;
         adamw_step(&mut p32, &g.cast_untracked(DType::F32)?, m, v, h)?;
         *p = p32.cast_untracked(dtype)?;
+        return Ok(());
+    }
+    if let Device::Cuda(i) = p.device() {
+        // f32 master weights; a bf16 working copy is the caller's cast.
+        let grad = cuda_buf(OP, &g)?;
+        let n = p.numel();
+        let (ps, ms, vs) = (p.storage_mut()?, m.storage_mut()?, v.storage_mut()?);
+        let (Storage::Cuda(pc), Storage::Cuda(mc), Storage::Cuda(vc)) = (ps, ms, vs) else {
+            return Err(Error::Unsupported {
+                op: OP,
+                device: Device::Cuda(i),
+            });
+        };
+        let dev = bft_kernels::cuda::cuda(i)?;
+        bft_kernels::cuda::ops::adamw(&dev, (&pc.buf, grad, &mc.buf, &vc.buf), None, n, h)?;
         return Ok(());
     }
     let (Storage::Cpu(_), Storage::Cpu(gs)) = (p.storage(), g.storage()) else {
@@ -106,7 +121,7 @@ pub fn adamw_step(
 /// each and one read per device for all of them.
 pub fn sum_squares(ts: &[Tensor]) -> Result<f64> {
     let mut total = 0.0;
-    let mut by_device: Vec<(usize, Vec<Tensor>)> = Vec::new();
+    let mut by_device: Vec<(Device, Vec<Tensor>)> = Vec::new();
     for t in ts {
         match t.storage() {
             Storage::Cpu(s) => {
@@ -116,26 +131,55 @@ pub fn sum_squares(ts: &[Tensor]) -> Result<f64> {
                     _ => cpu::sum_squares(&t.cast_untracked(DType::F32)?.to_vec::<f32>()?),
                 }
             }
-            Storage::Wgpu(w) => {
+            Storage::Wgpu(_) | Storage::Cuda(_) => {
                 let t = t.cast_untracked(DType::F32)?;
-                match by_device.iter_mut().find(|(i, _)| *i == w.index) {
+                match by_device.iter_mut().find(|(d, _)| *d == t.device()) {
                     Some((_, list)) => list.push(t),
-                    None => by_device.push((w.index, vec![t])),
+                    None => by_device.push((t.device(), vec![t])),
                 }
             }
         }
     }
-    for (index, list) in by_device {
-        let g = bft_kernels::wgpu::gpu(index)?;
-        let bufs = list
-            .iter()
-            .map(|t| Ok((crate::ops::wbuf("sum_squares", t)?, t.numel())))
-            .collect::<Result<Vec<_>>>()?;
-        total += bft_kernels::wgpu::ops::sum_squares(&g, &bufs)?
-            .iter()
-            .sum::<f64>();
+    for (device, list) in by_device {
+        let sums = match device {
+            Device::Cuda(i) => {
+                let bufs = list
+                    .iter()
+                    .map(|t| Ok((cuda_buf("sum_squares", t)?, t.numel())))
+                    .collect::<Result<Vec<_>>>()?;
+                bft_kernels::cuda::ops::sum_squares(&bft_kernels::cuda::cuda(i)?, &bufs)?
+            }
+            _ => {
+                let bufs = list
+                    .iter()
+                    .map(|t| Ok((crate::ops::wbuf("sum_squares", t)?, t.numel())))
+                    .collect::<Result<Vec<_>>>()?;
+                let g = list[0].wgpu().map(|b| b.gpu().clone());
+                let g = g.ok_or(Error::Unsupported {
+                    op: "sum_squares",
+                    device,
+                })?;
+                bft_kernels::wgpu::ops::sum_squares(&g, &bufs)?
+            }
+        };
+        total += sums.iter().sum::<f64>();
     }
     Ok(total)
+}
+
+/// The CUDA buffer of an f32 tensor.
+fn cuda_buf<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a bft_kernels::cuda::DeviceBuffer> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType {
+            op,
+            got: t.dtype(),
+            expected: "f32",
+        });
+    }
+    t.cuda().ok_or(Error::Unsupported {
+        op,
+        device: t.device(),
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,29 @@ use half::{bf16, f16};
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
     Wgpu(WgpuStorage),
+}
+
+/// A buffer on a CUDA device: f32, bf16, f16 or u32 elements in their own widths.
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub(crate) buf: bft_kernels::cuda::DeviceBuffer,
+    pub(crate) dtype: DType,
+    pub(crate) index: usize,
+    _ticket: Ticket,
+}
+
+impl CudaStorage {
+    pub(crate) fn new(buf: bft_kernels::cuda::DeviceBuffer, dtype: DType, index: usize) -> Self {
+        let bytes = buf.len();
+        CudaStorage {
+            buf,
+            dtype,
+            index,
+            _ticket: Ticket::new(bytes),
+        }
+    }
 }
 
 /// A buffer on a wgpu device: f32 or u32 elements (WGSL's storage types), or f16/bf16 packed two
@@ -91,12 +113,14 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.index),
             Storage::Wgpu(s) => Device::Wgpu(s.index),
         }
     }
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.data.dtype(),
+            Storage::Cuda(s) => s.dtype,
             Storage::Wgpu(s) => s.dtype,
         }
     }
@@ -108,6 +132,11 @@ impl Clone for Storage {
     fn clone(&self) -> Self {
         match self {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
+            Storage::Cuda(s) => {
+                let d = s.buf.device().clone();
+                let copy = d.copy(&s.buf).expect("copying a CUDA buffer");
+                Storage::Cuda(CudaStorage::new(copy, s.dtype, s.index))
+            }
             Storage::Wgpu(s) => {
                 let g = s.buf.gpu().clone();
                 let copy = g.copy(&s.buf).expect("copying a wgpu buffer");

@@ -1,4 +1,4 @@
-use crate::storage::{CpuData, CpuStorage, WgpuStorage};
+use crate::storage::{CpuData, CpuStorage, CudaStorage, WgpuStorage};
 use crate::tape::Tape;
 use crate::{DType, Device, Elem, Error, Result, Shape, Storage};
 use bft_kernels::cpu::binary::BinaryKind;
@@ -38,6 +38,25 @@ impl std::fmt::Debug for Tensor {
             if self.tape.is_some() { ", tracked" } else { "" }
         )
     }
+}
+
+/// A host buffer's bytes as a device holds them: 16-bit floats as their bits. f64 has no device
+/// form.
+fn host_bytes(data: &CpuData, dtype: DType) -> Result<Vec<u8>> {
+    let bits = |v: Vec<u16>| bytemuck::cast_slice(&v).to_vec();
+    Ok(match data {
+        CpuData::F32(v) => bytemuck::cast_slice(v).to_vec(),
+        CpuData::U32(v) => bytemuck::cast_slice(v).to_vec(),
+        CpuData::F16(v) => bits(v.iter().map(|h| h.to_bits()).collect()),
+        CpuData::BF16(v) => bits(v.iter().map(|h| h.to_bits()).collect()),
+        CpuData::F64(_) => {
+            return Err(Error::DType {
+                op: "to_device",
+                got: dtype,
+                expected: "f32, f16, bf16 or u32 (convert with to_dtype first)",
+            });
+        }
+    })
 }
 
 impl Tensor {
@@ -182,6 +201,11 @@ impl Tensor {
                     s.dtype,
                     s.index,
                 )),
+                Storage::Cuda(s) => Storage::Cuda(CudaStorage::new(
+                    s.buf.device().copy(&s.buf)?,
+                    s.dtype,
+                    s.index,
+                )),
             };
             self.storage = Arc::new(copy);
         }
@@ -203,7 +227,7 @@ impl Tensor {
                 got: self.dtype(),
                 expected: std::any::type_name::<T>(),
             }),
-            Storage::Wgpu(_) => Err(Error::Unsupported {
+            Storage::Wgpu(_) | Storage::Cuda(_) => Err(Error::Unsupported {
                 op,
                 device: self.device(),
             }),
@@ -214,8 +238,29 @@ impl Tensor {
     pub(crate) fn wgpu(&self) -> Option<&bft_kernels::wgpu::GpuBuffer> {
         match &*self.storage {
             Storage::Wgpu(s) => Some(&s.buf),
-            Storage::Cpu(_) => None,
+            Storage::Cpu(_) | Storage::Cuda(_) => None,
         }
+    }
+
+    /// The device buffer, if the tensor is on a CUDA device.
+    pub(crate) fn cuda(&self) -> Option<&bft_kernels::cuda::DeviceBuffer> {
+        match &*self.storage {
+            Storage::Cuda(s) => Some(&s.buf),
+            Storage::Cpu(_) | Storage::Wgpu(_) => None,
+        }
+    }
+
+    /// A tensor on CUDA device `index` holding `buf`.
+    pub(crate) fn from_cuda(
+        buf: bft_kernels::cuda::DeviceBuffer,
+        dtype: DType,
+        index: usize,
+        shape: impl Into<Shape>,
+    ) -> Tensor {
+        Tensor::from_storage(
+            Arc::new(Storage::Cuda(CudaStorage::new(buf, dtype, index))),
+            shape.into(),
+        )
     }
 
     /// A tensor on wgpu device `index` holding `buf`.
@@ -265,27 +310,8 @@ impl Tensor {
             (Storage::Cpu(s), Device::Wgpu(i)) => {
                 let g = bft_kernels::wgpu::gpu(*i)?;
                 // 16-bit floats upload as their bits: two to a u32 word on the device.
-                let halves: Vec<u16>;
-                let bytes: &[u8] = match &s.data {
-                    CpuData::F32(v) => bytemuck::cast_slice(v),
-                    CpuData::U32(v) => bytemuck::cast_slice(v),
-                    CpuData::F16(v) => {
-                        halves = v.iter().map(|h| h.to_bits()).collect();
-                        bytemuck::cast_slice(&halves)
-                    }
-                    CpuData::BF16(v) => {
-                        halves = v.iter().map(|h| h.to_bits()).collect();
-                        bytemuck::cast_slice(&halves)
-                    }
-                    CpuData::F64(_) => {
-                        return Err(Error::DType {
-                            op: "to_device(wgpu)",
-                            got: self.dtype(),
-                            expected: "f32, f16, bf16 or u32 (convert with to_dtype first)",
-                        });
-                    }
-                };
-                let buf = g.upload(bytes)?;
+                let bytes = host_bytes(&s.data, self.dtype())?;
+                let buf = g.upload(&bytes)?;
                 Ok(Tensor::from_wgpu(buf, self.dtype(), *i, self.shape.clone()))
             }
             (Storage::Wgpu(s), Device::Cpu) => {
@@ -308,8 +334,35 @@ impl Tensor {
                     self.shape.clone(),
                 ))
             }
-            (Storage::Wgpu(_), Device::Wgpu(_)) => self.to_device(&Device::Cpu)?.to_device(device),
-            _ => Err(Error::DeviceUnavailable(*device)),
+            (Storage::Cpu(s), Device::Cuda(i)) => {
+                let d = bft_kernels::cuda::cuda(*i)?;
+                let buf = d.upload(&host_bytes(&s.data, self.dtype())?)?;
+                Ok(Tensor::from_cuda(buf, self.dtype(), *i, self.shape.clone()))
+            }
+            (Storage::Cuda(s), Device::Cpu) => {
+                let bytes = s.buf.device().read(&s.buf)?;
+                let data = match s.dtype {
+                    DType::U32 => CpuData::U32(bytemuck::pod_collect_to_vec(&bytes)),
+                    DType::F16 => {
+                        let h: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
+                        CpuData::F16(h.into_iter().map(f16::from_bits).collect())
+                    }
+                    DType::BF16 => {
+                        let h: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
+                        CpuData::BF16(h.into_iter().map(bf16::from_bits).collect())
+                    }
+                    _ => CpuData::F32(bytemuck::pod_collect_to_vec(&bytes)),
+                };
+                Ok(Tensor::from_storage(
+                    Arc::new(Storage::Cpu(CpuStorage::new(data))),
+                    self.shape.clone(),
+                ))
+            }
+            // Between two devices: through the host.
+            (Storage::Wgpu(_) | Storage::Cuda(_), _) => {
+                self.to_device(&Device::Cpu)?.to_device(device)
+            }
+            (Storage::Cpu(_), Device::Cpu) => Ok(self.clone()),
         }
     }
 
@@ -356,6 +409,9 @@ impl Tensor {
     /// Float casts among f32, f16 and bf16 by the device's own kernels (16-bit through f32);
     /// `None` for the rest (U32), which go through the host.
     fn cast_on_device(&self, dtype: DType) -> Result<Option<Tensor>> {
+        if let Storage::Cuda(c) = &*self.storage {
+            return self.cast_on_cuda(c, dtype);
+        }
         use bft_kernels::wgpu::ops::{Half, narrow, widen};
         let (Storage::Wgpu(w), true) = (&*self.storage, dtype != DType::U32) else {
             return Ok(None);
@@ -381,6 +437,34 @@ impl Tensor {
             buf,
             dtype,
             w.index,
+            self.shape.clone(),
+        )))
+    }
+
+    /// [`Tensor::cast_on_device`] on a CUDA device.
+    fn cast_on_cuda(&self, c: &CudaStorage, dtype: DType) -> Result<Option<Tensor>> {
+        use bft_kernels::cuda::ops::{Half, narrow, widen};
+        let half = |d: DType| match d {
+            DType::F16 => Some(Half::F16),
+            DType::BF16 => Some(Half::BF16),
+            _ => None,
+        };
+        let (d, n) = (c.buf.device(), self.numel());
+        let wide = match (c.dtype, half(c.dtype)) {
+            (DType::F32, _) => None,
+            (_, Some(h)) => Some(widen(d, &c.buf, n, h)?),
+            _ => return Ok(None),
+        };
+        let buf = match (half(dtype), wide) {
+            (None, Some(wide)) if dtype == DType::F32 => wide,
+            (Some(h), Some(wide)) => narrow(d, &wide, n, h)?,
+            (Some(h), None) => narrow(d, &c.buf, n, h)?,
+            _ => return Ok(None),
+        };
+        Ok(Some(Tensor::from_cuda(
+            buf,
+            dtype,
+            c.index,
             self.shape.clone(),
         )))
     }

@@ -224,3 +224,58 @@ fn sixteen_bit_tensors_round_trip_cast_and_compute_on_every_backend() {
         }
     }
 }
+
+/// On a CUDA device (skipped without one, unless BFT_REQUIRE_CUDA=1): tensors of every dtype
+/// round-trip, f32 <-> bf16/f16 casts give the host's bits, and the optimizer's fused AdamW
+/// and sum of squares agree with the CPU. The engine's ops do not run on CUDA yet: they report
+/// it as an error, never a panic.
+#[test]
+fn cuda_tensors_round_trip_cast_and_take_optimizer_steps() {
+    use bft_engine::optim::{AdamWStep, adamw_step, sum_squares};
+    let dev = Device::Cuda(0);
+    let probe = Tensor::zeros([1], DType::F32, &Device::Cpu).and_then(|t| t.to_device(&dev));
+    if let Err(e) = probe {
+        assert!(
+            !std::env::var("BFT_REQUIRE_CUDA").is_ok_and(|v| v == "1"),
+            "BFT_REQUIRE_CUDA=1 but {e}"
+        );
+        return eprintln!("cuda skipped: {e}");
+    }
+    let base = Tensor::randn([7, 5], 2.0, 31, DType::F32, &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let host = base.to_dtype(dtype).unwrap();
+        let on = host.to_device(&dev).unwrap();
+        assert_eq!((on.dtype(), on.device()), (dtype, dev));
+        assert_eq!(
+            on.to_device(&Device::Cpu).unwrap().to_f64_vec().unwrap(),
+            host.to_f64_vec().unwrap()
+        );
+        let narrowed = base.to_device(&dev).unwrap().to_dtype(dtype).unwrap();
+        assert_eq!(narrowed.device(), dev);
+        assert_eq!(narrowed.to_f64_vec().unwrap(), host.to_f64_vec().unwrap());
+    }
+    let err = base.to_device(&dev).unwrap().exp().unwrap_err();
+    assert!(err.to_string().contains("cuda:0"), "{err}");
+    let h = AdamWStep {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        bias1: 0.1,
+        bias2: 0.001,
+        grad_scale: 0.5,
+    };
+    let g = Tensor::randn([7, 5], 1.0, 32, DType::F32, &Device::Cpu).unwrap();
+    let zeros = || Tensor::zeros([35], DType::F32, &Device::Cpu).unwrap();
+    let (mut p, mut m, mut v) = (base.clone(), zeros(), zeros());
+    adamw_step(&mut p, &g, &mut m, &mut v, &h).unwrap();
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let (mut pd, mut md, mut vd) = (on(&base), on(&zeros()), on(&zeros()));
+    adamw_step(&mut pd, &on(&g), &mut md, &mut vd, &h).unwrap();
+    for (a, b) in pd.to_f64_vec().unwrap().iter().zip(p.to_f64_vec().unwrap()) {
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "adamw {a} vs {b}");
+    }
+    let (sd, sc) = (sum_squares(&[on(&g)]).unwrap(), sum_squares(&[g]).unwrap());
+    assert!((sd - sc).abs() <= 1e-5 * sc, "{sd} vs {sc}");
+}

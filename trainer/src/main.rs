@@ -91,7 +91,8 @@ struct ScoreArgs {
     /// Output JSONL file (written only if scoring succeeds).
     #[arg(long)]
     out: PathBuf,
-    /// Compute device: cpu, wgpu (the first adapter) or wgpu:N.
+    /// Compute device: cpu, wgpu (the first adapter) or wgpu:N; cuda[:N] holds the weights but
+    /// runs no ops yet.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Storage dtype of the weights on the device (bf16/f16 halve their memory; the math stays
@@ -314,35 +315,41 @@ fn run(cli: Cli) -> Result<()> {
 
 fn info() -> Result<()> {
     use bft_engine::{Device, Op};
-    println!("bft {}", env!("CARGO_PKG_VERSION"));
-    let adapters = Device::wgpu_adapters();
-    println!(
-        "backends: {} and wgpu (CUDA is not built yet); wgpu adapters: {}",
-        Device::Cpu,
-        if adapters.is_empty() {
+    use std::io::Write;
+    let list = |items: Vec<String>, prefix: &str| {
+        if items.is_empty() {
             "none found".to_string()
         } else {
-            adapters
+            let named: Vec<String> = items
                 .iter()
                 .enumerate()
-                .map(|(i, a)| format!("wgpu:{i} {a}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+                .map(|(i, a)| format!("{prefix}:{i} {a}"))
+                .collect();
+            named.join(", ")
         }
-    );
-    println!(
-        "wgpu: every op (WGSL kernels) and AdamW; f32 and u32 tensors, and f16/bf16 stored two \
-         to a word, computing through f32"
-    );
-    println!(
-        "cpu threads: {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    };
+    let cuda = Device::cuda_devices().map_or_else(|e| e, |d| list(d, "cuda"));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ops: Vec<String> = Op::ALL.iter().map(|op| format!("{op:?}")).collect();
-    println!("ops: {}", ops.join(", "));
-    Ok(())
+    let text = format!(
+        "bft {}\n\
+         backends: cpu, wgpu, cuda\n\
+         wgpu adapters: {}\n\
+         wgpu: every op (WGSL kernels) and AdamW; f32 and u32 tensors, and f16/bf16 stored two \
+         to a word, computing through f32\n\
+         cuda devices: {cuda}\n\
+         cuda: tensors, casts and AdamW; the other ops report that they do not run there yet\n\
+         cpu threads: {threads}\n\
+         ops: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        list(Device::wgpu_adapters(), "wgpu"),
+        ops.join(", ")
+    );
+    // A closed pipe (`bft info | head -1`) is not an error.
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
@@ -525,15 +532,22 @@ fn model_path(arg: &Path) -> Result<PathBuf> {
 
 const SMOLLM2: &str = "smollm2";
 
-/// A `--device` argument: `cpu`, `wgpu` (the first adapter) or `wgpu:N`.
+/// A `--device` argument: `cpu`, `wgpu` (the first adapter), `wgpu:N`, `cuda` or `cuda:N`.
 fn parse_device(s: &str) -> Result<bft_engine::Device> {
     use bft_engine::Device;
     match s {
         "cpu" => Ok(Device::Cpu),
         "wgpu" => Ok(Device::Wgpu(0)),
-        _ => match s.strip_prefix("wgpu:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::Wgpu(i)),
-            _ => bail!("unknown --device `{s}` (cpu, wgpu or wgpu:N; `bft info` lists adapters)"),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match (
+            s.strip_prefix("wgpu:").map(str::parse::<usize>),
+            s.strip_prefix("cuda:").map(str::parse::<usize>),
+        ) {
+            (Some(Ok(i)), _) => Ok(Device::Wgpu(i)),
+            (_, Some(Ok(i))) => Ok(Device::Cuda(i)),
+            _ => bail!(
+                "unknown --device `{s}` (cpu, wgpu, wgpu:N, cuda or cuda:N; `bft info` lists them)"
+            ),
         },
     }
 }

@@ -9,7 +9,7 @@ use std::ffi::CString;
 pub mod ops;
 mod runtime;
 
-pub use runtime::{Arg, Cuda, DeviceBuffer, cuda, driver_available, ptr};
+pub use runtime::{Arg, Cuda, DeviceBuffer, cuda, devices, driver_available, ptr};
 
 /// Errors of the CUDA backend.
 #[derive(Debug, thiserror::Error)]

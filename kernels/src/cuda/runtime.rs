@@ -20,6 +20,20 @@ pub fn driver_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// The CUDA devices on this machine (name and architecture), or why there are none.
+pub fn devices() -> std::result::Result<Vec<String>, String> {
+    if !driver_available() {
+        return Err("no NVIDIA driver (libcuda) found".into());
+    }
+    let n = CudaContext::device_count().map_err(|e| e.to_string())?;
+    Ok((0..n.max(0) as usize)
+        .map(|i| match cuda(i) {
+            Ok(d) => d.describe(),
+            Err(e) => format!("unusable: {e}"),
+        })
+        .collect())
+}
+
 /// One CUDA device, opened once per process by [`cuda`].
 pub struct Cuda {
     ctx: Arc<CudaContext>,

@@ -96,7 +96,8 @@ pub struct TrainArgs {
     /// Recompute each layer in the backward pass (less memory, about 30% more compute).
     #[arg(long)]
     pub checkpointing: bool,
-    /// Compute device: cpu, wgpu (the first adapter; `bft info` lists them) or wgpu:N.
+    /// Compute device: cpu, wgpu (the first adapter; `bft info` lists them) or wgpu:N; cuda[:N]
+    /// holds the weights but runs no ops yet.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Held-out data (JSONL) whose cross-entropy is measured every --eval-steps.

@@ -54,7 +54,7 @@ fn wgpu_slab(
 fn host<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CpuStorage> {
     match t.storage() {
         Storage::Cpu(s) => Ok(s),
-        Storage::Wgpu(_) => Err(Error::Unsupported {
+        Storage::Wgpu(_) | Storage::Cuda(_) => Err(Error::Unsupported {
             op,
             device: t.device(),
         }),
