@@ -40,6 +40,20 @@ pub fn sum_squares<T: Float>(x: &[T]) -> f64 {
     x.iter().map(|&v| Float::to_f64(v) * Float::to_f64(v)).sum()
 }
 
+/// Per tensor, the f64 sum of its run of f32 partial sums: `groups[i]` partials belong to
+/// tensor `i`, in order (how the device kernels leave a global norm's pieces).
+pub fn add_partials(groups: &[usize], partials: &[f32]) -> Vec<f64> {
+    let mut at = 0;
+    groups
+        .iter()
+        .map(|&k| {
+            let s = partials[at..at + k].iter().map(|&p| p as f64).sum();
+            at += k;
+            s
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

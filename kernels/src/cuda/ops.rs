@@ -623,18 +623,6 @@ pub fn sum_squares(dev: &Arc<Cuda>, xs: &[(&DeviceBuffer, usize)]) -> Result<Vec
         dev.launch(&OPTIM, "sum_squares", k as u32, BLOCK, &args)?;
         base += k;
     }
-    let bytes = dev.read(&partial)?;
-    let partials: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let mut at = 0;
-    Ok(per
-        .iter()
-        .map(|&k| {
-            let s = partials[at..at + k].iter().map(|&p| p as f64).sum();
-            at += k;
-            s
-        })
-        .collect())
+    let partials: Vec<f32> = bytemuck::pod_collect_to_vec(&dev.read(&partial)?);
+    Ok(crate::cpu::optim::add_partials(&per, &partials))
 }

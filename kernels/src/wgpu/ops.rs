@@ -862,15 +862,7 @@ pub fn sum_squares(g: &Arc<Gpu>, xs: &[(&GpuBuffer, usize)]) -> Result<Vec<f64>>
         base += k;
     }
     let partials: Vec<f32> = bytemuck::pod_collect_to_vec(&g.read(&partial)?);
-    let mut at = 0;
-    Ok(groups
-        .iter()
-        .map(|&k| {
-            let s = partials[at..at + k].iter().map(|&p| p as f64).sum();
-            at += k;
-            s
-        })
-        .collect())
+    Ok(crate::cpu::optim::add_partials(&groups, &partials))
 }
 
 /// The 16-bit float formats a wgpu buffer can hold, two to a u32 word.
