@@ -19,6 +19,27 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
+impl AdamWStep {
+    /// The scalars as the device kernels take them, in their order: lr, beta1, beta2,
+    /// 1 - beta1, 1 - beta2 (rounded once from f64), eps, weight decay, the two bias
+    /// corrections, the gradient scale.
+    pub fn kernel_scalars(&self) -> [f32; 10] {
+        [
+            self.lr,
+            self.beta1,
+            self.beta2,
+            1.0 - self.beta1,
+            1.0 - self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.bias1,
+            self.bias2,
+            self.grad_scale,
+        ]
+        .map(|x| x as f32)
+    }
+}
+
 /// `p`, `m`, `v` updated in place from `g` (all of one length). The moments are f32 (the
 /// specification); the arithmetic is f64, so f64 parameters match PyTorch's f64 AdamW.
 pub fn adamw<T: Float>(p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {

@@ -585,25 +585,15 @@ pub fn adamw(
     n: usize,
     h: &AdamWStep,
 ) -> Result<()> {
-    let f = |x: f64| Arg::F32(x as f32);
-    let args = [
+    let mut args = vec![
         ptr(Some(master)),
         ptr(Some(grad)),
         ptr(Some(m)),
         ptr(Some(v)),
         ptr(weight),
         i64_of(n),
-        f(h.lr),
-        f(h.beta1),
-        f(h.beta2),
-        f(1.0 - h.beta1),
-        f(1.0 - h.beta2),
-        f(h.eps),
-        f(h.weight_decay),
-        f(h.bias1),
-        f(h.bias2),
-        f(h.grad_scale),
     ];
+    args.extend(h.kernel_scalars().map(Arg::F32));
     dev.launch(&OPTIM, "adamw", blocks(n, 256), BLOCK, &args)
 }
 

@@ -821,20 +821,8 @@ pub fn adamw(
     n: usize,
     h: &AdamWStep,
 ) -> Result<()> {
-    let f = |x: f64| (x as f32).to_bits();
-    let params = [
-        u(n),
-        f(h.lr),
-        f(h.beta1),
-        f(h.beta2),
-        f(1.0 - h.beta1),
-        f(1.0 - h.beta2),
-        f(h.eps),
-        f(h.weight_decay),
-        f(h.bias1),
-        f(h.bias2),
-        f(h.grad_scale),
-    ];
+    let mut params = vec![u(n)];
+    params.extend(h.kernel_scalars().map(f32::to_bits));
     g.dispatch(&OPTIM, "adamw", &params, &[w, grad, m, v], grid(n, 256))
 }
 
