@@ -70,13 +70,20 @@ fn peft_name(layer: usize, l: Linear, factor: char) -> String {
     )
 }
 
+/// Adapters keep f32 master weights over 16-bit base weights (mixed precision: the frozen model
+/// is stored in 16 bits, the trained parameters and their optimizer state are not); over f32 or
+/// f64 bases they take the base's type.
+fn adapter_dtype(base: DType) -> DType {
+    if base.is_half() { DType::F32 } else { base }
+}
+
 impl Transformer {
     /// Attaches fresh adapters as PEFT initialises them: A Kaiming-uniform (bound
     /// `1/sqrt(in)`), B zero, so the model's output is unchanged until training moves B.
     pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
         cfg.check()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let dtype = self.head().dtype();
+        let dtype = adapter_dtype(self.head().dtype());
         for block in self.blocks_mut() {
             for &l in &cfg.targets {
                 let w = block.tensors()[weight_of(l)].dims().to_vec();
@@ -224,7 +231,7 @@ impl Transformer {
         };
         cfg.check()?;
         let src = SafetensorsDir::open_file(&dir.join("adapter_model.safetensors"))?;
-        let (dtype, dev) = (self.head().dtype(), self.head().device());
+        let (dtype, dev) = (adapter_dtype(self.head().dtype()), self.head().device());
         let layers = self.blocks().len();
         for i in 0..layers {
             for &l in &cfg.targets {
@@ -272,6 +279,43 @@ mod tests {
 
     fn logits(m: &Transformer) -> Vec<f64> {
         m.logits(&ids()).unwrap().to_vec::<f64>().unwrap()
+    }
+
+    /// Over a bf16 base the adapters keep f32 masters, the fresh adapter changes nothing, and a
+    /// loss reaches the f32 masters with f32 gradients (mixed precision).
+    #[test]
+    fn adapters_over_a_16_bit_base_are_f32_masters() {
+        let cfg = ModelConfig::from_json(
+            r#"{"model_type": "llama", "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 2,
+               "num_attention_heads": 6, "num_key_value_heads": 3, "vocab_size": 29}"#,
+        )
+        .unwrap();
+        let mut m = Transformer::random(cfg, 4, DType::BF16).unwrap();
+        let base = m.logits(&ids()).unwrap().to_f64_vec().unwrap();
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: LoraConfig::parse_targets("all").unwrap(),
+        };
+        m.attach_lora(&lora, 1).unwrap();
+        assert!(m.lora_tensors().iter().all(|(_, t)| t.dtype() == DType::F32));
+        assert_eq!(m.logits(&ids()).unwrap().to_f64_vec().unwrap(), base);
+        let tape = bft_engine::Tape::new();
+        for t in m.lora_tensors_mut() {
+            *t = tape.track(t);
+        }
+        let loss = m
+            .logits(&ids())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let (_, a0) = &m.lora_tensors()[0];
+        let g = grads.get(a0).expect("the first A gets a gradient");
+        assert_eq!(g.dtype(), DType::F32);
     }
 
     #[test]
