@@ -299,7 +299,11 @@ mod tests {
             targets: LoraConfig::parse_targets("all").unwrap(),
         };
         m.attach_lora(&lora, 1).unwrap();
-        assert!(m.lora_tensors().iter().all(|(_, t)| t.dtype() == DType::F32));
+        assert!(
+            m.lora_tensors()
+                .iter()
+                .all(|(_, t)| t.dtype() == DType::F32)
+        );
         assert_eq!(m.logits(&ids()).unwrap().to_f64_vec().unwrap(), base);
         let tape = bft_engine::Tape::new();
         for t in m.lora_tensors_mut() {

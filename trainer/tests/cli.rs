@@ -723,3 +723,54 @@ fn score_and_train_on_wgpu_match_the_cpu() {
     assert!(dir.join("adapter/adapter_model.safetensors").exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--dtype bf16` stores the frozen base in bf16 while LoRA keeps f32 masters: the run trains,
+/// its first loss (B = 0, so the base model's) is the f32 run's up to bf16 rounding, and the
+/// adapter it writes is f32. Full fine-tuning refuses a 16-bit store.
+#[test]
+fn lora_over_a_bf16_base_trains_with_f32_adapters() {
+    let first_loss = |out: &Path| -> f64 {
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let step: serde_json::Value =
+            serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        step["loss"].as_f64().unwrap()
+    };
+    let (wide, half) = (tmp("dtype-f32"), tmp("dtype-bf16"));
+    for (out, dtype) in [(&wide, "f32"), (&half, "bf16")] {
+        let run = train(out, &["--dtype", dtype]).output().unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let (a, b) = (first_loss(&wide), first_loss(&half));
+    assert!(
+        b.is_finite() && (a - b).abs() <= 0.05 * a.abs(),
+        "first loss f32 {a}, bf16 base {b}"
+    );
+    // The adapter's safetensors header names only F32 tensors.
+    let bytes = adapter(&half);
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let dtypes: Vec<&str> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap())
+        .collect();
+    assert!(
+        !dtypes.is_empty() && dtypes.iter().all(|d| *d == "F32"),
+        "{dtypes:?}"
+    );
+    let full = train(&tmp("dtype-full"), &["--full", "--dtype", "bf16"])
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert!(err.contains("--full") && err.contains("f32"), "{err}");
+    for d in [wide, half] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}

@@ -1,6 +1,6 @@
 //! Batched matrix product with optionally transposed operands.
 
-use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
+use super::{Op, float_dispatch, same_kind, wbuf, wgpu_of};
 use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
@@ -17,10 +17,6 @@ impl Tensor {
     /// `x.matmul_t(&w, false, true)`. Batch axes must match, or `rhs` is 2-D and `self` is
     /// not transposed (then the batch folds into M: one large GEMM).
     pub fn matmul_t(&self, rhs: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
-        if let Some(out) = via_f32(&[self, rhs], |t| t[0].matmul_t(&t[1], ta, tb))? {
-            return Ok(out);
-        }
-        same_kind("matmul", self, rhs)?;
         let (ad, bd) = (self.dims(), rhs.dims());
         if ad.len() < 2 || bd.len() < 2 {
             return Err(Error::shape(
@@ -42,6 +38,21 @@ impl Tensor {
             dims.push(out.dims()[1]);
             return out.reshape(dims);
         }
+        if let Some(half) = [self, rhs].iter().map(|t| t.dtype()).find(|d| d.is_half()) {
+            // 16-bit operands: the product runs on transient f32 copies and rounds once, but
+            // the tape keeps the 16-bit operands (not f32 copies, as `via_f32` would), so a
+            // frozen bf16 weight costs its 16 bits during training.
+            let out = wide(self)?
+                .matmul_t(&wide(rhs)?, ta, tb)?
+                .cast_untracked(half)?;
+            return Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
+                a: self.stop_gradient(),
+                b: rhs.stop_gradient(),
+                ta,
+                tb,
+            });
+        }
+        same_kind("matmul", self, rhs)?;
         if ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
             return Err(Error::shape(
                 "matmul",
@@ -131,9 +142,34 @@ struct MatMulBackward {
     tb: bool,
 }
 
+/// `t` in f32 when it is 16-bit (an untracked copy), else `t` untracked.
+fn wide(t: &Tensor) -> Result<Tensor> {
+    if t.dtype().is_half() {
+        t.cast_untracked(DType::F32)
+    } else {
+        Ok(t.stop_gradient())
+    }
+}
+
 impl Backward for MatMulBackward {
     /// For `C = op(A) op(B)`: `dA = dC op(B)^T` (stored transposed when `ta`), `dB = op(A)^T dC`.
+    /// With 16-bit operands the products run in f32 and each gradient rounds once, to its
+    /// operand's type: an f32 master weight beside a bf16 activation gets an f32 gradient.
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        if [g, &self.a, &self.b].iter().any(|t| t.dtype().is_half()) {
+            let widened = MatMulBackward {
+                a: wide(&self.a)?,
+                b: wide(&self.b)?,
+                ..*self
+            };
+            let grads = widened.backward(&wide(g)?, needs)?;
+            let dtypes = [self.a.dtype(), self.b.dtype()];
+            return grads
+                .into_iter()
+                .zip(dtypes)
+                .map(|(d, dt)| d.map(|d| d.cast_untracked(dt)).transpose())
+                .collect();
+        }
         let (a, b, ta, tb) = (&self.a, &self.b, self.ta, self.tb);
         let da = match (needs[0], ta) {
             (false, _) => None,
@@ -209,6 +245,68 @@ mod tests {
     #[test]
     fn gradcheck() {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+
+    /// A bf16 activation times an f32 master weight and a frozen bf16 weight: the values and
+    /// gradients are the f64 ones up to bf16 rounding, and each gradient has its operand's type.
+    /// (`tests/half_weights_memory.rs` shows the tape keeps the weight in 16 bits.)
+    #[test]
+    fn sixteen_bit_operands_are_kept_in_16_bits_and_gradients_take_their_operands_type() {
+        use crate::{DType, Device, Tape, Tensor};
+        let dev = Device::Cpu;
+        // A batched activation against 2-D weights (the batch folds into the rows).
+        let x64 = Tensor::randn([2, 3, 40], 1.0, 1, DType::F64, &dev).unwrap();
+        let a64 = Tensor::randn([40, 8], 0.3, 2, DType::F64, &dev).unwrap();
+        let w64 = Tensor::randn([300, 40], 0.3, 3, DType::F64, &dev).unwrap();
+        let x16 = x64.to_dtype(DType::BF16).unwrap();
+        let w16 = w64.to_dtype(DType::BF16).unwrap();
+        // The f64 reference on the same (rounded) values.
+        let (xr, wr) = (
+            x16.to_dtype(DType::F64).unwrap(),
+            w16.to_dtype(DType::F64).unwrap(),
+        );
+        let reference = |x: &Tensor, a: &Tensor, w: &Tensor| {
+            let tape = Tape::new();
+            let (x, a) = (tape.track(x), tape.track(a));
+            let y = x.matmul(&a).unwrap().sum_all().unwrap();
+            let z = x.matmul_t(w, false, true).unwrap().sum_all().unwrap();
+            let g = tape.backward(&y.add(&z).unwrap()).unwrap();
+            (
+                g.get(&x).unwrap().to_f64_vec().unwrap(),
+                g.get(&a).unwrap().clone(),
+            )
+        };
+        let (dx_ref, da_ref) = reference(&xr, &a64, &wr);
+        let a32 = a64.to_dtype(DType::F32).unwrap();
+        let tape = Tape::new();
+        let (x, a) = (tape.track(&x16), tape.track(&a32));
+        let z = x.matmul_t(&w16, false, true).unwrap();
+        let y = x.matmul(&a).unwrap();
+        assert_eq!((y.dtype(), z.dtype()), (DType::BF16, DType::BF16));
+        let loss = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .add(&z.to_dtype(DType::F32).unwrap().sum_all().unwrap())
+            .unwrap();
+        let g = tape.backward(&loss).unwrap();
+        let (dx, da) = (g.get(&x).unwrap(), g.get(&a).unwrap());
+        assert_eq!((dx.dtype(), da.dtype()), (DType::BF16, DType::F32));
+        assert_eq!((dx.dims(), da.dims()), (&[2, 3, 40][..], &[40, 8][..]));
+        let close = |got: &[f64], want: &[f64], rel: f64| {
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (p, q) in got.iter().zip(want) {
+                assert!((p - q).abs() <= rel * scale, "{p} vs {q}");
+            }
+        };
+        close(&dx.to_f64_vec().unwrap(), &dx_ref, 1.0 / 128.0);
+        // dA = x^T 1 from bf16 x: exact inputs, f32 sums.
+        close(
+            &da.to_f64_vec().unwrap(),
+            &da_ref.to_f64_vec().unwrap(),
+            1e-6,
+        );
     }
 
     #[test]
