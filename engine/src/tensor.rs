@@ -407,66 +407,45 @@ impl Tensor {
     }
 
     /// Float casts among f32, f16 and bf16 by the device's own kernels (16-bit through f32);
-    /// `None` for the rest (U32), which go through the host.
+    /// `None` for the rest (U32, F64), which go through the host.
     fn cast_on_device(&self, dtype: DType) -> Result<Option<Tensor>> {
-        if let Storage::Cuda(c) = &*self.storage {
-            return self.cast_on_cuda(c, dtype);
-        }
-        use bft_kernels::wgpu::ops::{Half, narrow, widen};
-        let (Storage::Wgpu(w), true) = (&*self.storage, dtype != DType::U32) else {
+        use bft_kernels::Half;
+        let half = |d: DType| match d {
+            DType::F16 => Some(Half::F16),
+            DType::BF16 => Some(Half::BF16),
+            _ => None,
+        };
+        let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
+        if !float(self.dtype()) || !float(dtype) || self.dtype() == dtype {
             return Ok(None);
-        };
-        let half = |d: DType| match d {
-            DType::F16 => Some(Half::F16),
-            DType::BF16 => Some(Half::BF16),
-            _ => None,
-        };
-        let (g, n) = (w.buf.gpu(), self.numel());
-        let wide = match (w.dtype, half(w.dtype)) {
-            (DType::F32, _) => None,
-            (_, Some(h)) => Some(widen(g, &w.buf, n, h)?),
-            _ => return Ok(None),
-        };
-        let buf = match (half(dtype), wide) {
-            (None, Some(wide)) => wide,
-            (Some(h), Some(wide)) => narrow(g, &wide, n, h)?,
-            (Some(h), None) => narrow(g, &w.buf, n, h)?,
-            (None, None) => return Ok(None),
-        };
-        Ok(Some(Tensor::from_wgpu(
-            buf,
-            dtype,
-            w.index,
-            self.shape.clone(),
-        )))
-    }
-
-    /// [`Tensor::cast_on_device`] on a CUDA device.
-    fn cast_on_cuda(&self, c: &CudaStorage, dtype: DType) -> Result<Option<Tensor>> {
-        use bft_kernels::cuda::ops::{Half, narrow, widen};
-        let half = |d: DType| match d {
-            DType::F16 => Some(Half::F16),
-            DType::BF16 => Some(Half::BF16),
-            _ => None,
-        };
-        let (d, n) = (c.buf.device(), self.numel());
-        let wide = match (c.dtype, half(c.dtype)) {
-            (DType::F32, _) => None,
-            (_, Some(h)) => Some(widen(d, &c.buf, n, h)?),
-            _ => return Ok(None),
-        };
-        let buf = match (half(dtype), wide) {
-            (None, Some(wide)) if dtype == DType::F32 => wide,
-            (Some(h), Some(wide)) => narrow(d, &wide, n, h)?,
-            (Some(h), None) => narrow(d, &c.buf, n, h)?,
-            _ => return Ok(None),
-        };
-        Ok(Some(Tensor::from_cuda(
-            buf,
-            dtype,
-            c.index,
-            self.shape.clone(),
-        )))
+        }
+        // Widen from a 16-bit source, then narrow to a 16-bit target; one of the two happens.
+        let (from, to, n) = (half(self.dtype()), half(dtype), self.numel());
+        Ok(Some(match &*self.storage {
+            Storage::Wgpu(w) => {
+                use bft_kernels::wgpu::ops::{narrow, widen};
+                let g = w.buf.gpu();
+                let wide = from.map(|h| widen(g, &w.buf, n, h)).transpose()?;
+                let buf = match (wide, to) {
+                    (wide, Some(h)) => narrow(g, wide.as_ref().unwrap_or(&w.buf), n, h)?,
+                    (Some(wide), None) => wide,
+                    (None, None) => return Ok(None),
+                };
+                Tensor::from_wgpu(buf, dtype, w.index, self.shape.clone())
+            }
+            Storage::Cuda(c) => {
+                use bft_kernels::cuda::ops::{narrow, widen};
+                let d = c.buf.device();
+                let wide = from.map(|h| widen(d, &c.buf, n, h)).transpose()?;
+                let buf = match (wide, to) {
+                    (wide, Some(h)) => narrow(d, wide.as_ref().unwrap_or(&c.buf), n, h)?,
+                    (Some(wide), None) => wide,
+                    (None, None) => return Ok(None),
+                };
+                Tensor::from_cuda(buf, dtype, c.index, self.shape.clone())
+            }
+            Storage::Cpu(_) => return Ok(None),
+        }))
     }
 
     /// `self += other` in place when this handle owns its storage alone (gradient accumulation

@@ -196,6 +196,8 @@ fn sixteen_bit_tensors_round_trip_cast_and_compute_on_every_backend() {
                 host.to_f64_vec().unwrap(),
                 "{dev} {half:?}"
             );
+            // f64 has no device form: an error, not an f32 buffer under an f64 label.
+            assert!(on.to_dtype(DType::F64).is_err(), "{dev} {half:?} -> f64");
             let widened = on.to_dtype(DType::F32).unwrap();
             assert_eq!(widened.device(), dev);
             assert_eq!(widened.to_f64_vec().unwrap(), host.to_f64_vec().unwrap());

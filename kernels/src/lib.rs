@@ -10,3 +10,10 @@
 pub mod cpu;
 pub mod cuda;
 pub mod wgpu;
+
+/// The 16-bit float formats the device backends store (as their bits) and cast to and from f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    F16,
+    BF16,
+}

@@ -4,10 +4,11 @@
 //! Tolerances: bf16 outputs within 2^-8 of the value (one rounding, plus f32 arithmetic) or
 //! 1e-2 of the tensor's scale where terms cancel; f32 outputs within 1e-5 relative.
 
+use bft_kernels::Half;
 use bft_kernels::cpu;
 use bft_kernels::cpu::attention::{AttnDims, Tiles};
 use bft_kernels::cpu::matmul::{GemmDims, Operand};
-use bft_kernels::cuda::ops::{self, Half};
+use bft_kernels::cuda::ops;
 use bft_kernels::cuda::{Cuda, DeviceBuffer, cuda, driver_available};
 use half::{bf16, f16};
 use std::sync::Arc;

@@ -697,7 +697,7 @@ fn unfused_nll_and_its_gradient_direction_match_cpu() {
 
 #[test]
 fn casts_to_and_from_16_bit_floats_give_the_host_bits() {
-    use bft_kernels::wgpu::ops::Half;
+    use bft_kernels::Half;
     use half::{bf16, f16};
     let Some(g) = device() else { return };
     // Ties, the edges of f16's range and subnormals, infinities, NaN, then f32 bit patterns

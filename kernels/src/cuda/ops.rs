@@ -3,6 +3,7 @@
 
 use super::{ATTENTION, Arg, CAST, Cuda, CudaError, DeviceBuffer, EMBEDDING, LOSS, OPTIM};
 use super::{RMSNORM, ROPE, Result, SWIGLU, ptr};
+use crate::Half;
 use crate::cpu::attention::AttnDims;
 use crate::cpu::matmul::GemmDims;
 use crate::cpu::optim::AdamWStep;
@@ -22,13 +23,6 @@ fn i32_of(n: usize) -> Arg {
 
 fn i64_of(n: usize) -> Arg {
     Arg::I64(n as i64)
-}
-
-/// 16-bit float formats (stored as their bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Half {
-    BF16,
-    F16,
 }
 
 /// `n` f32 values rounded to `half` (to nearest even).

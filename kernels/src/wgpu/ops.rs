@@ -2,6 +2,7 @@
 //! new buffers (from the pool), mirroring the CPU kernels' signatures.
 
 use super::{Gpu, GpuBuffer, Result, Shader, grid};
+use crate::Half;
 use crate::cpu::binary::BinaryKind;
 use crate::cpu::optim::AdamWStep;
 use crate::cpu::unary::UnaryKind;
@@ -853,19 +854,11 @@ pub fn sum_squares(g: &Arc<Gpu>, xs: &[(&GpuBuffer, usize)]) -> Result<Vec<f64>>
     Ok(crate::cpu::optim::add_partials(&groups, &partials))
 }
 
-/// The 16-bit float formats a wgpu buffer can hold, two to a u32 word.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Half {
-    F16,
-    BF16,
-}
-
-impl Half {
-    fn code(self) -> u32 {
-        match self {
-            Half::F16 => 0,
-            Half::BF16 => 1,
-        }
+/// `cast.wgsl`'s code for a 16-bit format (a wgpu buffer holds two to a u32 word).
+fn half_code(half: Half) -> u32 {
+    match half {
+        Half::F16 => 0,
+        Half::BF16 => 1,
     }
 }
 
@@ -880,7 +873,7 @@ pub fn narrow(g: &Arc<Gpu>, x: &GpuBuffer, n: usize, half: Half) -> Result<GpuBu
     g.dispatch(
         &CAST,
         "narrow",
-        &[u(n), half.code()],
+        &[u(n), half_code(half)],
         &[&out, x],
         grid(n.div_ceil(2), 256),
     )?;
@@ -893,7 +886,7 @@ pub fn widen(g: &Arc<Gpu>, x: &GpuBuffer, n: usize, half: Half) -> Result<GpuBuf
     g.dispatch(
         &CAST,
         "widen",
-        &[u(n), half.code()],
+        &[u(n), half_code(half)],
         &[x, &out],
         grid(n, 256),
     )?;
