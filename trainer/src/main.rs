@@ -98,7 +98,7 @@ struct ScoreArgs {
     /// Storage dtype of the weights on the device (bf16/f16 halve their memory; the math stays
     /// f32).
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: SaveDType,
+    dtype: WeightDType,
 }
 
 #[derive(clap::Args, Debug)]
@@ -114,7 +114,7 @@ struct MergeArgs {
     output: PathBuf,
     /// Storage dtype of the written weights.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: SaveDType,
+    dtype: WeightDType,
 }
 
 #[derive(clap::Args, Debug)]
@@ -150,19 +150,21 @@ struct GenerateArgs {
     stop: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum SaveDType {
+/// How weights are stored: written by convert/merge, held in memory by score and train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum WeightDType {
     F32,
     Bf16,
     F16,
 }
 
-impl From<SaveDType> for DType {
-    fn from(d: SaveDType) -> DType {
+impl From<WeightDType> for DType {
+    fn from(d: WeightDType) -> DType {
         match d {
-            SaveDType::F32 => DType::F32,
-            SaveDType::Bf16 => DType::BF16,
-            SaveDType::F16 => DType::F16,
+            WeightDType::F32 => DType::F32,
+            WeightDType::Bf16 => DType::BF16,
+            WeightDType::F16 => DType::F16,
         }
     }
 }
@@ -175,7 +177,7 @@ struct ConvertArgs {
     output: PathBuf,
     /// Storage dtype of the written weights.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: SaveDType,
+    dtype: WeightDType,
 }
 
 fn main() {
@@ -477,7 +479,7 @@ fn write_dir(
     m: &bft_model::LoadedModel,
     hf_config: &serde_json::Value,
     out: &Path,
-    dtype: SaveDType,
+    dtype: WeightDType,
 ) -> Result<()> {
     let dtype = dtype.into();
     let tmp = sibling_tmp(out);

@@ -12,6 +12,16 @@ fn model() -> PathBuf {
     bft_model::fetch::smollm2_gguf(&cache).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Asserts a run exited 0, showing its stderr otherwise.
+#[track_caller]
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn tmp(name: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("bft-cli-{}-{name}", std::process::id()));
     std::fs::remove_dir_all(&p).ok();
@@ -98,11 +108,7 @@ fn adapter(out: &Path) -> Vec<u8> {
 fn train_writes_metrics_and_adapter_and_a_killed_run_resumes_bit_identically() {
     let whole = tmp("whole");
     let out = train(&whole, &[]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let metrics = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
         .lines()
@@ -157,11 +163,7 @@ fn train_writes_metrics_and_adapter_and_a_killed_run_resumes_bit_identically() {
     child.kill().unwrap();
     child.wait().unwrap();
     let out = train(&killed, &["--resume"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(
         adapter(&killed),
         adapter(&whole),
@@ -198,11 +200,7 @@ fn runs_killed_at_random_moments_and_mid_checkpoint_resume_bit_identically() {
     use rand::{Rng, SeedableRng};
     let whole = tmp("whole-random");
     let out = train(&whole, &[]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
 
     let run = tmp("killed-random");
     let ckpts = run.join("checkpoints");
@@ -242,11 +240,7 @@ fn runs_killed_at_random_moments_and_mid_checkpoint_resume_bit_identically() {
         assert_latest_is_complete(&ckpts);
     }
     let out = train(&run, &["--resume"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     eprintln!("{kills} kills, {mid_checkpoint} of them during a checkpoint write");
     assert!(kills >= 2, "only {kills} kills landed before the run ended");
     assert!(
@@ -321,7 +315,7 @@ fn score_writes_one_consistent_line_per_sample_and_nothing_on_error() {
             .unwrap()
     };
     let r = run(&data());
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    succeeded(&r);
     assert!(String::from_utf8_lossy(&r.stdout).starts_with("loss "));
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
         .unwrap()
@@ -378,11 +372,7 @@ fn demo_trains_and_reports_before_and_after() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(stdout.matches("Q (held-out gene)").count(), 3, "{stdout}");
     assert!(
         stdout.contains("before:")
@@ -428,11 +418,7 @@ fn eval_and_analyze_report_tables_and_json() {
         .arg(&report)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("ROUGE-L") && table.contains("macro-F1"),
@@ -464,11 +450,7 @@ fn eval_and_analyze_report_tables_and_json() {
         .arg(&dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Group B: sustained low spans"));
     let a: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("analysis.json")).unwrap()).unwrap();
@@ -511,11 +493,7 @@ fn a_toml_config_is_overridden_by_the_command_line_and_written_back() {
         .arg(&dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let written: toml::Table = std::fs::read_to_string(dir.join("config.toml"))
         .unwrap()
         .parse()
@@ -651,11 +629,7 @@ fn score_and_train_on_wgpu_match_the_cpu() {
             .arg(&out)
             .output()
             .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        succeeded(&run);
         let row: serde_json::Value = serde_json::from_str(
             std::fs::read_to_string(&out)
                 .unwrap()
@@ -710,11 +684,7 @@ fn score_and_train_on_wgpu_match_the_cpu() {
         .arg(&dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     let step: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert!(
@@ -738,11 +708,7 @@ fn lora_over_a_bf16_base_trains_with_f32_adapters() {
     let (wide, half) = (tmp("dtype-f32"), tmp("dtype-bf16"));
     for (out, dtype) in [(&wide, "f32"), (&half, "bf16")] {
         let run = train(out, &["--dtype", dtype]).output().unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        succeeded(&run);
     }
     let (a, b) = (first_loss(&wide), first_loss(&half));
     assert!(

@@ -103,8 +103,8 @@ pub struct TrainArgs {
     /// Storage of the frozen base weights: f32, bf16 or f16. 16 bits halve the weights' memory
     /// (LoRA keeps f32 master weights and the math stays f32), at the price of widening each
     /// weight for every product: about 2x the step time on the CPU. Full fine-tuning needs f32.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: crate::WeightDType,
     /// Held-out data (JSONL) whose cross-entropy is measured every --eval-steps.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -150,16 +150,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "constant" => Decay::Constant,
         other => bail!("unknown --schedule `{other}` (cosine, linear or constant)"),
     };
-    let dtype = match a.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => bail!("unknown --dtype `{other}` (f32, bf16 or f16)"),
-    };
+    let dtype = DType::from(a.dtype);
     if a.full && dtype != DType::F32 {
         bail!(
-            "--full trains every weight and keeps them in f32; --dtype {other} is for the frozen base under LoRA",
-            other = a.dtype
+            "--full trains every weight and keeps them in f32; --dtype {} is for the frozen base under LoRA",
+            format!("{:?}", a.dtype).to_lowercase()
         );
     }
     let mut m =
