@@ -126,22 +126,22 @@ impl Storage {
     }
 }
 
-impl Clone for Storage {
-    /// A device copy. Only in-place gradient accumulation clones storage, so a failed device
-    /// copy (a lost device) is a bug to surface, not an input error.
-    fn clone(&self) -> Self {
-        match self {
+impl Storage {
+    /// A copy on the same device. A device copy can fail (out of memory, a lost device), so
+    /// storage is not `Clone`: the failure is an error for the caller, never a panic.
+    pub fn try_clone(&self) -> crate::Result<Storage> {
+        Ok(match self {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
-            Storage::Cuda(s) => {
-                let d = s.buf.device().clone();
-                let copy = d.copy(&s.buf).expect("copying a CUDA buffer");
-                Storage::Cuda(CudaStorage::new(copy, s.dtype, s.index))
-            }
-            Storage::Wgpu(s) => {
-                let g = s.buf.gpu().clone();
-                let copy = g.copy(&s.buf).expect("copying a wgpu buffer");
-                Storage::Wgpu(WgpuStorage::new(copy, s.dtype, s.index))
-            }
-        }
+            Storage::Cuda(s) => Storage::Cuda(CudaStorage::new(
+                s.buf.device().copy(&s.buf)?,
+                s.dtype,
+                s.index,
+            )),
+            Storage::Wgpu(s) => Storage::Wgpu(WgpuStorage::new(
+                s.buf.gpu().copy(&s.buf)?,
+                s.dtype,
+                s.index,
+            )),
+        })
     }
 }

@@ -1,4 +1,4 @@
-use crate::storage::{CpuData, CpuStorage, CudaStorage, WgpuStorage};
+use crate::storage::{CpuData, CpuStorage, CudaStorage};
 use crate::tape::Tape;
 use crate::{DType, Device, Elem, Error, Result, Shape, Storage};
 use bft_kernels::cpu::binary::BinaryKind;
@@ -193,25 +193,21 @@ impl Tensor {
     /// The storage, for writing in place: the tensor leaves its tape and gets a new id (it will
     /// hold new values), and shared storage is copied first, so no other tensor sees the write.
     pub(crate) fn storage_mut(&mut self) -> Result<&mut Storage> {
-        if Arc::get_mut(&mut self.storage).is_none() {
-            let copy = match &*self.storage {
-                Storage::Cpu(s) => Storage::Cpu(CpuStorage::new(s.data.clone())),
-                Storage::Wgpu(s) => Storage::Wgpu(WgpuStorage::new(
-                    s.buf.gpu().copy(&s.buf)?,
-                    s.dtype,
-                    s.index,
-                )),
-                Storage::Cuda(s) => Storage::Cuda(CudaStorage::new(
-                    s.buf.device().copy(&s.buf)?,
-                    s.dtype,
-                    s.index,
-                )),
-            };
-            self.storage = Arc::new(copy);
-        }
+        // Copy first: a failed copy leaves the tensor as it was.
+        self.unique_storage()?;
         self.tape = None;
         self.id = TensorId::fresh();
-        Ok(Arc::get_mut(&mut self.storage).expect("storage is unique: copied above if shared"))
+        self.unique_storage()
+    }
+
+    /// The storage, copied first if another tensor shares it (copy-on-write).
+    fn unique_storage(&mut self) -> Result<&mut Storage> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            self.storage = Arc::new(self.storage.try_clone()?);
+        }
+        Arc::get_mut(&mut self.storage).ok_or_else(|| {
+            Error::Backward("a tensor's storage is still shared after copying it".into())
+        })
     }
 
     /// Same storage under another shape; the caller has checked the element count.
@@ -288,6 +284,28 @@ impl Tensor {
         self.to_device(&Device::Cpu)?
             .cast_untracked(DType::F64)?
             .to_vec::<f64>()
+    }
+
+    /// The flat index and value of the first NaN or infinite element, if any (integer tensors
+    /// have none). Device tensors are read back first. Loaders use it to refuse weights that
+    /// would poison every step.
+    pub fn first_non_finite(&self) -> Result<Option<(usize, f64)>> {
+        fn first<T: Copy>(
+            v: &[T],
+            finite: impl Fn(T) -> bool,
+            wide: impl Fn(T) -> f64,
+        ) -> Option<(usize, f64)> {
+            v.iter().position(|&x| !finite(x)).map(|i| (i, wide(v[i])))
+        }
+        let host = self.to_device(&Device::Cpu)?;
+        let op = "first_non_finite";
+        Ok(match self.dtype() {
+            DType::F32 => first(host.cpu::<f32>(op)?, f32::is_finite, f64::from),
+            DType::F64 => first(host.cpu::<f64>(op)?, f64::is_finite, |x| x),
+            DType::BF16 => first(host.cpu::<bf16>(op)?, |x| x.is_finite(), f64::from),
+            DType::F16 => first(host.cpu::<f16>(op)?, |x| x.is_finite(), f64::from),
+            DType::U32 => None,
+        })
     }
 
     /// The value of a one-element tensor.
@@ -478,8 +496,7 @@ impl Tensor {
             return Ok(());
         }
         // Both on the host (the device check above rules out anything else).
-        let (Storage::Cpu(theirs), Storage::Cpu(mine)) =
-            (&*other.storage, Arc::make_mut(&mut self.storage))
+        let (Storage::Cpu(theirs), Storage::Cpu(mine)) = (&*other.storage, self.unique_storage()?)
         else {
             return Err(Error::Backward(
                 "gradient storage is not on the host".into(),

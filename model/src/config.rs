@@ -152,6 +152,7 @@ impl ModelConfig {
         let rope_scaling = match rope.and_then(|r| r.rope_type.as_deref().or(r.kind.as_deref())) {
             None | Some("default") => None,
             Some("llama3") => {
+                // cannot fail: this arm is reached only when `rope` named a type.
                 let r = rope.expect("matched above");
                 let get = |v: Option<f64>, name: &str| {
                     v.ok_or_else(|| {
@@ -196,8 +197,52 @@ impl ModelConfig {
                 Some(OneOrMany::Many(ids)) => ids,
             },
         };
-        cfg.block().check()?;
+        cfg.check()?;
         Ok(cfg)
+    }
+
+    /// Refuses sizes and constants no model can run with (a zero-layer model would index its
+    /// first block; a zero or non-finite epsilon divides by zero in every norm).
+    fn check(&self) -> Result<()> {
+        for (name, v) in [
+            ("hidden_size", self.hidden),
+            ("intermediate_size", self.ffn),
+            ("num_hidden_layers", self.layers),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("{name} must be at least 1 (got 0)")));
+            }
+        }
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "{name} must be a positive finite number (got {v})"
+                )))
+            }
+        };
+        positive("rms_norm_eps", self.rms_eps)?;
+        positive("rope_theta", self.rope_theta)?;
+        if let Some(s) = self.rope_scaling {
+            positive("rope_scaling.factor", s.factor)?;
+            positive("rope_scaling.low_freq_factor", s.low_freq_factor)?;
+            positive("rope_scaling.high_freq_factor", s.high_freq_factor)?;
+            positive(
+                "rope_scaling.original_max_position_embeddings",
+                s.original_max_position_embeddings,
+            )?;
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(Error::Config(format!(
+                    "rope_scaling.high_freq_factor ({}) must exceed low_freq_factor ({})",
+                    s.high_freq_factor, s.low_freq_factor
+                )));
+            }
+        }
+        self.block().check()
     }
 
     /// The per-layer sizes.

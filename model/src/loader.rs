@@ -141,6 +141,7 @@ pub fn save_hf_dir(m: &LoadedModel, hf_config: &Value, dir: &Path, dtype: DType)
         let p = dir.join(name);
         std::fs::write(
             &p,
+            // cannot fail: a `serde_json::Value` always serialises.
             serde_json::to_string_pretty(v).expect("JSON values serialise"),
         )
         .map_err(io(&p))

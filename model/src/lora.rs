@@ -52,10 +52,14 @@ impl LoraConfig {
     }
 
     fn check(&self) -> Result<()> {
-        if self.rank == 0 || !(0.0..1.0).contains(&self.dropout) {
+        if self.rank == 0
+            || !(0.0..1.0).contains(&self.dropout)
+            || !(self.alpha.is_finite() && self.alpha > 0.0)
+        {
             return Err(Error::Config(format!(
-                "LoRA needs rank >= 1 and 0 <= dropout < 1 (got r={}, dropout={})",
-                self.rank, self.dropout
+                "LoRA needs rank >= 1, a positive finite alpha and 0 <= dropout < 1 (got r={}, \
+                 alpha={}, dropout={})",
+                self.rank, self.alpha, self.dropout
             )));
         }
         Ok(())
@@ -183,75 +187,185 @@ impl Transformer {
             "revision": null,
         });
         let p = dir.join("adapter_config.json");
+        // cannot fail: a `json!` value always serialises.
         std::fs::write(&p, serde_json::to_string_pretty(&config).expect("JSON"))
             .map_err(|e| Error::Io { path: p, error: e })
     }
 
     /// Loads a PEFT LoRA adapter directory onto this model (replacing any adapters).
+    ///
+    /// The config and the tensors must agree, as PEFT requires: exactly one A and one B per
+    /// target module of every layer, no other tensors, A `(r, in)` and B `(out, r)` with the
+    /// config's `r`, finite values, and no PEFT option that would change the adapter's math
+    /// (per-module ranks or alphas, rsLoRA, DoRA, biases, layer subsets). Anything else is an
+    /// error naming the file and the key or tensor, before the model is touched.
     pub fn load_peft(&mut self, dir: &Path) -> Result<LoraConfig> {
         let p = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&p).map_err(|e| Error::Io {
             path: p.clone(),
             error: e,
         })?;
-        let bad = |m: String| Error::Config(format!("{}: {m}", p.display()));
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        if v["peft_type"].as_str() != Some("LORA") {
+        let cfg = parse_adapter_config(&text)
+            .map_err(|m| Error::Config(format!("{}: {m}", p.display())))?;
+        let file = dir.join("adapter_model.safetensors");
+        let src = SafetensorsDir::open_file(&file)?;
+        let bad = |m: String| Error::Weights(format!("{}: {m}", file.display()));
+        let layers = self.blocks().len();
+        let expected: Vec<(usize, Linear, char)> = (0..layers)
+            .flat_map(|i| {
+                cfg.targets
+                    .iter()
+                    .flat_map(move |&l| [(i, l, 'A'), (i, l, 'B')])
+            })
+            .collect();
+        let names: std::collections::HashSet<String> = expected
+            .iter()
+            .map(|&(i, l, f)| peft_name(i, l, f))
+            .collect();
+        if let Some(extra) = src.names().into_iter().find(|n| !names.contains(*n)) {
             return Err(bad(format!(
-                "peft_type {} is not supported (LORA only)",
-                v["peft_type"]
+                "holds tensor {extra}, which the config (r={}, target_modules {:?}) and this \
+                 {layers}-layer model do not call for",
+                cfg.rank,
+                cfg.targets.iter().map(|l| l.module()).collect::<Vec<_>>()
             )));
         }
-        for (key, ok) in [
-            ("use_dora", false),
-            ("use_rslora", false),
-            ("fan_in_fan_out", false),
-        ] {
-            if v[key].as_bool().unwrap_or(false) != ok {
-                return Err(bad(format!("`{key}: true` is not supported")));
+        let (dtype, dev) = (adapter_dtype(self.head().dtype()), self.head().device());
+        let mut pairs = Vec::with_capacity(expected.len() / 2);
+        for pair in expected.chunks_exact(2) {
+            let (i, l) = (pair[0].0, pair[0].1);
+            let w = self.blocks()[i].tensors()[weight_of(l)].dims().to_vec();
+            let get = |f: char, want: [usize; 2]| -> Result<Tensor> {
+                let name = peft_name(i, l, f);
+                let t = src
+                    .tensor(&name)?
+                    .ok_or_else(|| bad(format!("missing {name}")))?;
+                if t.dims() != want {
+                    return Err(bad(format!(
+                        "{name} has shape {:?}, but r={} over this model's {} weight {:?} needs {want:?}",
+                        t.dims(),
+                        cfg.rank,
+                        l.path(),
+                        w
+                    )));
+                }
+                if let Some((at, v)) = t.first_non_finite()? {
+                    return Err(bad(format!("{name} holds {v} at flat index {at}")));
+                }
+                Ok(t.to_dtype(dtype)?.to_device(&dev)?)
+            };
+            let a = get('A', [cfg.rank, w[1]])?;
+            let b = get('B', [w[0], cfg.rank])?;
+            pairs.push((i, l, a, b));
+        }
+        for block in self.blocks_mut() {
+            for l in Linear::ALL {
+                block.set_lora(l, None)?;
             }
         }
-        let targets = match &v["target_modules"] {
-            serde_json::Value::Array(a) => a
-                .iter()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            serde_json::Value::String(s) => s.clone(),
-            other => return Err(bad(format!("target_modules {other} is not supported"))),
-        };
-        let cfg = LoraConfig {
-            rank: v["r"].as_u64().ok_or_else(|| bad("missing r".into()))? as usize,
-            alpha: v["lora_alpha"]
-                .as_f64()
-                .ok_or_else(|| bad("missing lora_alpha".into()))?,
-            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
-            targets: LoraConfig::parse_targets(&targets).map_err(|e| bad(e.to_string()))?,
-        };
-        cfg.check()?;
-        let src = SafetensorsDir::open_file(&dir.join("adapter_model.safetensors"))?;
-        let (dtype, dev) = (adapter_dtype(self.head().dtype()), self.head().device());
-        let layers = self.blocks().len();
-        for i in 0..layers {
-            for &l in &cfg.targets {
-                let get = |f: char| -> Result<Tensor> {
-                    let name = peft_name(i, l, f);
-                    let t = src.tensor(&name)?.ok_or_else(|| {
-                        Error::Weights(format!("{}: missing {name}", src.describe()))
-                    })?;
-                    Ok(t.to_dtype(dtype)?.to_device(&dev)?)
-                };
-                let pair = LoraPair {
-                    a: get('A')?,
-                    b: get('B')?,
-                    scale: cfg.scale(),
-                    dropout: cfg.dropout,
-                };
-                self.blocks_mut()[i].set_lora(l, Some(pair))?;
-            }
+        for (i, l, a, b) in pairs {
+            let pair = LoraPair {
+                a,
+                b,
+                scale: cfg.scale(),
+                dropout: cfg.dropout,
+            };
+            self.blocks_mut()[i].set_lora(l, Some(pair))?;
         }
         Ok(cfg)
+    }
+}
+
+/// The LoRA settings of an `adapter_config.json`, refusing what `bft` cannot apply exactly.
+pub fn parse_adapter_config(text: &str) -> std::result::Result<LoraConfig, String> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("expected a JSON object".into());
+    }
+    if v["peft_type"].as_str() != Some("LORA") {
+        return Err(format!(
+            "peft_type {} is not supported (LORA only)",
+            v["peft_type"]
+        ));
+    }
+    for key in ["use_dora", "use_rslora", "fan_in_fan_out"] {
+        match &v[key] {
+            Value::Null | Value::Bool(false) => {}
+            Value::Bool(true) => return Err(format!("`{key}: true` is not supported")),
+            other => return Err(format!("`{key}` must be true or false, not {other}")),
+        }
+    }
+    match &v["bias"] {
+        Value::Null => {}
+        Value::String(b) if b == "none" => {}
+        other => return Err(format!("bias {other} is not supported (only \"none\")")),
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        match &v[key] {
+            Value::Null => {}
+            Value::Object(m) if m.is_empty() => {}
+            other => {
+                return Err(format!(
+                    "`{key}` {other} sets per-module values, which are not supported"
+                ));
+            }
+        }
+    }
+    for key in ["modules_to_save", "layers_to_transform", "layers_pattern"] {
+        match &v[key] {
+            Value::Null => {}
+            Value::Array(a) if a.is_empty() => {}
+            other => return Err(format!("`{key}` {other} is not supported")),
+        }
+    }
+    let targets = match &v["target_modules"] {
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| format!("target_modules holds {x}, not a module name"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .join(","),
+        Value::String(s) => s.clone(),
+        other => return Err(format!("target_modules {other} is not supported")),
+    };
+    let rank = match v["r"].as_u64() {
+        Some(r) if r >= 1 => r as usize,
+        _ => return Err(format!("`r` must be a positive integer, not {}", v["r"])),
+    };
+    let alpha = match v["lora_alpha"].as_f64() {
+        Some(a) if a.is_finite() && a > 0.0 => a,
+        _ => {
+            return Err(format!(
+                "`lora_alpha` must be a positive finite number, not {}",
+                v["lora_alpha"]
+            ));
+        }
+    };
+    let dropout = match &v["lora_dropout"] {
+        Value::Null => 0.0,
+        d => match d.as_f64() {
+            Some(x) if (0.0..1.0).contains(&x) => x,
+            _ => return Err(format!("`lora_dropout` must lie in [0, 1), not {d}")),
+        },
+    };
+    let cfg = LoraConfig {
+        rank,
+        alpha,
+        dropout,
+        targets: LoraConfig::parse_targets(&targets).map_err(message)?,
+    };
+    cfg.check().map_err(message)?;
+    Ok(cfg)
+}
+
+/// The text of a config error, without the variant's `config:` prefix.
+fn message(e: Error) -> String {
+    match e {
+        Error::Config(m) => m,
+        other => other.to_string(),
     }
 }
 
@@ -400,5 +514,110 @@ mod tests {
                 .to_string()
                 .contains("attn")
         );
+    }
+
+    /// An adapter whose config disagrees with its tensors is refused with the file and the
+    /// tensor or key named, and the model keeps the adapters it had (PEFT refuses these too).
+    #[test]
+    fn adapters_whose_config_disagrees_with_their_tensors_are_refused() {
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: LoraConfig::parse_targets("q,v").unwrap(),
+        };
+        let mut m = model();
+        m.attach_lora(&cfg, 2).unwrap();
+        let dir = std::env::temp_dir().join(format!("bft-peft-bad-{}", std::process::id()));
+        let edit_config = |f: &dyn Fn(&mut serde_json::Value)| {
+            m.save_peft(&cfg, "tiny", &dir).unwrap();
+            let p = dir.join("adapter_config.json");
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            f(&mut v);
+            std::fs::write(&p, v.to_string()).unwrap();
+            let mut fresh = model();
+            let err = fresh.load_peft(&dir).unwrap_err().to_string();
+            assert!(fresh.lora_tensors().is_empty(), "{err}");
+            err
+        };
+        type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+        let cases: Vec<(Edit, &str)> = vec![
+            (&|v| v["r"] = 3.into(), "has shape [2, 12]"),
+            (
+                &|v| v["target_modules"] = serde_json::json!(["q_proj"]),
+                "v_proj.lora_A",
+            ),
+            (
+                &|v| v["target_modules"] = serde_json::json!(["q_proj", "v_proj", "k_proj"]),
+                "missing",
+            ),
+            (
+                &|v| v["lora_alpha"] = serde_json::json!("NaN"),
+                "lora_alpha",
+            ),
+            (&|v| v["lora_alpha"] = 0.into(), "lora_alpha"),
+            (&|v| v["r"] = 0.into(), "`r`"),
+            (
+                &|v| v["rank_pattern"] = serde_json::json!({"q_proj": 4}),
+                "rank_pattern",
+            ),
+            (
+                &|v| v["alpha_pattern"] = serde_json::json!({"q_proj": 4}),
+                "alpha_pattern",
+            ),
+            (&|v| v["use_rslora"] = true.into(), "use_rslora"),
+            (&|v| v["bias"] = "all".into(), "bias"),
+            (
+                &|v| v["layers_to_transform"] = serde_json::json!([0]),
+                "layers_to_transform",
+            ),
+            (&|v| v["lora_dropout"] = 1.5.into(), "lora_dropout"),
+        ];
+        for (edit, want) in cases {
+            let err = edit_config(edit);
+            assert!(err.contains(want), "want {want:?} in: {err}");
+            assert!(
+                err.contains(&dir.display().to_string()),
+                "names the file: {err}"
+            );
+        }
+        // Tensors edited instead: a non-finite value, and a layer the model does not have.
+        let st = dir.join("adapter_model.safetensors");
+        let write = |extra: Option<(&str, Tensor)>, poison: bool| {
+            m.save_peft(&cfg, "tiny", &dir).unwrap();
+            let mut named: Vec<(String, Tensor)> = m
+                .lora_tensors()
+                .into_iter()
+                .map(|(n, t)| (n, t.to_dtype(DType::F32).unwrap()))
+                .collect();
+            if poison {
+                let (_, t) = &mut named[1];
+                let mut v = t.to_vec::<f32>().unwrap();
+                v[3] = f32::INFINITY;
+                *t = Tensor::from_vec(v, t.dims().to_vec(), &Device::Cpu).unwrap();
+            }
+            if let Some((n, t)) = extra {
+                named.push((n.to_string(), t));
+            }
+            let refs: Vec<(String, &Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
+            write_safetensors(&st, &refs).unwrap();
+            let mut fresh = model();
+            let err = fresh.load_peft(&dir).unwrap_err().to_string();
+            assert!(fresh.lora_tensors().is_empty());
+            err
+        };
+        let err = write(None, true);
+        assert!(
+            err.contains("q_proj.lora_B.weight holds inf at flat index 3"),
+            "{err}"
+        );
+        let extra = Tensor::zeros([2, 12], DType::F32, &Device::Cpu).unwrap();
+        let err = write(Some((&peft_name(2, Linear::Q, 'A'), extra)), false);
+        assert!(
+            err.contains("layers.2.self_attn.q_proj.lora_A") && err.contains("2-layer"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -41,6 +41,13 @@ impl Transformer {
                     got: t.dims().to_vec(),
                 });
             }
+            if let Some((i, v)) = t.first_non_finite()? {
+                return Err(Error::Weights(format!(
+                    "{}: tensor {name} holds {v} at flat index {i}; a non-finite weight makes \
+                     every output NaN",
+                    source.describe()
+                )));
+            }
             Ok(t.to_dtype(dtype)?)
         };
         let (v, c) = (config.vocab, config.hidden);

@@ -3,6 +3,7 @@
 
 pub mod analysis;
 pub mod batch;
+pub mod config_file;
 pub mod data;
 pub mod eval;
 pub mod genes;

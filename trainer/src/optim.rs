@@ -61,7 +61,17 @@ impl AdamW {
         lr: f64,
         grad_scale: f64,
     ) -> bft_engine::Result<()> {
-        assert_eq!(params.len(), self.m.len(), "AdamW: parameter count changed");
+        if params.len() != self.m.len() || grads.len() != params.len() {
+            return Err(bft_engine::Error::Shape {
+                op: "AdamW update",
+                msg: format!(
+                    "the optimizer holds state for {} parameters, but was given {} parameters and {} gradients",
+                    self.m.len(),
+                    params.len(),
+                    grads.len()
+                ),
+            });
+        }
         self.step += 1;
         let c = self.config;
         let h = AdamWStep {
@@ -167,6 +177,14 @@ mod tests {
         for (a, b) in p.to_vec::<f64>().unwrap().iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
+        assert_eq!(opt.step, 3);
+        // A parameter list that does not match the state is an error, and takes no step.
+        let mut q = p.clone();
+        let g = Tensor::zeros([4], DType::F64, &Device::Cpu).unwrap();
+        let err = opt
+            .update(&mut [&mut p, &mut q], &[g.clone(), g], 0.1, 1.0)
+            .unwrap_err();
+        assert!(err.to_string().contains("state for 1 parameters"), "{err}");
         assert_eq!(opt.step, 3);
     }
 

@@ -69,6 +69,51 @@ pub struct TrainConfig {
     pub max_bad_steps: u32,
 }
 
+impl TrainConfig {
+    /// Refuses settings no run can use: zero sizes, negative or non-finite rates and norms.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("keep_last", self.keep_last),
+            ("max_bad_steps", self.max_bad_steps as usize),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.total_steps == 0 {
+            return bad("total_steps must be at least 1".into());
+        }
+        if self.analysis.window == 0 {
+            return bad("the group window must be at least 1 token".into());
+        }
+        let a = &self.adamw;
+        for (name, v, ok) in [
+            (
+                "learning rate",
+                self.schedule.base_lr,
+                self.schedule.base_lr >= 0.0,
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                self.max_grad_norm >= 0.0,
+            ),
+            ("weight_decay", a.weight_decay, a.weight_decay >= 0.0),
+            ("beta1", a.beta1, (0.0..1.0).contains(&a.beta1)),
+            ("beta2", a.beta2, (0.0..1.0).contains(&a.beta2)),
+            ("eps", a.eps, a.eps > 0.0),
+        ] {
+            if !(v.is_finite() && ok) {
+                return bad(format!("{name} {v} is out of range"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, serde::Serialize, PartialEq)]
 pub struct StepMetrics {
@@ -145,7 +190,7 @@ pub struct Trainer<'a> {
     /// Optimizer steps taken (skipped ones included).
     pub step: u64,
     bad_streak: u32,
-    /// The current epoch's batches, cached: (epoch, batches).
+    /// The current epoch's effective batches, cached: (epoch, batches).
     epoch: Option<(u64, Vec<Vec<usize>>)>,
     lengths: Vec<usize>,
 }
@@ -166,10 +211,9 @@ impl<'a> Trainer<'a> {
         variant: &'a dyn LossVariant,
         trainable: Trainable,
     ) -> Result<Self> {
-        if data.is_empty() || cfg.batch_size == 0 || cfg.grad_accum == 0 {
-            return Err(TrainError::Config(
-                "need data, batch_size >= 1 and grad_accum >= 1".into(),
-            ));
+        cfg.check()?;
+        if data.is_empty() {
+            return Err(TrainError::Config("no training samples".into()));
         }
         let params = trainable_params(model, &trainable);
         if params.is_empty() {
@@ -194,27 +238,31 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Sample indices of micro-batch `j` of optimizer step `step`.
-    fn micro_batch(&mut self, step: u64, j: usize) -> Vec<usize> {
-        let per_epoch = self.data.len().div_ceil(self.cfg.batch_size) as u64;
-        let global = step * self.cfg.grad_accum as u64 + j as u64;
-        let (epoch, i) = (global / per_epoch, (global % per_epoch) as usize);
-        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.epoch = Some((
-                epoch,
-                epoch_batches(&self.lengths, self.cfg.batch_size, self.cfg.seed, epoch),
-            ));
+    /// The micro-batches (sample indices) of optimizer step `step`. The step's samples are
+    /// drawn and grouped by length as one effective batch of `batch_size * grad_accum`, then
+    /// split: `--batch-size 4` and `--batch-size 2 --grad-accum 2` train on the same samples.
+    fn micro_batches(&mut self, step: u64) -> Vec<Vec<usize>> {
+        let effective = self.cfg.batch_size * self.cfg.grad_accum;
+        let per_epoch = self.data.len().div_ceil(effective) as u64;
+        let (epoch, i) = (step / per_epoch, (step % per_epoch) as usize);
+        if self.epoch.as_ref().is_some_and(|(e, _)| *e != epoch) {
+            self.epoch = None;
         }
-        self.epoch.as_ref().expect("just set").1[i].clone()
+        let (lengths, seed) = (&self.lengths, self.cfg.seed);
+        let (_, batches) = self
+            .epoch
+            .get_or_insert_with(|| (epoch, epoch_batches(lengths, effective, seed, epoch)));
+        batches[i]
+            .chunks(self.cfg.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect()
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
         let step = self.step;
-        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum)
-            .map(|j| self.micro_batch(step, j))
-            .collect();
+        let micro = self.micro_batches(step);
         let step_samples: usize = micro.iter().map(Vec::len).sum();
         let tape = Tape::new();
         let mut grads = Gradients::default();
@@ -315,6 +363,7 @@ impl<'a> Trainer<'a> {
                 write_safetensors(&tmp.join("model.safetensors"), &self.model.named_tensors())?
             }
         }
+        fault_point(CheckpointPhase::Weights, self.step);
         let mut moments: Vec<(String, Tensor)> = Vec::new();
         for (i, (m, v)) in self.opt.m.iter().zip(&self.opt.v).enumerate() {
             moments.push((format!("m.{i}"), m.to_device(&Device::Cpu)?));
@@ -322,18 +371,23 @@ impl<'a> Trainer<'a> {
         }
         let refs: Vec<(String, &Tensor)> = moments.iter().map(|(n, t)| (n.clone(), t)).collect();
         write_safetensors(&tmp.join("optimizer.safetensors"), &refs)?;
+        fault_point(CheckpointPhase::Optimizer, self.step);
         let state = serde_json::json!({ "step": self.step, "adam_step": self.opt.step, "seed": self.cfg.seed });
         write_synced(&tmp.join("state.json"), state.to_string().as_bytes())?;
+        fault_point(CheckpointPhase::State, self.step);
         if done.exists() {
             std::fs::remove_dir_all(&done).map_err(io(&done))?;
         }
         std::fs::rename(&tmp, &done).map_err(io(&done))?;
         sync_dir(dir)?;
+        fault_point(CheckpointPhase::Renamed, self.step);
         // `latest` is replaced atomically and only ever names a complete checkpoint.
         let latest_tmp = dir.join(".latest.partial");
         write_synced(&latest_tmp, name.as_bytes())?;
+        fault_point(CheckpointPhase::LatestWritten, self.step);
         std::fs::rename(&latest_tmp, dir.join("latest")).map_err(io(dir))?;
         sync_dir(dir)?;
+        fault_point(CheckpointPhase::LatestRenamed, self.step);
         let mut steps: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io(dir))?
             .filter_map(|e| {
@@ -428,6 +482,13 @@ impl<'a> Trainer<'a> {
         Ok(Some(step))
     }
 
+    /// Optimizer updates applied so far (steps skipped for a non-finite loss or gradient do
+    /// not count; a resumed run counts those before its checkpoint). Zero means the trainable
+    /// weights are still the ones the run started from.
+    pub fn updates(&self) -> u64 {
+        self.opt.step
+    }
+
     pub fn total_steps(&self) -> u64 {
         self.cfg.total_steps
     }
@@ -439,6 +500,62 @@ impl<'a> Trainer<'a> {
     /// The loss variant's name.
     pub fn variant_name(&self) -> &str {
         self.variant.name()
+    }
+}
+
+/// The moments of a checkpoint write at which `BFT_FAULT_CHECKPOINT` can stop the process, in
+/// the order they happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointPhase {
+    /// The weights (adapter or full model) are in the temporary directory.
+    Weights,
+    /// The optimizer moments too.
+    Optimizer,
+    /// `state.json` too: the temporary directory is complete but not yet renamed.
+    State,
+    /// Renamed to `checkpoint-N`; `latest` still names the previous checkpoint.
+    Renamed,
+    /// The new `latest` is written under its temporary name, not yet renamed.
+    LatestWritten,
+    /// `latest` names the new checkpoint; older ones are not yet pruned.
+    LatestRenamed,
+}
+
+impl CheckpointPhase {
+    pub const ALL: [CheckpointPhase; 6] = [
+        CheckpointPhase::Weights,
+        CheckpointPhase::Optimizer,
+        CheckpointPhase::State,
+        CheckpointPhase::Renamed,
+        CheckpointPhase::LatestWritten,
+        CheckpointPhase::LatestRenamed,
+    ];
+
+    /// The name `BFT_FAULT_CHECKPOINT` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckpointPhase::Weights => "weights",
+            CheckpointPhase::Optimizer => "optimizer",
+            CheckpointPhase::State => "state",
+            CheckpointPhase::Renamed => "renamed",
+            CheckpointPhase::LatestWritten => "latest-written",
+            CheckpointPhase::LatestRenamed => "latest-renamed",
+        }
+    }
+}
+
+/// Fault injection for crash tests: with `BFT_FAULT_CHECKPOINT=PHASE@STEP` the process aborts
+/// (as a SIGKILL or power loss would end it, with no unwinding or cleanup) when the checkpoint of
+/// step STEP reaches PHASE. Crash tests use it to stop a run at an exact point of a checkpoint
+/// write, however fast the machine is.
+fn fault_point(phase: CheckpointPhase, step: u64) {
+    let Some(spec) = std::env::var_os("BFT_FAULT_CHECKPOINT") else {
+        return;
+    };
+    let spec = spec.to_string_lossy();
+    let (name, at) = spec.split_once('@').unwrap_or((&spec, ""));
+    if name == phase.name() && at.parse() == Ok(step) {
+        std::process::abort();
     }
 }
 
@@ -681,5 +798,196 @@ mod tests {
             assert!(dir.join("checkpoint-4").join(f).exists(), "{f}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The model of `model()` in f64 with dropout-free adapters: the same run however it is
+    /// split, up to f64 rounding.
+    fn model_without_dropout() -> Transformer {
+        let cfg = ModelConfig::from_json(
+            r#"{"model_type": "llama", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 23}"#,
+        )
+        .unwrap();
+        let mut m = Transformer::random(cfg, 11, DType::F64).unwrap();
+        m.attach_lora(&lora_config(0.0), 3).unwrap();
+        m
+    }
+
+    fn lora_config(dropout: f64) -> LoraConfig {
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout,
+            targets: LoraConfig::parse_targets("all").unwrap(),
+        }
+    }
+
+    /// `batch_size 4` and `batch_size 2, grad_accum 2` (and `1 x 4`) draw the same samples for
+    /// every optimizer step, so their losses, gradient norms and adapters agree to rounding.
+    #[test]
+    fn the_micro_batch_split_does_not_change_the_run() {
+        let (d, bft) = (data(), Bft::default());
+        let run = |batch_size: usize, grad_accum: usize| {
+            let mut m = model_without_dropout();
+            let cfg = TrainConfig {
+                batch_size,
+                grad_accum,
+                ..config(4)
+            };
+            let trainable = Trainable::Lora(lora_config(0.0));
+            let mut t = Trainer::new(&mut m, &d, cfg, &bft, trainable).unwrap();
+            let metrics: Vec<StepMetrics> = (0..4).map(|_| t.train_step().unwrap()).collect();
+            drop(t);
+            let lora: Vec<f64> = m
+                .lora_tensors()
+                .iter()
+                .flat_map(|(_, t)| t.to_vec::<f64>().unwrap())
+                .collect();
+            (metrics, lora)
+        };
+        let (whole, whole_lora) = run(4, 1);
+        for (b, k) in [(2, 2), (1, 4)] {
+            let (split, split_lora) = run(b, k);
+            for (a, w) in split.iter().zip(&whole) {
+                assert_eq!(a.tokens, w.tokens, "same samples at step {}", w.step);
+                assert!(
+                    (a.loss - w.loss).abs() <= 1e-6 * w.loss.abs(),
+                    "{b}x{k}: loss {} vs {}",
+                    a.loss,
+                    w.loss
+                );
+                assert!(
+                    (a.grad_norm - w.grad_norm).abs() <= 1e-5 * w.grad_norm,
+                    "{b}x{k}: |g| {} vs {}",
+                    a.grad_norm,
+                    w.grad_norm
+                );
+            }
+            let scale = whole_lora.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (x, y) in split_lora.iter().zip(&whole_lora) {
+                assert!((x - y).abs() <= 1e-9 * scale, "{b}x{k}: adapter {x} vs {y}");
+            }
+        }
+    }
+
+    /// A model whose forward is never finite: every step is skipped and reported, nothing is
+    /// updated, and `updates()` says so (the binary then writes no adapter).
+    #[test]
+    fn a_run_without_a_finite_step_updates_nothing() {
+        let mut m = model();
+        let embed = &mut m.params_mut()[0];
+        let mut v = embed.to_vec::<f32>().unwrap();
+        v.iter_mut().for_each(|x| *x = f32::INFINITY);
+        **embed = Tensor::from_vec(v, embed.dims().to_vec(), &Device::Cpu).unwrap();
+        let before: Vec<Vec<f32>> = m
+            .lora_tensors()
+            .iter()
+            .map(|(_, t)| t.to_vec::<f32>().unwrap())
+            .collect();
+        let (d, bft) = (data(), Bft::default());
+        let mut t = Trainer::new(&mut m, &d, config(3), &bft, lora()).unwrap();
+        let metrics: Vec<StepMetrics> = (0..3).map(|_| t.train_step().unwrap()).collect();
+        assert!(metrics.iter().all(|s| s.skipped));
+        assert_eq!(t.updates(), 0);
+        drop(t);
+        let after: Vec<Vec<f32>> = m
+            .lora_tensors()
+            .iter()
+            .map(|(_, t)| t.to_vec::<f32>().unwrap())
+            .collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_before_a_run() {
+        let (mut m, d, bft) = (model(), data(), Bft::default());
+        let bad: Vec<(TrainConfig, &str)> = vec![
+            (
+                TrainConfig {
+                    batch_size: 0,
+                    ..config(3)
+                },
+                "batch_size",
+            ),
+            (
+                TrainConfig {
+                    grad_accum: 0,
+                    ..config(3)
+                },
+                "grad_accum",
+            ),
+            (
+                TrainConfig {
+                    total_steps: 0,
+                    ..config(3)
+                },
+                "total_steps",
+            ),
+            (
+                TrainConfig {
+                    keep_last: 0,
+                    ..config(3)
+                },
+                "keep_last",
+            ),
+            (
+                TrainConfig {
+                    max_grad_norm: f64::NAN,
+                    ..config(3)
+                },
+                "max_grad_norm",
+            ),
+            (
+                TrainConfig {
+                    schedule: Schedule {
+                        base_lr: -1e-3,
+                        ..config(3).schedule
+                    },
+                    ..config(3)
+                },
+                "learning rate",
+            ),
+            (
+                TrainConfig {
+                    schedule: Schedule {
+                        base_lr: f64::INFINITY,
+                        ..config(3).schedule
+                    },
+                    ..config(3)
+                },
+                "learning rate",
+            ),
+            (
+                TrainConfig {
+                    adamw: AdamWConfig {
+                        beta2: 1.0,
+                        ..Default::default()
+                    },
+                    ..config(3)
+                },
+                "beta2",
+            ),
+            (
+                TrainConfig {
+                    analysis: GroupConfig {
+                        window: 0,
+                        ..Default::default()
+                    },
+                    ..config(3)
+                },
+                "window",
+            ),
+        ];
+        for (cfg, want) in bad {
+            let err = Trainer::new(&mut m, &d, cfg, &bft, lora())
+                .err()
+                .expect(want)
+                .to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let err = Trainer::new(&mut m, &[], config(3), &bft, lora())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("no training samples"), "{err}");
     }
 }

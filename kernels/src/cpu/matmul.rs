@@ -37,11 +37,11 @@ pub fn matmul<T: Float>(
 ) {
     let GemmDims { batch, m, n, k } = dims;
     assert!(c.len() >= batch * m * n, "matmul: output buffer too short");
-    assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k || batch == 0);
-    assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n || batch == 0);
     if batch == 0 || m == 0 || n == 0 {
         return;
     }
+    assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k);
+    assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
     if k == 0 {
         if !accumulate {
             c[..batch * m * n].fill(T::zero());
@@ -197,6 +197,28 @@ pub fn matmul_reference<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Empty products (a zero batch included) leave `c` alone instead of underflowing a size.
+    #[test]
+    fn empty_products_are_no_ops() {
+        let empty: [f32; 0] = [];
+        let op = |data| Operand {
+            data,
+            trans: false,
+            batch_stride: 0,
+        };
+        for (batch, m, n, k) in [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5)] {
+            let mut c = [7.0f32; 1];
+            matmul(
+                GemmDims { batch, m, n, k },
+                op(&empty),
+                op(&empty),
+                &mut c,
+                false,
+            );
+            assert_eq!(c, [7.0]);
+        }
+    }
 
     #[test]
     fn all_transpose_combinations_match_reference() {

@@ -26,6 +26,8 @@ pub enum CudaError {
     Nvrtc(String),
     #[error("CUDA: {0}")]
     Driver(String),
+    #[error("CUDA: {0} is too large for a kernel launch")]
+    TooLarge(String),
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;

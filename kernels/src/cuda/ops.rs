@@ -13,12 +13,17 @@ const BLOCK: u32 = 256;
 /// Rows per block in the warp-per-row attention kernels.
 const ATTN_WARPS: usize = 4;
 
-fn blocks(n: usize, per_block: usize) -> u32 {
-    u32::try_from(n.div_ceil(per_block)).expect("grids beyond 2^32 blocks are split upstream")
+/// Blocks of `per_block` covering `n`; a grid beyond 2^32 blocks is an error, not a wrap.
+fn blocks(n: usize, per_block: usize) -> Result<u32> {
+    let b = n.div_ceil(per_block);
+    u32::try_from(b).map_err(|_| CudaError::TooLarge(format!("a grid of {b} blocks")))
 }
 
-fn i32_of(n: usize) -> Arg {
-    Arg::I32(i32::try_from(n).expect("a dimension beyond i32 reaches a CUDA kernel"))
+/// A size as the `int` a kernel takes.
+fn i32_of(n: usize) -> Result<Arg> {
+    i32::try_from(n)
+        .map(Arg::I32)
+        .map_err(|_| CudaError::TooLarge(format!("the size {n} (kernels index with int)")))
 }
 
 fn i64_of(n: usize) -> Arg {
@@ -33,7 +38,7 @@ pub fn narrow(dev: &Arc<Cuda>, x: &DeviceBuffer, n: usize, half: Half) -> Result
         Half::F16 => "f32_to_f16_kernel",
     };
     let args = [ptr(Some(x)), ptr(Some(&y)), i64_of(n)];
-    dev.launch(&CAST, entry, blocks(n, 256), BLOCK, &args)?;
+    dev.launch(&CAST, entry, blocks(n, 256)?, BLOCK, &args)?;
     Ok(y)
 }
 
@@ -45,7 +50,7 @@ pub fn widen(dev: &Arc<Cuda>, x: &DeviceBuffer, n: usize, half: Half) -> Result<
         Half::F16 => "f16_to_f32_kernel",
     };
     let args = [ptr(Some(x)), ptr(Some(&y)), i64_of(n)];
-    dev.launch(&CAST, entry, blocks(n, 256), BLOCK, &args)?;
+    dev.launch(&CAST, entry, blocks(n, 256)?, BLOCK, &args)?;
     Ok(y)
 }
 
@@ -62,13 +67,13 @@ pub fn embedding_forward(
         ptr(Some(table)),
         ptr(Some(ids)),
         ptr(Some(&out)),
-        i32_of(rows),
-        i32_of(dim),
+        i32_of(rows)?,
+        i32_of(dim)?,
     ];
     dev.launch(
         &EMBEDDING,
         "embedding_forward",
-        blocks(rows, 1),
+        blocks(rows, 1)?,
         BLOCK,
         &args,
     )?;
@@ -101,13 +106,13 @@ pub fn embedding_backward(
         ptr(Some(&o)),
         ptr(Some(&p)),
         ptr(Some(&dtable)),
-        i32_of(unique.len()),
-        i32_of(dim),
+        i32_of(unique.len())?,
+        i32_of(dim)?,
     ];
     dev.launch(
         &EMBEDDING,
         "embedding_backward",
-        blocks(unique.len(), 1),
+        blocks(unique.len(), 1)?,
         BLOCK,
         &args,
     )?;
@@ -138,11 +143,11 @@ pub fn rmsnorm_forward(
         ptr(h.as_ref()),
         ptr(Some(&y)),
         ptr(Some(&rstd)),
-        i32_of(rows),
-        i32_of(dim),
+        i32_of(rows)?,
+        i32_of(dim)?,
         Arg::F32(eps),
     ];
-    dev.launch(&RMSNORM, "rmsnorm_forward", blocks(rows, 1), BLOCK, &args)?;
+    dev.launch(&RMSNORM, "rmsnorm_forward", blocks(rows, 1)?, BLOCK, &args)?;
     Ok((h, y, rstd))
 }
 
@@ -164,10 +169,10 @@ pub fn rmsnorm_backward(
         ptr(Some(rstd)),
         ptr(dres),
         ptr(Some(&dh)),
-        i32_of(rows),
-        i32_of(dim),
+        i32_of(rows)?,
+        i32_of(dim)?,
     ];
-    dev.launch(&RMSNORM, "rmsnorm_backward", blocks(rows, 1), BLOCK, &args)?;
+    dev.launch(&RMSNORM, "rmsnorm_backward", blocks(rows, 1)?, BLOCK, &args)?;
     Ok(dh)
 }
 
@@ -185,10 +190,10 @@ pub fn rmsnorm_dw(
         ptr(Some(h)),
         ptr(Some(rstd)),
         ptr(Some(&dw)),
-        i32_of(rows),
-        i32_of(dim),
+        i32_of(rows)?,
+        i32_of(dim)?,
     ];
-    dev.launch(&RMSNORM, "rmsnorm_dw", blocks(dim, 256), BLOCK, &args)?;
+    dev.launch(&RMSNORM, "rmsnorm_dw", blocks(dim, 256)?, BLOCK, &args)?;
     Ok(dw)
 }
 
@@ -206,12 +211,12 @@ pub fn rope(
         ptr(Some(x)),
         ptr(Some(cos)),
         ptr(Some(sin)),
-        i32_of(rows_bh),
-        i32_of(t),
-        i32_of(d),
+        i32_of(rows_bh)?,
+        i32_of(t)?,
+        i32_of(d)?,
         Arg::F32(if inverse { -1.0 } else { 1.0 }),
     ];
-    dev.launch(&ROPE, "rope", blocks(pairs, 256), BLOCK, &args)
+    dev.launch(&ROPE, "rope", blocks(pairs, 256)?, BLOCK, &args)
 }
 
 /// `silu(gate) * up`, bf16.
@@ -223,7 +228,7 @@ pub fn swiglu_forward(
 ) -> Result<DeviceBuffer> {
     let y = dev.alloc(2 * n)?;
     let args = [ptr(Some(gate)), ptr(Some(up)), ptr(Some(&y)), i64_of(n)];
-    dev.launch(&SWIGLU, "swiglu_forward", blocks(n, 256), BLOCK, &args)?;
+    dev.launch(&SWIGLU, "swiglu_forward", blocks(n, 256)?, BLOCK, &args)?;
     Ok(y)
 }
 
@@ -244,7 +249,7 @@ pub fn swiglu_backward(
         ptr(Some(&du)),
         i64_of(n),
     ];
-    dev.launch(&SWIGLU, "swiglu_backward", blocks(n, 256), BLOCK, &args)?;
+    dev.launch(&SWIGLU, "swiglu_backward", blocks(n, 256)?, BLOCK, &args)?;
     Ok((dg, du))
 }
 
@@ -253,16 +258,16 @@ pub fn attention_supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(32) && head_dim <= 256
 }
 
-fn attention_dims(d: AttnDims, scale: f32) -> [Arg; 7] {
-    [
-        i32_of(d.batch),
-        i32_of(d.q_heads),
-        i32_of(d.kv_heads),
-        i32_of(d.q_len),
-        i32_of(d.kv_len),
-        i32_of(d.head_dim),
+fn attention_dims(d: AttnDims, scale: f32) -> Result<[Arg; 7]> {
+    Ok([
+        i32_of(d.batch)?,
+        i32_of(d.q_heads)?,
+        i32_of(d.kv_heads)?,
+        i32_of(d.q_len)?,
+        i32_of(d.kv_len)?,
+        i32_of(d.head_dim)?,
         Arg::F32(scale),
-    ]
+    ])
 }
 
 fn check_head_dim(d: usize) -> Result<()> {
@@ -293,8 +298,8 @@ pub fn attention_forward(
         ptr(Some(&o)),
         ptr(Some(&lse)),
     ];
-    args.extend(attention_dims(dims, scale));
-    let grid = blocks(rows, ATTN_WARPS);
+    args.extend(attention_dims(dims, scale)?);
+    let grid = blocks(rows, ATTN_WARPS)?;
     dev.launch(
         &ATTENTION,
         "attention_forward",
@@ -328,12 +333,12 @@ pub fn attention_backward(
         ptr(Some(&dq)),
         ptr(Some(&delta)),
     ];
-    args.extend(attention_dims(dims, scale));
+    args.extend(attention_dims(dims, scale)?);
     let block = 32 * ATTN_WARPS as u32;
     dev.launch(
         &ATTENTION,
         "attention_backward_dq",
-        blocks(rows, ATTN_WARPS),
+        blocks(rows, ATTN_WARPS)?,
         block,
         &args,
     )?;
@@ -348,8 +353,8 @@ pub fn attention_backward(
         ptr(Some(&dk)),
         ptr(Some(&dv)),
     ];
-    args.extend(attention_dims(dims, scale));
-    let grid = blocks(kv_rows, ATTN_WARPS);
+    args.extend(attention_dims(dims, scale)?);
+    let grid = blocks(kv_rows, ATTN_WARPS)?;
     dev.launch(&ATTENTION, "attention_backward_dkv", grid, block, &args)?;
     Ok((dq, dk, dv))
 }
@@ -403,13 +408,19 @@ pub fn gemm(
             cublasOperation_t::CUBLAS_OP_N
         }
     };
-    let i = |v: usize| i32::try_from(v).expect("GEMM sizes fit i32");
+    let i = |v: usize| {
+        i32::try_from(v)
+            .map_err(|_| CudaError::TooLarge(format!("the GEMM size {v} (cuBLAS takes int)")))
+    };
     let (alpha, beta) = (1.0f32, 0.0f32);
     let c_type = if f32_out {
         cudaDataType::CUDA_R_32F
     } else {
         cudaDataType::CUDA_R_16BF
     };
+    let (ni, mi, ki, bi) = (i(n)?, i(m)?, i(k)?, i(batch)?);
+    let ldb = i(if trans_b { k } else { n })?;
+    let lda = i(if trans_a { m } else { k })?;
     let blas = dev.blas()?;
     // SAFETY: the pointers are live device buffers of at least the sizes the leading
     // dimensions and strides describe (batch * m * k, k * n or batch * k * n, batch * m * n
@@ -420,24 +431,24 @@ pub fn gemm(
             *blas.handle(),
             op(trans_b),
             op(trans_a),
-            i(n),
-            i(m),
-            i(k),
+            ni,
+            mi,
+            ki,
             (&alpha as *const f32).cast(),
             b.ptr(),
             cudaDataType::CUDA_R_16BF,
-            i(if trans_b { k } else { n }),
+            ldb,
             if b_shared { 0 } else { (k * n) as i64 },
             a.ptr(),
             cudaDataType::CUDA_R_16BF,
-            i(if trans_a { m } else { k }),
+            lda,
             (m * k) as i64,
             (&beta as *const f32).cast(),
             c.ptr() as *mut std::ffi::c_void,
             c_type,
-            i(n),
+            ni,
             (m * n) as i64,
-            i(batch),
+            bi,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -461,11 +472,11 @@ pub fn head_lse(
         ptr(Some(targets)),
         ptr(Some(lse)),
         ptr(Some(tl)),
-        i32_of(rows),
-        i32_of(vocab),
-        i32_of(row0),
+        i32_of(rows)?,
+        i32_of(vocab)?,
+        i32_of(row0)?,
     ];
-    dev.launch(&LOSS, "head_lse", blocks(rows, 1), BLOCK, &args)
+    dev.launch(&LOSS, "head_lse", blocks(rows, 1)?, BLOCK, &args)
 }
 
 /// Pass 2 on a recomputed chunk: bf16 `coef * (softmax - onehot)` (`with_target`), or
@@ -485,12 +496,12 @@ pub fn head_grad(
         ptr(Some(targets)),
         ptr(Some(lse)),
         ptr(Some(coef)),
-        i32_of(rows),
-        i32_of(vocab),
-        i32_of(row0),
+        i32_of(rows)?,
+        i32_of(vocab)?,
+        i32_of(row0)?,
         Arg::I32(i32::from(with_target)),
     ];
-    dev.launch(&LOSS, "head_grad", blocks(rows, 1), BLOCK, &args)?;
+    dev.launch(&LOSS, "head_grad", blocks(rows, 1)?, BLOCK, &args)?;
     Ok(g)
 }
 
@@ -508,11 +519,11 @@ pub fn head_target_term(
         ptr(Some(w)),
         ptr(Some(targets)),
         ptr(Some(coef)),
-        i32_of(rows),
-        i32_of(hidden),
-        i32_of(row0),
+        i32_of(rows)?,
+        i32_of(hidden)?,
+        i32_of(row0)?,
     ];
-    dev.launch(&LOSS, "head_target_term", blocks(rows, 1), BLOCK, &args)
+    dev.launch(&LOSS, "head_target_term", blocks(rows, 1)?, BLOCK, &args)
 }
 
 /// Per sample `(p_conf, s_b)` from the compacted valid tokens' log-probs `logp` and the
@@ -532,12 +543,12 @@ pub fn sample_weights(
         ptr(Some(&prefix)),
         ptr(Some(&p_conf)),
         ptr(Some(&s_b)),
-        i32_of(batch),
-        i32_of(window),
+        i32_of(batch)?,
+        i32_of(window)?,
         Arg::I32(i32::from(geometric)),
         Arg::F32(gamma),
     ];
-    dev.launch(&LOSS, "sample_weights", blocks(batch, 1), BLOCK, &args)?;
+    dev.launch(&LOSS, "sample_weights", blocks(batch, 1)?, BLOCK, &args)?;
     Ok((p_conf, s_b))
 }
 
@@ -561,12 +572,12 @@ pub fn token_coef(
         ptr(Some(offsets)),
         ptr(Some(s_b)),
         ptr(Some(&coef)),
-        i32_of(tokens),
-        i32_of(batch),
+        i32_of(tokens)?,
+        i32_of(batch)?,
         Arg::I32(i32::from(token_weight)),
         Arg::F32(floor),
     ];
-    dev.launch(&LOSS, "token_coef", blocks(tokens, 256), BLOCK, &args)?;
+    dev.launch(&LOSS, "token_coef", blocks(tokens, 256)?, BLOCK, &args)?;
     Ok(coef)
 }
 
@@ -588,7 +599,7 @@ pub fn adamw(
         i64_of(n),
     ];
     args.extend(h.kernel_scalars().map(Arg::F32));
-    dev.launch(&OPTIM, "adamw", blocks(n, 256), BLOCK, &args)
+    dev.launch(&OPTIM, "adamw", blocks(n, 256)?, BLOCK, &args)
 }
 
 /// `sum(x^2)` of each f32 `(buffer, length)`, with one read for all: per-block partials added
@@ -603,7 +614,7 @@ pub fn sum_squares(dev: &Arc<Cuda>, xs: &[(&DeviceBuffer, usize)]) -> Result<Vec
     let partial = dev.alloc(4 * total.max(1))?;
     let mut base = 0;
     for (&(x, n), &k) in xs.iter().zip(&per) {
-        let args = [ptr(Some(x)), i64_of(n), ptr(Some(&partial)), i32_of(base)];
+        let args = [ptr(Some(x)), i64_of(n), ptr(Some(&partial)), i32_of(base)?];
         dev.launch(&OPTIM, "sum_squares", k as u32, BLOCK, &args)?;
         base += k;
     }

@@ -26,6 +26,8 @@ pub enum GpuError {
     Validation(String),
     #[error("reading a wgpu buffer back failed: {0}")]
     Readback(String),
+    #[error("a size of {0} elements does not fit a wgpu kernel's u32 parameters")]
+    TooLarge(usize),
 }
 
 pub type Result<T> = std::result::Result<T, GpuError>;
@@ -116,6 +118,7 @@ impl GpuBuffer {
     }
 
     fn raw(&self) -> &wgpu::Buffer {
+        // cannot fail: the buffer is taken only in `drop`, after which `self` is gone.
         self.buffer.as_ref().expect("a live buffer")
     }
 }

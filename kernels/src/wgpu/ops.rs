@@ -1,7 +1,7 @@
 //! Launchers: one function per WGSL entry point, taking device buffers and sizes and returning
 //! new buffers (from the pool), mirroring the CPU kernels' signatures.
 
-use super::{Gpu, GpuBuffer, Result, Shader, grid};
+use super::{Gpu, GpuBuffer, GpuError, Result, Shader, grid};
 use crate::Half;
 use crate::cpu::binary::BinaryKind;
 use crate::cpu::optim::AdamWStep;
@@ -117,8 +117,9 @@ fn unary_code(kind: UnaryKind) -> u32 {
 /// Code 5 in both unary shaders: `alpha * x`.
 const SCALE: u32 = 5;
 
-fn u(n: usize) -> u32 {
-    u32::try_from(n).expect("sizes beyond u32 do not fit a wgpu storage binding")
+/// A size as the u32 a kernel parameter holds; larger sizes do not fit a storage binding.
+fn u(n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| GpuError::TooLarge(n))
 }
 
 /// `f(x)` elementwise over `n` values.
@@ -127,7 +128,7 @@ pub fn unary(g: &Arc<Gpu>, kind: UnaryKind, x: &GpuBuffer, n: usize) -> Result<G
     g.dispatch(
         &ELEMENTWISE,
         "unary",
-        &[u(n), unary_code(kind), 0, 0],
+        &[u(n)?, unary_code(kind), 0, 0],
         &[x, &y],
         grid(n, 256),
     )?;
@@ -137,7 +138,7 @@ pub fn unary(g: &Arc<Gpu>, kind: UnaryKind, x: &GpuBuffer, n: usize) -> Result<G
 /// `alpha * x`.
 pub fn scale(g: &Arc<Gpu>, alpha: f32, x: &GpuBuffer, n: usize) -> Result<GpuBuffer> {
     let y = g.alloc(n as u64 * F32);
-    let params = [u(n), SCALE, 0, alpha.to_bits()];
+    let params = [u(n)?, SCALE, 0, alpha.to_bits()];
     g.dispatch(&ELEMENTWISE, "unary", &params, &[x, &y], grid(n, 256))?;
     Ok(y)
 }
@@ -155,7 +156,7 @@ pub fn unary_backward(
 ) -> Result<GpuBuffer> {
     let dx = g.alloc(n as u64 * F32);
     let code = kind.map_or(SCALE, unary_code);
-    let params = [u(n), code, 0, alpha.to_bits()];
+    let params = [u(n)?, code, 0, alpha.to_bits()];
     g.dispatch(
         &UNARY_BACKWARD,
         "unary_backward",
@@ -185,7 +186,7 @@ pub fn binary(
     g.dispatch(
         &ELEMENTWISE,
         "binary",
-        &[u(n), code, u(nb), 0],
+        &[u(n)?, code, u(nb)?, 0],
         &[a, &out, b],
         grid(n, 256),
     )?;
@@ -204,7 +205,7 @@ pub fn scale_rows(
     g.dispatch(
         &ELEMENTWISE,
         "scale_rows",
-        &[u(n), 0, u(cols), 0],
+        &[u(n)?, 0, u(cols)?, 0],
         &[a, &out, b],
         grid(n, 256),
     )?;
@@ -217,7 +218,7 @@ pub fn sum_rows(g: &Arc<Gpu>, a: &GpuBuffer, n: usize, cols: usize) -> Result<Gp
     g.dispatch(
         &ELEMENTWISE,
         "sum_rows",
-        &[u(n), 0, u(cols), 0],
+        &[u(n)?, 0, u(cols)?, 0],
         &[a, &out],
         grid(cols, 256),
     )?;
@@ -247,16 +248,16 @@ pub fn matmul(
         None => g.alloc((batch * m * n) as u64 * F32),
     };
     let params = [
-        u(m),
-        u(n),
-        u(k),
+        u(m)?,
+        u(n)?,
+        u(k)?,
         u32::from(a.trans),
         u32::from(b.trans),
-        u(a.batch_stride),
-        u(b.batch_stride),
+        u(a.batch_stride)?,
+        u(b.batch_stride)?,
         accumulate,
     ];
-    let groups = [u(n.div_ceil(64)), u(m.div_ceil(64)), u(batch)];
+    let groups = [u(n.div_ceil(64))?, u(m.div_ceil(64))?, u(batch)?];
     g.dispatch(&MATMUL, "matmul", &params, &[a.data, b.data, &c], groups)?;
     Ok(c)
 }
@@ -272,7 +273,7 @@ pub fn rmsnorm(
 ) -> Result<(GpuBuffer, GpuBuffer)> {
     let y = g.alloc((rows * cols) as u64 * F32);
     let rstd = g.alloc(rows as u64 * F32);
-    let params = [u(rows), u(cols), eps.to_bits(), 0];
+    let params = [u(rows)?, u(cols)?, eps.to_bits(), 0];
     g.dispatch(
         &RMSNORM,
         "rmsnorm",
@@ -293,7 +294,7 @@ pub fn rmsnorm_backward(
     (rows, cols): (usize, usize),
     need_dw: bool,
 ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
-    let params = [u(rows), u(cols), 0, 0];
+    let params = [u(rows)?, u(cols)?, 0, 0];
     let dx = g.alloc((rows * cols) as u64 * F32);
     g.dispatch(
         &RMSNORM_BACKWARD,
@@ -328,7 +329,7 @@ pub fn softmax(
     log: bool,
 ) -> Result<GpuBuffer> {
     let y = g.alloc((rows * cols) as u64 * F32);
-    let params = [u(rows), u(cols), u32::from(log), 0];
+    let params = [u(rows)?, u(cols)?, u32::from(log), 0];
     g.dispatch(&SOFTMAX, "softmax", &params, &[x, &y], grid(rows, 1))?;
     Ok(y)
 }
@@ -343,7 +344,7 @@ pub fn softmax_backward(
     log: bool,
 ) -> Result<GpuBuffer> {
     let dx = g.alloc((rows * cols) as u64 * F32);
-    let params = [u(rows), u(cols), u32::from(log), 0];
+    let params = [u(rows)?, u(cols)?, u32::from(log), 0];
     g.dispatch(
         &SOFTMAX,
         "softmax_backward",
@@ -360,7 +361,7 @@ pub fn swiglu(g: &Arc<Gpu>, gate: &GpuBuffer, up: &GpuBuffer, n: usize) -> Resul
     g.dispatch(
         &SWIGLU,
         "swiglu",
-        &[u(n), 0, 0, 0],
+        &[u(n)?, 0, 0, 0],
         &[gate, up, &y],
         grid(n, 256),
     )?;
@@ -380,7 +381,7 @@ pub fn swiglu_backward(
     g.dispatch(
         &SWIGLU,
         "swiglu_backward",
-        &[u(n), 0, 0, 0],
+        &[u(n)?, 0, 0, 0],
         &bufs,
         grid(n, 256),
     )?;
@@ -398,7 +399,7 @@ pub fn rope(
 ) -> Result<GpuBuffer> {
     let y = g.alloc((rows * t * d) as u64 * F32);
     let pairs = rows * t * (d / 2);
-    let params = [u(pairs), u(t), u(d / 2), u32::from(inverse)];
+    let params = [u(pairs)?, u(t)?, u(d / 2)?, u32::from(inverse)];
     g.dispatch(&ROPE, "rope", &params, &[x, cos, sin, &y], grid(pairs, 256))?;
     Ok(y)
 }
@@ -416,12 +417,12 @@ pub fn permute(g: &Arc<Gpu>, x: &GpuBuffer, dims: &[usize], perm: &[usize]) -> R
     for a in (0..rank.saturating_sub(1)).rev() {
         in_strides[a] = in_strides[a + 1] * dims[a + 1];
     }
-    let mut params = vec![u(n), u(rank), 0, 0, 0, 0, 0, 0];
+    let mut params = vec![u(n)?, u(rank)?, 0, 0, 0, 0, 0, 0];
     let mut out_dims = [1u32; MAX_RANK];
     let mut strides = [0u32; MAX_RANK];
     for (a, &pa) in perm.iter().enumerate() {
-        out_dims[a] = u(dims[pa]);
-        strides[a] = u(in_strides[pa]);
+        out_dims[a] = u(dims[pa])?;
+        strides[a] = u(in_strides[pa])?;
     }
     params.extend(out_dims);
     params.extend(strides);
@@ -447,14 +448,14 @@ pub struct Slab {
 pub fn slab(g: &Arc<Gpu>, src: &GpuBuffer, dst: &GpuBuffer, s: Slab) -> Result<()> {
     let n = s.outer * s.len * s.inner;
     let mut params = vec![
-        u(n),
+        u(n)?,
         0,
-        u(s.src_dim),
-        u(s.src_at),
-        u(s.dst_dim),
-        u(s.dst_at),
-        u(s.len.max(1)),
-        u(s.inner.max(1)),
+        u(s.src_dim)?,
+        u(s.src_at)?,
+        u(s.dst_dim)?,
+        u(s.dst_at)?,
+        u(s.len.max(1))?,
+        u(s.inner.max(1))?,
     ];
     params.extend([0u32; 2 * MAX_RANK]);
     g.dispatch(&LAYOUT, "slab", &params, &[src, dst], grid(n, 256))
@@ -463,7 +464,7 @@ pub fn slab(g: &Arc<Gpu>, src: &GpuBuffer, dst: &GpuBuffer, s: Slab) -> Result<(
 /// A buffer of `n` 32-bit elements all holding `bits` (`0` is f32 zero and u32 zero).
 pub fn fill(g: &Arc<Gpu>, n: usize, bits: u32) -> Result<GpuBuffer> {
     let y = g.alloc(n as u64 * 4);
-    g.dispatch(&FILL, "fill", &[u(n), bits, 0, 0], &[&y], grid(n, 256))?;
+    g.dispatch(&FILL, "fill", &[u(n)?, bits, 0, 0], &[&y], grid(n, 256))?;
     Ok(y)
 }
 
@@ -475,7 +476,7 @@ pub fn gather(g: &Arc<Gpu>, table: &GpuBuffer, dim: usize, ids: &[u32]) -> Resul
     g.dispatch(
         &EMBEDDING,
         "gather",
-        &[u(n), u(dim), 0, 0],
+        &[u(n)?, u(dim)?, 0, 0],
         &[table, &ids, &out],
         grid(n, 256),
     )?;
@@ -502,7 +503,7 @@ pub fn scatter_add(
     g.dispatch(
         &EMBEDDING_BACKWARD,
         "scatter_add",
-        &[u(n), u(dim), 0, 0],
+        &[u(n)?, u(dim)?, 0, 0],
         &bufs,
         grid(n, 256),
     )?;
@@ -513,7 +514,7 @@ pub fn scatter_add(
 pub fn reduce_sum(g: &Arc<Gpu>, x: &GpuBuffer, sizes: (usize, usize, usize)) -> Result<GpuBuffer> {
     let (outer, size, inner) = sizes;
     let y = g.alloc((outer * inner) as u64 * F32);
-    let params = [u(outer), u(size), u(inner), 0];
+    let params = [u(outer)?, u(size)?, u(inner)?, 0];
     g.dispatch(
         &REDUCE,
         "reduce_sum",
@@ -534,7 +535,7 @@ pub fn reduce_max(
     let (outer, size, inner) = sizes;
     let y = g.alloc((outer * inner) as u64 * F32);
     let idx = g.alloc((outer * inner) as u64 * F32);
-    let params = [u(outer), u(size), u(inner), 1];
+    let params = [u(outer)?, u(size)?, u(inner)?, 1];
     g.dispatch(
         &REDUCE,
         "reduce_max",
@@ -556,7 +557,7 @@ pub fn reduce_backward(
     let (outer, size, inner) = sizes;
     let n = outer * size * inner;
     let dx = g.alloc(n as u64 * F32);
-    let params = [u(outer), u(size), u(inner), u32::from(argmax.is_some())];
+    let params = [u(outer)?, u(size)?, u(inner)?, u32::from(argmax.is_some())];
     // A sum reads no indices, but the binding must hold a buffer: the gradient stands in.
     let idx = argmax.unwrap_or(grad);
     g.dispatch(
@@ -583,7 +584,7 @@ pub fn nll(
     g.dispatch(
         &HEAD_LSE,
         "head_lse",
-        &[u(rows), u(vocab), 1, 0],
+        &[u(rows)?, u(vocab)?, 1, 0],
         &[&dir, targets, &lse, &tl],
         grid(rows, 1),
     )?;
@@ -599,17 +600,17 @@ pub fn attention_supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(4) && head_dim <= MAX_HEAD_DIM
 }
 
-fn attention_params(dims: crate::cpu::attention::AttnDims, scale: f32) -> [u32; 8] {
-    [
-        u(dims.batch),
-        u(dims.q_heads),
-        u(dims.kv_heads),
-        u(dims.q_len),
-        u(dims.kv_len),
-        u(dims.head_dim / 4),
+fn attention_params(dims: crate::cpu::attention::AttnDims, scale: f32) -> Result<[u32; 8]> {
+    Ok([
+        u(dims.batch)?,
+        u(dims.q_heads)?,
+        u(dims.kv_heads)?,
+        u(dims.q_len)?,
+        u(dims.kv_len)?,
+        u(dims.head_dim / 4)?,
         scale.to_bits(),
         0,
-    ]
+    ])
 }
 
 /// Causal GQA attention: `(o (B, Hq, T, D), lse (B * Hq * T))`. The caller checks the shapes
@@ -623,7 +624,7 @@ pub fn attention_forward(
     let rows = dims.batch * dims.q_heads * dims.q_len;
     let o = g.alloc((rows * dims.head_dim) as u64 * F32);
     let lse = g.alloc(rows as u64 * F32);
-    let params = attention_params(dims, scale);
+    let params = attention_params(dims, scale)?;
     g.dispatch(
         &ATTENTION_FWD,
         "attn_fwd",
@@ -645,7 +646,7 @@ pub fn attention_backward(
     let rows = dims.batch * dims.q_heads * dims.q_len;
     let kv_rows = dims.batch * dims.kv_heads * dims.kv_len;
     let d = dims.head_dim;
-    let params = attention_params(dims, scale);
+    let params = attention_params(dims, scale)?;
     let dq = g.alloc((rows * d) as u64 * F32);
     let delta = g.alloc(rows as u64 * F32);
     let bufs = [q, k, v, dout, lse, o, &dq, &delta];
@@ -731,7 +732,7 @@ pub fn head_forward(
     for r0 in (0..rows).step_by(chunk.max(1)) {
         let n = chunk.max(1).min(rows - r0);
         let ch = chunk_logits(g, dims, inputs, (r0, n))?;
-        let params = [u(n), u(v), u32::from(unit), u(r0)];
+        let params = [u(n)?, u(v)?, u32::from(unit), u(r0)?];
         let bufs = [&ch.z, &ch.targets, &lse, &tl];
         g.dispatch(&HEAD_LSE, "head_lse", &params, &bufs, grid(n, 1))?;
         if let Some(ub) = &unit_buf {
@@ -786,7 +787,7 @@ pub fn head_backward_weight(
     for r0 in (0..rows).step_by(chunk.max(1)) {
         let n = chunk.max(1).min(rows - r0);
         let ch = chunk_logits(g, dims, inputs, (r0, n))?;
-        let params = [u(n * v), u(v), u(r0), 0];
+        let params = [u(n * v)?, u(v)?, u(r0)?, 0];
         let bufs = [&ch.z, &ch.targets, lse, coef];
         g.dispatch(&HEAD_GRAD, "head_grad", &params, &bufs, grid(n * v, 256))?;
         // (n, V)^T . (n, C) -> (V, C), accumulated.
@@ -822,7 +823,7 @@ pub fn adamw(
     n: usize,
     h: &AdamWStep,
 ) -> Result<()> {
-    let mut params = vec![u(n)];
+    let mut params = vec![u(n)?];
     params.extend(h.kernel_scalars().map(f32::to_bits));
     g.dispatch(&OPTIM, "adamw", &params, &[w, grad, m, v], grid(n, 256))
 }
@@ -844,7 +845,7 @@ pub fn sum_squares(g: &Arc<Gpu>, xs: &[(&GpuBuffer, usize)]) -> Result<Vec<f64>>
         g.dispatch(
             &SUM_SQUARES,
             "sum_squares",
-            &[u(n), u(base)],
+            &[u(n)?, u(base)?],
             &[x, &partial],
             grid(k, 1),
         )?;
@@ -873,7 +874,7 @@ pub fn narrow(g: &Arc<Gpu>, x: &GpuBuffer, n: usize, half: Half) -> Result<GpuBu
     g.dispatch(
         &CAST,
         "narrow",
-        &[u(n), half_code(half)],
+        &[u(n)?, half_code(half)],
         &[&out, x],
         grid(n.div_ceil(2), 256),
     )?;
@@ -886,7 +887,7 @@ pub fn widen(g: &Arc<Gpu>, x: &GpuBuffer, n: usize, half: Half) -> Result<GpuBuf
     g.dispatch(
         &CAST,
         "widen",
-        &[u(n), half_code(half)],
+        &[u(n)?, half_code(half)],
         &[x, &out],
         grid(n, 256),
     )?;

@@ -92,15 +92,17 @@ impl<'a> Cursor<'a> {
         self.pos = end;
         Ok(s)
     }
+    /// The next `N` bytes as an array.
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
     fn u32(&mut self, what: &str) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.array(what)?))
     }
     fn u64(&mut self, what: &str) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8, what)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.array(what)?))
     }
     /// A count that must fit in what is left of the file (`min_bytes` per item).
     fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize> {
@@ -124,33 +126,54 @@ impl<'a> Cursor<'a> {
         })
     }
     fn value(&mut self, ty: u32, key: &str) -> Result<MetaValue> {
+        self.value_at(ty, key, 0)
+    }
+    /// A value inside `depth` enclosing arrays. Real files nest arrays at most once; the limit
+    /// keeps a crafted file from recursing until the stack overflows.
+    fn value_at(&mut self, ty: u32, key: &str, depth: usize) -> Result<MetaValue> {
+        const MAX_DEPTH: usize = 8;
         let b = |c: &mut Self, n| c.take(n, key);
         Ok(match ty {
             0 => MetaValue::Int(b(self, 1)?[0] as i64),
             1 => MetaValue::Int(b(self, 1)?[0] as i8 as i64),
-            2 => MetaValue::Int(u16::from_le_bytes(b(self, 2)?.try_into().expect("2")) as i64),
-            3 => MetaValue::Int(i16::from_le_bytes(b(self, 2)?.try_into().expect("2")) as i64),
+            2 => MetaValue::Int(u16::from_le_bytes(self.array(key)?) as i64),
+            3 => MetaValue::Int(i16::from_le_bytes(self.array(key)?) as i64),
             4 => MetaValue::Int(self.u32(key)? as i64),
             5 => MetaValue::Int(self.u32(key)? as i32 as i64),
             // Via the f32's shortest decimal form, so 1e-5 stays 1e-5 (not 9.99999974e-6).
             6 => {
-                let f = f32::from_le_bytes(b(self, 4)?.try_into().expect("4"));
+                let f = f32::from_le_bytes(self.array(key)?);
                 MetaValue::Float(f.to_string().parse().unwrap_or(f as f64))
             }
             7 => MetaValue::Bool(b(self, 1)?[0] != 0),
             8 => MetaValue::Str(self.string(key)?),
+            9 if depth >= MAX_DEPTH => {
+                return Err(Error::Weights(format!(
+                    "{}: corrupt GGUF: {key} nests arrays deeper than {MAX_DEPTH}",
+                    self.path.display()
+                )));
+            }
             9 => {
                 let inner = self.u32(key)?;
-                let n = self.count(key, 1)?;
+                // The least bytes an element of that type takes: a count beyond the file is
+                // refused before anything is allocated for it.
+                let least = match inner {
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    _ => 1,
+                };
+                let n = self.count(key, least)?;
                 MetaValue::Array(
                     (0..n)
-                        .map(|_| self.value(inner, key))
+                        .map(|_| self.value_at(inner, key, depth + 1))
                         .collect::<Result<_>>()?,
                 )
             }
             10 => MetaValue::Int(self.u64(key)? as i64),
             11 => MetaValue::Int(self.u64(key)? as i64),
-            12 => MetaValue::Float(f64::from_le_bytes(b(self, 8)?.try_into().expect("8"))),
+            12 => MetaValue::Float(f64::from_le_bytes(self.array(key)?)),
             other => {
                 return Err(Error::Weights(format!(
                     "{}: corrupt GGUF: value type {other} of {key}",
@@ -226,11 +249,18 @@ impl GgufFile {
             .get("general.alignment")
             .and_then(MetaValue::as_u64)
             .unwrap_or(32) as usize;
-        let data_start = c.pos.div_ceil(align.max(1)) * align.max(1);
+        if !align.is_power_of_two() {
+            return Err(Error::Weights(format!(
+                "{}: corrupt GGUF: general.alignment {align} is not a power of two",
+                path.display()
+            )));
+        }
+        // No overflow: the result is at most `pos + align - 1`, and both are below 2^63.
+        let data_start = c.pos.div_ceil(align) * align;
         let mut tensors = HashMap::new();
         for (name, dims, ty, offset) in infos {
-            let numel: usize = dims.iter().product();
-            let len = ty.bytes_for(numel).ok_or_else(|| {
+            let numel = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let len = numel.and_then(|n| ty.bytes_for(n)).ok_or_else(|| {
                 Error::Weights(format!(
                     "{}: tensor {name} {dims:?} is not a whole number of {ty:?} blocks",
                     path.display()

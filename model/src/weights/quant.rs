@@ -49,7 +49,9 @@ impl GgmlType {
     /// Bytes holding `n` elements (`n` a multiple of the block size).
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (per, bytes) = self.block();
-        n.is_multiple_of(per).then(|| n / per * bytes)
+        n.is_multiple_of(per)
+            .then(|| (n / per).checked_mul(bytes))
+            .flatten()
     }
 }
 

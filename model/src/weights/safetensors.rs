@@ -91,6 +91,7 @@ impl Shard {
 fn le<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
     bytes
         .chunks_exact(N)
+        // cannot fail: chunks_exact yields slices of exactly N bytes.
         .map(|c| f(c.try_into().expect("chunks_exact yields N bytes")))
         .collect()
 }
@@ -120,6 +121,7 @@ impl SafetensorsDir {
                 .collect::<Result<Vec<_>>>()?;
             let mut index = HashMap::new();
             for (name, file) in &idx.weight_map {
+                // cannot fail: `files` was built from these very values.
                 let s = files
                     .iter()
                     .position(|f| *f == file)
@@ -147,6 +149,13 @@ impl SafetensorsDir {
             shards: vec![shard],
             index,
         })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
     }
 
     /// One safetensors file on its own (a LoRA adapter, say).

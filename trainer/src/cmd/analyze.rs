@@ -61,6 +61,19 @@ struct Tally {
 }
 
 pub fn run(a: AnalyzeArgs) -> Result<()> {
+    use crate::cli::{check_at_least, check_range};
+    for (name, p) in [
+        ("drop-p", a.drop_p),
+        ("confident-p", a.confident_p),
+        ("span-mean", a.span_mean),
+    ] {
+        check_range(name, p, 0.0, 1.0)?;
+    }
+    check_at_least("context", a.context, 2)?;
+    check_at_least("span-window", a.span_window, 1)?;
+    check_at_least("window", a.window, 1)?;
+    check_at_least("batch-size", a.batch_size, 1)?;
+    check_at_least("cutoff-len", a.cutoff_len, 2)?;
     let mut m = bft_model::load_model(&a.model, bft_engine::DType::F32)
         .with_context(|| format!("loading {}", a.model.display()))?;
     if let Some(dir) = &a.adapter {
@@ -72,7 +85,7 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         .template
         .clone()
         .with_context(|| format!("{} has no chat template", a.model.display()))?;
-    let (_, encoded) = crate::read_encoded(&m, &template, &a.data, false, a.cutoff_len)?;
+    let (_, encoded) = crate::cli::read_encoded(&m, &template, &a.data, false, a.cutoff_len)?;
     let group = GroupConfig {
         window: a.window,
         ..Default::default()

@@ -4,7 +4,7 @@
 
 use super::progress::Progress;
 use super::train::{HeldOut, train_loop};
-use crate::{encode_all, fetch_smollm2};
+use crate::cli::{encode_all, fetch_smollm2};
 use anyhow::{Context, Result, bail};
 use bft_engine::DType;
 use bft_model::load_model;
@@ -34,8 +34,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     /// Loss variant (bft, or sft/dft/... for comparison).
-    #[arg(long, default_value = "bft")]
-    pub loss: String,
+    #[arg(long, value_enum, default_value = "bft")]
+    pub loss: crate::cli::LossName,
     /// Held-out questions answered before and after training and scored with ROUGE-L.
     #[arg(long, default_value_t = 16)]
     pub rouge_samples: usize,
@@ -48,6 +48,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     let t0 = Instant::now();
+    crate::cli::check_range("lr", a.lr, 0.0, f64::INFINITY)?;
+    crate::cli::check_at_least("eval-samples", a.eval_samples, 1)?;
     if a.output.join("metrics.jsonl").exists() {
         bail!(
             "{} already holds a demo run; choose another --output or remove it",
@@ -67,7 +69,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     bft_trainer::genes::write_jsonl(&data.train, &a.output.join("data/train.jsonl"))?;
     bft_trainer::genes::write_jsonl(&data.eval, &a.output.join("data/eval.jsonl"))?;
     let (batch_size, cutoff, lr) = (4usize, 192usize, a.lr);
-    let variant = bft_trainer::loss::builtin(&a.loss, bft_trainer::loss::VariantParams::default())?;
+    let variant =
+        bft_trainer::loss::builtin(a.loss.name(), bft_trainer::loss::VariantParams::default())?;
     // Each training sample is seen once: a seeded draw of steps x batch samples.
     let total = a.max_steps.max(1);
     let mut train = data.train.clone();
@@ -155,7 +158,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
     let resolved = serde_json::json!({
         "demo": &a, "model": gguf, "train_samples": encoded.len(), "eval_samples": eval_enc.len(),
-        "lora": { "rank": 16, "alpha": 32.0, "targets": "all" }, "loss": &a.loss, "group": "g=256, arithmetic",
+        "lora": { "rank": 16, "alpha": 32.0, "targets": "all" }, "loss": a.loss.name(), "group": "g=256, arithmetic",
         "lr": lr, "batch_size": batch_size, "cutoff_len": cutoff,
     });
     std::fs::write(
@@ -164,7 +167,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     )?;
     eprintln!(
         "fine-tuning with LoRA r=16 + {} on {} gene instructions ({total} steps) ...",
-        a.loss,
+        a.loss.name(),
         encoded.len()
     );
     let t1 = Instant::now();
@@ -190,7 +193,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let tokens_per_s = steps.tokens as f64 / steps.seconds.max(1e-9);
     println!(
         "\n== demo: SmolLM2-135M-Instruct, LoRA r=16 + {}, {total} steps on {} gene instructions ==",
-        a.loss,
+        a.loss.name(),
         encoded.len()
     );
     let shown = [0, asked.len() / 2, asked.len() - 1];

@@ -32,6 +32,10 @@ pub struct EvalArgs {
 pub type Row = (String, usize, Vec<(&'static str, f64)>);
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    crate::cli::check_at_least("max-new-tokens", a.max_new_tokens, 1)?;
+    if a.limit == Some(0) {
+        bail!("--limit 0 evaluates nothing: give at least 1 (or leave it out for every item)");
+    }
     let mut m = bft_model::load_model(&a.model, bft_engine::DType::F32)
         .with_context(|| format!("loading {}", a.model.display()))?;
     if let Some(dir) = &a.adapter {
@@ -75,7 +79,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "model": a.model, "adapter": a.adapter, "limit": a.limit,
         "max_new_tokens": a.max_new_tokens, "benchmarks": report,
     });
-    let tmp = crate::sibling_tmp(&a.out);
+    let tmp = crate::cli::sibling_tmp(&a.out);
     std::fs::write(&tmp, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", a.out.display()))?;
     std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;

@@ -39,13 +39,16 @@ fn draw_panel(
     let finite: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
-        .filter(|p| p.1.is_finite())
+        .filter(drawable)
         .collect();
     let x_max = finite.iter().map(|p| p.0).fold(1.0f64, f64::max);
     let y_min = finite.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let y_max = finite.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (y_min, y_max) = if y_min.is_finite() {
-        let pad = ((y_max - y_min) * 0.05).max(1e-3);
+        // Relative to the values too, so the range keeps a width at any magnitude.
+        let pad = ((y_max - y_min) * 0.05)
+            .max(1e-3)
+            .max(y_min.abs().max(y_max.abs()) * 1e-3);
         (y_min - pad, y_max + pad)
     } else {
         (0.0, 1.0)
@@ -61,12 +64,7 @@ fn draw_panel(
         .y_desc(y_desc)
         .draw()?;
     for s in series {
-        let pts: Vec<(f64, f64)> = s
-            .points
-            .iter()
-            .copied()
-            .filter(|p| p.1.is_finite())
-            .collect();
+        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(drawable).collect();
         let color = s.color;
         if s.dots {
             chart
@@ -88,6 +86,12 @@ fn draw_panel(
         .background_style(WHITE.mix(0.8))
         .draw()?;
     Ok(())
+}
+
+/// Points a chart can hold: finite, steps within 1e15 and values within 1e100 (a diverged
+/// run's 1e308 would make the axis range infinite, and plotters never finishes its ticks).
+fn drawable(p: &(f64, f64)) -> bool {
+    p.0.is_finite() && p.0.abs() <= 1e15 && p.1.is_finite() && p.1.abs() <= 1e100
 }
 
 /// Reads `(step, field)` pairs from a JSONL file (missing file: none).
@@ -126,4 +130,38 @@ pub fn plot_run(dir: &Path, title: &str) -> Result<std::path::PathBuf> {
     let out = dir.join("loss.svg");
     loss_curve(&out, title, &[("loss", loss), ("cross-entropy (nats)", ce)])?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metrics a user could have on disk (garbage lines, NaN, a diverged run's 1e308, steps of
+    /// 1e300, a single point) draw a chart promptly instead of failing or hanging.
+    #[test]
+    fn any_metrics_file_draws_promptly() {
+        let dir = std::env::temp_dir().join(format!("bft-plot-{}", std::process::id()));
+        let cases = [
+            "garbage\n{\"step\": 1, \"loss\": \"NaN\"}\n",
+            "{\"step\": 1, \"loss\": 0.5, \"ce\": 1.0}\n",
+            "{\"step\": 1, \"loss\": 1e308, \"ce\": -1e308}\n{\"step\": 2, \"loss\": -1e308, \"ce\": 1e308}\n",
+            "{\"step\": 1e300, \"loss\": 1e100, \"ce\": 1e-300}\n{\"step\": 2, \"loss\": 1e100, \"ce\": 0}\n",
+        ];
+        for (i, metrics) in cases.iter().enumerate() {
+            let d = dir.join(i.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("metrics.jsonl"), metrics).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let run = d.clone();
+            std::thread::spawn(move || tx.send(plot_run(&run, "t").map(|_| ()).is_ok()));
+            let drawn = rx.recv_timeout(std::time::Duration::from_secs(30));
+            assert_eq!(drawn, Ok(true), "case {i}: {metrics}");
+            assert!(
+                std::fs::read_to_string(d.join("loss.svg"))
+                    .unwrap()
+                    .contains("<svg")
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -22,6 +22,7 @@ impl Progress {
                 ProgressStyle::with_template(
                     "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}",
                 )
+                // cannot fail: the template is a constant that parses.
                 .expect("a valid template")
                 .progress_chars("=> "),
             );

@@ -2,6 +2,9 @@
 //! held-out evaluation, metrics, a progress bar and a loss-curve plot.
 
 use super::{plot, progress::Progress};
+use crate::cli::{
+    GroupMeanName, LossName, ScheduleName, WeightDType, check_at_least, check_range, check_targets,
+};
 use anyhow::{Context, Result, bail};
 use bft_engine::DType;
 use bft_model::load_model;
@@ -19,9 +22,9 @@ pub struct TrainArgs {
     /// `instruction`/`input`/`output` rows (detected per file).
     #[arg(long)]
     pub data: PathBuf,
-    /// Loss variant: sft, dft, bft, bft-no-token, bft-no-sample, focal.
-    #[arg(long, default_value = "bft")]
-    pub loss: String,
+    /// Loss variant.
+    #[arg(long, value_enum, default_value = "bft")]
+    pub loss: LossName,
     /// Output directory.
     #[arg(long)]
     pub output: PathBuf,
@@ -57,9 +60,9 @@ pub struct TrainArgs {
     /// BFT group-confidence window g, in tokens.
     #[arg(long, default_value_t = 256)]
     pub window: usize,
-    /// BFT window mean: arithmetic (the paper) or geometric (the authors' code).
-    #[arg(long, default_value = "arithmetic")]
-    pub group_mean: String,
+    /// BFT window mean.
+    #[arg(long, value_enum, default_value = "arithmetic")]
+    pub group_mean: GroupMeanName,
     /// BFT exponent on p_conf.
     #[arg(long, default_value_t = 1.0)]
     pub gamma: f64,
@@ -71,9 +74,9 @@ pub struct TrainArgs {
     /// Share of the steps spent warming the learning rate up from 0.
     #[arg(long, default_value_t = 0.03)]
     pub warmup_ratio: f64,
-    /// Decay after warm-up: cosine, linear or constant.
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
+    /// Decay after warm-up.
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub schedule: ScheduleName,
     /// Clip the global gradient norm to this (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
@@ -104,7 +107,7 @@ pub struct TrainArgs {
     /// (LoRA keeps f32 master weights and the math stays f32), at the price of widening each
     /// weight for every product: about 2x the step time on the CPU. Full fine-tuning needs f32.
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: crate::WeightDType,
+    pub dtype: WeightDType,
     /// Held-out data (JSONL) whose cross-entropy is measured every --eval-steps.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -121,11 +124,67 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
 }
 
+impl TrainArgs {
+    /// Range checks of every numeric option, before anything is loaded or written.
+    pub fn validate(&self) -> Result<()> {
+        check_range("lr", self.lr, 0.0, f64::INFINITY)?;
+        check_range("epochs", self.epochs, f64::MIN_POSITIVE, f64::INFINITY)?;
+        if self.max_steps == Some(0) {
+            bail!("--max-steps 0 is out of range: it must be at least 1");
+        }
+        check_at_least("batch-size", self.batch_size, 1)?;
+        check_at_least("grad-accum", self.grad_accum, 1)?;
+        // Two tokens is the least that holds a prompt token and a response token to predict.
+        check_at_least("cutoff-len", self.cutoff_len, 2)?;
+        check_at_least("window", self.window, 1)?;
+        check_at_least("keep-last", self.keep_last, 1)?;
+        check_range("gamma", self.gamma, f64::MIN_POSITIVE, f64::INFINITY)?;
+        check_range("floor", self.floor, 0.0, 1.0)?;
+        check_range("focal-gamma", self.focal_gamma, 0.0, f64::INFINITY)?;
+        check_range("warmup-ratio", self.warmup_ratio, 0.0, 1.0)?;
+        check_range("max-grad-norm", self.max_grad_norm, 0.0, f64::INFINITY)?;
+        check_range("weight-decay", self.weight_decay, 0.0, f64::INFINITY)?;
+        check_range("val-ratio", self.val_ratio, 0.0, 1.0)?;
+        if self.val_ratio >= 1.0 {
+            bail!(
+                "--val-ratio {} leaves no training data: it must be below 1",
+                self.val_ratio
+            );
+        }
+        if self.eval_data.is_some() && self.val_ratio > 0.0 {
+            bail!("give either --eval-data or --val-ratio, not both");
+        }
+        if !self.full {
+            check_at_least("lora-rank", self.lora_rank, 1)?;
+            check_range(
+                "lora-alpha",
+                self.lora_alpha,
+                f64::MIN_POSITIVE,
+                f64::INFINITY,
+            )?;
+            check_range("lora-dropout", self.lora_dropout, 0.0, 1.0)?;
+            if self.lora_dropout >= 1.0 {
+                bail!("--lora-dropout 1 drops every input: it must be below 1");
+            }
+            bft_model::LoraConfig::parse_targets(&self.lora_targets)
+                .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?;
+        }
+        if self.full && self.dtype != WeightDType::F32 {
+            bail!(
+                "--full trains every weight and keeps them in f32; --dtype {} is for the frozen base under LoRA",
+                self.dtype.name()
+            );
+        }
+        crate::cli::parse_device(&self.device)?;
+        Ok(())
+    }
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     use bft_trainer::loss::{GroupConfig, VariantParams, builtin};
-    use bft_trainer::optim::{AdamWConfig, Decay, Schedule};
+    use bft_trainer::optim::{AdamWConfig, Schedule};
     use bft_trainer::train::{TrainConfig, Trainable, Trainer};
-    let device = crate::parse_device(&a.device)?;
+    let device = crate::cli::parse_device(&a.device)?;
     let metrics_path = a.output.join("metrics.jsonl");
     if metrics_path.exists() && !a.resume {
         bail!(
@@ -135,7 +194,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let group = GroupConfig {
         window: a.window,
-        mean: a.group_mean.parse().map_err(anyhow::Error::msg)?,
+        mean: a.group_mean.into(),
     };
     let params = VariantParams {
         group,
@@ -143,20 +202,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         floor: a.floor,
         focal_gamma: a.focal_gamma,
     };
-    let variant = builtin(&a.loss, params)?;
-    let decay = match a.schedule.as_str() {
-        "cosine" => Decay::Cosine,
-        "linear" => Decay::Linear,
-        "constant" => Decay::Constant,
-        other => bail!("unknown --schedule `{other}` (cosine, linear or constant)"),
-    };
+    let variant = builtin(a.loss.name(), params)?;
     let dtype = DType::from(a.dtype);
-    if a.full && dtype != DType::F32 {
-        bail!(
-            "--full trains every weight and keeps them in f32; --dtype {} is for the frozen base under LoRA",
-            format!("{:?}", a.dtype).to_lowercase()
-        );
-    }
     let mut m =
         load_model(&a.model, dtype).with_context(|| format!("loading {}", a.model.display()))?;
     let template = m
@@ -164,8 +211,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .take()
         .with_context(|| format!("{} has no chat template", a.model.display()))?;
     let (ds, mut encoded) =
-        crate::read_encoded(&m, &template, &a.data, a.skip_bad_rows, a.cutoff_len)?;
+        crate::cli::read_encoded(&m, &template, &a.data, a.skip_bad_rows, a.cutoff_len)?;
     let held_out = held_out(&a, &m, &template, &mut encoded)?;
+    check_targets(&encoded, &a.data, a.cutoff_len)?;
     m.model = m
         .model
         .to_device(&device)
@@ -183,10 +231,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Trainable::Lora(lora)
     };
     m.model.checkpointing = a.checkpointing;
-    let per_epoch = encoded
-        .len()
-        .div_ceil(a.batch_size.max(1))
-        .div_ceil(a.grad_accum.max(1)) as u64;
+    let per_epoch = encoded.len().div_ceil(a.batch_size * a.grad_accum) as u64;
     let total = a
         .max_steps
         .unwrap_or(((a.epochs * per_epoch as f64).ceil() as u64).max(1));
@@ -199,7 +244,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             base_lr: a.lr,
             warmup_steps: warmup,
             total_steps: total,
-            decay,
+            decay: a.schedule.into(),
         },
         adamw: AdamWConfig {
             weight_decay: a.weight_decay,
@@ -212,6 +257,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
         pad_id: m.stop_ids.first().copied().unwrap_or(0),
         analysis: group,
         max_bad_steps: 5,
+    };
+    // Everything is checked (and a checkpoint to resume read) by now: nothing is written for a
+    // run that cannot start.
+    let mut trainer = Trainer::new(
+        &mut m.model,
+        &encoded,
+        cfg,
+        variant.as_ref(),
+        trainable.clone(),
+    )?;
+    let ckpt_dir = a.output.join("checkpoints");
+    let start = if a.resume {
+        trainer.resume(&ckpt_dir)?.unwrap_or(0)
+    } else {
+        0
     };
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
@@ -227,19 +287,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.output.join("run_config.json"),
         serde_json::to_string_pretty(&resolved)?,
     )?;
-    let ckpt_dir = a.output.join("checkpoints");
-    let mut trainer = Trainer::new(
-        &mut m.model,
-        &encoded,
-        cfg,
-        variant.as_ref(),
-        trainable.clone(),
-    )?;
-    let start = if a.resume {
-        trainer.resume(&ckpt_dir)?.unwrap_or(0)
-    } else {
-        0
-    };
     // Lines past the checkpoint belong to steps that will run again: keep only those before.
     keep_steps_up_to(&metrics_path, start)?;
     keep_steps_up_to(&a.output.join("eval.jsonl"), start)?;
@@ -252,7 +299,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "training {} on {} samples: {total} steps (from step {start}), loss {}, {what}",
         a.model.display(),
         encoded.len(),
-        a.loss
+        a.loss.name()
     );
     let every = if a.eval_steps > 0 {
         a.eval_steps
@@ -265,6 +312,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         batch_size: a.batch_size,
     });
     let steps = train_loop(&mut trainer, &a.output, a.save_steps, eval.as_ref())?;
+    if trainer.updates() == 0 {
+        bail!(
+            "no step of the run had a finite loss and gradient, so the weights never moved; \
+             no {} was written (see {})",
+            if a.full { "model" } else { "adapter" },
+            metrics_path.display()
+        );
+    }
     drop(trainer);
     match &trainable {
         Trainable::Lora(cfg) => m.model.save_peft(
@@ -297,10 +352,7 @@ fn held_out(
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     if let Some(path) = &a.eval_data {
-        if a.val_ratio > 0.0 {
-            bail!("give either --eval-data or --val-ratio, not both");
-        }
-        return Ok(crate::read_encoded(m, template, path, a.skip_bad_rows, a.cutoff_len)?.1);
+        return Ok(crate::cli::read_encoded(m, template, path, a.skip_bad_rows, a.cutoff_len)?.1);
     }
     if a.val_ratio <= 0.0 {
         return Ok(Vec::new());

@@ -41,6 +41,7 @@ pub fn stem(word: &str) -> String {
     step4(&mut w);
     step5a(&mut w);
     step5b(&mut w);
+    // cannot fail: only ASCII words reach the steps, which write ASCII letters.
     String::from_utf8(w).expect("ASCII in, ASCII out")
 }
 

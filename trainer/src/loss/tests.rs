@@ -433,4 +433,26 @@ fn bad_batches_are_errors_that_say_where() {
         .unwrap()
         .to_string();
     assert!(msg.contains("sft, dft, bft"), "{msg}");
+    // Non-finite parameters are refused, not turned into NaN weights.
+    for p in [
+        VariantParams {
+            gamma: f64::NAN,
+            ..Default::default()
+        },
+        VariantParams {
+            gamma: f64::INFINITY,
+            ..Default::default()
+        },
+        VariantParams {
+            focal_gamma: f64::NAN,
+            ..Default::default()
+        },
+        VariantParams {
+            floor: f64::NAN,
+            ..Default::default()
+        },
+    ] {
+        let msg = builtin("bft", p).err().unwrap().to_string();
+        assert!(msg.contains("gamma"), "{msg}");
+    }
 }

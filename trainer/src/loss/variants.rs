@@ -149,9 +149,12 @@ pub fn builtin(name: &str, p: VariantParams) -> Result<Box<dyn LossVariant>, Los
             "the group window must be at least 1 token".into(),
         ));
     }
-    if !(0.0..=1.0).contains(&p.floor) || p.gamma <= 0.0 || p.focal_gamma < 0.0 {
+    // Written so that NaN fails every test.
+    let gamma_ok = p.gamma > 0.0 && p.gamma.is_finite();
+    let focal_ok = p.focal_gamma >= 0.0 && p.focal_gamma.is_finite();
+    if !(0.0..=1.0).contains(&p.floor) || !gamma_ok || !focal_ok {
         return Err(LossError::Config(format!(
-            "need 0 <= floor <= 1, gamma > 0 and focal gamma >= 0 (got floor {}, gamma {}, focal gamma {})",
+            "need 0 <= floor <= 1, finite gamma > 0 and finite focal gamma >= 0 (got floor {}, gamma {}, focal gamma {})",
             p.floor, p.gamma, p.focal_gamma
         )));
     }

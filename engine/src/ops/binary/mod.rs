@@ -154,6 +154,7 @@ impl Backward for BinaryBackward {
             ),
             BinaryKind::Div => {
                 // d(a/b)/db = -(a/b)/b
+                // cannot fail: the forward saves its output exactly when the kind is Div.
                 let out = self.out.as_ref().expect("division saves its output");
                 (
                     needs[0].then(|| g.div(b)).transpose()?,

@@ -323,6 +323,7 @@ impl Tensor {
             data = Some(src.slab(len, 0, total, at, (outer, len, inner), data.take()));
             at += len;
         }
+        // cannot fail: `tensors` is not empty (checked at the top), so the loop ran.
         let data = data.expect("at least one tensor");
         let out = Tensor::from_storage(Arc::new(Storage::Cpu(CpuStorage::new(data))), dims.into());
         let refs: Vec<&Tensor> = tensors.iter().collect();
