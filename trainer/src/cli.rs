@@ -191,6 +191,18 @@ pub fn sibling_tmp(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
+/// Refuses an output file whose directory does not exist, before any long work is done.
+pub fn check_out_dir(option: &str, out: &Path) -> Result<()> {
+    match out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => bail!(
+            "--{option} {}: the directory {} does not exist",
+            out.display(),
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `bytes` to `out` through a temporary sibling and a rename: a failure leaves no file.
 pub fn write_atomically(out: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = sibling_tmp(out);

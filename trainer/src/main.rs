@@ -4,7 +4,7 @@
 mod cli;
 mod cmd;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use cli::model_path;
 use std::path::PathBuf;
@@ -106,14 +106,7 @@ fn run(cli: Cli) -> Result<()> {
             a.model = model_path(&a.model)?;
             cmd::analyze::run(a)
         }
-        Command::Plot { dir } => {
-            if !dir.join("metrics.jsonl").exists() {
-                bail!("{} has no metrics.jsonl", dir.display());
-            }
-            let out = cmd::plot::plot_run(&dir, &dir.display().to_string())?;
-            eprintln!("wrote {}", out.display());
-            Ok(())
-        }
+        Command::Plot { dir } => cmd::plot::run(&dir),
         Command::Eval(mut a) => {
             a.model = model_path(&a.model)?;
             cmd::eval::run(a)

@@ -454,6 +454,16 @@ impl<'a> Trainer<'a> {
                     let t = file
                         .tensor(name)?
                         .ok_or_else(|| bad(format!("missing {name}")))?;
+                    if t.dims() != p.dims() {
+                        return Err(bad(format!(
+                            "{name} has shape {:?}, the model's is {:?}",
+                            t.dims(),
+                            p.dims()
+                        )));
+                    }
+                    if let Some((i, v)) = t.first_non_finite()? {
+                        return Err(bad(format!("{name} holds {v} at flat index {i}")));
+                    }
                     *p = t.to_dtype(p.dtype())?.to_device(&p.device())?;
                 }
             }
@@ -470,6 +480,9 @@ impl<'a> Trainer<'a> {
                         t.numel(),
                         dst.numel()
                     )));
+                }
+                if let Some((at, v)) = t.first_non_finite()? {
+                    return Err(bad(format!("optimizer {kind}.{i} holds {v} at index {at}")));
                 }
                 *dst = t
                     .to_dtype(DType::F32)?
@@ -650,6 +663,35 @@ mod tests {
         })
     }
 
+    /// Two runs' steps agree: losses within `loss_rtol` (of the loss, at least 1e-3) and
+    /// gradient norms within `norm_rtol`.
+    #[track_caller]
+    fn assert_steps_agree(
+        a: &[StepMetrics],
+        b: &[StepMetrics],
+        loss_rtol: f64,
+        norm_rtol: f64,
+        what: &str,
+    ) {
+        assert_eq!(a.len(), b.len(), "{what}: step counts");
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x.loss - y.loss).abs() <= loss_rtol * y.loss.abs().max(1e-3),
+                "{what}, step {}: loss {} vs {}",
+                y.step,
+                x.loss,
+                y.loss
+            );
+            assert!(
+                (x.grad_norm - y.grad_norm).abs() <= norm_rtol * y.grad_norm,
+                "{what}, step {}: |g| {} vs {}",
+                y.step,
+                x.grad_norm,
+                y.grad_norm
+            );
+        }
+    }
+
     #[test]
     fn loss_falls_on_a_learnable_task() {
         let (mut m, d, bft) = (
@@ -703,20 +745,7 @@ mod tests {
         };
         let (cpu_metrics, cpu_lora) = run(model());
         let (gpu_metrics, gpu_lora) = run(on_gpu);
-        for (a, b) in gpu_metrics.iter().zip(&cpu_metrics) {
-            assert!(
-                (a.loss - b.loss).abs() <= 1e-4 * b.loss.abs().max(1e-3),
-                "loss {} vs {}",
-                a.loss,
-                b.loss
-            );
-            assert!(
-                (a.grad_norm - b.grad_norm).abs() <= 1e-3 * b.grad_norm,
-                "|g| {} vs {}",
-                a.grad_norm,
-                b.grad_norm
-            );
-        }
+        assert_steps_agree(&gpu_metrics, &cpu_metrics, 1e-4, 1e-3, "wgpu vs cpu");
         for (k, (g, c)) in gpu_lora.iter().zip(&cpu_lora).enumerate() {
             let scale = c.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
             for (i, (a, b)) in g.iter().zip(c).enumerate() {
@@ -765,6 +794,42 @@ mod tests {
             adapter(&resumed),
             adapter(&whole),
             "final adapters must be bit-identical"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A checkpoint with a non-finite optimizer moment is refused on resume, naming the
+    /// checkpoint and the moment.
+    #[test]
+    fn corrupt_checkpoints_are_refused_on_resume() {
+        let (d, bft) = (data(), Bft::default());
+        let dir = std::env::temp_dir().join(format!("bft-corrupt-ckpt-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let mut m = model();
+        let mut t = Trainer::new(&mut m, &d, config(3), &bft, lora()).unwrap();
+        t.train_step().unwrap();
+        let ck = t.save_checkpoint(&dir).unwrap();
+        drop(t);
+        let moments = ck.join("optimizer.safetensors");
+        let src = SafetensorsDir::open_file(&moments).unwrap();
+        let mut named: Vec<(String, Tensor)> = src
+            .names()
+            .iter()
+            .map(|n| (n.to_string(), src.tensor(n).unwrap().unwrap()))
+            .collect();
+        drop(src);
+        let (_, m0) = named.iter_mut().find(|(n, _)| n == "m.0").unwrap();
+        let mut v = m0.to_vec::<f32>().unwrap();
+        v[2] = f32::NAN;
+        *m0 = Tensor::from_vec(v, m0.dims().to_vec(), &Device::Cpu).unwrap();
+        let refs: Vec<(String, &Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
+        write_safetensors(&moments, &refs).unwrap();
+        let mut fresh = model();
+        let mut t = Trainer::new(&mut fresh, &d, config(3), &bft, lora()).unwrap();
+        let err = t.resume(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("checkpoint-1") && err.contains("optimizer m.0 holds NaN at index 2"),
+            "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -850,19 +915,8 @@ mod tests {
             let (split, split_lora) = run(b, k);
             for (a, w) in split.iter().zip(&whole) {
                 assert_eq!(a.tokens, w.tokens, "same samples at step {}", w.step);
-                assert!(
-                    (a.loss - w.loss).abs() <= 1e-6 * w.loss.abs(),
-                    "{b}x{k}: loss {} vs {}",
-                    a.loss,
-                    w.loss
-                );
-                assert!(
-                    (a.grad_norm - w.grad_norm).abs() <= 1e-5 * w.grad_norm,
-                    "{b}x{k}: |g| {} vs {}",
-                    a.grad_norm,
-                    w.grad_norm
-                );
             }
+            assert_steps_agree(&split, &whole, 1e-12, 1e-12, &format!("{b}x{k} vs 4x1"));
             let scale = whole_lora.iter().fold(0f64, |m, v| m.max(v.abs()));
             for (x, y) in split_lora.iter().zip(&whole_lora) {
                 assert!((x - y).abs() <= 1e-9 * scale, "{b}x{k}: adapter {x} vs {y}");

@@ -617,6 +617,35 @@ fn score_writes_one_consistent_line_per_sample_and_nothing_on_error() {
     std::fs::write(&bad, "{\"messages\": 3}\n").unwrap();
     assert!(!run(&bad).status.success());
     assert!(!out.exists(), "a failed score leaves no output file");
+    // Out-of-range options and an output directory that does not exist are refused up front.
+    let nowhere = tmp("no-such-dir").join("scores.jsonl");
+    for (args, want) in [
+        (&["--window", "0"][..], "--window"),
+        (&["--batch-size", "0"][..], "--batch-size"),
+        (&["--loss", "sfft"][..], "'sft'"),
+        (&["--out"][..], "does not exist"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bft"));
+        c.args([
+            "score",
+            "--model",
+            "/never/loaded.gguf",
+            "--data",
+            "/never/read.jsonl",
+        ]);
+        if args == ["--out"] {
+            c.arg("--out").arg(&nowhere);
+        } else {
+            c.args(args).arg("--out").arg(&out);
+        }
+        let r = c.output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && err.contains(want), "{args:?}: {err}");
+        assert!(
+            !err.contains("/never/"),
+            "{args:?} read its inputs first: {err}"
+        );
+    }
 }
 
 #[test]

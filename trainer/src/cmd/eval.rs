@@ -33,6 +33,7 @@ pub type Row = (String, usize, Vec<(&'static str, f64)>);
 
 pub fn run(a: EvalArgs) -> Result<()> {
     crate::cli::check_at_least("max-new-tokens", a.max_new_tokens, 1)?;
+    crate::cli::check_out_dir("out", &a.out)?;
     if a.limit == Some(0) {
         bail!("--limit 0 evaluates nothing: give at least 1 (or leave it out for every item)");
     }

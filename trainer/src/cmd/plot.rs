@@ -1,9 +1,19 @@
-//! The loss curve of a run, drawn with plotters as a self-contained SVG: training loss and
-//! cross-entropy per step, and held-out cross-entropy where the run evaluated.
+//! `bft plot` and the loss curve every run draws: training loss and cross-entropy per step, and
+//! held-out cross-entropy where the run evaluated, as a self-contained SVG (plotters).
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::path::Path;
+
+/// `bft plot DIR`: redraws DIR/loss.svg from the run's metrics, e.g. while it is running.
+pub fn run(dir: &Path) -> Result<()> {
+    if !dir.join("metrics.jsonl").exists() {
+        anyhow::bail!("{} has no metrics.jsonl", dir.display());
+    }
+    let out = plot_run(dir, &dir.display().to_string())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
 
 /// One series: a name, a colour and (step, value) points.
 pub struct Series<'a> {

@@ -52,6 +52,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     check_at_least("window", a.window, 1)?;
     check_at_least("batch-size", a.batch_size, 1)?;
     check_at_least("cutoff-len", a.cutoff_len, 2)?;
+    crate::cli::check_out_dir("out", &a.out)?;
     let device = parse_device(&a.device)?;
     let group = GroupConfig {
         window: a.window,
