@@ -22,6 +22,7 @@ pub mod gradcheck;
 pub mod memory;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 mod shape;
 mod storage;
 mod tape;

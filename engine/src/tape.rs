@@ -98,10 +98,12 @@ impl Tape {
                 continue;
             };
             let needs: Vec<bool> = entry.inputs.iter().map(Option::is_some).collect();
+            let profiled = crate::profile::scope(entry.op, crate::profile::Phase::Backward);
             let input_grads = entry
                 .backward
                 .backward(&grad, &needs)
                 .map_err(|e| Error::Backward(format!("{:?}: {e}", entry.op)))?;
+            drop(profiled);
             for (id, g) in entry.inputs.iter().zip(input_grads) {
                 if let (Some(id), Some(g)) = (id, g) {
                     match pending.get_mut(id) {

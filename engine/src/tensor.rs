@@ -61,6 +61,10 @@ fn host_bytes(data: &CpuData, dtype: DType) -> Result<Vec<u8>> {
 
 impl Tensor {
     pub(crate) fn from_storage(storage: Arc<Storage>, shape: Shape) -> Tensor {
+        // A storage no other tensor holds is new memory (a view shares its input's).
+        if Arc::strong_count(&storage) == 1 {
+            crate::profile::made(shape.numel() * storage.dtype().size_in_bytes());
+        }
         Tensor {
             id: TensorId::fresh(),
             shape,

@@ -270,10 +270,12 @@ impl Block {
             )?)?,
             _ => x.clone(),
         };
+        // The scale goes on the rank-sized `x A^T (B, T, r)`, not on the output-sized product:
+        // the same math, r/out of the elementwise work and memory, forward and backward.
         Ok(y.add(
             &xd.matmul_t(&p.a, false, true)?
-                .matmul_t(&p.b, false, true)?
-                .scale(p.scale)?,
+                .scale(p.scale)?
+                .matmul_t(&p.b, false, true)?,
         )?)
     }
 

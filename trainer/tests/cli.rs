@@ -156,6 +156,55 @@ fn train_writes_metrics_a_peft_adapter_and_its_config() {
     std::fs::remove_dir_all(&whole).ok();
 }
 
+/// `--profile` prints one step's table: rows per op kind and phase, the time outside ops and
+/// the GEMM share, and the rows' shares add up to the time in ops.
+#[test]
+fn profile_prints_where_one_step_goes() {
+    let dir = tmp("profiled");
+    // Two steps: the profile falls on the last one.
+    let out = train_steps(&dir, 2, &["--profile"]).output().unwrap();
+    succeeded(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let table: Vec<&str> = err
+        .lines()
+        .skip_while(|l| !l.starts_with("profile of step 2 "))
+        .collect();
+    assert!(!table.is_empty(), "{err}");
+    let share = |l: &str| -> f64 {
+        let pct = l.split_whitespace().find(|w| w.ends_with('%')).unwrap();
+        pct.trim_end_matches('%').parse().unwrap()
+    };
+    let rows: Vec<&str> = table[2..]
+        .iter()
+        .copied()
+        .take_while(|l| !l.starts_with("in ops"))
+        .collect();
+    for (op, phase) in [
+        ("MatMul", "forward"),
+        ("MatMul", "backward"),
+        ("LmHeadNll", "forward"),
+        ("Attention", "backward"),
+    ] {
+        assert!(
+            rows.iter().any(|r| r.starts_with(op) && r.contains(phase)),
+            "no {op} {phase} row: {err}"
+        );
+    }
+    let in_ops = table.iter().find(|l| l.starts_with("in ops")).unwrap();
+    let summed: f64 = rows.iter().map(|r| share(r)).sum();
+    assert!(
+        (summed - share(in_ops)).abs() < 0.1 * rows.len() as f64,
+        "{summed} vs {in_ops}"
+    );
+    assert!(
+        table
+            .iter()
+            .any(|l| l.starts_with("GEMM kernel") && l.contains("GFLOP/s")),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `latest`, if present, names a checkpoint with every file a resume reads.
 fn assert_latest_is_complete(ckpts: &Path) {
     let Ok(name) = std::fs::read_to_string(ckpts.join("latest")) else {

@@ -5,6 +5,8 @@
 
 use super::Float;
 use gemm::Parallelism;
+use std::cell::Cell;
+use std::time::Instant;
 
 /// One matrix operand: a buffer holding `batch` matrices laid out row-major, either as stored
 /// (`rows x cols`) or read transposed.
@@ -26,9 +28,38 @@ pub struct GemmDims {
     pub k: usize,
 }
 
+thread_local! {
+    /// While profiling: (seconds, flops) of the `matmul` calls this thread made.
+    static COUNTERS: Cell<Option<(f64, f64)>> = const { Cell::new(None) };
+}
+
+/// Starts (zeroed) or stops counting the time and flops of this thread's `matmul` calls, and
+/// returns what was counted since it started: the GEMM share of a profiled step.
+pub fn gemm_counters(on: bool) -> (f64, f64) {
+    COUNTERS.with(|c| c.replace(on.then_some((0.0, 0.0))).unwrap_or_default())
+}
+
 /// `c = op(a) . op(b)`, or `c += op(a) . op(b)` when `accumulate`. `c` is contiguous
 /// `(batch, m, n)`. Panics if a buffer is too short: the engine checks shapes first.
 pub fn matmul<T: Float>(
+    dims: GemmDims,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    if COUNTERS.with(Cell::get).is_none() {
+        return matmul_untimed(dims, a, b, c, accumulate);
+    }
+    let t0 = Instant::now();
+    matmul_untimed(dims, a, b, c, accumulate);
+    let GemmDims { batch, m, n, k } = dims;
+    let flops = 2.0 * (batch * m * n * k) as f64;
+    let seconds = t0.elapsed().as_secs_f64();
+    COUNTERS.with(|c| c.set(c.get().map(|(s, f)| (s + seconds, f + flops))));
+}
+
+fn matmul_untimed<T: Float>(
     dims: GemmDims,
     a: Operand<'_, T>,
     b: Operand<'_, T>,

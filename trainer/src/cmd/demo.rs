@@ -183,7 +183,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         every: (total / 4).max(1),
         batch_size,
     };
-    let steps = train_loop(&mut trainer, &a.output, 0, Some(&held_out))?;
+    let steps = train_loop(&mut trainer, &a.output, 0, Some(&held_out), false)?;
     drop(trainer);
     let train_s = t1.elapsed().as_secs_f64();
     m.model

@@ -99,6 +99,10 @@ pub struct TrainArgs {
     /// Recompute each layer in the backward pass (less memory, about 30% more compute).
     #[arg(long)]
     pub checkpointing: bool,
+    /// Print where one step's time goes: time, calls and bytes per op kind, forward and
+    /// backward, and the GEMM share (the run's third step, past warm-up; also BFT_PROFILE=1).
+    #[arg(long)]
+    pub profile: bool,
     /// Compute device: cpu, wgpu (the first adapter; `bft info` lists them) or wgpu:N; cuda[:N]
     /// holds the weights but runs no ops yet.
     #[arg(long, default_value = "cpu")]
@@ -311,7 +315,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         every,
         batch_size: a.batch_size,
     });
-    let steps = train_loop(&mut trainer, &a.output, a.save_steps, eval.as_ref())?;
+    let profile = a.profile || std::env::var_os("BFT_PROFILE").is_some_and(|v| v == "1");
+    let steps = train_loop(
+        &mut trainer,
+        &a.output,
+        a.save_steps,
+        eval.as_ref(),
+        profile,
+    )?;
     if trainer.updates() == 0 {
         bail!(
             "no step of the run had a finite loss and gradient, so the weights never moved; \
@@ -418,6 +429,7 @@ pub fn train_loop(
     dir: &Path,
     save_steps: u64,
     held_out: Option<&HeldOut>,
+    profile: bool,
 ) -> Result<StepTotals> {
     use bft_trainer::loss::{GroupConfig, Sft};
     let append = |p: PathBuf| {
@@ -439,8 +451,19 @@ pub fn train_loop(
         tokens: 0,
         seconds: 0.0,
     };
+    // The third step of this process is past the one-time costs of the first two (thread
+    // start-up, and the allocator settling on the step's buffer sizes: measured, the second
+    // step can still be 15% slower); a shorter run profiles its last step.
+    let profiled_step = profile.then(|| (t.step + 3).min(total));
     while t.step < total {
+        let profiling = profiled_step == Some(t.step + 1);
+        if profiling {
+            bft_engine::profile::start();
+        }
         let s = t.train_step()?;
+        if let Some(prof) = profiling.then(bft_engine::profile::finish).flatten() {
+            p.println(&profile_table(&prof, s.step, s.tokens));
+        }
         totals.tokens += s.tokens;
         totals.seconds += s.step_time_s;
         writeln!(metrics, "{}", serde_json::to_string(&s)?)?;
@@ -488,4 +511,62 @@ pub fn train_loop(
     let svg = plot::plot_run(dir, &format!("{} ({} steps)", t.variant_name(), total))?;
     eprintln!("loss curve: {}", svg.display());
     Ok(totals)
+}
+
+/// The `--profile` report of one step: a row per (op, phase), slowest first, then the time
+/// outside ops and the GEMM share.
+fn profile_table(p: &bft_engine::profile::Profile, step: u64, tokens: usize) -> String {
+    use std::fmt::Write as _;
+    let wall = p.wall_seconds.max(1e-12);
+    let share = |s: f64| 100.0 * s / wall;
+    let mut out = format!(
+        "profile of step {step} ({tokens} tokens, {} cores): {:.3} s\n{:<14} {:<9} {:>6} {:>9} {:>7} {:>10}\n",
+        cores(),
+        p.wall_seconds,
+        "op",
+        "phase",
+        "calls",
+        "time (s)",
+        "share",
+        "MB made"
+    );
+    for (op, phase, st) in &p.rows {
+        // cannot fail: writing to a String.
+        writeln!(
+            out,
+            "{:<14} {:<9} {:>6} {:>9.4} {:>6.1}% {:>10.1}",
+            format!("{op:?}"),
+            format!("{phase:?}").to_lowercase(),
+            st.calls,
+            st.seconds,
+            share(st.seconds),
+            st.bytes as f64 / 1e6
+        )
+        .expect("String");
+    }
+    let ops = p.op_seconds();
+    let outside = (p.wall_seconds - ops).max(0.0);
+    // cannot fail: writing to a String.
+    write!(
+        out,
+        "{:<31} {:>9.4} {:>6.1}%\n{:<31} {:>9.4} {:>6.1}%\n\
+         GEMM kernel (every matmul, LM head included): {:.4} s = {:.1}% of the step at {:.1} GFLOP/s; \
+         the rest, {:.1}%, is not GEMM",
+        "in ops",
+        ops,
+        share(ops),
+        "outside ops (tape, optimizer)",
+        outside,
+        share(outside),
+        p.gemm_seconds,
+        share(p.gemm_seconds),
+        p.gemm_flops / p.gemm_seconds.max(1e-12) / 1e9,
+        100.0 - share(p.gemm_seconds)
+    )
+    .expect("String");
+    out
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

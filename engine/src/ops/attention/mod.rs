@@ -15,6 +15,7 @@ impl Tensor {
     /// Memory is linear in T: only the output and one log-sum-exp per row are saved; the
     /// backward pass recomputes the probabilities tile by tile.
     pub fn causal_attention(&self, k: &Tensor, v: &Tensor, scale: Option<f64>) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Attention, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self, k, v], |t| {
             t[0].causal_attention(&t[1], &t[2], scale)
         })? {

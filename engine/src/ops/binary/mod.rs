@@ -24,15 +24,16 @@ impl Tensor {
     /// `rhs`'s shape must equal a trailing part of `self`'s: `(B, T, C) + (C)` adds a bias to
     /// every row; equal shapes are plain elementwise. The result has `self`'s shape.
     fn binary(&self, rhs: &Tensor, kind: BinaryKind) -> Result<Tensor> {
-        if let Some(out) = via_f32(&[self, rhs], |t| t[0].binary(&t[1], kind))? {
-            return Ok(out);
-        }
         let op = match kind {
             BinaryKind::Add => Op::Add,
             BinaryKind::Sub => Op::Sub,
             BinaryKind::Mul => Op::Mul,
             BinaryKind::Div => Op::Div,
         };
+        let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
+        if let Some(out) = via_f32(&[self, rhs], |t| t[0].binary(&t[1], kind))? {
+            return Ok(out);
+        }
         let name = op_name(op);
         same_kind(name, self, rhs)?;
         let (ad, bd) = (self.dims(), rhs.dims());
@@ -76,6 +77,7 @@ impl Tensor {
 
     /// `alpha * self`.
     pub fn scale(&self, alpha: f64) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Scale, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self], |t| t[0].scale(alpha))? {
             return Ok(out);
         }

@@ -8,6 +8,7 @@ impl Tensor {
     /// Converts to `dtype` (rounding to nearest for 16-bit floats). Float-to-float casts are
     /// differentiable; casting to or from U32 is not.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Cast, crate::profile::Phase::Forward);
         if dtype == self.dtype() {
             return Ok(self.clone());
         }

@@ -14,6 +14,7 @@ impl Tensor {
     /// `f` are freed after the forward pass and recomputed (on a local tape) when the gradient
     /// is needed. `f` must be deterministic for the gradients to match the plain computation.
     pub fn checkpoint(inputs: &[Tensor], f: CheckpointFn) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Checkpoint, crate::profile::Phase::Forward);
         let plain: Vec<Tensor> = inputs.iter().map(Tensor::stop_gradient).collect();
         let out = f(&plain)?;
         if out.is_tracked() {

@@ -9,6 +9,7 @@ use bft_kernels::cpu::embedding::{gather, scatter_add};
 impl Tensor {
     /// Rows of the table `self (V, C)` at `ids` (U32, any shape): output `ids.shape + [C]`.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Embedding, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self], |t| t[0].embedding(ids))? {
             return Ok(out);
         }

@@ -37,6 +37,7 @@ impl Tensor {
         targets: &[u32],
         weigh: impl FnOnce(&[f64]) -> Vec<f64>,
     ) -> Result<HeadLoss> {
+        let _profiled = crate::profile::scope(Op::LmHeadNll, crate::profile::Phase::Forward);
         if self.dtype().is_half() || head.dtype().is_half() {
             let (x, w) = (self.to_dtype(DType::F32)?, head.to_dtype(DType::F32)?);
             let out = x.lm_head_nll(&w, rows, targets, weigh)?;

@@ -17,6 +17,7 @@ impl Tensor {
     /// `x.matmul_t(&w, false, true)`. Batch axes must match, or `rhs` is 2-D and `self` is
     /// not transposed (then the batch folds into M: one large GEMM).
     pub fn matmul_t(&self, rhs: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::MatMul, crate::profile::Phase::Forward);
         let (ad, bd) = (self.dims(), rhs.dims());
         if ad.len() < 2 || bd.len() < 2 {
             return Err(Error::shape(

@@ -9,6 +9,7 @@ use bft_kernels::cpu::nll::{nll, nll_backward};
 impl Tensor {
     /// `l_i = logsumexp(z_i) - z_i[y_i]` for logits `self (N, V)` and U32 targets `(N)`.
     pub fn nll(&self, targets: &Tensor) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Nll, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self], |t| t[0].nll(targets))? {
             return Ok(out);
         }

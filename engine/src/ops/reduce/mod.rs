@@ -31,6 +31,7 @@ impl Tensor {
 
     /// Index of the largest element of each row of the last axis, as U32. Not differentiable.
     pub fn argmax(&self) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::ArgMax, crate::profile::Phase::Forward);
         let cols = self.shape().last();
         let dims = self.dims()[..self.rank().saturating_sub(1)].to_vec();
         let wide = if self.dtype().is_half() {
@@ -59,13 +60,14 @@ impl Tensor {
     }
 
     fn reduce(&self, dim: isize, kind: ReduceKind) -> Result<Tensor> {
-        if let Some(out) = via_f32(&[self], |t| t[0].reduce(dim, kind))? {
-            return Ok(out);
-        }
         let (op, name) = match kind {
             ReduceKind::Sum => (Op::Sum, "sum"),
             ReduceKind::Max => (Op::Max, "max"),
         };
+        let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
+        if let Some(out) = via_f32(&[self], |t| t[0].reduce(dim, kind))? {
+            return Ok(out);
+        }
         let d = axis(name, dim, self.rank())?;
         let sizes = self.shape().split_at_axis(d);
         if kind == ReduceKind::Max && sizes.1 == 0 {

@@ -10,6 +10,7 @@ impl Tensor {
     /// `x * w / sqrt(mean(x^2) + eps)` over the last axis; `w` is `(C)`. The row statistic is
     /// accumulated in f64 whatever the dtype.
     pub fn rms_norm(&self, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::RmsNorm, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self, w], |t| t[0].rms_norm(&t[1], eps))? {
             return Ok(out);
         }

@@ -35,6 +35,7 @@ pub fn rope_tables_from(
 impl Tensor {
     /// Rotates `self (..., T, D)` by position: `cos, sin` are `(T, D/2)` constants.
     pub fn rope(&self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Rope, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self, cos, sin], |t| t[0].rope(&t[1], &t[2]))? {
             return Ok(out);
         }

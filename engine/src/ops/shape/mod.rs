@@ -123,6 +123,7 @@ impl<T: crate::Elem + Default> AnySlice for &[T] {
 impl Tensor {
     /// Same elements under a new shape (no copy).
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Reshape, crate::profile::Phase::Forward);
         let shape = shape.into();
         if shape.numel() != self.numel() {
             return Err(Error::shape(
@@ -138,6 +139,7 @@ impl Tensor {
 
     /// Reorders axes: output axis `i` is input axis `perm[i]`.
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Permute, crate::profile::Phase::Forward);
         let rank = self.rank();
         let mut seen = vec![false; rank];
         if perm.len() != rank
@@ -192,6 +194,7 @@ impl Tensor {
 
     /// Elements `start..start + len` along axis `dim`.
     pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Narrow, crate::profile::Phase::Forward);
         let d = axis("narrow", dim, self.rank())?;
         let size = self.dims()[d];
         if start + len > size {
@@ -256,6 +259,7 @@ impl Tensor {
 
     /// Concatenates along axis `dim`; all other axes must agree.
     pub fn cat(tensors: &[Tensor], dim: isize) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Cat, crate::profile::Phase::Forward);
         let first = tensors
             .first()
             .ok_or_else(|| Error::shape("cat", "no tensors to concatenate"))?;

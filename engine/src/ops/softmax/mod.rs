@@ -18,6 +18,10 @@ impl Tensor {
     }
 
     fn softmax_impl(&self, log: bool) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(
+            if log { Op::LogSoftmax } else { Op::Softmax },
+            crate::profile::Phase::Forward,
+        );
         if let Some(out) = via_f32(&[self], |t| t[0].softmax_impl(log))? {
             return Ok(out);
         }

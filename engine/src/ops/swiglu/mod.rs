@@ -9,6 +9,7 @@ use bft_kernels::cpu::unary::{swiglu, swiglu_backward};
 impl Tensor {
     /// `silu(self) * up`, elementwise; shapes must be equal.
     pub fn swiglu(&self, up: &Tensor) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::SwiGlu, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self, up], |t| t[0].swiglu(&t[1]))? {
             return Ok(out);
         }

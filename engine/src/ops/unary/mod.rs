@@ -26,9 +26,6 @@ impl Tensor {
     }
 
     fn unary(&self, kind: UnaryKind) -> Result<Tensor> {
-        if let Some(out) = via_f32(&[self], |t| t[0].unary(kind))? {
-            return Ok(out);
-        }
         let (op, name) = match kind {
             UnaryKind::Exp => (Op::Exp, "exp"),
             UnaryKind::Log => (Op::Log, "log"),
@@ -36,6 +33,10 @@ impl Tensor {
             UnaryKind::Silu => (Op::Silu, "silu"),
             UnaryKind::Neg => (Op::Neg, "neg"),
         };
+        let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
+        if let Some(out) = via_f32(&[self], |t| t[0].unary(kind))? {
+            return Ok(out);
+        }
         let out = if let Some((g, i)) = wgpu_of(self) {
             let y = bft_kernels::wgpu::ops::unary(&g, kind, wbuf(name, self)?, self.numel())?;
             Tensor::from_wgpu(y, DType::F32, i, self.shape().clone())
