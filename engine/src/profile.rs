@@ -9,10 +9,10 @@
 //! count). Time inside the CPU GEMM kernel is counted apart, wherever it is called from (matmul,
 //! the fused LM-head loss), so a step's GEMM share is known. The state is per thread (ops run on
 //! the thread that calls them; kernels parallelise inside), so concurrent callers, such as
-//! tests, do not mix; with profiling off each op reads one thread-local flag.
+//! tests, do not mix; with profiling off each op reads one thread-local cell.
 
 use crate::Op;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -61,8 +61,8 @@ struct State {
 }
 
 thread_local! {
+    /// `Some` while this thread is profiled.
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
-    static ON: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Starts profiling the calling thread (dropping any unfinished profile).
@@ -76,12 +76,10 @@ pub fn start() {
         })
     });
     bft_kernels::cpu::matmul::gemm_counters(true);
-    ON.with(|on| on.set(true));
 }
 
 /// Ends the calling thread's profile; `None` if `start` was not called.
 pub fn finish() -> Option<Profile> {
-    ON.with(|on| on.set(false));
     let (gemm_seconds, gemm_flops) = bft_kernels::cpu::matmul::gemm_counters(false);
     let s = STATE.with(|s| s.borrow_mut().take())?;
     let mut rows: Vec<(Op, Phase, OpStats)> = s
@@ -108,9 +106,6 @@ pub(crate) struct Scope {
 
 /// Opens a scope for `op`: `None` (one thread-local read) when profiling is off.
 pub(crate) fn scope(op: Op, phase: Phase) -> Option<Scope> {
-    if !ON.with(Cell::get) {
-        return None;
-    }
     let outer = STATE.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut()?;
@@ -149,9 +144,6 @@ impl Drop for Scope {
 
 /// Counts a new tensor storage of `bytes` as made inside the open scope (if any).
 pub(crate) fn made(bytes: usize) {
-    if !ON.with(Cell::get) {
-        return;
-    }
     STATE.with(|s| {
         if let Some(s) = s.borrow_mut().as_mut().filter(|s| s.depth > 0) {
             s.bytes += bytes as u64;

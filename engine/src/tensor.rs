@@ -197,7 +197,8 @@ impl Tensor {
     /// The storage, for writing in place: the tensor leaves its tape and gets a new id (it will
     /// hold new values), and shared storage is copied first, so no other tensor sees the write.
     pub(crate) fn storage_mut(&mut self) -> Result<&mut Storage> {
-        // Copy first: a failed copy leaves the tensor as it was.
+        // Copy first, so a failed copy leaves the tensor as it was; the second call only
+        // re-borrows the now unique storage.
         self.unique_storage()?;
         self.tape = None;
         self.id = TensorId::fresh();

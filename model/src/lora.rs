@@ -206,21 +206,17 @@ impl Transformer {
             error: e,
         })?;
         let cfg = parse_adapter_config(&text)
-            .map_err(|m| Error::Config(format!("{}: {m}", p.display())))?;
+            .map_err(|e| Error::Config(format!("{}: {}", p.display(), message(e))))?;
         let file = dir.join("adapter_model.safetensors");
         let src = SafetensorsDir::open_file(&file)?;
         let bad = |m: String| Error::Weights(format!("{}: {m}", file.display()));
         let layers = self.blocks().len();
-        let expected: Vec<(usize, Linear, char)> = (0..layers)
-            .flat_map(|i| {
-                cfg.targets
-                    .iter()
-                    .flat_map(move |&l| [(i, l, 'A'), (i, l, 'B')])
-            })
+        let modules: Vec<(usize, Linear)> = (0..layers)
+            .flat_map(|i| cfg.targets.iter().map(move |&l| (i, l)))
             .collect();
-        let names: std::collections::HashSet<String> = expected
+        let names: std::collections::HashSet<String> = modules
             .iter()
-            .map(|&(i, l, f)| peft_name(i, l, f))
+            .flat_map(|&(i, l)| [peft_name(i, l, 'A'), peft_name(i, l, 'B')])
             .collect();
         if let Some(extra) = src.names().into_iter().find(|n| !names.contains(*n)) {
             return Err(bad(format!(
@@ -231,9 +227,8 @@ impl Transformer {
             )));
         }
         let (dtype, dev) = (adapter_dtype(self.head().dtype()), self.head().device());
-        let mut pairs = Vec::with_capacity(expected.len() / 2);
-        for pair in expected.chunks_exact(2) {
-            let (i, l) = (pair[0].0, pair[0].1);
+        let mut pairs = Vec::with_capacity(modules.len());
+        for &(i, l) in &modules {
             let w = self.blocks()[i].tensors()[weight_of(l)].dims().to_vec();
             let get = |f: char, want: [usize; 2]| -> Result<Tensor> {
                 let name = peft_name(i, l, f);
@@ -276,8 +271,13 @@ impl Transformer {
     }
 }
 
-/// The LoRA settings of an `adapter_config.json`, refusing what `bft` cannot apply exactly.
-pub fn parse_adapter_config(text: &str) -> std::result::Result<LoraConfig, String> {
+/// The LoRA settings of an `adapter_config.json`, refusing what `bft` cannot apply exactly
+/// (`Error::Config` saying which key and why).
+pub fn parse_adapter_config(text: &str) -> Result<LoraConfig> {
+    parse_config_value(text).map_err(Error::Config)
+}
+
+fn parse_config_value(text: &str) -> std::result::Result<LoraConfig, String> {
     use serde_json::Value;
     let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     if !v.is_object() {

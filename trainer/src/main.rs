@@ -81,7 +81,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info => cmd::info::run(),
         Command::Generate(mut a) => {
-            a.model = model_path(&a.model)?;
+            a.source.model = model_path(&a.source.model)?;
             cmd::generate::run(a)
         }
         Command::Convert(mut a) => {
@@ -98,17 +98,17 @@ fn run(cli: Cli) -> Result<()> {
             cmd::train::run(*a)
         }
         Command::Score(mut a) => {
-            a.model = model_path(&a.model)?;
+            a.source.model = model_path(&a.source.model)?;
             cmd::score::run(a)
         }
         Command::Demo(a) => cmd::demo::run(a),
         Command::Analyze(mut a) => {
-            a.model = model_path(&a.model)?;
+            a.source.model = model_path(&a.source.model)?;
             cmd::analyze::run(a)
         }
         Command::Plot { dir } => cmd::plot::run(&dir),
         Command::Eval(mut a) => {
-            a.model = model_path(&a.model)?;
+            a.source.model = model_path(&a.source.model)?;
             cmd::eval::run(a)
         }
     }

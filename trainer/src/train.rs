@@ -535,15 +535,6 @@ pub enum CheckpointPhase {
 }
 
 impl CheckpointPhase {
-    pub const ALL: [CheckpointPhase; 6] = [
-        CheckpointPhase::Weights,
-        CheckpointPhase::Optimizer,
-        CheckpointPhase::State,
-        CheckpointPhase::Renamed,
-        CheckpointPhase::LatestWritten,
-        CheckpointPhase::LatestRenamed,
-    ];
-
     /// The name `BFT_FAULT_CHECKPOINT` takes.
     pub fn name(self) -> &'static str {
         match self {

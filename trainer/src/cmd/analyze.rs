@@ -12,12 +12,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct AnalyzeArgs {
-    /// Model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter (PEFT format) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: crate::cli::ModelArgs,
     /// JSONL data (messages, conversations or instruction/output rows).
     #[arg(long)]
     pub data: PathBuf,
@@ -74,17 +70,11 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
     check_at_least("window", a.window, 1)?;
     check_at_least("batch-size", a.batch_size, 1)?;
     check_at_least("cutoff-len", a.cutoff_len, 2)?;
-    let mut m = bft_model::load_model(&a.model, bft_engine::DType::F32)
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    if let Some(dir) = &a.adapter {
-        m.model
-            .load_peft(dir)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-    }
+    let m = a.source.load(bft_engine::DType::F32)?;
     let template = m
         .template
         .clone()
-        .with_context(|| format!("{} has no chat template", a.model.display()))?;
+        .with_context(|| format!("{} has no chat template", a.source.model.display()))?;
     let (_, encoded) = crate::cli::read_encoded(&m, &template, &a.data, false, a.cutoff_len)?;
     let group = GroupConfig {
         window: a.window,
@@ -180,7 +170,7 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
 
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let json = serde_json::json!({
-        "model": a.model, "adapter": a.adapter, "data": a.data, "config": cfg, "bft_window": a.window,
+        "model": a.source.model, "adapter": a.source.adapter, "data": a.data, "config": cfg, "bft_window": a.window,
         "summary": {
             "samples": encoded.len(), "target_tokens": total_tokens,
             "group_a": ga, "group_b": gb, "other": rest,
@@ -287,7 +277,7 @@ p &lt; {drop_p} in a {context}-token context whose other tokens average p ≥ {c
 <pre>{table}</pre>
 {body}</body></html>
 "#,
-        model = escape(&a.model.display().to_string()),
+        model = escape(&a.source.model.display().to_string()),
         data = escape(&a.data.display().to_string()),
         drop_p = a.drop_p,
         context = a.context,

@@ -8,12 +8,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// Model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter (PEFT format) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: crate::cli::ModelArgs,
     /// Benchmarks, comma-separated: go, msigdb, nest (GeneAgent gene sets), pubmedqa, or all.
     #[arg(long, default_value = "nest,pubmedqa")]
     pub benchmark: String,
@@ -37,13 +33,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.limit == Some(0) {
         bail!("--limit 0 evaluates nothing: give at least 1 (or leave it out for every item)");
     }
-    let mut m = bft_model::load_model(&a.model, bft_engine::DType::F32)
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    if let Some(dir) = &a.adapter {
-        m.model
-            .load_peft(dir)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-    }
+    let m = a.source.load(bft_engine::DType::F32)?;
     let names: Vec<String> = if a.benchmark == "all" {
         ["go", "msigdb", "nest", "pubmedqa"]
             .map(String::from)
@@ -77,13 +67,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     print_table(&rows);
     let doc = serde_json::json!({
-        "model": a.model, "adapter": a.adapter, "limit": a.limit,
+        "model": a.source.model, "adapter": a.source.adapter, "limit": a.limit,
         "max_new_tokens": a.max_new_tokens, "benchmarks": report,
     });
-    let tmp = crate::cli::sibling_tmp(&a.out);
-    std::fs::write(&tmp, serde_json::to_string_pretty(&doc)?)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    crate::cli::write_atomically(&a.out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

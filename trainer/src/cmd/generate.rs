@@ -3,20 +3,14 @@
 use crate::cli::check_range;
 use anyhow::{Context, Result, bail};
 use bft_engine::DType;
-use bft_model::{Message, Sampling, generate, load_model};
+use bft_model::{Message, Sampling, generate};
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory (config.json + safetensors + tokenizer.json), .gguf file, or `smollm2`
-    /// (the built-in model, fetched once).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter directory in PEFT's format, applied on top of the model.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: crate::cli::ModelArgs,
     /// The user message (or, with --raw, the exact text to continue).
     #[arg(long)]
     pub prompt: String,
@@ -45,13 +39,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     check_range("temperature", a.temperature, 0.0, f64::INFINITY)?;
     check_range("top-p", a.top_p, f64::MIN_POSITIVE, 1.0)?;
     let t0 = Instant::now();
-    let mut m = load_model(&a.model, DType::F32)
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    if let Some(dir) = &a.adapter {
-        m.model
-            .load_peft(dir)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-    }
+    let m = a.source.load(DType::F32)?;
     let load_s = t0.elapsed().as_secs_f64();
     let text = if a.raw {
         a.prompt.clone()
@@ -59,7 +47,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let template = m.template.as_ref().with_context(|| {
             format!(
                 "{} has no chat template; pass --raw to continue plain text",
-                a.model.display()
+                a.source.model.display()
             )
         })?;
         let mut messages = Vec::new();

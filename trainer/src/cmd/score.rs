@@ -5,17 +5,12 @@ use crate::cli::{
     read_encoded, write_atomically,
 };
 use anyhow::{Context, Result};
-use bft_model::load_model;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ScoreArgs {
-    /// Model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A LoRA adapter (PEFT format) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: crate::cli::ModelArgs,
     /// JSONL data (messages, conversations or instruction/output rows).
     #[arg(long)]
     pub data: PathBuf,
@@ -65,13 +60,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let mut m = load_model(&a.model, a.dtype.into())
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    if let Some(dir) = &a.adapter {
-        m.model
-            .load_peft(dir)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-    }
+    let mut m = a.source.load(a.dtype.into())?;
     m.model = m
         .model
         .to_device(&device)
@@ -79,7 +68,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let template = m
         .template
         .take()
-        .with_context(|| format!("{} has no chat template", a.model.display()))?;
+        .with_context(|| format!("{} has no chat template", a.source.model.display()))?;
     let (_, encoded) = read_encoded(&m, &template, &a.data, false, a.cutoff_len)?;
     check_targets(&encoded, &a.data, a.cutoff_len)?;
     let pad = m.stop_ids.first().copied().unwrap_or(0);
