@@ -281,3 +281,54 @@ fn cuda_tensors_round_trip_cast_and_take_optimizer_steps() {
     let (sd, sc) = (sum_squares(&[on(&g)]).unwrap(), sum_squares(&[g]).unwrap());
     assert!((sd - sc).abs() <= 1e-5 * sc, "{sd} vs {sc}");
 }
+
+/// The encoder's ops (LayerNorm with gain and bias, the exact GELU, a softmax over scores with
+/// an additive padding mask) forward and backward on every backend, compared with the CPU.
+#[test]
+fn encoder_ops_agree_on_every_backend() {
+    let run = |dev: &Device| {
+        let t = |shape: Vec<usize>, std: f64, seed: u64| {
+            Tensor::randn(shape, std, seed, DType::F32, &Device::Cpu)
+                .unwrap()
+                .to_device(dev)
+                .unwrap()
+        };
+        let tape = Tape::new();
+        let x = tape.track(&t(vec![3, 5, 300], 1.5, 31));
+        let w = tape.track(&t(vec![300], 1.0, 32));
+        let b = tape.track(&t(vec![300], 0.3, 33));
+        let h = x.layer_norm(&w, &b, 1e-12).unwrap().gelu().unwrap();
+        // (3, 5, 300) . (3, 300, 5) -> (3, 5, 5) scores, the last key of each row masked.
+        let scores = h.matmul_t(&h, false, true).unwrap().scale(0.05).unwrap();
+        let mask: Vec<f32> = (0..75)
+            .map(|i| if i % 5 == 4 { -1e4 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, [3, 5, 5], &Device::Cpu)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let p = scores.add(&mask).unwrap().softmax().unwrap();
+        let loss = p.matmul(&h).unwrap().gelu().unwrap().sum_all().unwrap();
+        let value = loss.to_scalar().unwrap();
+        let mut g = tape.backward(&loss).unwrap();
+        let grads: Vec<Vec<f64>> = [&x, &w, &b]
+            .iter()
+            .map(|l| g.remove(l).unwrap().to_f64_vec().unwrap())
+            .collect();
+        (value, grads)
+    };
+    let (cpu_loss, cpu_grads) = run(&Device::Cpu);
+    for dev in backends().into_iter().skip(1) {
+        let (loss, grads) = run(&dev);
+        assert!(
+            (loss - cpu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0),
+            "{dev}: loss {loss} vs cpu {cpu_loss}"
+        );
+        for (k, (g, c)) in grads.iter().zip(&cpu_grads).enumerate() {
+            let scale = c.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+            for (a, b) in g.iter().zip(c) {
+                assert!((a - b).abs() <= 1e-4 * scale, "{dev}: leaf {k}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -18,6 +18,23 @@ fn sigmoid(v: f32) -> f32 {
     return e / (1.0 + e);
 }
 
+// erf(v) from the Chebyshev fit of erfc in Numerical Recipes (fractional error under 1.2e-7
+// everywhere): WGSL has no erf builtin.
+fn erf(v: f32) -> f32 {
+    let z = abs(v);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418
+        + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587
+        + t * (-0.82215223 + t * 0.17087277))))))));
+    let r = 1.0 - t * exp(poly);
+    return select(-r, r, v >= 0.0);
+}
+
+// The exact GELU's CDF factor: Phi(v) = (1 + erf(v / sqrt 2)) / 2.
+fn normal_cdf(v: f32) -> f32 {
+    return 0.5 * (1.0 + erf(v * 0.70710678));
+}
+
 // Sum of `v` over the 256 invocations of a workgroup (every invocation must call it).
 fn row_sum(v: f32, lid: u32) -> f32 {
     red[lid] = v;

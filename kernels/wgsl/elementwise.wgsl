@@ -4,7 +4,7 @@
 
 struct P {
     n: u32,     // elements of the output
-    op: u32,    // unary: 0 exp, 1 log, 2 sigmoid, 3 silu, 4 neg; binary: 0 add, 1 sub, 2 mul, 3 div
+    op: u32,    // unary: 0 exp, 1 log, 2 sigmoid, 3 silu, 4 neg, 5 scale, 6 gelu; binary: 0 add, 1 sub, 2 mul, 3 div
     nb: u32,    // binary: length of b (divides n); sum_rows: columns
     alpha: u32, // scale: the factor's f32 bits
 }
@@ -25,6 +25,7 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         case 2u: { y[i] = sigmoid(v); }
         case 3u: { y[i] = v * sigmoid(v); }
         case 4u: { y[i] = -v; }
+        case 6u: { y[i] = v * normal_cdf(v); }
         default: { y[i] = bitcast<f32>(p.alpha) * v; }
     }
 }

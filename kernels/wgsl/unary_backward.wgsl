@@ -2,7 +2,7 @@
 
 struct P {
     n: u32,
-    op: u32,    // 0 exp, 1 log, 2 sigmoid, 3 silu, 4 neg, 5 scale
+    op: u32,    // 0 exp, 1 log, 2 sigmoid, 3 silu, 4 neg, 5 scale, 6 gelu
     pad: u32,
     alpha: u32, // scale: the factor's f32 bits
 }
@@ -28,6 +28,11 @@ fn unary_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             dx[i] = g * (s + x[i] * s * (1.0 - s));
         }
         case 4u: { dx[i] = -g; }
+        case 6u: {
+            // Phi(x) + x phi(x); 0.39894228 = 1 / sqrt(2 pi).
+            let v = x[i];
+            dx[i] = g * (normal_cdf(v) + v * 0.39894228 * exp(-0.5 * v * v));
+        }
         default: { dx[i] = g * bitcast<f32>(p.alpha); }
     }
 }

@@ -6,6 +6,7 @@ mod binary;
 mod cast;
 mod checkpoint;
 mod embedding;
+mod layernorm;
 mod lm_head;
 mod matmul;
 mod nll;
@@ -40,6 +41,7 @@ pub enum Op {
     Sigmoid,
     Silu,
     Neg,
+    Gelu,
     Reshape,
     Permute,
     Narrow,
@@ -48,6 +50,7 @@ pub enum Op {
     Sum,
     Max,
     RmsNorm,
+    LayerNorm,
     Rope,
     Softmax,
     LogSoftmax,
@@ -76,6 +79,7 @@ impl Op {
         Op::Sigmoid,
         Op::Silu,
         Op::Neg,
+        Op::Gelu,
         Op::Reshape,
         Op::Permute,
         Op::Narrow,
@@ -84,6 +88,7 @@ impl Op {
         Op::Sum,
         Op::Max,
         Op::RmsNorm,
+        Op::LayerNorm,
         Op::Rope,
         Op::Softmax,
         Op::LogSoftmax,
@@ -219,6 +224,7 @@ mod registry_tests {
             cast::cases(),
             checkpoint::cases(),
             embedding::cases(),
+            layernorm::cases(),
             lm_head::cases(),
             matmul::cases(),
             nll::cases(),

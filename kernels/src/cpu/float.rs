@@ -20,6 +20,8 @@ pub trait Float:
     /// `v[i] = exp(v[i])` over a slice. f32 uses a branch-free polynomial the compiler
     /// vectorises (relative error below 2e-7); f64 stays exact for gradient checks.
     fn exp_in_place(v: &mut [Self]);
+    /// The error function, from `libm` (musl's: correctly rounded to within 1 ulp).
+    fn erf(self) -> Self;
 }
 
 impl Float for f32 {
@@ -31,6 +33,9 @@ impl Float for f32 {
     }
     fn exp_in_place(v: &mut [Self]) {
         v.iter_mut().for_each(|x| *x = exp_f32(*x));
+    }
+    fn erf(self) -> Self {
+        libm::erff(self)
     }
 }
 
@@ -69,6 +74,9 @@ impl Float for f64 {
     }
     fn exp_in_place(v: &mut [Self]) {
         v.iter_mut().for_each(|x| *x = x.exp());
+    }
+    fn erf(self) -> Self {
+        libm::erf(self)
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod binary;
 pub mod embedding;
+pub mod layernorm;
 pub mod layout;
 pub mod lm_head;
 pub mod matmul;

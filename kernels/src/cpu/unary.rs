@@ -12,11 +12,20 @@ pub enum UnaryKind {
     Sigmoid,
     Silu,
     Neg,
+    /// The exact (erf) GELU of BERT: `x * Phi(x)`, Phi the standard normal CDF.
+    Gelu,
 }
 
 #[inline]
 pub fn sigmoid<T: Float>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
+}
+
+/// The standard normal CDF, `(1 + erf(x / sqrt 2)) / 2`.
+#[inline]
+pub fn normal_cdf<T: Float>(x: T) -> T {
+    let half = T::from_f64(0.5);
+    half * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
 
 /// `out = f(x)`; a parallel map over fixed-size chunks.
@@ -32,6 +41,7 @@ pub fn unary<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
         UnaryKind::Sigmoid => map(x, out, sigmoid),
         UnaryKind::Silu => map(x, out, |v| v * sigmoid(v)),
         UnaryKind::Neg => map(x, out, |v| -v),
+        UnaryKind::Gelu => map(x, out, |v| v * normal_cdf(v)),
     }
 }
 
@@ -54,6 +64,12 @@ pub fn unary_backward<T: Float>(kind: UnaryKind, x: &[T], y: &[T], dy: &[T], dx:
             g * s * (T::one() + x * (T::one() - s))
         }),
         UnaryKind::Neg => zip3(x, y, dy, dx, |_, _, g| -g),
+        // d/dx x Phi(x) = Phi(x) + x phi(x), phi the standard normal density.
+        UnaryKind::Gelu => zip3(x, y, dy, dx, |x, _, g| {
+            let density = (x * x * T::from_f64(-0.5)).exp()
+                * T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            g * (normal_cdf(x) + x * density)
+        }),
     }
 }
 

@@ -32,6 +32,9 @@ shader!(MATMUL, "matmul", ["matmul"]);
 shader!(RMSNORM, "rmsnorm", ["rmsnorm"]);
 shader!(RMSNORM_BACKWARD, "rmsnorm_backward", ["rmsnorm_dx"]);
 shader!(RMSNORM_DW, "rmsnorm_dw", ["rmsnorm_dw"]);
+shader!(LAYERNORM, "layernorm", ["layernorm"]);
+shader!(LAYERNORM_BACKWARD, "layernorm_backward", ["layernorm_dx"]);
+shader!(LAYERNORM_DWB, "layernorm_dwb", ["layernorm_dwb"]);
 shader!(SOFTMAX, "softmax", ["softmax", "softmax_backward"]);
 shader!(SWIGLU, "swiglu", ["swiglu", "swiglu_backward"]);
 shader!(ROPE, "rope", ["rope"]);
@@ -83,6 +86,9 @@ pub static ALL: &[&Shader] = &[
     &RMSNORM,
     &RMSNORM_BACKWARD,
     &RMSNORM_DW,
+    &LAYERNORM,
+    &LAYERNORM_BACKWARD,
+    &LAYERNORM_DWB,
     &SOFTMAX,
     &SWIGLU,
     &ROPE,
@@ -111,6 +117,7 @@ fn unary_code(kind: UnaryKind) -> u32 {
         UnaryKind::Sigmoid => 2,
         UnaryKind::Silu => 3,
         UnaryKind::Neg => 4,
+        UnaryKind::Gelu => 6,
     }
 }
 
@@ -318,6 +325,61 @@ pub fn rmsnorm_backward(
         None
     };
     Ok((dx, dw))
+}
+
+/// LayerNorm of `x (rows, cols)` by `w, b (cols)`: `(y, mean (rows), rstd (rows))`.
+pub fn layernorm(
+    g: &Arc<Gpu>,
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    b: &GpuBuffer,
+    (rows, cols): (usize, usize),
+    eps: f32,
+) -> Result<(GpuBuffer, GpuBuffer, GpuBuffer)> {
+    let y = g.alloc((rows * cols) as u64 * F32);
+    let mean = g.alloc(rows as u64 * F32);
+    let rstd = g.alloc(rows as u64 * F32);
+    let params = [u(rows)?, u(cols)?, eps.to_bits(), 0];
+    g.dispatch(
+        &LAYERNORM,
+        "layernorm",
+        &params,
+        &[x, w, b, &y, &mean, &rstd],
+        grid(rows, 1),
+    )?;
+    Ok((y, mean, rstd))
+}
+
+/// LayerNorm backward for `x (rows, cols)`: `dx`, and `(dw, db)` when `need_dwb`.
+pub fn layernorm_backward(
+    g: &Arc<Gpu>,
+    [x, w, mean, rstd, dy]: [&GpuBuffer; 5],
+    (rows, cols): (usize, usize),
+    need_dwb: bool,
+) -> Result<(GpuBuffer, Option<(GpuBuffer, GpuBuffer)>)> {
+    let params = [u(rows)?, u(cols)?, 0, 0];
+    let dx = g.alloc((rows * cols) as u64 * F32);
+    g.dispatch(
+        &LAYERNORM_BACKWARD,
+        "layernorm_dx",
+        &params,
+        &[x, w, mean, rstd, dy, &dx],
+        grid(rows, 1),
+    )?;
+    let dwb = if need_dwb {
+        let (dw, db) = (g.alloc(cols as u64 * F32), g.alloc(cols as u64 * F32));
+        g.dispatch(
+            &LAYERNORM_DWB,
+            "layernorm_dwb",
+            &params,
+            &[x, mean, rstd, dy, &dw, &db],
+            grid(cols, 256),
+        )?;
+        Some((dw, db))
+    } else {
+        None
+    };
+    Ok((dx, dwb))
 }
 
 /// Softmax (or log-softmax) over the rows of `x (rows, cols)`.

@@ -1,4 +1,4 @@
-//! Elementwise exp, log, sigmoid, silu and negation.
+//! Elementwise exp, log, sigmoid, silu, negation and GELU.
 
 use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
 use crate::DType;
@@ -24,6 +24,11 @@ impl Tensor {
     pub fn neg(&self) -> Result<Tensor> {
         self.unary(UnaryKind::Neg)
     }
+    /// The exact GELU, `x * Phi(x)` with the erf-based normal CDF (BERT's `gelu`, not the tanh
+    /// approximation).
+    pub fn gelu(&self) -> Result<Tensor> {
+        self.unary(UnaryKind::Gelu)
+    }
 
     fn unary(&self, kind: UnaryKind) -> Result<Tensor> {
         let (op, name) = match kind {
@@ -32,6 +37,7 @@ impl Tensor {
             UnaryKind::Sigmoid => (Op::Sigmoid, "sigmoid"),
             UnaryKind::Silu => (Op::Silu, "silu"),
             UnaryKind::Neg => (Op::Neg, "neg"),
+            UnaryKind::Gelu => (Op::Gelu, "gelu"),
         };
         let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
         if let Some(out) = via_f32(&[self], |t| t[0].unary(kind))? {
@@ -133,11 +139,31 @@ mod tests {
             case("sigmoid", &[Op::Sigmoid], Tensor::sigmoid),
             case("silu", &[Op::Silu], Tensor::silu),
             case("neg", &[Op::Neg], Tensor::neg),
+            case("gelu", &[Op::Gelu], Tensor::gelu),
         ]
     }
 
     #[test]
     fn gradcheck() {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+
+    /// The exact GELU at points whose values are known to 16 digits (x * Phi(x)).
+    #[test]
+    fn gelu_is_the_erf_form() {
+        let x = Tensor::from_vec(vec![1.0f64, -0.5, 3.0, 0.0], [4], &crate::Device::Cpu).unwrap();
+        let y = x.gelu().unwrap().to_vec::<f64>().unwrap();
+        let expect = [
+            0.8413447460685429,
+            -0.15426876936299344,
+            2.99595030590511,
+            0.0,
+        ];
+        for (a, e) in y.iter().zip(expect) {
+            assert!((a - e).abs() < 1e-15, "{a} vs {e}");
+        }
+        let f = Tensor::from_vec(vec![1.0f32, -0.5], [2], &crate::Device::Cpu).unwrap();
+        let y = f.gelu().unwrap().to_vec::<f32>().unwrap();
+        assert!((y[0] - 0.841_344_7).abs() < 1e-7 && (y[1] + 0.154_268_77).abs() < 1e-7);
     }
 }
