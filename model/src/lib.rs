@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod config;
+pub mod encoder;
 pub mod fetch;
 pub mod generate;
 pub mod loader;
@@ -13,6 +14,7 @@ pub mod weights;
 
 pub use block::{Block, BlockConfig, KvCache, Linear, LoraPair};
 pub use config::{Arch, Llama3Scaling, ModelConfig};
+pub use encoder::{EncoderConfig, SentenceEncoder};
 pub use generate::{Sampling, generate};
 pub use loader::{LoadedModel, load_model, save_hf_dir};
 pub use lora::LoraConfig;
