@@ -60,13 +60,69 @@ pub fn generate(
     Ok(out)
 }
 
-fn pick(logits: &[f64], s: Sampling, rng: &mut impl Rng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, &v)| if v > logits[b] { i } else { b }) as u32
+/// Greedy continuations of several prompts of the same length at once (one batched forward
+/// per token, sharing the weight reads), each stopped at a token in `stop_ids` or after
+/// `max_new_tokens`; the batch ends when every row has stopped. Returns each row's new tokens
+/// without the stop token: the same tokens `generate` gives one prompt at a time, up to the
+/// rounding differences of batched GEMMs. Callers group prompts by length (no padding).
+pub fn generate_batch(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let b = prompts.len();
+    let Some(t) = prompts.first().map(Vec::len) else {
+        return Ok(Vec::new());
     };
+    if t == 0 || prompts.iter().any(|p| p.len() != t) {
+        return Err(crate::Error::Config(
+            "generate_batch needs non-empty prompts of one length".into(),
+        ));
+    }
+    let c = model.config.hidden;
+    let mut cache = model.new_cache();
+    let mut out = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut input: Vec<u32> = prompts.concat();
+    let mut width = t;
+    for _ in 0..max_new_tokens {
+        let ids = Tensor::from_vec(input, [b, width], &Device::Cpu)?;
+        let h = model.hidden_cached(&ids, &mut cache)?;
+        // The last position of each row: (B, C) . (V, C)^T -> (B, V)
+        let last = h.narrow(1, width - 1, 1)?.reshape([b, c])?;
+        let logits = last.matmul_t(model.head(), false, true)?.to_f64_vec()?;
+        let v = logits.len() / b;
+        input = Vec::with_capacity(b);
+        for (r, row) in logits.chunks(v).enumerate() {
+            let next = greedy(row);
+            if !done[r] {
+                if stop_ids.contains(&next) {
+                    done[r] = true;
+                } else {
+                    out[r].push(next);
+                }
+            }
+            input.push(next);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        width = 1;
+    }
+    Ok(out)
+}
+
+/// The most likely token (the first on ties).
+fn greedy(logits: &[f64]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold(0, |b, (i, &v)| if v > logits[b] { i } else { b }) as u32
+}
+
+fn pick(logits: &[f64], s: Sampling, rng: &mut impl Rng) -> u32 {
+    let argmax = || greedy(logits);
     if s.temperature <= 0.0 {
         return argmax();
     }
@@ -100,6 +156,35 @@ fn pick(logits: &[f64], s: Sampling, rng: &mut impl Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch of prompts gives each prompt's one-at-a-time greedy continuation, including
+    /// rows that stop early while others go on.
+    #[test]
+    fn batched_greedy_equals_one_at_a_time() {
+        let text = r#"{"model_type": "llama", "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 23, "tie_word_embeddings": true, "rope_theta": 10000.0}"#;
+        let config = crate::ModelConfig::from_json(text).unwrap();
+        let model = Transformer::random(config, 7, bft_engine::DType::F64).unwrap();
+        let prompts = vec![vec![1, 5, 9], vec![2, 2, 3], vec![7, 0, 11], vec![4, 4, 4]];
+        let sampling = Sampling {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        let single: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&model, p, &[], sampling, |_| true).unwrap())
+            .collect();
+        // Stop on a token one row emits part-way, so rows end at different steps.
+        let stop = single[0][4];
+        let expect: Vec<Vec<u32>> = single
+            .iter()
+            .map(|s| s.iter().copied().take_while(|&x| x != stop).collect())
+            .collect();
+        let got = generate_batch(&model, &prompts, &[stop], 12).unwrap();
+        assert_eq!(got, expect);
+        assert!(generate_batch(&model, &[vec![1], vec![1, 2]], &[], 3).is_err());
+    }
 
     #[test]
     fn greedy_takes_the_max_and_top_p_keeps_the_nucleus() {
