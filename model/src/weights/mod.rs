@@ -7,7 +7,7 @@ mod write;
 
 pub use self::safetensors::SafetensorsDir;
 pub use gguf::{GgufFile, MetaValue};
-pub use write::write_safetensors;
+pub use write::{write_safetensors, write_safetensors_with_metadata};
 
 use crate::Result;
 use bft_engine::Tensor;

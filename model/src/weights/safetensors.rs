@@ -158,6 +158,16 @@ impl SafetensorsDir {
         v
     }
 
+    /// The string metadata of the (first) file's header, empty when it has none.
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let Some(shard) = self.shards.first() else {
+            return Ok(HashMap::new());
+        };
+        let (_, meta) =
+            SafeTensors::read_metadata(&shard.map).map_err(|e| corrupt(&shard.path, e))?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
     /// One safetensors file on its own (a LoRA adapter, say).
     pub fn open_file(path: &Path) -> Result<SafetensorsDir> {
         let shard = Shard::open(path)?;

@@ -76,6 +76,15 @@ fn bytes(t: &Tensor) -> Result<Bytes> {
 
 /// Writes `tensors` (name, tensor) to `path` atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<()> {
+    write_safetensors_with_metadata(path, tensors, None)
+}
+
+/// As `write_safetensors`, with string metadata in the header's `__metadata__`.
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::Io {
         path: path.to_owned(),
         error: e,
@@ -85,7 +94,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(
         .map(|(n, t)| Ok((n.clone(), bytes(t)?)))
         .collect::<Result<Vec<_>>>()?;
     let views: Vec<(String, &Bytes)> = owned.iter().map(|(n, b)| (n.clone(), b)).collect();
-    let data = safetensors::serialize(views, None)
+    let data = safetensors::serialize(views, metadata)
         .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?;
     let tmp = path.with_extension("safetensors.tmp");
     {

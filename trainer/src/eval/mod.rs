@@ -2,6 +2,7 @@
 //! benchmark and PubMedQA, with the generation and scoring helpers they share.
 
 pub mod geneagent;
+pub mod ggi;
 pub mod porter;
 pub mod pubmedqa;
 pub mod rouge;
