@@ -1077,3 +1077,244 @@ fn lora_over_a_bf16_base_trains_with_f32_adapters() {
         std::fs::remove_dir_all(d).ok();
     }
 }
+
+/// `bft` with the model cache in target/bft-models (MiniLM is fetched there once).
+fn bft() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bft"));
+    c.env(
+        "BFT_CACHE",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bft-models"),
+    );
+    c
+}
+
+fn unit_rows(e: &bft_trainer::eval::ggi::GeneEmbeddings) -> bool {
+    (0..e.genes.len()).all(|i| {
+        let n: f32 = e.row(i).iter().map(|v| v * v).sum::<f32>().sqrt();
+        (n - 1.0).abs() < 1e-4
+    })
+}
+
+#[test]
+fn embed_describes_genes_once_and_embeds_with_either_encoder() {
+    let dir = tmp("embed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let genes = dir.join("genes.txt");
+    std::fs::write(&genes, "# three genes\nTP53\nBRCA1\n\nINS\n").unwrap();
+    let out = dir.join("emb.safetensors");
+    let run = |extra: &[&str]| {
+        let o = bft()
+            .arg("embed")
+            .arg("--model")
+            .arg(model())
+            .arg("--genes")
+            .arg(&genes)
+            .args(["--max-new-tokens", "8"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        succeeded(&o);
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    run(&[]);
+    let e = bft_trainer::eval::ggi::GeneEmbeddings::read(&out).unwrap();
+    assert_eq!(
+        (e.genes.clone(), e.dim),
+        (vec!["TP53".into(), "BRCA1".into(), "INS".into()], 384)
+    );
+    assert!(unit_rows(&e));
+    let cache = std::fs::read_to_string(dir.join("emb.descriptions.jsonl")).unwrap();
+    assert_eq!(cache.lines().count(), 3);
+    assert!(
+        std::fs::read_to_string(dir.join("emb.pca.svg"))
+            .unwrap()
+            .contains("<svg")
+    );
+    // A rerun describes nothing again and gives the same embeddings.
+    let log = run(&[]);
+    assert!(log.contains("3 of 3 descriptions reused"), "{log}");
+    assert_eq!(
+        bft_trainer::eval::ggi::GeneEmbeddings::read(&out).unwrap(),
+        e
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("emb.descriptions.jsonl")).unwrap(),
+        cache
+    );
+    // The model's own mean-pooled hidden state: SmolLM2's width.
+    run(&["--encoder", "self"]);
+    let s = bft_trainer::eval::ggi::GeneEmbeddings::read(&out).unwrap();
+    assert_eq!(s.dim, 576);
+    assert!(unit_rows(&s));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The real summaries embedded (GenePT's way) and scored on the GGI benchmark: the coverage
+/// the summaries allow, a finite AUC well above the random-embedding row, and shuffled labels
+/// near chance. Then `--texts`: rows in input order, JSONL and plain text alike.
+#[test]
+fn summaries_embed_and_score_on_ggi_and_texts_keep_their_order() {
+    let dir = tmp("ggi");
+    std::fs::create_dir_all(&dir).unwrap();
+    let emb = dir.join("summaries.safetensors");
+    let o = bft()
+        .args([
+            "embed",
+            "--genes-from",
+            "summaries",
+            "--text-from",
+            "summaries",
+            "--out",
+        ])
+        .arg(&emb)
+        .output()
+        .unwrap();
+    succeeded(&o);
+    let report = dir.join("ggi.json");
+    let o = bft()
+        .args(["eval", "--benchmark", "ggi", "--embeddings"])
+        .arg(&emb)
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    succeeded(&o);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("ggi-random") && table.contains("ggi-shuffled"),
+        "{table}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let g = &r["benchmarks"]["ggi"];
+    assert_eq!(g["coverage"]["train_covered"], 3362);
+    assert_eq!(g["coverage"]["test_covered"], 312);
+    let auc = g["auc"].as_f64().unwrap();
+    let random = g["sanity"]["random_embeddings"]["auc"].as_f64().unwrap();
+    let shuffled = g["sanity"]["shuffled_labels"]["auc"].as_f64().unwrap();
+    assert!(
+        auc > 0.6 && auc > random + 0.1,
+        "auc {auc}, random {random}"
+    );
+    assert!((shuffled - 0.5).abs() < 0.1, "shuffled {shuffled}");
+
+    let plain = dir.join("t.txt");
+    let long = "The p53 protein regulates the cell cycle. ".repeat(80);
+    std::fs::write(
+        &plain,
+        format!("TP53 is a tumor suppressor.\n{long}\nTP53 is a tumor suppressor.\n"),
+    )
+    .unwrap();
+    let jsonl = dir.join("t.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"text\": \"insulin\"}\n{\"text\": \"TP53 is a tumor suppressor.\"}\n",
+    )
+    .unwrap();
+    let rows = |input: &Path| {
+        let out = dir.join("t.safetensors");
+        let o = bft()
+            .arg("embed")
+            .arg("--texts")
+            .arg(input)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        succeeded(&o);
+        let st = bft_model::SafetensorsDir::open_file(&out).unwrap();
+        use bft_model::weights::WeightSource;
+        let t = st.tensor("embeddings").unwrap().unwrap();
+        let d = t.dims()[1];
+        t.to_vec::<f32>()
+            .unwrap()
+            .chunks(d)
+            .map(<[f32]>::to_vec)
+            .collect::<Vec<_>>()
+    };
+    let p = rows(&plain);
+    assert_eq!(p.len(), 3);
+    assert_eq!(p[0], p[2]);
+    assert_ne!(p[0], p[1]);
+    let j = rows(&jsonl);
+    assert_eq!(j.len(), 2);
+    let cos: f32 = j[1].iter().zip(&p[0]).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.99999, "{cos}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn embed_and_ggi_errors_name_the_file_and_line_and_write_nothing() {
+    let dir = tmp("embed-errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fails = |c: &mut Command, says: &str| {
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{c:?}: {err}");
+    };
+    let genes = dir.join("genes.txt");
+    let out = dir.join("e.safetensors");
+    std::fs::write(&genes, "TP53\nTP5e\n").unwrap();
+    fails(
+        bft()
+            .arg("embed")
+            .arg("--genes")
+            .arg(&genes)
+            .arg("--out")
+            .arg(&out),
+        &format!("{}:2: unknown gene symbol \"TP5e\"", genes.display()),
+    );
+    std::fs::write(&genes, "TP53\nCDKN2A\n").unwrap();
+    fails(
+        bft()
+            .arg("embed")
+            .arg("--genes")
+            .arg(&genes)
+            .args(["--text-from", "summaries", "--out"])
+            .arg(&out),
+        "has no summary",
+    );
+    assert!(!out.exists());
+    let report = dir.join("r.json");
+    let ggi_eval = |emb: &Path| {
+        let mut c = bft();
+        c.args(["eval", "--benchmark", "ggi", "--embeddings"])
+            .arg(emb)
+            .arg("--out")
+            .arg(&report);
+        c
+    };
+    // An embeddings file whose tensor is not (genes, dim).
+    let t = bft_engine::Tensor::from_vec(vec![1f32; 6], [6], &bft_engine::Device::Cpu).unwrap();
+    bft_model::weights::write_safetensors(&out, &[("embeddings".into(), &t)]).unwrap();
+    fails(&mut ggi_eval(&out), "must be (genes, dim), got shape [6]");
+    // A GGI directory with a bad label line.
+    let e = bft_trainer::eval::ggi::GeneEmbeddings {
+        genes: vec!["TP53".into(), "BRCA1".into()],
+        dim: 2,
+        data: vec![1.0, 0.0, 0.0, 1.0],
+    };
+    e.write(&out, &[]).unwrap();
+    let ggi = dir.join("ggi");
+    std::fs::create_dir_all(&ggi).unwrap();
+    for split in ["train", "test"] {
+        std::fs::write(
+            ggi.join(format!("{split}_text.txt")),
+            "TP53 BRCA1\nBRCA1 TP53\n",
+        )
+        .unwrap();
+        std::fs::write(ggi.join(format!("{split}_label.txt")), "1\n2\n").unwrap();
+    }
+    fails(
+        ggi_eval(&out).arg("--ggi-dir").arg(&ggi),
+        "train_label.txt:2: expected a label 0 or 1, got \"2\"",
+    );
+    fails(
+        bft().args(["eval", "--benchmark", "ggi"]),
+        "needs --embeddings",
+    );
+    assert!(!report.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
