@@ -22,7 +22,7 @@ pub fn sigmoid<T: Float>(x: T) -> T {
 }
 
 /// The standard normal CDF, `(1 + erf(x / sqrt 2)) / 2`.
-#[inline]
+#[inline(always)]
 pub fn normal_cdf<T: Float>(x: T) -> T {
     let half = T::from_f64(0.5);
     half * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
