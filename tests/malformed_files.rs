@@ -326,6 +326,79 @@ proptest! {
     }
 }
 
+/// A gene-embeddings file as `bft embed` writes it: three genes, four dimensions.
+fn valid_embeddings() -> Vec<u8> {
+    let p = case_path("emb.safetensors");
+    bft_trainer::eval::ggi::GeneEmbeddings {
+        genes: vec!["TP53".into(), "BRCA1".into(), "INS".into()],
+        dim: 4,
+        data: (0..12).map(|i| i as f32 / 12.0).collect(),
+    }
+    .write(&p, &[("encoder", "minilm".into())])
+    .unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::remove_file(&p).ok();
+    bytes
+}
+
+const GENES: &str = "# genes\nTP53\nBRCA1\n\nINS  # insulin\n";
+const GGI_TEXT: &str = "TP53 BRCA1\nINS TP53\nBRCA1 INS\n";
+const GGI_LABELS: &str = "1\n0\n1\n";
+const TEXTS: &str = "{\"text\": \"TP53 is a tumor suppressor.\"}\n{\"text\": \"insulin\"}\n";
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Embeddings files: read whole (rows x dim matching the genes, all finite) or refused
+    /// naming the file.
+    #[test]
+    fn mutated_embeddings_are_read_or_refused(m in mutation()) {
+        let p = write_case("emb.safetensors", &m.apply(&valid_embeddings()));
+        let q = p.clone();
+        let read = no_panic_no_hang(Duration::from_secs(20), move || {
+            bft_trainer::eval::ggi::GeneEmbeddings::read(&q)
+        });
+        match read {
+            Ok(e) => {
+                prop_assert_eq!(e.data.len(), e.genes.len() * e.dim);
+                prop_assert!(e.data.iter().all(|v| v.is_finite()));
+            }
+            Err(e) => prop_assert!(e.to_string().contains(&p.display().to_string()), "{}", e),
+        }
+        std::fs::remove_file(&p).ok();
+    }
+
+    /// Gene lists, GGI pair files and text files: parsed, or refused naming the file.
+    #[test]
+    fn mutated_gene_lists_pairs_and_texts_are_parsed_or_refused(
+        g in mutation(), t in mutation(), l in mutation(), x in mutation(), jsonl in any::<bool>()
+    ) {
+        let text = |m: &bft_tests::Mutation, s: &str| String::from_utf8_lossy(&m.apply(s.as_bytes())).into_owned();
+        let (genes, pairs, labels, texts) = (text(&g, GENES), text(&t, GGI_TEXT), text(&l, GGI_LABELS), text(&x, TEXTS));
+        let r = no_panic_no_hang(Duration::from_secs(20), move || {
+            let known: std::collections::HashSet<String> =
+                ["TP53", "BRCA1", "INS"].map(String::from).into();
+            (
+                bft_trainer::embed::parse_gene_list(&genes, "g.txt", &known).map(|v| v.len()),
+                bft_trainer::eval::ggi::parse_pairs(&pairs, &labels, "p.txt", "l.txt")
+                    .map(|p| (p.genes.len(), p.labels.len())),
+                bft_trainer::embed::parse_texts(&texts, "t.jsonl", jsonl).map(|v| v.len()),
+            )
+        });
+        match r.0 {
+            Ok(n) => prop_assert!((1..=3).contains(&n)),
+            Err(e) => prop_assert!(e.to_string().starts_with("g.txt"), "{}", e),
+        }
+        match r.1 {
+            Ok((a, b)) => prop_assert_eq!(a, b),
+            Err(e) => prop_assert!(e.to_string().contains("p.txt") || e.to_string().contains("l.txt"), "{}", e),
+        }
+        if let Err(e) = r.2 {
+            prop_assert!(e.to_string().starts_with("t.jsonl"), "{}", e);
+        }
+    }
+}
+
 fn tiny_model() -> Transformer {
     Transformer::random(ModelConfig::from_json(MODEL_CONFIG).unwrap(), 3, DType::F32).unwrap()
 }
