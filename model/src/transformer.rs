@@ -31,24 +31,7 @@ impl Transformer {
         dtype: DType,
     ) -> Result<Transformer> {
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = source.tensor(name)?.ok_or_else(|| {
-                Error::Weights(format!("{}: missing tensor {name}", source.describe()))
-            })?;
-            if t.dims() != shape {
-                return Err(Error::WeightShape {
-                    name: format!("{name} (in {})", source.describe()),
-                    expected: shape.to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-            if let Some((i, v)) = t.first_non_finite()? {
-                return Err(Error::Weights(format!(
-                    "{}: tensor {name} holds {v} at flat index {i}; a non-finite weight makes \
-                     every output NaN",
-                    source.describe()
-                )));
-            }
-            Ok(t.to_dtype(dtype)?)
+            Ok(crate::weights::checked_tensor(source, name, shape)?.to_dtype(dtype)?)
         };
         let (v, c) = (config.vocab, config.hidden);
         let embed = get("model.embed_tokens.weight", &[v, c])?;
