@@ -142,17 +142,16 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     };
     let encode_s = t0.elapsed().as_secs_f64();
     let dim = vectors.first().map_or(0, Vec::len);
-    let meta = [
-        ("model", a.model.display().to_string()),
-        (
-            "adapter",
-            a.adapter
-                .as_ref()
-                .map_or(String::new(), |p| p.display().to_string()),
-        ),
-        ("encoder", format!("{:?}", a.encoder).to_lowercase()),
-        ("text_from", format!("{:?}", a.text_from).to_lowercase()),
-    ];
+    let mut meta = vec![("encoder", format!("{:?}", a.encoder).to_lowercase())];
+    if matches!(rows, Rows::Genes(_)) {
+        meta.push(("text_from", format!("{:?}", a.text_from).to_lowercase()));
+    }
+    if needs_model {
+        meta.push(("model", a.model.display().to_string()));
+        if let Some(p) = &a.adapter {
+            meta.push(("adapter", p.display().to_string()));
+        }
+    }
     let data: Vec<f32> = vectors.into_iter().flatten().collect();
     match rows {
         Rows::Genes(genes) => {

@@ -218,6 +218,9 @@ pub struct GgiScore {
     pub test_covered: usize,
     pub test_positive: usize,
     pub auc: f64,
+    /// Hanley–McNeil standard error of `auc` for these class sizes: how far apart two AUCs
+    /// on the same few hundred pairs must be before the difference means anything.
+    pub auc_se: f64,
 }
 
 /// The L2 weight of the logistic regression: loss `sum log-loss + alpha / 2 |w|^2`, i.e.
@@ -283,14 +286,28 @@ pub fn evaluate(
         .iter()
         .map(|&v| if positive_is_true { v } else { 1.0 - v })
         .collect();
+    let auc = roc_auc(&scores, &yte);
+    let pos = yte.iter().filter(|&&v| v).count();
     Ok(GgiScore {
         train_pairs,
         train_covered: data.nsamples(),
         test_pairs,
         test_covered: yte.len(),
-        test_positive: yte.iter().filter(|&&v| v).count(),
-        auc: roc_auc(&scores, &yte),
+        test_positive: pos,
+        auc,
+        auc_se: auc_standard_error(auc, pos, yte.len() - pos),
     })
+}
+
+/// Hanley & McNeil (1982): the standard error of an AUC from `pos` positives and `neg`
+/// negatives.
+pub fn auc_standard_error(auc: f64, pos: usize, neg: usize) -> f64 {
+    let (n1, n2) = (pos as f64, neg as f64);
+    let q1 = auc / (2.0 - auc);
+    let q2 = 2.0 * auc * auc / (1.0 + auc);
+    let var = (auc * (1.0 - auc) + (n1 - 1.0) * (q1 - auc * auc) + (n2 - 1.0) * (q2 - auc * auc))
+        / (n1 * n2);
+    var.max(0.0).sqrt()
 }
 
 /// ROC AUC as the Mann–Whitney statistic: the probability that a random positive scores above
@@ -367,6 +384,12 @@ mod tests {
             0.875
         );
         assert!(roc_auc(&[0.3, 0.5], &[true, true]).is_nan());
+        // The formula's value for AUC 0.8 and 50 + 50, worked by hand; four times the pairs
+        // halve it (to first order).
+        let se = auc_standard_error(0.8, 50, 50);
+        assert!((se - 0.044_502).abs() < 1e-6, "{se}");
+        let ratio = se / auc_standard_error(0.8, 200, 200);
+        assert!((ratio - 2.0).abs() < 0.05, "{ratio}");
     }
 
     #[test]
