@@ -45,6 +45,8 @@ const QWEN2_1_5B: Model = Model {
 #[derive(Clone, Copy)]
 pub enum Bound {
     Compute,
+    /// Arithmetic-bound on the `vdpbf16ps` peak.
+    ComputeBf16,
     Memory,
     Unmeasured,
 }
@@ -73,9 +75,10 @@ pub struct Case {
 impl Case {
     pub fn run(self, peak: &mut Peak, quick: bool) -> Result<Record> {
         let budget = if quick { 0.15 } else { 0.6 };
-        let compute = matches!(self.bound, Bound::Compute);
-        if compute {
-            peak.refresh_flops();
+        match self.bound {
+            Bound::Compute => peak.refresh_flops(),
+            Bound::ComputeBf16 => peak.refresh_bf16_flops(),
+            _ => {}
         }
         let Measured {
             err,
@@ -85,6 +88,7 @@ impl Case {
         let (gflops, gbps) = (self.flops / time_us / 1e3, self.bytes / time_us / 1e3);
         let (achieved, roofline) = match self.bound {
             Bound::Compute => (gflops, peak.gflops),
+            Bound::ComputeBf16 => (gflops, peak.bf16_gflops),
             Bound::Memory => (gbps, peak.gbps),
             Bound::Unmeasured => (f64::NAN, f64::NAN),
         };
@@ -140,6 +144,33 @@ pub fn all(quick: bool) -> Vec<Case> {
             m.ffn,
             true,
         ));
+    }
+    // The frozen-weight GEMMs of `--dtype bf16`: the forward x . W^T and the input gradient
+    // dY . W, bf16 x bf16 -> f32, where the CPU has AVX512-BF16.
+    if bft_kernels::cpu::bf16_gemm::available() {
+        for m in models {
+            v.push(gemm_bf16(
+                &format!("bf16 {} up_proj", m.name),
+                tokens,
+                m.ffn,
+                m.hidden,
+                true,
+            ));
+            v.push(gemm_bf16(
+                &format!("bf16 {} up_proj dX", m.name),
+                tokens,
+                m.hidden,
+                m.ffn,
+                false,
+            ));
+            v.push(gemm_bf16(
+                &format!("bf16 {} down_proj", m.name),
+                tokens,
+                m.hidden,
+                m.ffn,
+                true,
+            ));
+        }
     }
     for m in models {
         for t in if quick {
@@ -230,6 +261,71 @@ fn gemm(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
         bound: Bound::Compute,
         backend: "cpu",
         dtype: "f32",
+        body: Box::new(body),
+    }
+}
+
+/// As `gemm`, with bf16 operands and an f32 result through `bf16_gemm`; validated against the
+/// f64 product of the same bf16 values.
+fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
+    use half::bf16;
+    let body = move |budget: f64| {
+        let to16 = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+        let (a, b) = (to16(data(m * k, 1)), to16(data(k * n, 2)));
+        let mut c = vec![0.0f32; m * n];
+        let dims = GemmDims { batch: 1, m, n, k };
+        let ao = Operand {
+            data: &a[..],
+            trans: false,
+            batch_stride: 0,
+        };
+        let bo = Operand {
+            data: &b[..],
+            trans: tb,
+            batch_stride: 0,
+        };
+        let run = |c: &mut [f32]| bft_kernels::cpu::bf16_gemm::matmul_bf16(dims, ao, bo, c, false);
+        ensure!(run(&mut c), "bf16 GEMM unavailable");
+        let samples: Vec<(usize, usize)> = (0..512)
+            .map(|s| ((s * 7919) % m, (s * 104_729) % n))
+            .collect();
+        let got: Vec<f32> = samples.iter().map(|&(i, j)| c[i * n + j]).collect();
+        let want: Vec<f64> = samples
+            .iter()
+            .map(|&(i, j)| {
+                (0..k)
+                    .map(|p| {
+                        let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                        a[i * k + p].to_f64() * bv.to_f64()
+                    })
+                    .sum()
+            })
+            .collect();
+        let err = rel_err(&got, &want);
+        let t = median_us(budget, || {
+            run(&mut c);
+        });
+        Ok(Measured {
+            err,
+            time_us: t,
+            peak_bytes: None,
+        })
+    };
+    Case {
+        name: name.into(),
+        shape: format!(
+            "{m}x{k} . {}",
+            if tb {
+                format!("({n}x{k})^T")
+            } else {
+                format!("{k}x{n}")
+            }
+        ),
+        flops: 2.0 * (m * n * k) as f64,
+        bytes: 2.0 * (m * k + k * n) as f64 + 4.0 * (m * n) as f64,
+        bound: Bound::ComputeBf16,
+        backend: "cpu",
+        dtype: "bf16",
         body: Box::new(body),
     }
 }

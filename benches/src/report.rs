@@ -1,12 +1,14 @@
 //! The roofline, the record written per kernel, and the printed table.
 
-use bft_kernels::cpu::peak::{memory_bandwidth, peak_f32_flops};
+use bft_kernels::cpu::peak::{memory_bandwidth, peak_bf16_flops, peak_f32_flops};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Peak {
     pub gflops: f64,
     pub gbps: f64,
+    /// The `vdpbf16ps` peak; NaN where the CPU lacks AVX512-BF16 (no bf16 rows then).
+    pub bf16_gflops: f64,
 }
 
 impl Peak {
@@ -15,6 +17,16 @@ impl Peak {
         Peak {
             gflops: peak_f32_flops(secs) / 1e9,
             gbps: memory_bandwidth(256 << 20) / 1e9,
+            bf16_gflops: peak_bf16_flops(secs).map_or(f64::NAN, |f| f / 1e9),
+        }
+    }
+
+    /// No roofline (device backends).
+    pub fn unmeasured() -> Peak {
+        Peak {
+            gflops: f64::NAN,
+            gbps: f64::NAN,
+            bf16_gflops: f64::NAN,
         }
     }
 
@@ -24,6 +36,13 @@ impl Peak {
     /// highest value seen is the estimate.
     pub fn refresh_flops(&mut self) {
         self.gflops = self.gflops.max(peak_f32_flops(0.5) / 1e9);
+    }
+
+    /// As `refresh_flops`, for the bf16 peak.
+    pub fn refresh_bf16_flops(&mut self) {
+        if let Some(f) = peak_bf16_flops(0.5) {
+            self.bf16_gflops = self.bf16_gflops.max(f / 1e9);
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! runs in f32 (training) and f64 (finite-difference gradient checks).
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod binary;
 pub mod embedding;
 pub mod layernorm;

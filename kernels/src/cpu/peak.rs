@@ -9,25 +9,45 @@ const CHAINS: usize = 12;
 
 /// Best measured f32 FLOP/s over all threads, using the widest FMA the CPU has.
 pub fn peak_f32_flops(seconds: f64) -> f64 {
+    best_rate(seconds, fma_loop)
+}
+
+/// Best measured bf16 FLOP/s (`vdpbf16ps`: 32 multiply-adds an instruction), or `None` when the
+/// CPU lacks AVX512-BF16: the ceiling of `bf16_gemm`.
+pub fn peak_bf16_flops(seconds: f64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if super::bf16_gemm::available() {
+        // SAFETY: `available` checked AVX-512F and AVX512-BF16, the loop's target features.
+        return Some(best_rate(seconds, |iters, seed| unsafe {
+            x86::dpbf16(iters, seed)
+        }));
+    }
+    let _ = seconds;
+    None
+}
+
+/// The best of three timed runs of `work(iters, seed)` (which returns the FLOPs it did) on
+/// every thread at once.
+fn best_rate(seconds: f64, work: impl Fn(usize, f32) -> f64 + Sync) -> f64 {
     let threads = rayon::current_num_threads();
-    let iters = calibrate(seconds / 3.0);
+    let iters = calibrate(seconds / 3.0, &work);
     (0..3)
         .map(|_| {
             let t0 = Instant::now();
             let flops: f64 = (0..threads)
                 .into_par_iter()
-                .map(|i| fma_loop(iters, i as f32))
+                .map(|i| work(iters, i as f32))
                 .sum();
             flops / t0.elapsed().as_secs_f64()
         })
         .fold(0.0, f64::max)
 }
 
-fn calibrate(seconds: f64) -> usize {
+fn calibrate(seconds: f64, work: &impl Fn(usize, f32) -> f64) -> usize {
     let mut iters = 1 << 16;
     loop {
         let t0 = Instant::now();
-        std::hint::black_box(fma_loop(iters, 1.0));
+        std::hint::black_box(work(iters, 1.0));
         let dt = t0.elapsed().as_secs_f64();
         if dt > 0.02 {
             return ((iters as f64) * seconds / dt).max(1.0) as usize;
@@ -79,6 +99,27 @@ mod x86 {
         }
         std::hint::black_box(acc);
         (iters * CHAINS * 16 * 2) as f64
+    }
+
+    /// CHAINS independent `vdpbf16ps` accumulators: each instruction is 16 lanes of two
+    /// multiply-adds.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn dpbf16(iters: usize, seed: f32) -> f64 {
+        let mut acc = [_mm512_set1_ps(seed); CHAINS];
+        // SAFETY: __m512i and __m512bh are both 64 bytes of lanes; the transmute relabels them.
+        let (x, y): (__m512bh, __m512bh) = unsafe {
+            (
+                std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)),
+                std::mem::transmute(_mm512_set1_epi32(0x3380_3380)),
+            )
+        };
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, x, y);
+            }
+        }
+        std::hint::black_box(acc);
+        (iters * CHAINS * 16 * 4) as f64
     }
 
     #[target_feature(enable = "avx2,fma")]
