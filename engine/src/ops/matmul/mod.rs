@@ -43,9 +43,11 @@ impl Tensor {
             // 16-bit operands: the product runs on transient f32 copies and rounds once, but
             // the tape keeps the 16-bit operands (not f32 copies, as `via_f32` would), so a
             // frozen bf16 weight costs its 16 bits during training.
-            let out = wide(self)?
-                .matmul_t(&wide(rhs)?, ta, tb)?
-                .cast_untracked(half)?;
+            let product = match bf16_product(self, rhs, ta, tb)? {
+                Some(p) => p,
+                None => wide(self)?.matmul_t(&wide(rhs)?, ta, tb)?,
+            };
+            let out = product.cast_untracked(half)?;
             return Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
                 a: self.stop_gradient(),
                 b: rhs.stop_gradient(),
@@ -143,6 +145,54 @@ struct MatMulBackward {
     tb: bool,
 }
 
+/// `op(a) . op(b)` in f32 straight from bf16 operands through the AVX512-BF16 kernel (bf16
+/// products are exact in f32, so this is the widened product up to summation order), when
+/// both are bf16 on the CPU, their batch axes match and the CPU has the instructions; `None`
+/// sends the caller to the widening path (which also reports shape errors).
+fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Tensor>> {
+    use bft_kernels::cpu::bf16_gemm::{available, matmul_bf16};
+    let on_cpu = |t: &Tensor| t.dtype() == DType::BF16 && t.device() == crate::Device::Cpu;
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    if !(on_cpu(a) && on_cpu(b) && available()) || r != bd.len() || ad[..r - 2] != bd[..r - 2] {
+        return Ok(None);
+    }
+    let (m, k) = if ta {
+        (ad[r - 1], ad[r - 2])
+    } else {
+        (ad[r - 2], ad[r - 1])
+    };
+    let (kb, n) = if tb {
+        (bd[r - 1], bd[r - 2])
+    } else {
+        (bd[r - 2], bd[r - 1])
+    };
+    if k != kb {
+        return Ok(None);
+    }
+    let batch: usize = ad[..r - 2].iter().product();
+    let dims = GemmDims { batch, m, n, k };
+    let mut c = vec![0f32; batch * m * n];
+    let (a_op, b_op) = (
+        Operand {
+            data: a.cpu::<half::bf16>("matmul")?,
+            trans: ta,
+            batch_stride: m * k,
+        },
+        Operand {
+            data: b.cpu::<half::bf16>("matmul")?,
+            trans: tb,
+            batch_stride: k * n,
+        },
+    );
+    if !matmul_bf16(dims, a_op, b_op, &mut c, false) {
+        return Ok(None);
+    }
+    let mut out_dims = ad[..r - 2].to_vec();
+    out_dims.extend([m, n]);
+    Ok(Some(Tensor::from_cpu(c, out_dims)))
+}
+
 /// `t` in f32 when it is 16-bit (an untracked copy), else `t` untracked.
 fn wide(t: &Tensor) -> Result<Tensor> {
     if t.dtype().is_half() {
@@ -157,7 +207,13 @@ impl Backward for MatMulBackward {
     /// With 16-bit operands the products run in f32 and each gradient rounds once, to its
     /// operand's type: an f32 master weight beside a bf16 activation gets an f32 gradient.
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        if [g, &self.a, &self.b].iter().any(|t| t.dtype().is_half()) {
+        let all_bf16 = [g, &self.a, &self.b]
+            .iter()
+            .all(|t| t.dtype() == DType::BF16 && t.device() == crate::Device::Cpu);
+        // All-bf16 products skip the widening: the products below take the bf16 kernel in the
+        // forward's 16-bit branch (f32 accumulation, one rounding), where the CPU has it.
+        let bf16_kernel = all_bf16 && bft_kernels::cpu::bf16_gemm::available();
+        if !bf16_kernel && [g, &self.a, &self.b].iter().any(|t| t.dtype().is_half()) {
             let widened = MatMulBackward {
                 a: wide(&self.a)?,
                 b: wide(&self.b)?,
@@ -246,6 +302,46 @@ mod tests {
     #[test]
     fn gradcheck() {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+
+    /// All-bf16 products (the forward x . W^T and the input gradient dY . W of a frozen bf16
+    /// weight, batched and transposed operands too) give the widened f32 GEMM's values up to
+    /// the one bf16 rounding both end in: on an AVX512-BF16 CPU they run the bf16 kernel,
+    /// elsewhere the widening path, and the two must agree.
+    #[test]
+    fn all_bf16_products_equal_the_widened_product() {
+        use crate::{DType, Device, Tape, Tensor};
+        let dev = Device::Cpu;
+        let x = Tensor::randn([3, 17, 70], 1.0, 5, DType::BF16, &dev).unwrap();
+        let w = Tensor::randn([45, 70], 0.3, 6, DType::BF16, &dev).unwrap();
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let close = |got: &Tensor, want: &Tensor| {
+            assert_eq!(got.dtype(), DType::BF16);
+            let (g, w) = (got.to_f64_vec().unwrap(), want.to_f64_vec().unwrap());
+            let scale = w.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            for (a, b) in g.iter().zip(&w) {
+                // One bf16 rounding of either side: 2^-8 of the value, plus f32 noise.
+                assert!(
+                    (a - b).abs() <= b.abs() / 128.0 + 1e-5 * scale,
+                    "{a} vs {b}"
+                );
+            }
+        };
+        let y = x.matmul_t(&w, false, true).unwrap();
+        close(&y, &wide(&x).matmul_t(&wide(&w), false, true).unwrap());
+        let t = Tensor::randn([3, 70, 17], 1.0, 7, DType::BF16, &dev).unwrap();
+        let v = Tensor::randn([3, 45, 70], 0.3, 8, DType::BF16, &dev).unwrap();
+        close(
+            &t.matmul_t(&v, true, true).unwrap(),
+            &wide(&t).matmul_t(&wide(&v), true, true).unwrap(),
+        );
+        // The gradient of a tracked bf16 activation through the frozen weight: dY . W.
+        let tape = Tape::new();
+        let xt = tape.track(&x);
+        let loss = xt.matmul_t(&w, false, true).unwrap().sum_all().unwrap();
+        let dx = tape.backward(&loss).unwrap().remove(&xt).unwrap();
+        let ones = Tensor::ones([3, 17, 45], DType::F32, &dev).unwrap();
+        close(&dx, &ones.matmul(&wide(&w)).unwrap());
     }
 
     /// A bf16 activation times an f32 master weight and a frozen bf16 weight: the values and
