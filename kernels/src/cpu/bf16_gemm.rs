@@ -207,13 +207,16 @@ unsafe fn tile_kernel(
         // the broadcast reads inside ap's p-th row of MR pairs. __m512i and __m512bh are both
         // 64 bytes of lanes; the transmute only relabels them.
         unsafe {
-            let b0: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(bp.as_ptr().add(p * NR).cast()));
-            let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(bp.as_ptr().add(p * NR + 16).cast()));
+            let b0: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                bp.as_ptr().add(p * NR).cast(),
+            ));
+            let b1: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                bp.as_ptr().add(p * NR + 16).cast(),
+            ));
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let a: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*ap.get_unchecked(p * MR + r) as i32));
+                let a: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *ap.get_unchecked(p * MR + r) as i32,
+                ));
                 acc_r[0] = _mm512_dpbf16_ps(acc_r[0], a, b0);
                 acc_r[1] = _mm512_dpbf16_ps(acc_r[1], a, b1);
             }

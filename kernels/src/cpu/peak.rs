@@ -109,8 +109,8 @@ mod x86 {
         // SAFETY: __m512i and __m512bh are both 64 bytes of lanes; the transmute relabels them.
         let (x, y): (__m512bh, __m512bh) = unsafe {
             (
-                std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)),
-                std::mem::transmute(_mm512_set1_epi32(0x3380_3380)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3380_3380)),
             )
         };
         for _ in 0..iters {
