@@ -144,7 +144,11 @@ fn ggi_run(
     let random = ggi::evaluate(&ggi::random_like(emb, 1)?, train, test, None)?;
     let shuffled = ggi::evaluate(emb, train, test, Some(1))?;
     let row = |name: &str, s: &ggi::GgiScore| -> Row {
-        (name.to_string(), s.test_covered, vec![("ROC-AUC", s.auc)])
+        (
+            name.to_string(),
+            s.test_covered,
+            vec![("ROC-AUC", s.auc), ("s.e.", s.auc_se)],
+        )
     };
     let rows = vec![
         row("ggi", &real),
