@@ -58,13 +58,24 @@ pub fn matmul_bf16(
     if !available() {
         return false;
     }
+    super::matmul::counted(dims, || packed_gemm(dims, a, b, c, accumulate));
+    true
+}
+
+fn packed_gemm(
+    dims: GemmDims,
+    a: Operand<'_, bf16>,
+    b: Operand<'_, bf16>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let GemmDims { batch, m, n, k } = dims;
     assert!(
         c.len() >= batch * m * n,
         "matmul_bf16: output buffer too short"
     );
     if batch == 0 || m == 0 || n == 0 {
-        return true;
+        return;
     }
     assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k);
     assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
@@ -130,7 +141,6 @@ pub fn matmul_bf16(
                 }
             });
     }
-    true
 }
 
 /// Two bf16 values as one k-pair lane (the first in the low half).

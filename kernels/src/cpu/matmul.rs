@@ -48,15 +48,22 @@ pub fn matmul<T: Float>(
     c: &mut [T],
     accumulate: bool,
 ) {
+    counted(dims, || matmul_untimed(dims, a, b, c, accumulate))
+}
+
+/// Runs a GEMM of `dims`, adding its time and flops to this thread's counters while they are
+/// on (every CPU GEMM kernel goes through here, f32 and bf16 alike).
+pub(crate) fn counted<R>(dims: GemmDims, gemm: impl FnOnce() -> R) -> R {
     if COUNTERS.with(Cell::get).is_none() {
-        return matmul_untimed(dims, a, b, c, accumulate);
+        return gemm();
     }
     let t0 = Instant::now();
-    matmul_untimed(dims, a, b, c, accumulate);
+    let out = gemm();
     let GemmDims { batch, m, n, k } = dims;
     let flops = 2.0 * (batch * m * n * k) as f64;
     let seconds = t0.elapsed().as_secs_f64();
     COUNTERS.with(|c| c.set(c.get().map(|(s, f)| (s + seconds, f + flops))));
+    out
 }
 
 fn matmul_untimed<T: Float>(

@@ -550,7 +550,7 @@ fn profile_table(p: &bft_engine::profile::Profile, step: u64, tokens: usize) -> 
     write!(
         out,
         "{:<31} {:>9.4} {:>6.1}%\n{:<31} {:>9.4} {:>6.1}%\n\
-         GEMM kernel (every matmul, LM head included): {:.4} s = {:.1}% of the step at {:.1} GFLOP/s; \
+         GEMM kernels (f32 and bf16: every matmul, LM head included): {:.4} s = {:.1}% of the step at {:.1} GFLOP/s; \
          the rest, {:.1}%, is not GEMM",
         "in ops",
         ops,
