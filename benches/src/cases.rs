@@ -150,21 +150,21 @@ pub fn all(quick: bool) -> Vec<Case> {
     if bft_kernels::cpu::bf16_gemm::available() {
         for m in models {
             v.push(gemm_bf16(
-                &format!("bf16 {} up_proj", m.name),
+                &format!("gemm bf16 {} up_proj", m.name),
                 tokens,
                 m.ffn,
                 m.hidden,
                 true,
             ));
             v.push(gemm_bf16(
-                &format!("bf16 {} up_proj dX", m.name),
+                &format!("gemm bf16 {} up_proj dX", m.name),
                 tokens,
                 m.hidden,
                 m.ffn,
                 false,
             ));
             v.push(gemm_bf16(
-                &format!("bf16 {} down_proj", m.name),
+                &format!("gemm bf16 {} down_proj", m.name),
                 tokens,
                 m.hidden,
                 m.ffn,

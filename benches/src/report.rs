@@ -69,10 +69,10 @@ pub struct Record {
 
 pub fn print_header() {
     println!(
-        "{:<28} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>10}",
+        "{:<34} {:<34} {:>11} {:>9} {:>8} {:>7} {:>9} {:>10}",
         "kernel", "shape", "time", "GFLOP/s", "GB/s", "%peak", "rel err", "peak mem"
     );
-    println!("{}", "-".repeat(124));
+    println!("{}", "-".repeat(130));
 }
 
 pub fn print_row(r: &Record) {
@@ -91,7 +91,7 @@ pub fn print_row(r: &Record) {
         "n/a".into()
     };
     println!(
-        "{:<28} {:<34} {:>11} {:>9.1} {:>8.1} {:>7} {:>9.1e} {:>10}",
+        "{:<34} {:<34} {:>11} {:>9.1} {:>8.1} {:>7} {:>9.1e} {:>10}",
         r.kernel, r.shape, time, r.gflops, r.gbps, pct, r.max_rel_err, mem
     );
 }

@@ -472,6 +472,6 @@ mod tests {
         assert!(immune > 20, "{immune} immune genes");
         let known = known_genes();
         assert!(known.contains("TP53") && known.len() > 8_000);
-        assert!(ggi_genes().len() > 8_000);
+        assert_eq!(ggi_genes().len(), 11_299);
     }
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GeneSource {
-    /// The genes of the Gene2vec GGI pairs (train and test; about 9,000).
+    /// The genes of the Gene2vec GGI pairs (train and test: 11,299).
     Ggi,
     /// The 1,436 genes with a real NCBI/Alliance summary.
     Summaries,
