@@ -1276,6 +1276,19 @@ fn embed_and_ggi_errors_name_the_file_and_line_and_write_nothing() {
             .arg(&out),
         "has no summary",
     );
+    fails(
+        bft()
+            .args([
+                "embed",
+                "--genes-from",
+                "summaries",
+                "--text-from",
+                "summaries",
+            ])
+            .args(["--adapter", "some/adapter", "--out"])
+            .arg(&out),
+        "--adapter has no effect here",
+    );
     assert!(!out.exists());
     let report = dir.join("r.json");
     let ggi_eval = |emb: &Path| {

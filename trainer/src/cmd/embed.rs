@@ -96,6 +96,12 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     // The model is needed to describe genes and to embed with itself.
     let needs_model = matches!(rows, Rows::Genes(_)) && a.text_from == TextFrom::Generated
         || a.encoder == EncoderName::SelfModel;
+    if a.adapter.is_some() && !needs_model {
+        bail!("--adapter has no effect here: no model describes the genes or embeds the texts");
+    }
+    if a.encoder_dir.is_some() && a.encoder == EncoderName::SelfModel {
+        bail!("--encoder-dir is for --encoder minilm; --encoder self embeds with the model");
+    }
     let lm = if needs_model {
         let model = crate::cli::model_path(&a.model)?;
         let args = crate::cli::ModelArgs {
