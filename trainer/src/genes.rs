@@ -144,6 +144,59 @@ pub fn build() -> GeneData {
     data
 }
 
+/// GeneAgent GO sets kept out of training: the first `GO_EVAL_SETS` of `GO_terms.csv` in file
+/// order, which `bft eval --benchmark go --limit N` (N at most this) evaluates.
+pub const GO_EVAL_SETS: usize = 200;
+
+/// Genes whose summary sentence an answer quotes, at most.
+const GROUNDED_GENES: usize = 4;
+
+/// Instructions for the task the paper evaluates: a gene set in, its biological process out,
+/// in GeneAgent's format. Built from the GeneAgent GO sets after the first `GO_EVAL_SETS`
+/// (disjoint from the evaluated ones): GeneAgent's system message and prompt with the set's
+/// genes, and an answer `Process: <curated GO name>` followed by one grounding line per gene
+/// (up to four, in set order) that has a real summary: `GENE: <its first sentence>`.
+pub fn gene_set_instructions() -> Vec<Conversation> {
+    use crate::eval::geneagent::{Collection, SYSTEM, gene_sets, prompt};
+    let first_sentence: std::collections::HashMap<String, String> = crate::embed::gene_summaries()
+        .into_iter()
+        .filter_map(|(g, text)| {
+            let s = sentences(&text).into_iter().next()?.to_string();
+            Some((g, s))
+        })
+        .collect();
+    // cannot fail: the GO file is embedded and a unit test in eval::geneagent parses it.
+    let sets = gene_sets(Collection::Go).expect("the embedded GO sets parse");
+    sets.iter()
+        .enumerate()
+        .skip(GO_EVAL_SETS)
+        .map(|(i, set)| {
+            let mut answer = format!("Process: {}", set.name);
+            let grounded = set
+                .genes
+                .iter()
+                .filter_map(|g| Some((g, first_sentence.get(g)?)))
+                .take(GROUNDED_GENES);
+            for (g, sentence) in grounded {
+                answer.push_str(&format!("\n{g}: {sentence}"));
+            }
+            let msg = |role: &str, content: String| Message {
+                role: role.into(),
+                content,
+            };
+            Conversation {
+                messages: vec![
+                    msg("system", SYSTEM.to_string()),
+                    msg("user", prompt(&set.genes)),
+                    msg("assistant", answer),
+                ],
+                // The set's data line in GO_terms.csv (after the header).
+                line: i + 2,
+            }
+        })
+        .collect()
+}
+
 /// Writes conversations as OpenAI-style `messages` JSONL.
 pub fn write_jsonl(convs: &[Conversation], path: &std::path::Path) -> std::io::Result<()> {
     let body: String = convs
@@ -156,6 +209,46 @@ pub fn write_jsonl(convs: &[Conversation], path: &std::path::Path) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gene-set instructions: every GO set after the evaluated ones, none of the evaluated,
+    /// GeneAgent's prompt, and answers whose first line is the curated name (what
+    /// `extract_process` reads back) followed by real summary sentences of the set's genes.
+    #[test]
+    fn gene_set_instructions_skip_the_evaluated_sets_and_ground_their_answers() {
+        use crate::eval::geneagent::{Collection, extract_process, gene_sets};
+        let go = gene_sets(Collection::Go).unwrap();
+        let data = gene_set_instructions();
+        assert_eq!(data.len(), go.len() - GO_EVAL_SETS);
+        let evaluated: std::collections::HashSet<&str> =
+            go[..GO_EVAL_SETS].iter().map(|s| s.id.as_str()).collect();
+        for (c, set) in data.iter().zip(&go[GO_EVAL_SETS..]) {
+            assert!(!evaluated.contains(set.id.as_str()));
+            assert_eq!(c.messages.len(), 3);
+            assert!(c.messages[1].content.contains(&set.genes.join(",")));
+            let answer = &c.messages[2].content;
+            assert_eq!(extract_process(answer), set.name.trim_end_matches('.'));
+            for line in answer.lines().skip(1) {
+                let (gene, _) = line.split_once(": ").unwrap();
+                assert!(set.genes.iter().any(|g| g == gene), "{line}");
+            }
+        }
+        let grounded = data
+            .iter()
+            .filter(|c| c.messages[2].content.contains('\n'))
+            .count();
+        assert!(
+            grounded > 500,
+            "{grounded} of {} answers quote a summary",
+            data.len()
+        );
+        // Deterministic: the same text twice.
+        let again = gene_set_instructions();
+        assert!(
+            data.iter()
+                .zip(&again)
+                .all(|(a, b)| a.messages == b.messages)
+        );
+    }
 
     #[test]
     fn dataset_is_deterministic_with_disjoint_held_out_genes() {
