@@ -404,6 +404,38 @@ impl Tensor {
                 .cast_untracked(dtype)?
                 .to_device(&self.device());
         };
+        // f32 <-> 16-bit: parallel kernels that round from the f32 bits. The rest (f64, u32,
+        // 16-bit to 16-bit) go element by element through f64.
+        use bft_kernels::cpu::cast;
+        let fast = match (&s.data, dtype) {
+            (CpuData::F32(v), DType::BF16) => {
+                let mut out = vec![half::bf16::ZERO; v.len()];
+                cast::narrow_bf16(v, &mut out);
+                Some(CpuData::BF16(out))
+            }
+            (CpuData::F32(v), DType::F16) => {
+                let mut out = vec![half::f16::ZERO; v.len()];
+                cast::narrow_f16(v, &mut out);
+                Some(CpuData::F16(out))
+            }
+            (CpuData::BF16(v), DType::F32) => {
+                let mut out = vec![0f32; v.len()];
+                cast::widen_bf16(v, &mut out);
+                Some(CpuData::F32(out))
+            }
+            (CpuData::F16(v), DType::F32) => {
+                let mut out = vec![0f32; v.len()];
+                cast::widen_f16(v, &mut out);
+                Some(CpuData::F32(out))
+            }
+            _ => None,
+        };
+        if let Some(data) = fast {
+            return Ok(Tensor::from_storage(
+                Arc::new(Storage::Cpu(CpuStorage::new(data))),
+                self.shape.clone(),
+            ));
+        }
         fn conv<S: Elem, D: Elem>(v: &[S]) -> Vec<D> {
             v.iter().map(|&x| D::from_f64(x.to_f64())).collect()
         }

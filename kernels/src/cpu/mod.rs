@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod bf16_gemm;
 pub mod binary;
+pub mod cast;
 pub mod embedding;
 pub mod layernorm;
 pub mod layout;
