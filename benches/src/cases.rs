@@ -223,22 +223,7 @@ fn gemm(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
             batch_stride: 0,
         };
         matmul(dims, ao, bo, &mut c, false);
-        // Validate 512 sampled entries of the timed shape against f64 dot products.
-        let samples: Vec<(usize, usize)> = (0..512)
-            .map(|s| ((s * 7919) % m, (s * 104_729) % n))
-            .collect();
-        let got: Vec<f32> = samples.iter().map(|&(i, j)| c[i * n + j]).collect();
-        let want: Vec<f64> = samples
-            .iter()
-            .map(|&(i, j)| {
-                (0..k)
-                    .map(|p| {
-                        a[i * k + p] as f64 * if tb { b[j * k + p] } else { b[p * n + j] } as f64
-                    })
-                    .sum()
-            })
-            .collect();
-        let err = rel_err(&got, &want);
+        let err = sampled_error((m, n, k, tb), &c, |i| a[i] as f64, |i| b[i] as f64);
         let t = median_us(budget, || matmul(dims, ao, bo, &mut c, false));
         Ok(Measured {
             err,
@@ -248,14 +233,7 @@ fn gemm(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
     };
     Case {
         name: name.into(),
-        shape: format!(
-            "{m}x{k} . {}",
-            if tb {
-                format!("({n}x{k})^T")
-            } else {
-                format!("{k}x{n}")
-            }
-        ),
+        shape: gemm_shape(m, n, k, tb),
         flops: 2.0 * (m * n * k) as f64,
         bytes: 4.0 * (m * k + k * n + m * n) as f64,
         bound: Bound::Compute,
@@ -263,6 +241,38 @@ fn gemm(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
         dtype: "f32",
         body: Box::new(body),
     }
+}
+
+/// `A (m, k) . B`, B stored `(n, k)` and read transposed when `tb`, else `(k, n)`.
+fn gemm_shape(m: usize, n: usize, k: usize, tb: bool) -> String {
+    if tb {
+        format!("{m}x{k} . ({n}x{k})^T")
+    } else {
+        format!("{m}x{k} . {k}x{n}")
+    }
+}
+
+/// The relative error of 512 sampled entries of `c = A . op(B)` (sizes `(m, n, k, tb)`, as in
+/// `gemm_shape`) against f64 dot products of the operands' values.
+fn sampled_error(
+    (m, n, k, tb): (usize, usize, usize, bool),
+    c: &[f32],
+    a: impl Fn(usize) -> f64,
+    b: impl Fn(usize) -> f64,
+) -> f64 {
+    let samples: Vec<(usize, usize)> = (0..512)
+        .map(|s| ((s * 7919) % m, (s * 104_729) % n))
+        .collect();
+    let got: Vec<f32> = samples.iter().map(|&(i, j)| c[i * n + j]).collect();
+    let want: Vec<f64> = samples
+        .iter()
+        .map(|&(i, j)| {
+            (0..k)
+                .map(|p| a(i * k + p) * b(if tb { j * k + p } else { p * n + j }))
+                .sum()
+        })
+        .collect();
+    rel_err(&got, &want)
 }
 
 /// As `gemm`, with bf16 operands and an f32 result through `bf16_gemm`; validated against the
@@ -286,22 +296,7 @@ fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
         };
         let run = |c: &mut [f32]| bft_kernels::cpu::bf16_gemm::matmul_bf16(dims, ao, bo, c, false);
         ensure!(run(&mut c), "bf16 GEMM unavailable");
-        let samples: Vec<(usize, usize)> = (0..512)
-            .map(|s| ((s * 7919) % m, (s * 104_729) % n))
-            .collect();
-        let got: Vec<f32> = samples.iter().map(|&(i, j)| c[i * n + j]).collect();
-        let want: Vec<f64> = samples
-            .iter()
-            .map(|&(i, j)| {
-                (0..k)
-                    .map(|p| {
-                        let bv = if tb { b[j * k + p] } else { b[p * n + j] };
-                        a[i * k + p].to_f64() * bv.to_f64()
-                    })
-                    .sum()
-            })
-            .collect();
-        let err = rel_err(&got, &want);
+        let err = sampled_error((m, n, k, tb), &c, |i| a[i].to_f64(), |i| b[i].to_f64());
         let t = median_us(budget, || {
             run(&mut c);
         });
@@ -313,14 +308,7 @@ fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
     };
     Case {
         name: name.into(),
-        shape: format!(
-            "{m}x{k} . {}",
-            if tb {
-                format!("({n}x{k})^T")
-            } else {
-                format!("{k}x{n}")
-            }
-        ),
+        shape: gemm_shape(m, n, k, tb),
         flops: 2.0 * (m * n * k) as f64,
         bytes: 2.0 * (m * k + k * n) as f64 + 4.0 * (m * n) as f64,
         bound: Bound::ComputeBf16,

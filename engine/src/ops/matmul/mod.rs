@@ -56,37 +56,8 @@ impl Tensor {
             });
         }
         same_kind("matmul", self, rhs)?;
-        if ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
-            return Err(Error::shape(
-                "matmul",
-                format!("batch axes differ: {ad:?} and {bd:?}"),
-            ));
-        }
-        let r = ad.len();
-        let (m, ka) = if ta {
-            (ad[r - 1], ad[r - 2])
-        } else {
-            (ad[r - 2], ad[r - 1])
-        };
-        let (kb, n) = if tb {
-            (bd[r - 1], bd[r - 2])
-        } else {
-            (bd[r - 2], bd[r - 1])
-        };
-        if ka != kb {
-            return Err(Error::shape(
-                "matmul",
-                format!(
-                    "inner sizes differ: {ad:?}{} . {bd:?}{}",
-                    if ta { "^T" } else { "" },
-                    if tb { "^T" } else { "" }
-                ),
-            ));
-        }
-        let batch: usize = ad[..r - 2].iter().product();
-        let dims = GemmDims { batch, m, n, k: ka };
-        let mut out_dims = ad[..r - 2].to_vec();
-        out_dims.extend([m, n]);
+        let (dims, out_dims) = gemm_dims(ad, bd, ta, tb)?;
+        let GemmDims { m, n, k: ka, .. } = dims;
         let out = if let Some((g, i)) = wgpu_of(self) {
             use bft_kernels::wgpu::ops::{DeviceOperand, matmul as gemm};
             let a = DeviceOperand {
@@ -145,19 +116,17 @@ struct MatMulBackward {
     tb: bool,
 }
 
-/// `op(a) . op(b)` in f32 straight from bf16 operands through the AVX512-BF16 kernel (bf16
-/// products are exact in f32, so this is the widened product up to summation order), when
-/// both are bf16 on the CPU, their batch axes match and the CPU has the instructions; `None`
-/// sends the caller to the widening path (which also reports shape errors).
-fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Tensor>> {
-    use bft_kernels::cpu::bf16_gemm::{available, matmul_bf16};
-    let on_cpu = |t: &Tensor| t.dtype() == DType::BF16 && t.device() == crate::Device::Cpu;
-    let (ad, bd) = (a.dims(), b.dims());
-    let r = ad.len();
-    if !(on_cpu(a) && on_cpu(b) && available()) || r != bd.len() || ad[..r - 2] != bd[..r - 2] {
-        return Ok(None);
+/// The GEMM sizes of `op(a) . op(b)` for operands of dims `ad`, `bd` (same rank, matching
+/// batch axes) and the product's dims; errors name both shapes.
+fn gemm_dims(ad: &[usize], bd: &[usize], ta: bool, tb: bool) -> Result<(GemmDims, Vec<usize>)> {
+    if ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
+        return Err(Error::shape(
+            "matmul",
+            format!("batch axes differ: {ad:?} and {bd:?}"),
+        ));
     }
-    let (m, k) = if ta {
+    let r = ad.len();
+    let (m, ka) = if ta {
         (ad[r - 1], ad[r - 2])
     } else {
         (ad[r - 2], ad[r - 1])
@@ -167,11 +136,36 @@ fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Ten
     } else {
         (bd[r - 2], bd[r - 1])
     };
-    if k != kb {
-        return Ok(None);
+    if ka != kb {
+        return Err(Error::shape(
+            "matmul",
+            format!(
+                "inner sizes differ: {ad:?}{} . {bd:?}{}",
+                if ta { "^T" } else { "" },
+                if tb { "^T" } else { "" }
+            ),
+        ));
     }
     let batch: usize = ad[..r - 2].iter().product();
-    let dims = GemmDims { batch, m, n, k };
+    let mut out_dims = ad[..r - 2].to_vec();
+    out_dims.extend([m, n]);
+    Ok((GemmDims { batch, m, n, k: ka }, out_dims))
+}
+
+/// `op(a) . op(b)` in f32 straight from bf16 operands through the AVX512-BF16 kernel (bf16
+/// products are exact in f32, so this is the widened product up to summation order), when
+/// both are bf16 on the CPU, their batch axes match and the CPU has the instructions; `None`
+/// sends the caller to the widening path (which also reports shape errors).
+fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Tensor>> {
+    use bft_kernels::cpu::bf16_gemm::{available, matmul_bf16};
+    let on_cpu = |t: &Tensor| t.dtype() == DType::BF16 && t.device() == crate::Device::Cpu;
+    if !(on_cpu(a) && on_cpu(b) && available()) || a.dims().len() != b.dims().len() {
+        return Ok(None);
+    }
+    let Ok((dims, out_dims)) = gemm_dims(a.dims(), b.dims(), ta, tb) else {
+        return Ok(None);
+    };
+    let GemmDims { batch, m, n, k } = dims;
     let mut c = vec![0f32; batch * m * n];
     let (a_op, b_op) = (
         Operand {
@@ -188,8 +182,6 @@ fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Ten
     if !matmul_bf16(dims, a_op, b_op, &mut c, false) {
         return Ok(None);
     }
-    let mut out_dims = ad[..r - 2].to_vec();
-    out_dims.extend([m, n]);
     Ok(Some(Tensor::from_cpu(c, out_dims)))
 }
 
