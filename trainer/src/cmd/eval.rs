@@ -61,25 +61,25 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if names.is_empty() {
         bail!("no benchmark given");
     }
-    let ggi = names.iter().any(|n| n == "ggi");
-    let embeddings = match (&a.embeddings, ggi) {
-        (Some(p), true) => {
-            Some(ggi::GeneEmbeddings::read(p).with_context(|| "reading --embeddings".to_string())?)
+    // The ggi benchmark's inputs (embeddings, training and test pairs), read up front.
+    let ggi_inputs = match (names.iter().any(|n| n == "ggi"), &a.embeddings) {
+        (true, Some(p)) => {
+            let emb = ggi::GeneEmbeddings::read(p).context("reading --embeddings")?;
+            let pairs = match &a.ggi_dir {
+                Some(dir) => (
+                    ggi::load_dir(dir, ggi::Split::Train)?,
+                    ggi::load_dir(dir, ggi::Split::Test)?,
+                ),
+                None => (
+                    ggi::builtin(ggi::Split::Train),
+                    ggi::builtin(ggi::Split::Test),
+                ),
+            };
+            Some((emb, pairs))
         }
-        (None, true) => bail!("--benchmark ggi needs --embeddings FILE (written by bft embed)"),
-        (Some(_), false) => bail!("--embeddings is for --benchmark ggi"),
-        (None, false) => None,
-    };
-    let ggi_pairs = match (ggi, &a.ggi_dir) {
-        (true, Some(dir)) => Some((
-            ggi::load_dir(dir, ggi::Split::Train)?,
-            ggi::load_dir(dir, ggi::Split::Test)?,
-        )),
-        (true, None) => Some((
-            ggi::builtin(ggi::Split::Train),
-            ggi::builtin(ggi::Split::Test),
-        )),
-        (false, _) => None,
+        (true, None) => bail!("--benchmark ggi needs --embeddings FILE (written by bft embed)"),
+        (false, Some(_)) => bail!("--embeddings is for --benchmark ggi"),
+        (false, None) => None,
     };
     // Only the generative benchmarks need the language model.
     let m = if names.iter().any(|n| n != "ggi") {
@@ -93,8 +93,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut report = serde_json::Map::new();
     for name in &names {
         if name == "ggi" {
-            let emb = embeddings.as_ref().context("the embeddings")?;
-            let (train, test) = ggi_pairs.as_ref().context("the GGI pairs")?;
+            let (emb, (train, test)) = ggi_inputs.as_ref().context("the ggi inputs")?;
             let (ggi_rows, json) = ggi_run(emb, train, test)?;
             rows.extend(ggi_rows);
             report.insert(name.clone(), json);

@@ -199,13 +199,12 @@ impl Backward for MatMulBackward {
     /// With 16-bit operands the products run in f32 and each gradient rounds once, to its
     /// operand's type: an f32 master weight beside a bf16 activation gets an f32 gradient.
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let all_bf16 = [g, &self.a, &self.b]
-            .iter()
-            .all(|t| t.dtype() == DType::BF16 && t.device() == crate::Device::Cpu);
-        // All-bf16 products skip the widening: the products below take the bf16 kernel in the
-        // forward's 16-bit branch (f32 accumulation, one rounding), where the CPU has it.
-        let bf16_kernel = all_bf16 && bft_kernels::cpu::bf16_gemm::available();
-        if !bf16_kernel && [g, &self.a, &self.b].iter().any(|t| t.dtype().is_half()) {
+        // When the gradient and both operands share one 16-bit type, the products below are
+        // all 16-bit and take the forward's 16-bit branch (the bf16 kernel or the widening,
+        // one rounding), which already gives each gradient its operand's type.
+        let one_half_type =
+            g.dtype().is_half() && [&self.a, &self.b].iter().all(|t| t.dtype() == g.dtype());
+        if !one_half_type && [g, &self.a, &self.b].iter().any(|t| t.dtype().is_half()) {
             let widened = MatMulBackward {
                 a: wide(&self.a)?,
                 b: wide(&self.b)?,
