@@ -79,6 +79,41 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// One cache of several rows' caches `(1, Hkv, S_b, D)`, each left-padded with `pad[b]`
+    /// zero positions to one length: `(B, Hkv, S, D)`. The padding must be masked out of
+    /// attention (`Transformer::hidden_cached_padded` with the same `pad`).
+    pub fn stack_left_padded<'a>(
+        rows: impl Iterator<Item = &'a KvCache>,
+        pad: &[usize],
+    ) -> Result<KvCache> {
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for (row, &p) in rows.zip(pad) {
+            let (Some(k), Some(v)) = (&row.k, &row.v) else {
+                return Err(Error::Config("stacking an empty KV cache".into()));
+            };
+            for (t, out) in [(k, &mut ks), (v, &mut vs)] {
+                let mut d = t.dims().to_vec();
+                out.push(if p == 0 {
+                    t.clone()
+                } else {
+                    d[2] = p;
+                    Tensor::cat(&[Tensor::zeros(d, t.dtype(), &t.device())?, t.clone()], 2)?
+                });
+            }
+        }
+        if ks.len() != pad.len() {
+            return Err(Error::Config(format!(
+                "{} caches for {} pads",
+                ks.len(),
+                pad.len()
+            )));
+        }
+        Ok(KvCache {
+            k: Some(Tensor::cat(&ks, 0)?),
+            v: Some(Tensor::cat(&vs, 0)?),
+        })
+    }
 }
 
 /// The seven linear projections of a layer, the modules LoRA can target.
@@ -281,7 +316,7 @@ impl Block {
 
     /// `x (B, T, C)` -> `(B, T, C)`; `cos, sin (T, head_dim / 2)` from `rope_tables`.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        self.forward_impl(x, cos, sin, None, None)
+        self.forward_impl(x, cos, sin, None, None, None)
     }
 
     /// As `forward`, in training mode: LoRA dropout masks are drawn from `dropout_seed`
@@ -293,7 +328,7 @@ impl Block {
         sin: &Tensor,
         dropout_seed: u64,
     ) -> Result<Tensor> {
-        self.forward_impl(x, cos, sin, None, Some(dropout_seed))
+        self.forward_impl(x, cos, sin, None, Some(dropout_seed), None)
     }
 
     /// Every tensor the layer computes with: base weights, then each adapter's A and B in
@@ -321,14 +356,18 @@ impl Block {
 
     /// As `forward`, attending also to the positions held in `cache` (which then grows by T);
     /// `cos, sin` must be the tables for positions `cache.len()..cache.len() + T`.
+    ///
+    /// With `pad`, row `b`'s first `pad[b]` positions (of the cache and of `x`) are left
+    /// padding: no position attends to them (inference only; see `padded_attention`).
     pub fn forward_cached(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut KvCache>,
+        pad: Option<&[usize]>,
     ) -> Result<Tensor> {
-        self.forward_impl(x, cos, sin, cache, None)
+        self.forward_impl(x, cos, sin, cache, None, pad)
     }
 
     fn forward_impl(
@@ -338,6 +377,7 @@ impl Block {
         sin: &Tensor,
         cache: Option<&mut KvCache>,
         dropout_seed: Option<u64>,
+        pad: Option<&[usize]>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let w = &self.tensors;
@@ -373,10 +413,11 @@ impl Block {
             cache.v = Some(v.clone());
         }
         // (B, heads, T, D) -> (B, T, heads * D)
-        let a = q
-            .causal_attention(&k, &v, None)?
-            .transpose(1, 2)?
-            .reshape([b, t, c.heads * c.head_dim])?;
+        let a = match pad {
+            Some(pad) if pad.iter().any(|&p| p > 0) => padded_attention(&q, &k, &v, pad)?,
+            _ => q.causal_attention(&k, &v, None)?,
+        };
+        let a = a.transpose(1, 2)?.reshape([b, t, c.heads * c.head_dim])?;
         let x = x.add(&self.linear(&a, Linear::O, dropout_seed)?)?;
         let h = x.rms_norm(&w[5], c.rms_eps)?;
         let m = self
@@ -384,6 +425,57 @@ impl Block {
             .swiglu(&self.linear(&h, Linear::Up, dropout_seed)?)?;
         Ok(x.add(&self.linear(&m, Linear::Down, dropout_seed)?)?)
     }
+}
+
+/// Causal attention of `q (B, Hq, T, D)` over `k, v (B, Hkv, S, D)` in which row `b`'s first
+/// `pad[b]` keys are left padding and get no weight: batched generation of prompts of
+/// different lengths. RoPE is relative, so shifting a row's positions by its padding changes
+/// nothing else. Composed of matmul, add and softmax with the (B, Hq, T, S) mask materialised,
+/// so it is for inference (no fused backward); a padding query attends to itself alone, which
+/// keeps its (never used) output finite.
+fn padded_attention(q: &Tensor, k: &Tensor, v: &Tensor, pad: &[usize]) -> Result<Tensor> {
+    let (&[b, hq, t, d], &[_, hkv, s, _]) = (q.dims(), k.dims()) else {
+        return Err(Error::Config(format!(
+            "padded attention needs 4-D q and k, got {:?} and {:?}",
+            q.dims(),
+            k.dims()
+        )));
+    };
+    if pad.len() != b || hkv == 0 || hq % hkv != 0 || s < t {
+        return Err(Error::Config(format!(
+            "padded attention: {} pads for {b} rows, q {:?}, k {:?}",
+            pad.len(),
+            q.dims(),
+            k.dims()
+        )));
+    }
+    let g = hq / hkv;
+    // Query head h uses K/V head h / g, and heads kv*g..(kv+1)*g are adjacent:
+    // (B, Hq, T, D) -> (B, Hkv, g*T, D), then (B, Hkv, g*T, D) . (B, Hkv, S, D)^T -> (B, Hkv, g*T, S)
+    let scores = q
+        .reshape([b, hkv, g * t, d])?
+        .matmul_t(k, false, true)?
+        .scale(1.0 / (d as f64).sqrt())?;
+    let mut mask = vec![0f32; b * hkv * g * t * s];
+    for (row, m) in mask.chunks_mut(g * t * s).enumerate() {
+        let p = pad[row / hkv];
+        for (qi, keys) in m.chunks_mut(s).enumerate() {
+            // Query qi % t sits at absolute position s - t + qi % t.
+            let at = s - t + qi % t;
+            for (j, x) in keys.iter_mut().enumerate() {
+                if j > at || (j < p && j != at) {
+                    *x = -1e30;
+                }
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, [b, hkv, g * t, s], &q.device())?.to_dtype(scores.dtype())?;
+    // (B, Hkv, g*T, S) . (B, Hkv, S, D) -> (B, Hkv, g*T, D) -> (B, Hq, T, D)
+    Ok(scores
+        .add(&mask)?
+        .softmax()?
+        .matmul(v)?
+        .reshape([b, hq, t, d])?)
 }
 
 /// Inverted dropout: a constant mask of 0 (probability `p`) and `1 / (1 - p)`, shaped like `x`.

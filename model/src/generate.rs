@@ -1,5 +1,6 @@
 //! Text generation with a KV cache: greedy, or temperature with top-p (nucleus) sampling.
 
+use crate::block::KvCache;
 use crate::{Result, Transformer};
 use bft_engine::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -60,40 +61,76 @@ pub fn generate(
     Ok(out)
 }
 
-/// Greedy continuations of several prompts of the same length at once (one batched forward
-/// per token, sharing the weight reads), each stopped at a token in `stop_ids` or after
-/// `max_new_tokens`; the batch ends when every row has stopped. Returns each row's new tokens
-/// without the stop token: the same tokens `generate` gives one prompt at a time, up to the
-/// rounding differences of batched GEMMs. Callers group prompts by length (no padding).
+/// Greedy continuations of several prompts at once (one batched forward per token, sharing
+/// the weight reads), each stopped at a token in `stop_ids` or after `max_new_tokens`; the
+/// batch ends when every row has stopped. Prompts of different lengths are left-padded and the
+/// padding masked out of attention (sort prompts by length to keep it small). Returns each
+/// row's new tokens without the stop token: the same tokens `generate` gives one prompt at a
+/// time, up to the rounding differences of batched GEMMs.
 pub fn generate_batch(
     model: &Transformer,
     prompts: &[Vec<u32>],
     stop_ids: &[u32],
     max_new_tokens: usize,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_batch_until(model, prompts, stop_ids, max_new_tokens, |_, _| false)
+}
+
+/// `generate_batch`, where a row also stops once `row_done(row, tokens so far)` holds (e.g. a
+/// caller that reads only the first line of each reply).
+pub fn generate_batch_until(
+    model: &Transformer,
+    prompts: &[Vec<u32>],
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+    mut row_done: impl FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
-    let Some(t) = prompts.first().map(Vec::len) else {
+    let Some(t) = prompts.iter().map(Vec::len).max() else {
         return Ok(Vec::new());
     };
-    if t == 0 || prompts.iter().any(|p| p.len() != t) {
+    if prompts.iter().any(Vec::is_empty) {
         return Err(crate::Error::Config(
-            "generate_batch needs non-empty prompts of one length".into(),
+            "generate_batch needs non-empty prompts".into(),
         ));
     }
+    let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
+    let padded = pad.iter().any(|&p| p > 0);
     let c = model.config.hidden;
-    let mut cache = model.new_cache();
+    // The last position of each row: (B, C) . (V, C)^T -> (B, V)
+    let last_logits = |h: &Tensor, rows: usize, width: usize| -> Result<Vec<f64>> {
+        let last = h.narrow(1, width - 1, 1)?.reshape([rows, c])?;
+        Ok(last.matmul_t(model.head(), false, true)?.to_f64_vec()?)
+    };
+    // The prompts. Rows of different lengths run one by one through the fused causal attention
+    // (the same work as a batch: prefill is bound by arithmetic, not weight reads) and their
+    // caches are stacked with the padding on the left.
+    let (mut cache, mut logits) = if padded {
+        let mut caches = Vec::with_capacity(b);
+        let mut logits = Vec::new();
+        for p in prompts {
+            let mut one = model.new_cache();
+            let ids = Tensor::from_vec(p.clone(), [1, p.len()], &Device::Cpu)?;
+            let h = model.hidden_cached(&ids, &mut one)?;
+            logits.extend(last_logits(&h, 1, p.len())?);
+            caches.push(one);
+        }
+        let stacked = (0..model.new_cache().len())
+            .map(|l| KvCache::stack_left_padded(caches.iter().map(|c| &c[l]), &pad))
+            .collect::<Result<Vec<_>>>()?;
+        (stacked, logits)
+    } else {
+        let mut cache = model.new_cache();
+        let ids = Tensor::from_vec(prompts.concat(), [b, t], &Device::Cpu)?;
+        let h = model.hidden_cached(&ids, &mut cache)?;
+        let logits = last_logits(&h, b, t)?;
+        (cache, logits)
+    };
     let mut out = vec![Vec::new(); b];
     let mut done = vec![false; b];
-    let mut input: Vec<u32> = prompts.concat();
-    let mut width = t;
-    for _ in 0..max_new_tokens {
-        let ids = Tensor::from_vec(input, [b, width], &Device::Cpu)?;
-        let h = model.hidden_cached(&ids, &mut cache)?;
-        // The last position of each row: (B, C) . (V, C)^T -> (B, V)
-        let last = h.narrow(1, width - 1, 1)?.reshape([b, c])?;
-        let logits = last.matmul_t(model.head(), false, true)?.to_f64_vec()?;
+    for step in 0..max_new_tokens {
         let v = logits.len() / b;
-        input = Vec::with_capacity(b);
+        let mut input = Vec::with_capacity(b);
         for (r, row) in logits.chunks(v).enumerate() {
             let next = greedy(row);
             if !done[r] {
@@ -101,14 +138,21 @@ pub fn generate_batch(
                     done[r] = true;
                 } else {
                     out[r].push(next);
+                    done[r] = row_done(r, &out[r]);
                 }
             }
             input.push(next);
         }
-        if done.iter().all(|&d| d) {
+        if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
             break;
         }
-        width = 1;
+        let ids = Tensor::from_vec(input, [b, 1], &Device::Cpu)?;
+        let h = if padded {
+            model.hidden_cached_padded(&ids, &mut cache, &pad)?
+        } else {
+            model.hidden_cached(&ids, &mut cache)?
+        };
+        logits = last_logits(&h, b, 1)?;
     }
     Ok(out)
 }
@@ -183,7 +227,41 @@ mod tests {
             .collect();
         let got = generate_batch(&model, &prompts, &[stop], 12).unwrap();
         assert_eq!(got, expect);
-        assert!(generate_batch(&model, &[vec![1], vec![1, 2]], &[], 3).is_err());
+        assert!(generate_batch(&model, &[vec![1], vec![]], &[], 3).is_err());
+    }
+
+    /// Prompts of different lengths, left-padded and masked, continue exactly as they do one at
+    /// a time (f64, so rounding cannot flip a greedy choice); `row_done` stops single rows.
+    #[test]
+    fn padded_batches_equal_one_at_a_time() {
+        let text = r#"{"model_type": "llama", "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 23, "tie_word_embeddings": true, "rope_theta": 10000.0}"#;
+        let config = crate::ModelConfig::from_json(text).unwrap();
+        let model = Transformer::random(config, 7, bft_engine::DType::F64).unwrap();
+        let prompts = vec![
+            vec![1, 5, 9, 3, 3, 8],
+            vec![2],
+            vec![7, 0, 11],
+            vec![4, 4, 4, 4, 1],
+        ];
+        let sampling = Sampling {
+            max_new_tokens: 10,
+            ..Default::default()
+        };
+        let single: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&model, p, &[], sampling, |_| true).unwrap())
+            .collect();
+        assert_eq!(generate_batch(&model, &prompts, &[], 10).unwrap(), single);
+        // Row 2 stops after 3 tokens; the others are unaffected.
+        let got =
+            generate_batch_until(&model, &prompts, &[], 10, |r, t| r == 2 && t.len() == 3).unwrap();
+        assert_eq!(got[2], single[2][..3]);
+        assert_eq!(
+            (&got[0], &got[1], &got[3]),
+            (&single[0], &single[1], &single[3])
+        );
     }
 
     #[test]

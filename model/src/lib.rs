@@ -15,7 +15,7 @@ pub mod weights;
 pub use block::{Block, BlockConfig, KvCache, Linear, LoraPair};
 pub use config::{Arch, Llama3Scaling, ModelConfig};
 pub use encoder::{EncoderConfig, SentenceEncoder};
-pub use generate::{Sampling, generate, generate_batch};
+pub use generate::{Sampling, generate, generate_batch, generate_batch_until};
 pub use loader::{LoadedModel, load_model, save_hf_dir};
 pub use lora::LoraConfig;
 pub use tokenizer::{ChatTemplate, Message, tokenizer_from_dir, tokenizer_from_gguf};

@@ -124,7 +124,7 @@ impl Transformer {
     /// Final hidden states `(B, T, C)` (after the last norm) for token ids `(B, T)` at
     /// positions `0..T`.
     pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
-        self.hidden_impl(ids, None)
+        self.hidden_impl(ids, None, None)
     }
 
     /// Hidden states in training mode: LoRA dropout drawn from `dropout_seed`, and each layer
@@ -234,16 +234,41 @@ impl Transformer {
                 self.blocks.len()
             )));
         }
-        self.hidden_impl(ids, Some(cache))
+        self.hidden_impl(ids, Some(cache), None)
     }
 
-    fn hidden_impl(&self, ids: &Tensor, mut cache: Option<&mut [KvCache]>) -> Result<Tensor> {
+    /// `hidden_cached` for left-padded rows: row `b`'s first `pad[b]` positions (counted from
+    /// the start of the cache) are padding that no position attends to. The hidden states of
+    /// the real positions are those of the unpadded row, up to rounding.
+    pub fn hidden_cached_padded(
+        &self,
+        ids: &Tensor,
+        cache: &mut [KvCache],
+        pad: &[usize],
+    ) -> Result<Tensor> {
+        if cache.len() != self.blocks.len() {
+            return Err(Error::Config(format!(
+                "{} caches for {} layers",
+                cache.len(),
+                self.blocks.len()
+            )));
+        }
+        self.hidden_impl(ids, Some(cache), Some(pad))
+    }
+
+    fn hidden_impl(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut [KvCache]>,
+        pad: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let t = self.check_ids(ids)?;
         let offset = cache.as_ref().map_or(0, |c| c[0].len());
         let (cos, sin) = self.rope(t, offset)?;
         let mut x = self.embed.embedding(ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward_cached(&x, &cos, &sin, cache.as_deref_mut().map(|c| &mut c[i]))?;
+            let c = cache.as_deref_mut().map(|c| &mut c[i]);
+            x = block.forward_cached(&x, &cos, &sin, c, pad)?;
         }
         Ok(x.rms_norm(&self.norm, self.config.rms_eps)?)
     }
