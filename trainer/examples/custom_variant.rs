@@ -1,8 +1,15 @@
-//! A new loss variant in one file, trained through the same fused LM-head kernel as the
-//! built-ins. Run it with `cargo run --release -p bft-trainer --example custom_variant`.
+//! A new loss variant in one file, trained on a real model through the library's run call (the
+//! same one `bft train` and `bft sweep` use), then made available to sweep files.
+//!
+//! `cargo run --release -p bft-trainer --example custom_variant` fetches SmolLM2-135M-Instruct
+//! once (into $BFT_CACHE or ~/.cache/bft) and trains LoRA adapters for a few steps on the
+//! built-in gene set -> process name instructions (about a minute on 2 cores).
 
-use bft_engine::{DType, Device, Tape, Tensor};
-use bft_trainer::loss::{LossBatch, LossOptions, LossVariant, SampleWeights, fused_loss};
+use bft_trainer::loss::{LossVariant, SampleWeights};
+use bft_trainer::run::{Quiet, RunOptions, train};
+use bft_trainer::sweep::{Registry, SweepConfig};
+use std::error::Error;
+use std::path::{Path, PathBuf};
 
 // ---- The variant: everything a researcher writes (under 40 lines). ----
 
@@ -37,54 +44,103 @@ impl LossVariant for SustainedLow {
     }
 }
 
-// ---- A tiny training run: 4 samples, a prompt of 8 positions each, a trainable head. ----
-
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dev = Device::Cpu;
-    let (b, t, c, v) = (4, 24, 32, 64);
-    let hidden = Tensor::randn([b, t, c], 1.0, 1, DType::F32, &dev)?;
-    let mut head = Tensor::randn([v, c], 0.1, 2, DType::F32, &dev)?;
-    let targets: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
-    let mask: Vec<bool> = (0..b * t).map(|i| i % t >= 8).collect();
-    let variant = SustainedLow {
-        span: 10,
-        threshold: 0.15,
+/// The variant from a sweep file's `[[variants]]` keys: `span` and `threshold`.
+fn from_table(t: &toml::Table) -> Result<Box<dyn LossVariant>, String> {
+    let mut v = SustainedLow {
+        span: 16,
+        threshold: 0.3,
     };
-    let tape = Tape::new();
-    let mut ce = Vec::new();
-    for step in 0..60 {
-        let w = tape.track(&head);
-        let batch = LossBatch {
-            hidden: &hidden,
-            head: &w,
-            targets: &targets,
-            mask: &mask,
-        };
-        let out = fused_loss(batch, &variant, LossOptions::default())?;
-        let s_mean = out.samples.iter().map(|s| s.s_b).sum::<f64>() / b as f64;
-        if step % 10 == 0 {
-            println!(
-                "step {step:2}  loss {:.4}  ce {:.4}  mean s_b {s_mean:.3}",
-                out.loss.to_scalar()?,
-                out.ce
-            );
+    for (k, val) in t {
+        match k.as_str() {
+            "span" => {
+                v.span = val
+                    .as_integer()
+                    .filter(|&s| s >= 1)
+                    .ok_or("`span` must be at least 1")? as usize
+            }
+            "threshold" => v.threshold = val.as_float().ok_or("`threshold` must be a number")?,
+            _ => return Err(format!("unknown key `{k}` (span, threshold)")),
         }
-        ce.push(out.ce);
-        let grad = tape
-            .backward(&out.loss)?
-            .remove(&w)
-            .ok_or("the head is tracked")?;
-        head = head.sub(&grad.scale(200.0)?)?;
     }
-    let (first, last) = (ce[0], ce[ce.len() - 1]);
-    println!("cross-entropy {first:.4} -> {last:.4}");
-    if last >= 0.5 * first {
-        return Err(format!("cross-entropy did not halve: {first} -> {last}").into());
+    Ok(Box::new(v))
+}
+
+fn cache() -> PathBuf {
+    match (std::env::var_os("BFT_CACHE"), std::env::var_os("HOME")) {
+        (Some(c), _) => c.into(),
+        (None, Some(h)) => Path::new(&h).join(".cache/bft"),
+        _ => std::env::temp_dir().join("bft-cache"),
+    }
+}
+
+// ---- Training it on SmolLM2: the library's whole run in one call. ----
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let cache = cache();
+    std::fs::create_dir_all(&cache)?;
+    let gguf = bft_model::fetch::smollm2_gguf(&cache)?;
+    let mut m = bft_model::load_model(&gguf, bft_engine::DType::F32)?;
+    let template = m.template.clone().ok_or("the model has no chat template")?;
+    let convs = bft_trainer::genes::gene_set_instructions();
+    let mut data =
+        bft_trainer::data::encode_all(&convs[..40], &m.tokenizer, &template, &m.eos_token, 384)?;
+    let held_out = data.split_off(32);
+    let out = std::env::temp_dir().join(format!("bft-custom-variant-{}", std::process::id()));
+    let opts = RunOptions {
+        lr: 3e-4,
+        eval_every: 6,
+        base_model: "SmolLM2-135M-Instruct".into(),
+        ..RunOptions::new(&out, 6)
+    };
+    let variant = SustainedLow {
+        span: 16,
+        threshold: 0.3,
+    };
+    let s = train(&mut m, &data, &held_out, &variant, &opts, &mut Quiet)?;
+    let (before, after) = (
+        s.eval_ce_start.ok_or("held out")?,
+        s.eval_ce.ok_or("held out")?,
+    );
+    println!(
+        "{}: {} steps, {} tokens at {:.0} tokens/s; held-out cross-entropy {before:.4} -> {after:.4}; adapter in {}",
+        s.variant,
+        s.steps,
+        s.tokens,
+        s.tokens_per_s,
+        s.weights.display()
+    );
+    std::fs::remove_dir_all(&out)?;
+    if after >= before {
+        return Err(format!("held-out cross-entropy did not fall: {before} -> {after}").into());
+    }
+
+    // ---- The same variant in a sweep: register it, and sweep files can name it. ----
+    let mut registry = Registry::default();
+    registry.register("sustained-low", from_table);
+    let sweep = "seeds = [1, 2]\n\n[[variants]]\nloss = \"bft\"\n\n[[variants]]\nloss = \"sustained-low\"\nspan = 8\n";
+    let cfg = SweepConfig::parse(sweep, Path::new("sweep.toml"), &registry)?;
+    let runs: Vec<String> = cfg.plan().into_iter().map(|r| r.name).collect();
+    println!("a sweep file naming it plans {runs:?}; bft_trainer::sweep::run_file runs it");
+    let bad = sweep.replace("span = 8", "span = 0");
+    let err = SweepConfig::parse(&bad, Path::new("sweep.toml"), &registry)
+        .err()
+        .ok_or("span 0 must be refused")?;
+    println!("and refuses a bad parameter before training: {err}");
+    if runs
+        != [
+            "bft-s1",
+            "bft-s2",
+            "sustained-low-span8-s1",
+            "sustained-low-span8-s2",
+        ]
+        || !err.to_string().starts_with("sweep.toml:8:")
+    {
+        return Err(format!("unexpected plan {runs:?} or error {err}").into());
     }
     Ok(())
 }
 
 #[test]
-fn the_custom_variant_trains() {
+fn the_custom_variant_trains_on_smollm2_and_joins_a_sweep() {
     main().unwrap();
 }

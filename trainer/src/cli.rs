@@ -278,10 +278,9 @@ pub fn encode_all(
     eos: &str,
     cutoff_len: usize,
 ) -> Result<Vec<bft_trainer::data::Encoded>> {
-    Ok(convs
-        .iter()
-        .map(|c| bft_trainer::data::encode(c, tok, template, eos, cutoff_len))
-        .collect::<Result<Vec<_>, _>>()?)
+    Ok(bft_trainer::data::encode_all(
+        convs, tok, template, eos, cutoff_len,
+    )?)
 }
 
 /// Refuses data in which no response token survives `--cutoff-len` (nothing would be trained
@@ -291,11 +290,7 @@ pub fn check_targets(
     data: &Path,
     cutoff_len: usize,
 ) -> Result<()> {
-    // Position 0 is never a target: the first token has nothing before it to predict it from.
-    let targets: usize = encoded
-        .iter()
-        .map(|e| e.target_mask.iter().skip(1).filter(|&&t| t).count())
-        .sum();
+    let targets = bft_trainer::data::count_targets(encoded);
     if targets == 0 {
         bail!(
             "{}: no response token is left within --cutoff-len {cutoff_len} ({} samples); raise --cutoff-len",

@@ -277,6 +277,29 @@ pub fn encode(
     Ok(Encoded { ids, target_mask })
 }
 
+/// Encodes every conversation (see `encode`).
+pub fn encode_all(
+    convs: &[Conversation],
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    eos: &str,
+    cutoff_len: usize,
+) -> Result<Vec<Encoded>, DataError> {
+    convs
+        .iter()
+        .map(|c| encode(c, tokenizer, template, eos, cutoff_len))
+        .collect()
+}
+
+/// Response tokens there are to predict. Position 0 never counts: the first token has nothing
+/// before it to predict it from.
+pub fn count_targets(encoded: &[Encoded]) -> usize {
+    encoded
+        .iter()
+        .map(|e| e.target_mask.iter().skip(1).filter(|&&t| t).count())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,4 +10,8 @@ pub mod eval;
 pub mod genes;
 pub mod loss;
 pub mod optim;
+pub mod plot;
+pub mod report;
+pub mod run;
+pub mod sweep;
 pub mod train;

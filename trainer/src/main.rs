@@ -58,6 +58,11 @@ enum Command {
     /// (Group A) versus sustained low spans (Group B), with BFT's sample weights. Prints a
     /// summary table and writes analysis.json and a self-contained analysis.html.
     Analyze(cmd::analyze::AnalyzeArgs),
+    /// The paper's comparison in one command: trains every variant (SFT, DFT, BFT windows,
+    /// ablations) x learning rate x seed of a sweep file on the same data, evaluates every run
+    /// (held-out cross-entropy, GeneAgent ROUGE, PubMedQA) and writes report.md and report.html.
+    /// Started again, it skips finished runs and resumes an interrupted one.
+    Sweep(cmd::sweep::SweepArgs),
     /// Redraw the loss curve (DIR/loss.svg) of a training run from its metrics.jsonl and
     /// eval.jsonl, e.g. while it is still running.
     Plot {
@@ -67,15 +72,20 @@ enum Command {
 }
 
 fn main() {
-    let argv =
-        match bft_trainer::config_file::with_config(&Cli::command(), std::env::args_os().collect())
-        {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::exit(2);
-            }
-        };
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `bft sweep --config` names a sweep file, not a file of the command's own options.
+    let argv = if argv.get(1).is_some_and(|a| a == "sweep") {
+        Ok(argv)
+    } else {
+        bft_trainer::config_file::with_config(&Cli::command(), argv)
+    };
+    let argv = match argv {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = run(Cli::parse_from(argv)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -114,5 +124,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plot { dir } => cmd::plot::run(&dir),
         Command::Embed(a) => cmd::embed::run(*a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Sweep(a) => cmd::sweep::run(a),
     }
 }

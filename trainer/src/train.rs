@@ -133,6 +133,10 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// True when a non-finite loss or gradient made the step skip its update.
     pub skipped: bool,
+    /// Each sample's weight `s_b`, in the step's sample order.
+    pub sample_weights: Vec<f64>,
+    /// Each sample's mean token weight, in the same order.
+    pub token_weights: Vec<f64>,
 }
 
 /// A dataset's loss under a variant and its plain cross-entropy, without gradients.
@@ -266,7 +270,8 @@ impl<'a> Trainer<'a> {
         let step_samples: usize = micro.iter().map(Vec::len).sum();
         let tape = Tape::new();
         let mut grads = Gradients::default();
-        let (mut loss, mut ce, mut s_sum, mut w_sum, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0);
+        let (mut loss, mut ce, mut tokens) = (0.0, 0.0, 0);
+        let (mut sample_weights, mut token_weights) = (Vec::new(), Vec::new());
         for (j, idx) in micro.iter().enumerate() {
             let samples: Vec<&Encoded> = idx.iter().map(|&i| &self.data[i]).collect();
             let batch = make_batch(&samples, self.cfg.pad_id)?;
@@ -293,7 +298,9 @@ impl<'a> Trainer<'a> {
             let out = fused_loss(lb, self.variant, opts)?;
             loss += out.loss.to_scalar()?;
             for s in &out.samples {
-                (ce, s_sum, w_sum) = (ce + s.ce, s_sum + s.s_b, w_sum + s.w_mean);
+                ce += s.ce;
+                sample_weights.push(s.s_b);
+                token_weights.push(s.w_mean);
             }
             tape.backward_into(&out.loss, &mut grads)?;
         }
@@ -332,14 +339,16 @@ impl<'a> Trainer<'a> {
             step: self.step,
             loss,
             ce: ce / n,
-            s_mean: s_sum / n,
-            w_mean: w_sum / n,
+            s_mean: sample_weights.iter().sum::<f64>() / n,
+            w_mean: token_weights.iter().sum::<f64>() / n,
             lr,
             grad_norm,
             tokens,
             step_time_s: dt,
             tokens_per_s: tokens as f64 / dt.max(1e-9),
             skipped,
+            sample_weights,
+            token_weights,
         })
     }
 

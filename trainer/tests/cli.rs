@@ -842,9 +842,9 @@ fn a_toml_config_is_overridden_by_the_command_line_and_written_back() {
     );
     assert_eq!(written["lora_rank"].as_integer(), Some(2));
     assert_eq!(written["lora_targets"].as_str(), Some("q,v"));
-    // Two of the four samples are held out and evaluated after each step.
+    // Two of the four samples are held out and evaluated before the first step and after each.
     let steps = steps_in(&dir.join("eval.jsonl"));
-    assert_eq!(steps, [1, 2]);
+    assert_eq!(steps, [0, 1, 2]);
     assert!(
         std::fs::read_to_string(dir.join("loss.svg"))
             .unwrap()
@@ -1332,4 +1332,102 @@ fn embed_and_ggi_errors_name_the_file_and_line_and_write_nothing() {
     );
     assert!(!report.exists());
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The cells of a markdown table's rows after the header and separator, up to the first blank
+/// line after `heading`.
+fn md_rows(md: &str, heading: &str) -> Vec<Vec<String>> {
+    md.split(heading)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {heading} in\n{md}"))
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// `bft sweep --quick`, killed at its first trained run's step-2 checkpoint, then started
+/// again: the evaluated base model is skipped, the run resumes from the checkpoint (steps 1-4
+/// once each), and the report's table has a row per variant with finite numbers. A third start
+/// trains nothing.
+#[test]
+fn a_quick_sweep_survives_a_kill_and_reports_every_variant() {
+    use std::os::unix::process::ExitStatusExt;
+    let model = model();
+    let out = tmp("sweep-quick");
+    let sweep = |fault: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bft"));
+        c.args(["sweep", "--quick", "--output"])
+            .arg(&out)
+            .env("BFT_CACHE", model.parent().unwrap());
+        if let Some(f) = fault {
+            c.env("BFT_FAULT_CHECKPOINT", f);
+        }
+        c.output().unwrap()
+    };
+    let killed = sweep(Some("latest-renamed@2"));
+    assert_eq!(killed.status.signal(), Some(6), "{killed:?}");
+    let runs = out.join("runs");
+    assert!(runs.join("base/result.json").exists());
+    assert!(runs.join("sft-s1/checkpoints/checkpoint-2").exists());
+    assert!(!runs.join("sft-s1/result.json").exists());
+
+    let resumed = sweep(None);
+    succeeded(&resumed);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        err.contains("3 runs (1 already finished), 6 training steps"),
+        "{err}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs.join("sft-s1/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (summary["resumed_from"].as_u64(), summary["steps"].as_u64()),
+        (Some(2), Some(4))
+    );
+    assert_eq!(
+        steps_in(&runs.join("sft-s1/metrics.jsonl")),
+        vec![1, 2, 3, 4]
+    );
+    assert!(
+        !runs.join("sft-s1/checkpoints").exists(),
+        "checkpoints of a finished run are removed"
+    );
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let rows = md_rows(&md, "## Variants");
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(names, ["base", "sft", "bft-g128"], "{md}");
+    for r in &rows {
+        assert_eq!(r.len(), 12, "{r:?}");
+        // train s and tokens/s (columns 9 and 10) are empty for the untrained base model.
+        for (i, cell) in r.iter().enumerate().skip(1) {
+            if r[0] == "base" && (i == 9 || i == 10) {
+                assert_eq!(cell, "–");
+                continue;
+            }
+            let v: f64 = cell.split(' ').next().unwrap().parse().unwrap_or(f64::NAN);
+            assert!(v.is_finite(), "{} column {i}: {cell:?}", r[0]);
+        }
+    }
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 2, "curves and weights inline");
+    assert!(html.contains("<td>bft-g128</td>"));
+
+    let again = sweep(None);
+    succeeded(&again);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("(3 already finished), 0 training steps"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&out).ok();
 }

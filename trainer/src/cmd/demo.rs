@@ -3,13 +3,12 @@
 //! ROUGE-L before and after.
 
 use super::progress::Progress;
-use super::train::{HeldOut, train_loop};
+use super::train::TrainProgress;
 use crate::cli::{encode_all, fetch_smollm2};
 use anyhow::{Context, Result, bail};
 use bft_engine::DType;
 use bft_model::load_model;
 use bft_trainer::eval::rouge;
-use bft_trainer::train::evaluate;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -42,9 +41,8 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    use bft_trainer::loss::{GroupConfig, Sft};
-    use bft_trainer::optim::{AdamWConfig, Decay, Schedule};
-    use bft_trainer::train::{TrainConfig, Trainable, Trainer};
+    use bft_trainer::run::RunOptions;
+    use bft_trainer::train::Trainable;
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     let t0 = Instant::now();
@@ -114,21 +112,6 @@ pub fn run(a: DemoArgs) -> Result<()> {
             .sum();
         sum / asked.len().max(1) as f64
     };
-    let group = GroupConfig::default();
-    eprintln!(
-        "evaluating the base model on {} held-out samples ...",
-        eval_enc.len()
-    );
-    let pad = m.stop_ids.first().copied().unwrap_or(0);
-    let ce_before = evaluate(&m.model, &eval_enc, &Sft, group, batch_size, pad)?.ce;
-    // The base model's held-out cross-entropy is step 0 of the loss curve.
-    std::fs::write(
-        a.output.join("eval.jsonl"),
-        format!(
-            "{}\n",
-            serde_json::json!({"step": 0, "eval_ce": ce_before, "samples": eval_enc.len()})
-        ),
-    )?;
     let before = answer(&m, "answering before training")?;
     let lora = bft_model::LoraConfig {
         rank: 16,
@@ -136,61 +119,51 @@ pub fn run(a: DemoArgs) -> Result<()> {
         dropout: 0.0,
         targets: bft_model::LoraConfig::parse_targets("all")?,
     };
-    m.model.attach_lora(&lora, a.seed)?;
-    let cfg = TrainConfig {
-        batch_size,
-        grad_accum: 1,
-        total_steps: total,
-        schedule: Schedule {
-            base_lr: lr,
-            warmup_steps: (total / 20).max(1),
-            total_steps: total,
-            decay: Decay::Cosine,
-        },
-        adamw: AdamWConfig::default(),
-        max_grad_norm: 1.0,
-        seed: a.seed,
-        save_steps: 0,
-        keep_last: 1,
-        pad_id: m.stop_ids.first().copied().unwrap_or(0),
-        analysis: group,
-        max_bad_steps: 5,
-    };
     let resolved = serde_json::json!({
         "demo": &a, "model": gguf, "train_samples": encoded.len(), "eval_samples": eval_enc.len(),
         "lora": { "rank": 16, "alpha": 32.0, "targets": "all" }, "loss": a.loss.name(), "group": "g=256, arithmetic",
         "lr": lr, "batch_size": batch_size, "cutoff_len": cutoff,
     });
-    std::fs::write(
-        a.output.join("run_config.json"),
-        serde_json::to_string_pretty(&resolved)?,
-    )?;
-    eprintln!(
+    let opts = RunOptions {
+        lr,
+        warmup_ratio: 0.05,
+        batch_size,
+        seed: a.seed,
+        keep_last: 1,
+        trainable: Trainable::Lora(lora),
+        // The held-out cross-entropy before training is step 0 of the loss curve.
+        eval_every: (total / 4).max(1),
+        base_model: "SmolLM2-135M-Instruct".into(),
+        files: vec![(
+            "run_config.json".into(),
+            serde_json::to_string_pretty(&resolved)?,
+        )],
+        ..RunOptions::new(&a.output, total)
+    };
+    let mut obs = TrainProgress::new(format!(
         "fine-tuning with LoRA r=16 + {} on {} gene instructions ({total} steps) ...",
         a.loss.name(),
         encoded.len()
-    );
+    ));
     let t1 = Instant::now();
-    let mut trainer = Trainer::new(
-        &mut m.model,
+    let summary = bft_trainer::run::train(
+        &mut m,
         &encoded,
-        cfg,
+        &eval_enc,
         variant.as_ref(),
-        Trainable::Lora(lora.clone()),
+        &opts,
+        &mut obs,
     )?;
-    let held_out = HeldOut {
-        data: &eval_enc,
-        every: (total / 4).max(1),
-        batch_size,
-    };
-    let steps = train_loop(&mut trainer, &a.output, 0, Some(&held_out), false)?;
-    drop(trainer);
+    obs.finish();
     let train_s = t1.elapsed().as_secs_f64();
-    m.model
-        .save_peft(&lora, "SmolLM2-135M-Instruct", &a.output.join("adapter"))?;
-    let ce_after = evaluate(&m.model, &eval_enc, &Sft, group, batch_size, pad)?.ce;
+    let (ce_before, ce_after) = (
+        summary
+            .eval_ce_start
+            .context("the held-out set was measured")?,
+        summary.eval_ce.context("the held-out set was measured")?,
+    );
     let after = answer(&m, "answering after training")?;
-    let tokens_per_s = steps.tokens as f64 / steps.seconds.max(1e-9);
+    let tokens_per_s = summary.tokens_per_s;
     println!(
         "\n== demo: SmolLM2-135M-Instruct, LoRA r=16 + {}, {total} steps on {} gene instructions ==",
         a.loss.name(),
@@ -213,23 +186,23 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "held-out ROUGE-L F1 of greedy answers ({} questions): {rl_before:.4} -> {rl_after:.4}",
         asked.len()
     );
-    let summary = serde_json::json!({
+    let report = serde_json::json!({
         "steps": total, "train_samples": encoded.len(), "eval_samples": eval_enc.len(),
         "eval_ce_before": ce_before, "eval_ce_after": ce_after,
         "rouge_questions": asked.len(), "rougeL_f1_before": rl_before, "rougeL_f1_after": rl_after,
-        "train_s": train_s, "step_s": steps.seconds, "train_tokens_per_s": tokens_per_s,
+        "train_s": train_s, "step_s": summary.step_seconds, "run": &summary, "train_tokens_per_s": tokens_per_s,
         "answers": asked.iter().zip(before.iter().zip(&after)).map(|(c, (b, a))| serde_json::json!({
             "question": c.messages[0].content, "reference": c.messages[1].content, "before": b, "after": a,
         })).collect::<Vec<_>>(),
     });
     std::fs::write(
         a.output.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
+        serde_json::to_string_pretty(&report)?,
     )?;
     println!(
         "training: {train_s:.0} s ({:.0} s in optimizer steps at {tokens_per_s:.0} tokens/s, the rest \
          held-out evaluation); whole demo {:.0} s; adapter, metrics, loss curve and data in {}",
-        steps.seconds,
+        summary.step_seconds,
         t0.elapsed().as_secs_f64(),
         a.output.display()
     );

@@ -3,7 +3,7 @@
 
 use super::progress::Progress;
 use anyhow::{Context, Result, bail};
-use bft_trainer::eval::{chat, geneagent, ggi, pubmedqa};
+use bft_trainer::eval::{geneagent, ggi, pubmedqa};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -171,15 +171,15 @@ pub fn gene_sets_run(
     let mut sets = geneagent::gene_sets(c)?;
     sets.truncate(limit.unwrap_or(sets.len()));
     let mut p = Progress::new(sets.len() as u64, c.name());
-    let mut answers = Vec::new();
-    for set in &sets {
-        let messages = chat(Some(geneagent::SYSTEM), geneagent::prompt(&set.genes));
-        let reply = bft_trainer::eval::reply(m, &messages, max_new_tokens)
-            .with_context(|| format!("{} gene set {}", c.name(), set.id))?;
-        let a = geneagent::score(set, reply);
-        p.inc(&format!("ROUGE-L {:.3}", a.rouge.rouge_l.fmeasure));
-        answers.push(a);
-    }
+    let mut shown = 0;
+    let answers = geneagent::answer_sets(m, &sets, max_new_tokens, |so_far| {
+        let [_, _, rl] = geneagent::mean_f1(so_far);
+        for _ in shown..so_far.len() {
+            p.inc(&format!("ROUGE-L {rl:.3}"));
+        }
+        shown = so_far.len();
+    })
+    .with_context(|| format!("the {} gene sets", c.name()))?;
     p.finish();
     let [r1, r2, rl] = geneagent::mean_f1(&answers);
     let row = (

@@ -12,4 +12,5 @@ pub mod merge;
 pub mod plot;
 pub mod progress;
 pub mod score;
+pub mod sweep;
 pub mod train;

@@ -1,17 +1,14 @@
 //! `bft train`: LoRA or full fine-tuning with any loss variant, checkpoints and resume,
 //! held-out evaluation, metrics, a progress bar and a loss-curve plot.
 
-use super::{plot, progress::Progress};
+use super::progress::Progress;
 use crate::cli::{
     GroupMeanName, LossName, ScheduleName, WeightDType, check_at_least, check_range, check_targets,
 };
 use anyhow::{Context, Result, bail};
 use bft_engine::DType;
 use bft_model::load_model;
-use bft_trainer::data::Encoded;
-use bft_trainer::train::Trainer;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, serde::Serialize)]
 pub struct TrainArgs {
@@ -186,11 +183,10 @@ impl TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     use bft_trainer::loss::{GroupConfig, VariantParams, builtin};
-    use bft_trainer::optim::{AdamWConfig, Schedule};
-    use bft_trainer::train::{TrainConfig, Trainable, Trainer};
+    use bft_trainer::run::{RunOptions, split_held_out, steps_for_epochs};
+    use bft_trainer::train::Trainable;
     let device = crate::cli::parse_device(&a.device)?;
-    let metrics_path = a.output.join("metrics.jsonl");
-    if metrics_path.exists() && !a.resume {
+    if a.output.join("metrics.jsonl").exists() && !a.resume {
         bail!(
             "{} already holds a run; pass --resume to continue it or choose a new --output",
             a.output.display()
@@ -212,11 +208,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         load_model(&a.model, dtype).with_context(|| format!("loading {}", a.model.display()))?;
     let template = m
         .template
-        .take()
+        .clone()
         .with_context(|| format!("{} has no chat template", a.model.display()))?;
     let (ds, mut encoded) =
         crate::cli::read_encoded(&m, &template, &a.data, a.skip_bad_rows, a.cutoff_len)?;
-    let held_out = held_out(&a, &m, &template, &mut encoded)?;
+    let held_out = match &a.eval_data {
+        Some(path) => {
+            crate::cli::read_encoded(&m, &template, path, a.skip_bad_rows, a.cutoff_len)?.1
+        }
+        None => split_held_out(&mut encoded, a.val_ratio, a.seed)?,
+    };
     check_targets(&encoded, &a.data, a.cutoff_len)?;
     m.model = m
         .model
@@ -225,292 +226,146 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let trainable = if a.full {
         Trainable::Full
     } else {
-        let lora = bft_model::LoraConfig {
+        Trainable::Lora(bft_model::LoraConfig {
             rank: a.lora_rank,
             alpha: a.lora_alpha,
             dropout: a.lora_dropout,
             targets: bft_model::LoraConfig::parse_targets(&a.lora_targets)?,
-        };
-        m.model.attach_lora(&lora, a.seed)?;
-        Trainable::Lora(lora)
+        })
     };
-    m.model.checkpointing = a.checkpointing;
-    let per_epoch = encoded.len().div_ceil(a.batch_size * a.grad_accum) as u64;
     let total = a
         .max_steps
-        .unwrap_or(((a.epochs * per_epoch as f64).ceil() as u64).max(1));
+        .unwrap_or_else(|| steps_for_epochs(encoded.len(), a.batch_size, a.grad_accum, a.epochs));
     let warmup = (a.warmup_ratio * total as f64).ceil() as u64;
-    let cfg = TrainConfig {
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        total_steps: total,
-        schedule: Schedule {
-            base_lr: a.lr,
-            warmup_steps: warmup,
-            total_steps: total,
-            decay: a.schedule.into(),
-        },
-        adamw: AdamWConfig {
-            weight_decay: a.weight_decay,
-            ..Default::default()
-        },
-        max_grad_norm: a.max_grad_norm,
-        seed: a.seed,
-        save_steps: a.save_steps,
-        keep_last: a.keep_last,
-        pad_id: m.stop_ids.first().copied().unwrap_or(0),
-        analysis: group,
-        max_bad_steps: 5,
-    };
-    // Everything is checked (and a checkpoint to resume read) by now: nothing is written for a
-    // run that cannot start.
-    let mut trainer = Trainer::new(
-        &mut m.model,
-        &encoded,
-        cfg,
-        variant.as_ref(),
-        trainable.clone(),
-    )?;
-    let ckpt_dir = a.output.join("checkpoints");
-    let start = if a.resume {
-        trainer.resume(&ckpt_dir)?.unwrap_or(0)
-    } else {
-        0
-    };
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("creating {}", a.output.display()))?;
     let resolved = serde_json::json!({
         "args": &a, "total_steps": total, "warmup_steps": warmup, "samples": encoded.len(),
         "data_format": format!("{:?}", ds.format), "skipped_rows": ds.skipped,
         "held_out_samples": held_out.len(),
     });
-    let toml = toml::to_string(&a).context("writing the resolved options as TOML")?;
-    std::fs::write(a.output.join("config.toml"), toml)
-        .with_context(|| format!("writing {}", a.output.display()))?;
-    std::fs::write(
-        a.output.join("run_config.json"),
-        serde_json::to_string_pretty(&resolved)?,
-    )?;
-    // Lines past the checkpoint belong to steps that will run again: keep only those before.
-    keep_steps_up_to(&metrics_path, start)?;
-    keep_steps_up_to(&a.output.join("eval.jsonl"), start)?;
+    let opts = RunOptions {
+        output: a.output.clone(),
+        steps: total,
+        lr: a.lr,
+        warmup_ratio: a.warmup_ratio,
+        decay: a.schedule.into(),
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_grad_norm: a.max_grad_norm,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        save_steps: a.save_steps,
+        keep_last: a.keep_last,
+        trainable,
+        group,
+        eval_every: a.eval_steps,
+        resume: a.resume,
+        profile: a.profile || std::env::var_os("BFT_PROFILE").is_some_and(|v| v == "1"),
+        checkpointing: a.checkpointing,
+        base_model: a.model.display().to_string(),
+        files: vec![
+            (
+                "config.toml".into(),
+                toml::to_string(&a).context("writing the resolved options as TOML")?,
+            ),
+            (
+                "run_config.json".into(),
+                serde_json::to_string_pretty(&resolved)?,
+            ),
+        ],
+    };
     let what = if a.full {
         "all weights".to_string()
     } else {
         format!("LoRA r={} alpha={}", a.lora_rank, a.lora_alpha)
     };
-    eprintln!(
-        "training {} on {} samples: {total} steps (from step {start}), loss {}, {what}",
+    let mut obs = TrainProgress::new(format!(
+        "training {} on {} samples: {total} steps, loss {}, {what}",
         a.model.display(),
         encoded.len(),
         a.loss.name()
-    );
-    let every = if a.eval_steps > 0 {
-        a.eval_steps
-    } else {
-        (total / 10).max(1)
-    };
-    let eval = (!held_out.is_empty()).then_some(HeldOut {
-        data: &held_out,
-        every,
-        batch_size: a.batch_size,
-    });
-    let profile = a.profile || std::env::var_os("BFT_PROFILE").is_some_and(|v| v == "1");
-    let steps = train_loop(
-        &mut trainer,
-        &a.output,
-        a.save_steps,
-        eval.as_ref(),
-        profile,
+    ));
+    let summary = bft_trainer::run::train(
+        &mut m,
+        &encoded,
+        &held_out,
+        variant.as_ref(),
+        &opts,
+        &mut obs,
     )?;
-    if trainer.updates() == 0 {
-        bail!(
-            "no step of the run had a finite loss and gradient, so the weights never moved; \
-             no {} was written (see {})",
-            if a.full { "model" } else { "adapter" },
-            metrics_path.display()
-        );
-    }
-    drop(trainer);
-    match &trainable {
-        Trainable::Lora(cfg) => m.model.save_peft(
-            cfg,
-            &a.model.display().to_string(),
-            &a.output.join("adapter"),
-        )?,
-        Trainable::Full => bft_model::weights::write_safetensors(
-            &a.output.join("model.safetensors"),
-            &m.model.named_tensors(),
-        )?,
-    }
+    obs.finish();
     eprintln!(
-        "wrote {}: {} tokens in {:.1} s of optimizer steps ({:.0} tokens/s)",
+        "loss curve: {}\nwrote {}: {} tokens in {:.1} s of optimizer steps ({:.0} tokens/s)",
+        a.output.join("loss.svg").display(),
         a.output.display(),
-        steps.tokens,
-        steps.seconds,
-        steps.tokens as f64 / steps.seconds.max(1e-9)
+        summary.tokens,
+        summary.step_seconds,
+        summary.tokens_per_s
     );
     Ok(())
 }
 
-/// The held-out set: --eval-data encoded, or a seeded --val-ratio share taken out of `train`.
-fn held_out(
-    a: &TrainArgs,
-    m: &bft_model::LoadedModel,
-    template: &bft_model::ChatTemplate,
-    train: &mut Vec<Encoded>,
-) -> Result<Vec<Encoded>> {
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
-    if let Some(path) = &a.eval_data {
-        return Ok(crate::cli::read_encoded(m, template, path, a.skip_bad_rows, a.cutoff_len)?.1);
+/// The progress of a run on stderr: a bar (or a line a step without a terminal), skipped
+/// steps, held-out cross-entropy and the `--profile` table.
+pub struct TrainProgress {
+    intro: String,
+    bar: Option<Progress>,
+}
+
+impl TrainProgress {
+    /// `intro` is printed when the run starts.
+    pub fn new(intro: String) -> TrainProgress {
+        TrainProgress { intro, bar: None }
     }
-    if a.val_ratio <= 0.0 {
-        return Ok(Vec::new());
-    }
-    if a.val_ratio >= 1.0 || train.len() < 2 {
-        bail!(
-            "--val-ratio {} leaves no training data ({} samples)",
-            a.val_ratio,
-            train.len()
-        );
-    }
-    let n = ((a.val_ratio * train.len() as f64).ceil() as usize).min(train.len() - 1);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x5eed_e7a1));
-    let mut pick = vec![false; train.len()];
-    order[..n].iter().for_each(|&i| pick[i] = true);
-    // One pass, both sides keeping file order.
-    let (held, kept): (Vec<_>, Vec<_>) = std::mem::take(train)
-        .into_iter()
-        .zip(pick)
-        .partition(|(_, p)| *p);
-    *train = kept.into_iter().map(|(e, _)| e).collect();
-    Ok(held.into_iter().map(|(e, _)| e).collect())
-}
 
-/// Keeps only the JSONL lines whose `step` is at most `step` (a missing file stays missing).
-fn keep_steps_up_to(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(path, kept).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Held-out data measured during training.
-pub struct HeldOut<'a> {
-    pub data: &'a [Encoded],
-    /// Evaluate every this many steps (and at the end).
-    pub every: u64,
-    pub batch_size: usize,
-}
-
-/// Tokens and seconds of the optimizer steps a `train_loop` ran (evaluation and checkpoints
-/// excluded).
-pub struct StepTotals {
-    pub tokens: usize,
-    pub seconds: f64,
-}
-
-/// Runs the remaining steps: appends to `dir/metrics.jsonl` (and `dir/eval.jsonl`), shows
-/// progress, checkpoints every `save_steps` and at the end, and draws `dir/loss.svg`.
-pub fn train_loop(
-    t: &mut Trainer,
-    dir: &Path,
-    save_steps: u64,
-    held_out: Option<&HeldOut>,
-    profile: bool,
-) -> Result<StepTotals> {
-    use bft_trainer::loss::{GroupConfig, Sft};
-    let append = |p: PathBuf| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .with_context(|| format!("opening {}", p.display()))
-    };
-    let mut metrics = append(dir.join("metrics.jsonl"))?;
-    let mut evals = held_out
-        .map(|_| append(dir.join("eval.jsonl")))
-        .transpose()?;
-    let ckpt_dir = dir.join("checkpoints");
-    let total = t.total_steps();
-    let mut p = Progress::new(total, "train").every_step();
-    p.set_position(t.step);
-    let mut totals = StepTotals {
-        tokens: 0,
-        seconds: 0.0,
-    };
-    // The third step of this process is past the one-time costs of the first two (thread
-    // start-up, and the allocator settling on the step's buffer sizes: measured, the second
-    // step can still be 15% slower); a shorter run profiles its last step.
-    let profiled_step = profile.then(|| (t.step + 3).min(total));
-    while t.step < total {
-        let profiling = profiled_step == Some(t.step + 1);
-        if profiling {
-            bft_engine::profile::start();
+    pub fn finish(&self) {
+        if let Some(p) = &self.bar {
+            p.finish();
         }
-        let s = t.train_step()?;
-        if let Some(prof) = profiling.then(bft_engine::profile::finish).flatten() {
-            p.println(&profile_table(&prof, s.step, s.tokens));
+    }
+
+    fn println(&self, line: &str) {
+        match &self.bar {
+            Some(p) => p.println(line),
+            None => eprintln!("{line}"),
         }
-        totals.tokens += s.tokens;
-        totals.seconds += s.step_time_s;
-        writeln!(metrics, "{}", serde_json::to_string(&s)?)?;
+    }
+}
+
+impl bft_trainer::run::Observer for TrainProgress {
+    fn started(&mut self, total: u64, start: u64, _samples: usize) {
+        let from = if start > 0 {
+            format!(" (resuming at step {start})")
+        } else {
+            String::new()
+        };
+        eprintln!("{}{from}", self.intro);
+        let mut p = Progress::new(total, "train").every_step();
+        p.set_position(start);
+        self.bar = Some(p);
+    }
+
+    fn step(&mut self, s: &bft_trainer::train::StepMetrics, total: u64) {
         let line = format!(
             "step {}/{total}  loss {:.5}  ce {:.4}  s {:.3}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
             s.step, s.loss, s.ce, s.s_mean, s.lr, s.grad_norm, s.tokens_per_s
         );
         if s.skipped {
-            p.println(&format!("{line}  (skipped: non-finite loss or gradient)"));
+            self.println(&format!("{line}  (skipped: non-finite loss or gradient)"));
         }
-        p.inc(&line);
-        if let (Some(h), Some(f)) = (held_out, evals.as_mut())
-            && (s.step % h.every == 0 || s.step == total)
-        {
-            let pad = t.config().pad_id;
-            let e = bft_trainer::train::evaluate(
-                t.model,
-                h.data,
-                &Sft,
-                GroupConfig::default(),
-                h.batch_size,
-                pad,
-            )?;
-            writeln!(
-                f,
-                "{}",
-                serde_json::json!({"step": s.step, "eval_ce": e.ce, "samples": h.data.len()})
-            )?;
-            p.println(&format!(
-                "step {}/{total}  held-out ce {:.4} ({} samples)",
-                s.step,
-                e.ce,
-                h.data.len()
-            ));
-        }
-        if (save_steps > 0 && s.step % save_steps == 0) || s.step == total {
-            metrics.sync_all()?;
-            if let Some(f) = &evals {
-                f.sync_all()?;
-            }
-            t.save_checkpoint(&ckpt_dir)?;
+        if let Some(p) = self.bar.as_mut() {
+            p.inc(&line);
         }
     }
-    p.finish();
-    let svg = plot::plot_run(dir, &format!("{} ({} steps)", t.variant_name(), total))?;
-    eprintln!("loss curve: {}", svg.display());
-    Ok(totals)
+
+    fn evaluated(&mut self, step: u64, eval_ce: f64, samples: usize) {
+        self.println(&format!(
+            "step {step}  held-out ce {eval_ce:.4} ({samples} samples)"
+        ));
+    }
+
+    fn profiled(&mut self, p: &bft_engine::profile::Profile, s: &bft_trainer::train::StepMetrics) {
+        self.println(&profile_table(p, s.step, s.tokens));
+    }
 }
 
 /// The `--profile` report of one step: a row per (op, phase), slowest first, then the time

@@ -140,6 +140,59 @@ pub fn extract_process(reply: &str) -> String {
         .to_string()
 }
 
+/// Whether `extract_process` of `text` is final whatever follows: a complete line (ended by a
+/// newline) holds `process:`, so generation can stop there.
+pub fn process_named(text: &str) -> bool {
+    text.rfind('\n')
+        .is_some_and(|end| text[..end].to_ascii_lowercase().contains("process:"))
+}
+
+/// Gene sets answered per batched generation: decoding is bound by reading the weights, which
+/// one batch shares, so 16 rows cost little more than one.
+pub const ANSWER_BATCH: usize = 16;
+
+/// Answers gene sets greedily and scores them, calling `progress` after each batch with the
+/// answers so far. Prompts go through the model in batches of `ANSWER_BATCH`, sorted by length
+/// (left padding masked); a reply stops as soon as its process name is final
+/// (`process_named`), else at `max_new_tokens`. Answers come back in `sets` order.
+pub fn answer_sets(
+    m: &bft_model::LoadedModel,
+    sets: &[GeneSet],
+    max_new_tokens: usize,
+    mut progress: impl FnMut(&[Answer]),
+) -> Result<Vec<Answer>> {
+    let prompts: Vec<Vec<u32>> = sets
+        .iter()
+        .map(|set| super::prompt_ids(m, &super::chat(Some(SYSTEM), prompt(&set.genes))))
+        .collect::<Result<_>>()?;
+    let mut order: Vec<usize> = (0..sets.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let decode = |ids: &[u32]| {
+        m.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    };
+    let mut answers: Vec<Option<Answer>> = vec![None; sets.len()];
+    let mut done = Vec::new();
+    for chunk in order.chunks(ANSWER_BATCH) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let replies = bft_model::generate_batch_until(
+            &m.model,
+            &batch,
+            &m.stop_ids,
+            max_new_tokens,
+            |_, ids| decode(ids).is_ok_and(|t| process_named(&t)),
+        )?;
+        for (&i, ids) in chunk.iter().zip(replies) {
+            let a = score(&sets[i], decode(&ids)?.trim().to_string());
+            done.push(a.clone());
+            answers[i] = Some(a);
+        }
+        progress(&done);
+    }
+    Ok(answers.into_iter().flatten().collect())
+}
+
 /// One gene set answered and scored.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Answer {
@@ -176,6 +229,34 @@ pub fn mean_f1(answers: &[Answer]) -> [f64; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stopping at `process_named` never changes what `extract_process` reads: for every
+    /// prefix of these replies at which it holds, the prefix's process equals the whole reply's.
+    #[test]
+    fn stopping_once_the_process_is_named_keeps_the_answer() {
+        let replies = [
+            "Process: DNA repair\nThe genes BRCA1 ...",
+            "Sure! Here is the analysis.\n**Process: Cell cycle regulation.**\nMore text",
+            "Some line\nanother line\nno name at all",
+            "process:\nname below",
+        ];
+        for r in replies {
+            let whole = extract_process(r);
+            let mut stopped = false;
+            for (i, _) in r.char_indices().skip(1) {
+                if process_named(&r[..i]) {
+                    assert_eq!(extract_process(&r[..i]), whole, "{r:?} cut at {i}");
+                    stopped = true;
+                    break;
+                }
+            }
+            assert_eq!(
+                stopped,
+                r.to_ascii_lowercase().contains("process:"),
+                "{r:?}"
+            );
+        }
+    }
 
     #[test]
     fn collections_load_whole() {
