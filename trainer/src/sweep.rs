@@ -668,6 +668,12 @@ fn parse_variants(
                 ),
             ));
         }
+        if label == "base" {
+            return Err(err(
+                key_line(text, "label", from, at),
+                "the label `base` names the untrained model's row; choose another".into(),
+            ));
+        }
         if let Some(prev) = out.iter().find(|e| e.label == label) {
             return Err(err(
                 at,
@@ -893,7 +899,8 @@ pub fn run_sweep(
     }
     drop(probe);
     // A directory holds one sweep: its settings must match the ones it was started with.
-    let settings = serde_json::json!({ "config": cfg, "model": model, "plan": plan });
+    // The model as the file names it: a cache moved between sessions does not change a sweep.
+    let settings = serde_json::json!({ "config": cfg, "plan": plan });
     let settings_text =
         serde_json::to_string_pretty(&settings).map_err(|e| SweepError::Invalid(e.to_string()))?;
     let settings_path = out.join("sweep.json");
@@ -1183,7 +1190,8 @@ pub fn run_file(
 /// bar's), with the current run and phase beside it; plain lines without a terminal.
 pub struct ConsoleProgress {
     bar: Option<indicatif::ProgressBar>,
-    runs: usize,
+    /// "run i/n", shown with every step.
+    run: String,
     last_plain: Instant,
 }
 
@@ -1191,7 +1199,7 @@ impl Default for ConsoleProgress {
     fn default() -> Self {
         ConsoleProgress {
             bar: None,
-            runs: 0,
+            run: String::new(),
             last_plain: Instant::now(),
         }
     }
@@ -1209,7 +1217,6 @@ impl ConsoleProgress {
 impl SweepObserver for ConsoleProgress {
     fn planned(&mut self, runs: &[String], steps_to_do: u64, finished: usize) {
         use std::io::IsTerminal;
-        self.runs = runs.len();
         eprintln!(
             "sweep: {} runs ({finished} already finished), {steps_to_do} training steps to do",
             runs.len()
@@ -1229,13 +1236,14 @@ impl SweepObserver for ConsoleProgress {
     }
 
     fn run_started(&mut self, name: &str, index: usize, of: usize) {
-        self.line(&format!("run {}/{of}: {name}", index + 1));
+        self.run = format!("run {}/{of}", index + 1);
+        self.line(&format!("{}: {name}", self.run));
     }
 
     fn step(&mut self, name: &str, s: &StepMetrics, total: u64) {
         let msg = format!(
-            "{name} step {}/{total} loss {:.4} ce {:.4}",
-            s.step, s.loss, s.ce
+            "{} {name} step {}/{total} loss {:.4} ce {:.4}",
+            self.run, s.step, s.loss, s.ce
         );
         match &self.bar {
             Some(b) => {
@@ -1361,6 +1369,10 @@ mod tests {
             (
                 format!("{v}[[variants]]\nloss = \"sft\"\n"),
                 "two variants are labelled `sft`",
+            ),
+            (
+                format!("{v}[[variants]]\nloss = \"bft\"\nlabel = \"base\"\n"),
+                "s.toml:5: the label `base`",
             ),
             (
                 format!("{v}[eval]\nsuites = [\"go\", \"mmlu\"]\n"),
