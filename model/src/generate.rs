@@ -108,10 +108,11 @@ pub fn generate_batch_until(
     let (mut cache, mut logits) = if padded {
         let mut caches = Vec::with_capacity(b);
         let mut logits = Vec::new();
-        for p in prompts {
+        for (p, &n) in prompts.iter().zip(&pad) {
             let mut one = model.new_cache();
             let ids = Tensor::from_vec(p.clone(), [1, p.len()], &Device::Cpu)?;
-            let h = model.hidden_cached(&ids, &mut one)?;
+            // At the positions the row has behind its padding, as decoding will continue it.
+            let h = model.hidden_cached_at(&ids, &mut one, n)?;
             logits.extend(last_logits(&h, 1, p.len())?);
             caches.push(one);
         }
@@ -254,6 +255,40 @@ mod tests {
             .map(|p| generate(&model, p, &[], sampling, |_| true).unwrap())
             .collect();
         assert_eq!(generate_batch(&model, &prompts, &[], 10).unwrap(), single);
+        // Greedy tokens of a tiny model can survive a wrong position; the logits cannot. Each
+        // row's logits after its prompt and one more token equal the unpadded row's.
+        let t = prompts.iter().map(Vec::len).max().unwrap();
+        let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
+        let caches: Vec<Vec<KvCache>> = prompts
+            .iter()
+            .zip(&pad)
+            .map(|(p, &n)| {
+                let mut c = model.new_cache();
+                let ids = Tensor::from_vec(p.clone(), [1, p.len()], &Device::Cpu).unwrap();
+                model.hidden_cached_at(&ids, &mut c, n).unwrap();
+                c
+            })
+            .collect();
+        let mut stacked: Vec<KvCache> = (0..caches[0].len())
+            .map(|l| KvCache::stack_left_padded(caches.iter().map(|c| &c[l]), &pad).unwrap())
+            .collect();
+        let next: Vec<u32> = single.iter().map(|s| s[0]).collect();
+        let ids = Tensor::from_vec(next.clone(), [prompts.len(), 1], &Device::Cpu).unwrap();
+        let batched = model
+            .hidden_cached_padded(&ids, &mut stacked, &pad)
+            .unwrap();
+        let batched = batched.to_vec::<f64>().unwrap();
+        let c = model.config.hidden;
+        for (r, p) in prompts.iter().enumerate() {
+            let mut whole = p.clone();
+            whole.push(next[r]);
+            let ids = Tensor::from_vec(whole.clone(), [1, whole.len()], &Device::Cpu).unwrap();
+            let h = model.hidden(&ids).unwrap().to_vec::<f64>().unwrap();
+            let alone = &h[(whole.len() - 1) * c..];
+            for (a, b) in batched[r * c..(r + 1) * c].iter().zip(alone) {
+                assert!((a - b).abs() < 1e-10, "row {r}: {a} vs {b}");
+            }
+        }
         // Row 2 stops after 3 tokens; the others are unaffected.
         let got =
             generate_batch_until(&model, &prompts, &[], 10, |r, t| r == 2 && t.len() == 3).unwrap();

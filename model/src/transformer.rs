@@ -124,7 +124,7 @@ impl Transformer {
     /// Final hidden states `(B, T, C)` (after the last norm) for token ids `(B, T)` at
     /// positions `0..T`.
     pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
-        self.hidden_impl(ids, None, None)
+        self.hidden_impl(ids, None, None, None)
     }
 
     /// Hidden states in training mode: LoRA dropout drawn from `dropout_seed`, and each layer
@@ -234,7 +234,26 @@ impl Transformer {
                 self.blocks.len()
             )));
         }
-        self.hidden_impl(ids, Some(cache), None)
+        self.hidden_impl(ids, Some(cache), None, None)
+    }
+
+    /// `hidden_cached` whose first position is `first_position` instead of the cache's
+    /// length: a row prefilled alone whose cache will be stacked behind `first_position`
+    /// positions of left padding (RoPE angles then match the padded batch's).
+    pub fn hidden_cached_at(
+        &self,
+        ids: &Tensor,
+        cache: &mut [KvCache],
+        first_position: usize,
+    ) -> Result<Tensor> {
+        if cache.len() != self.blocks.len() {
+            return Err(Error::Config(format!(
+                "{} caches for {} layers",
+                cache.len(),
+                self.blocks.len()
+            )));
+        }
+        self.hidden_impl(ids, Some(cache), None, Some(first_position))
     }
 
     /// `hidden_cached` for left-padded rows: row `b`'s first `pad[b]` positions (counted from
@@ -253,7 +272,7 @@ impl Transformer {
                 self.blocks.len()
             )));
         }
-        self.hidden_impl(ids, Some(cache), Some(pad))
+        self.hidden_impl(ids, Some(cache), Some(pad), None)
     }
 
     fn hidden_impl(
@@ -261,9 +280,10 @@ impl Transformer {
         ids: &Tensor,
         mut cache: Option<&mut [KvCache]>,
         pad: Option<&[usize]>,
+        first_position: Option<usize>,
     ) -> Result<Tensor> {
         let t = self.check_ids(ids)?;
-        let offset = cache.as_ref().map_or(0, |c| c[0].len());
+        let offset = first_position.unwrap_or_else(|| cache.as_ref().map_or(0, |c| c[0].len()));
         let (cos, sin) = self.rope(t, offset)?;
         let mut x = self.embed.embedding(ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
