@@ -408,8 +408,9 @@ fn keep_steps_up_to(path: &Path, step: u64) -> Result<()> {
 }
 
 /// A seeded `ratio` share of `train` taken out as held-out data (both keep file order); at
-/// least one sample stays in each.
-pub fn split_held_out(train: &mut Vec<Encoded>, ratio: f64, seed: u64) -> Result<Vec<Encoded>> {
+/// least one sample stays in each. The draw depends only on the length and the seed, so
+/// encoded samples and their conversations split alike.
+pub fn split_held_out<T>(train: &mut Vec<T>, ratio: f64, seed: u64) -> Result<Vec<T>> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     if ratio <= 0.0 {

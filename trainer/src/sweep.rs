@@ -868,26 +868,29 @@ pub fn run_sweep(
     let (train_convs, held_convs) = conversations(cfg)?;
     // A sample cut at cutoff_len has lost the end of its answer (or all of it): it would train
     // on a truncated target. Such samples are left out, and counted.
-    let whole = |e: &Vec<Encoded>| -> Vec<Encoded> {
-        e.iter()
-            .filter(|x| x.ids.len() < cfg.cutoff_len)
-            .cloned()
-            .collect()
+    let whole = |convs: Vec<Conversation>| -> Result<Vec<(Conversation, Encoded)>> {
+        let enc = encode(&convs)?;
+        Ok(convs
+            .into_iter()
+            .zip(enc)
+            .filter(|(_, e)| e.ids.len() < cfg.cutoff_len)
+            .collect())
     };
-    let all = encode(&train_convs)?;
-    let mut train = whole(&all);
-    let dropped = all.len() - train.len();
-    let held_out = match &held_convs {
-        Some(h) => whole(&encode(h)?),
+    let offered = train_convs.len();
+    let mut train = whole(train_convs)?;
+    let dropped = offered - train.len();
+    let held_out = match held_convs {
+        Some(h) => whole(h)?,
         None => crate::run::split_held_out(&mut train, cfg.val_ratio, cfg.seeds[0])?,
     };
+    let (train_convs, train): (Vec<Conversation>, Vec<Encoded>) = train.into_iter().unzip();
+    let (held_convs, held_out): (Vec<Conversation>, Vec<Encoded>) = held_out.into_iter().unzip();
     obs.phase(
         "data",
         &format!(
-            "{} training and {} held-out samples ({dropped} of {} training samples longer than cutoff_len {} left out)",
+            "{} training and {} held-out samples ({dropped} of {offered} training samples longer than cutoff_len {} left out)",
             train.len(),
             held_out.len(),
-            all.len(),
             cfg.cutoff_len
         ),
     );
@@ -918,6 +921,17 @@ pub fn run_sweep(
     std::fs::write(&settings_path, &settings_text).map_err(io(&settings_path))?;
     let copy = out.join("sweep.toml");
     std::fs::write(&copy, config_text).map_err(io(&copy))?;
+    // The exact samples every run trains and is measured on: `bft train --data
+    // data/train.jsonl --eval-data data/held_out.jsonl` with a run's settings repeats it.
+    let data_dir = out.join("data");
+    std::fs::create_dir_all(&data_dir).map_err(io(&data_dir))?;
+    for (name, convs) in [
+        ("train.jsonl", &train_convs),
+        ("held_out.jsonl", &held_convs),
+    ] {
+        let p = data_dir.join(name);
+        crate::genes::write_jsonl(convs, &p).map_err(io(&p))?;
+    }
 
     let result_path = |name: &str| runs_dir.join(name).join("result.json");
     let read_result = |name: &str| -> Option<RunResult> {

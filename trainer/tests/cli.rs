@@ -1429,5 +1429,53 @@ fn a_quick_sweep_survives_a_kill_and_reports_every_variant() {
         err.contains("(3 already finished), 0 training steps"),
         "{err}"
     );
+
+    // `bft train` on the sweep's data with a run's settings is that run, step for step: one
+    // training call behind both.
+    let run = tmp("sweep-as-train");
+    let data = out.join("data");
+    let trained = Command::new(env!("CARGO_BIN_EXE_bft"))
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(data.join("train.jsonl"))
+        .arg("--eval-data")
+        .arg(data.join("held_out.jsonl"))
+        .args([
+            "--loss", "bft", "--window", "128", "--seed", "1", "--lr", "2e-4",
+        ])
+        .args([
+            "--max-steps",
+            "4",
+            "--warmup-ratio",
+            "0.05",
+            "--cutoff-len",
+            "512",
+        ])
+        .args(["--eval-steps", "2", "--output"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    succeeded(&trained);
+    let key = |p: &Path| -> Vec<(u64, String, String, String)> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let f = |k: &str| v[k].to_string();
+                (
+                    v["step"].as_u64().unwrap(),
+                    f("loss"),
+                    f("ce"),
+                    f("grad_norm"),
+                )
+            })
+            .collect()
+    };
+    let in_sweep = key(&runs.join("bft-g128-s1/metrics.jsonl"));
+    assert_eq!(in_sweep.len(), 4);
+    assert_eq!(key(&run.join("metrics.jsonl")), in_sweep);
+    std::fs::remove_dir_all(&run).ok();
     std::fs::remove_dir_all(&out).ok();
 }
