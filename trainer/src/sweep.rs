@@ -956,7 +956,8 @@ pub fn run_sweep(
             None => {
                 obs.run_started("base", 0, of);
                 let m = load()?;
-                let scores = evaluate_model(&m, &held_out, cfg, "base", obs)?;
+                let (scores, answers) = evaluate_model(&m, &held_out, cfg, "base", obs)?;
+                write_json(&runs_dir.join("base/answers.json"), &answers)?;
                 let r = RunResult {
                     name: "base".into(),
                     label: "base".into(),
@@ -1019,7 +1020,8 @@ pub fn run_sweep(
         if ckpts.exists() {
             std::fs::remove_dir_all(&ckpts).map_err(io(&ckpts))?;
         }
-        let mut scores = evaluate_model(&m, &[], cfg, &p.name, obs)?;
+        let (mut scores, answers) = evaluate_model(&m, &[], cfg, &p.name, obs)?;
+        write_json(&dir.join("answers.json"), &answers)?;
         scores.heldout_ce = summary.eval_ce;
         let r = RunResult {
             name: p.name.clone(),
@@ -1094,16 +1096,22 @@ fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// Evaluates a model on the sweep's suites (and on `held_out` when it is not empty).
+/// Every item's answer, by suite: gene sets as (id, reference, extracted process, reply),
+/// PubMedQA as (PMID, label, answer).
+pub type Answers = BTreeMap<String, Vec<serde_json::Value>>;
+
+/// Evaluates a model on the sweep's suites (and on `held_out` when it is not empty): the
+/// scores, and every item's answer for `answers.json`.
 pub fn evaluate_model(
     m: &LoadedModel,
     held_out: &[Encoded],
     cfg: &SweepConfig,
     name: &str,
     obs: &mut dyn SweepObserver,
-) -> Result<Scores> {
+) -> Result<(Scores, Answers)> {
     let t0 = Instant::now();
     let mut scores = Scores::default();
+    let mut all = Answers::new();
     if !held_out.is_empty() {
         obs.phase(
             name,
@@ -1137,6 +1145,16 @@ pub fn evaluate_model(
             );
             let answers = geneagent::answer_sets(m, &sets, cfg.eval.max_new_tokens, |_| {})?;
             let [rouge1, rouge2, rouge_l] = geneagent::mean_f1(&answers);
+            all.insert(
+                c.name().to_string(),
+                answers
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({"id": a.id, "reference": a.reference,
+                            "process": a.process, "reply": a.reply})
+                    })
+                    .collect(),
+            );
             scores.gene_sets.insert(
                 c.name().to_string(),
                 GeneSetScore {
@@ -1153,11 +1171,16 @@ pub fn evaluate_model(
                 name,
                 &format!("evaluating pubmedqa ({} questions)", items.len()),
             );
-            let (mut pred, mut truth) = (Vec::new(), Vec::new());
+            let (mut pred, mut truth, mut rows) = (Vec::new(), Vec::new(), Vec::new());
             for item in &items {
-                pred.push(pubmedqa::answer(m, item)?.0);
+                let answer = pubmedqa::answer(m, item)?.0;
+                rows.push(
+                    serde_json::json!({"pmid": item.pmid, "label": item.label, "answer": answer}),
+                );
+                pred.push(answer);
                 truth.push(item.label);
             }
+            all.insert("pubmedqa".into(), rows);
             let mt = pubmedqa::metrics(&pred, &truth);
             scores.pubmedqa = Some(PubmedqaScore {
                 n: mt.n,
@@ -1167,7 +1190,7 @@ pub fn evaluate_model(
         }
     }
     scores.eval_seconds = t0.elapsed().as_secs_f64();
-    Ok(scores)
+    Ok((scores, all))
 }
 
 /// Reads the sweep file at `config` (the built-in default sweep when None), applies the
@@ -1207,6 +1230,9 @@ pub struct ConsoleProgress {
     /// "run i/n", shown with every step.
     run: String,
     last_plain: Instant,
+    start: Instant,
+    /// Training steps to do in this process, and done so far (for the plain lines' ETA).
+    steps: (u64, u64),
 }
 
 impl Default for ConsoleProgress {
@@ -1215,6 +1241,8 @@ impl Default for ConsoleProgress {
             bar: None,
             run: String::new(),
             last_plain: Instant::now(),
+            start: Instant::now(),
+            steps: (0, 0),
         }
     }
 }
@@ -1231,6 +1259,8 @@ impl ConsoleProgress {
 impl SweepObserver for ConsoleProgress {
     fn planned(&mut self, runs: &[String], steps_to_do: u64, finished: usize) {
         use std::io::IsTerminal;
+        self.start = Instant::now();
+        self.steps = (steps_to_do, 0);
         eprintln!(
             "sweep: {} runs ({finished} already finished), {steps_to_do} training steps to do",
             runs.len()
@@ -1255,6 +1285,7 @@ impl SweepObserver for ConsoleProgress {
     }
 
     fn step(&mut self, name: &str, s: &StepMetrics, total: u64) {
+        self.steps.1 += 1;
         let msg = format!(
             "{} {name} step {}/{total} loss {:.4} ce {:.4}",
             self.run, s.step, s.loss, s.ce
@@ -1267,7 +1298,15 @@ impl SweepObserver for ConsoleProgress {
             // A line every 10 s at most keeps a log readable.
             None if self.last_plain.elapsed().as_secs() >= 10 || s.step == total => {
                 self.last_plain = Instant::now();
-                eprintln!("  {msg}");
+                // The time per step so far includes the evaluations, so the ETA does too.
+                let (todo, done) = self.steps;
+                let per_step = self.start.elapsed().as_secs_f64() / done.max(1) as f64;
+                let eta = per_step * todo.saturating_sub(done) as f64;
+                eprintln!(
+                    "  {msg}  (sweep eta {}h{:02}m)",
+                    (eta / 3600.0) as u64,
+                    (eta / 60.0) as u64 % 60
+                );
             }
             None => {}
         }

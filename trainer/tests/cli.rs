@@ -1418,6 +1418,13 @@ fn a_quick_sweep_survives_a_kill_and_reports_every_variant() {
             assert!(v.is_finite(), "{} column {i}: {cell:?}", r[0]);
         }
     }
+    let answers: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(runs.join("bft-g128-s1/answers.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(answers["go"].as_array().map(Vec::len), Some(2));
+    assert_eq!(answers["pubmedqa"].as_array().map(Vec::len), Some(4));
+    assert!(answers["nest"][0]["process"].is_string());
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 2, "curves and weights inline");
     assert!(html.contains("<td>bft-g128</td>"));
