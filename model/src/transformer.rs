@@ -227,13 +227,7 @@ impl Transformer {
     /// Hidden states for `ids (B, T)` continuing the positions held in `cache` (one per layer),
     /// which then grows by T: incremental decoding.
     pub fn hidden_cached(&self, ids: &Tensor, cache: &mut [KvCache]) -> Result<Tensor> {
-        if cache.len() != self.blocks.len() {
-            return Err(Error::Config(format!(
-                "{} caches for {} layers",
-                cache.len(),
-                self.blocks.len()
-            )));
-        }
+        self.check_cache(cache)?;
         self.hidden_impl(ids, Some(cache), None, None)
     }
 
@@ -246,13 +240,7 @@ impl Transformer {
         cache: &mut [KvCache],
         first_position: usize,
     ) -> Result<Tensor> {
-        if cache.len() != self.blocks.len() {
-            return Err(Error::Config(format!(
-                "{} caches for {} layers",
-                cache.len(),
-                self.blocks.len()
-            )));
-        }
+        self.check_cache(cache)?;
         self.hidden_impl(ids, Some(cache), None, Some(first_position))
     }
 
@@ -265,6 +253,12 @@ impl Transformer {
         cache: &mut [KvCache],
         pad: &[usize],
     ) -> Result<Tensor> {
+        self.check_cache(cache)?;
+        self.hidden_impl(ids, Some(cache), Some(pad), None)
+    }
+
+    /// A KV cache must hold one layer cache per block.
+    fn check_cache(&self, cache: &[KvCache]) -> Result<()> {
         if cache.len() != self.blocks.len() {
             return Err(Error::Config(format!(
                 "{} caches for {} layers",
@@ -272,7 +266,7 @@ impl Transformer {
                 self.blocks.len()
             )));
         }
-        self.hidden_impl(ids, Some(cache), Some(pad), None)
+        Ok(())
     }
 
     fn hidden_impl(

@@ -114,7 +114,8 @@ pub fn with_config(
 }
 
 /// The 1-based line of byte offset `at`.
-fn line_of(text: &str, at: usize) -> usize {
+/// The 1-based line of byte `at` in `text`.
+pub(crate) fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes()[..at.min(text.len())]
         .iter()
         .filter(|&&b| b == b'\n')

@@ -11,6 +11,7 @@
 //! Variants are built-in names with their parameters, or a researcher's own registered on a
 //! [`Registry`] by a binary built on the library.
 
+use crate::config_file::line_of;
 use crate::data::{Conversation, Encoded};
 use crate::eval::{geneagent, pubmedqa};
 use crate::loss::{GroupConfig, GroupMean, LossVariant, VariantParams};
@@ -247,14 +248,6 @@ fn builtin_params(p: &toml::Table) -> std::result::Result<VariantParams, String>
         ));
     }
     Ok(v)
-}
-
-fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes()[..at.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 /// The line of `key = ...` at or after byte `from` (else `fallback`).
