@@ -435,19 +435,18 @@ impl SweepConfig {
                 )
                 .collect::<Result<_>>()?,
         };
-        for (k, n) in [("seeds", seeds.len()), ("lrs", lrs.len())] {
-            let mut seen = Vec::new();
-            let vals: Vec<String> = match k {
-                "seeds" => seeds.iter().map(u64::to_string).collect(),
-                _ => lrs.iter().map(|x| format!("{x:e}")).collect(),
-            };
-            for v in vals {
-                if seen.contains(&v) {
-                    return Err(err(line(k), format!("`{k}` lists {v} twice")));
-                }
-                seen.push(v);
+        let shown: [(&str, Vec<String>); 2] = [
+            ("seeds", seeds.iter().map(u64::to_string).collect()),
+            ("lrs", lrs.iter().map(|x| format!("{x:e}")).collect()),
+        ];
+        for (k, vals) in shown {
+            if let Some((_, v)) = vals
+                .iter()
+                .enumerate()
+                .find(|(i, v)| vals[..*i].contains(v))
+            {
+                return Err(err(line(k), format!("`{k}` lists {v} twice")));
             }
-            debug_assert_eq!(seen.len(), n);
         }
         let eval = parse_eval(text, root.get("eval"), &err)?;
         let variants = parse_variants(text, root.get("variants"), registry, &err)?;
