@@ -2,7 +2,10 @@ use crate::storage::CpuData;
 use half::{bf16, f16};
 
 /// Element types. Reductions and softmax accumulate in at least f32 whatever the storage type;
-/// BF16/F16 tensors are widened to F32 for compute and narrowed back (DESIGN.md §2).
+/// BF16/F16 tensors compute in F32 (DESIGN.md §2). A result is 16-bit only when every float
+/// input is; beside an f32 input it is f32 (PyTorch's promotion), which is how a model with
+/// 16-bit weights runs under autocast: f32 activations, each product with a 16-bit weight
+/// rounding its f32 operand once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,

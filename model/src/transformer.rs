@@ -132,7 +132,7 @@ impl Transformer {
     pub fn hidden_train(&self, ids: &Tensor, dropout_seed: u64) -> Result<Tensor> {
         let t = self.check_ids(ids)?;
         let (cos, sin) = self.rope(t, 0)?;
-        let mut x = self.embed.embedding(ids)?;
+        let mut x = self.embed_tokens(ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let seed =
                 dropout_seed.wrapping_add((i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -186,9 +186,31 @@ impl Transformer {
         Ok(t)
     }
 
+    /// The type of the activations: the weights' type, except that 16-bit weights run under
+    /// autocast: f32 activations, and every product with a 16-bit weight rounds its f32
+    /// operand once and returns f32 (the engine's promotion rule), so norms, residuals,
+    /// attention and the loss all see f32.
+    pub fn activation_dtype(&self) -> DType {
+        match self.embed.dtype() {
+            d if d.is_half() => DType::F32,
+            d => d,
+        }
+    }
+
+    /// The embedding rows of `ids`, in the activation type (a 16-bit table's rows widened,
+    /// the table itself never).
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed.embedding(ids)?;
+        if x.dtype() == self.activation_dtype() {
+            return Ok(x);
+        }
+        Ok(x.to_dtype(self.activation_dtype())?)
+    }
+
     /// RoPE tables for positions `offset..offset + t`, on the model's device.
     fn rope(&self, t: usize, offset: usize) -> Result<(Tensor, Tensor)> {
-        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, offset, self.embed.dtype())?;
+        let dtype = self.activation_dtype();
+        let (cos, sin) = rope_tables_from(&self.config.inv_freq(), t, offset, dtype)?;
         let dev = self.embed.device();
         Ok((cos.to_device(&dev)?, sin.to_device(&dev)?))
     }
@@ -279,7 +301,7 @@ impl Transformer {
         let t = self.check_ids(ids)?;
         let offset = first_position.unwrap_or_else(|| cache.as_ref().map_or(0, |c| c[0].len()));
         let (cos, sin) = self.rope(t, offset)?;
-        let mut x = self.embed.embedding(ids)?;
+        let mut x = self.embed_tokens(ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c[i]);
             x = block.forward_cached(&x, &cos, &sin, c, pad)?;

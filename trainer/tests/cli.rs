@@ -988,13 +988,13 @@ fn score_and_train_on_wgpu_match_the_cpu() {
     for (a, b) in gpu.iter().zip(&cpu) {
         assert!((a - b).abs() <= 1e-4, "log-prob {a} on wgpu vs {b} on cpu");
     }
-    // bf16 weights (and so bf16 activations between ops) on the device: every op rounds its f32
-    // result to bf16, and where the devices' f32 sums differ in the last bits a rounding flips
-    // by one bf16 step (0.4%), which 30 layers carry on, so the two bf16 runs differ from each
-    // other about as much as bf16 differs from f32. Measured mean gaps to the f32 log-probs, per
-    // token: wgpu 0.068; CPU 0.060, then 0.026 once its casts rounded exactly and its products
-    // ran the bf16 kernel. Both must stay within bf16's noise (0.15 nats a token); a broken
-    // device path lands far outside it.
+    // bf16 weights under autocast: f32 activations, and every product with a bf16 weight
+    // rounds its other operand to bf16 once. Where the devices' f32 sums differ in the last
+    // bits a rounding flips by one bf16 step (0.4%), which 30 layers carry on, so the two bf16
+    // runs differ from each other about as much as bf16 differs from f32. Measured mean gaps to
+    // the f32 log-probs, per token: wgpu 0.040, CPU 0.034 (when every op still rounded its
+    // output to bf16: wgpu 0.068, CPU 0.026-0.060). Both must stay within bf16's noise (0.15
+    // nats a token); a broken device path lands far outside it.
     let (gpu16, cpu16) = (score("wgpu", "bf16"), score("cpu", "bf16"));
     assert_eq!(gpu16.len(), cpu16.len());
     let mean =

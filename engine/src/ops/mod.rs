@@ -147,15 +147,32 @@ pub(crate) fn same_kind(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> 
     Ok(())
 }
 
+/// The type of an op's result from its float inputs, promoted as PyTorch promotes: the widest
+/// among them (f64, then f32, then the 16-bit types), and f32 for two different 16-bit types.
+/// So all-bf16 inputs give bf16, and an f32 activation with a bf16 weight gives f32 (autocast).
+pub(crate) fn promoted(inputs: &[&Tensor]) -> DType {
+    let floats = || inputs.iter().map(|t| t.dtype()).filter(|d| d.is_float());
+    if floats().any(|d| d == DType::F64) {
+        return DType::F64;
+    }
+    let mut halves = floats().filter(|d| d.is_half());
+    match (floats().any(|d| d == DType::F32), halves.next()) {
+        (false, Some(h)) if halves.all(|d| d == h) => h,
+        _ => DType::F32,
+    }
+}
+
 /// 16-bit floats compute in f32 (DESIGN.md §2): if an input is BF16/F16, runs `f` on f32
-/// copies and casts the result back. The casts are recorded ops, so gradients flow through.
+/// copies and casts the result to the promoted type (16-bit only when every float input is).
+/// The casts are recorded ops, so gradients flow through.
 pub(crate) fn via_f32(
     inputs: &[&Tensor],
     f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
-    let Some(half) = inputs.iter().map(|t| t.dtype()).find(|d| d.is_half()) else {
+    if !inputs.iter().any(|t| t.dtype().is_half()) {
         return Ok(None);
-    };
+    }
+    let to = promoted(inputs);
     let wide = inputs
         .iter()
         .map(|t| {
@@ -166,7 +183,11 @@ pub(crate) fn via_f32(
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    f(&wide)?.to_dtype(half).map(Some)
+    let out = f(&wide)?;
+    if out.dtype() == to {
+        return Ok(Some(out));
+    }
+    out.to_dtype(to).map(Some)
 }
 
 /// The wgpu device of `t` and its index, when `t` lives on one. Ops take their wgpu branch

@@ -9,8 +9,13 @@
 //! micro-panels of `MR` rows, B in panels of `NR` columns; an odd k is padded with a zero. The
 //! micro-kernel keeps an `MR x NR` tile of C in 16 zmm registers and, per k-pair, loads two
 //! vectors of B and broadcasts one pair of each A row.
+//!
+//! Either operand may also be f32: it is rounded to bf16 (to nearest, ties to even) while it is
+//! packed, once per element, as PyTorch's CPU autocast rounds the activation it feeds a bf16
+//! weight. The result is the product of the rounded values, accumulated in f32.
 
-use super::matmul::{GemmDims, Operand};
+use super::Float;
+use super::matmul::{GemmDims, Operand, matmul};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -28,6 +33,26 @@ struct SharedOut(*mut f32);
 // SAFETY: tasks write only the tiles of the panels they own (disjoint columns); the pointer
 // outlives the parallel loop, which joins before `matmul_bf16` returns.
 unsafe impl Sync for SharedOut {}
+
+/// An element the kernel packs: bf16 as stored, f32 rounded to bf16.
+pub trait Bf16Source: Copy + Send + Sync {
+    fn to_bf16(self) -> bf16;
+}
+
+impl Bf16Source for bf16 {
+    #[inline(always)]
+    fn to_bf16(self) -> bf16 {
+        self
+    }
+}
+
+impl Bf16Source for f32 {
+    /// `half` rounds f32 to bf16 to nearest, ties to even (NaN stays NaN).
+    #[inline(always)]
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+}
 
 /// Whether this CPU runs the kernel (checked once).
 pub fn available() -> bool {
@@ -48,10 +73,10 @@ pub fn available() -> bool {
 /// `c = op(a) . op(b)`, or `c += op(a) . op(b)` when `accumulate`, with the conventions of
 /// `matmul::matmul` (`c` contiguous `(batch, m, n)`). Returns false, writing nothing, when the
 /// CPU lacks AVX512-BF16: the caller then takes the f32 path. Panics if a buffer is too short.
-pub fn matmul_bf16(
+pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
     dims: GemmDims,
-    a: Operand<'_, bf16>,
-    b: Operand<'_, bf16>,
+    a: Operand<'_, A>,
+    b: Operand<'_, B>,
     c: &mut [f32],
     accumulate: bool,
 ) -> bool {
@@ -62,10 +87,84 @@ pub fn matmul_bf16(
     true
 }
 
-fn packed_gemm(
+/// `c = op(a) . op(b)` for an activation `a` of type `Self` and a weight `b` stored as `W`: the
+/// one product interface of kernels whose weight may be 16-bit (the fused LM head).
+pub trait WeightProduct<W>: Sized {
+    fn weight_product(
+        dims: GemmDims,
+        a: Operand<'_, Self>,
+        b: Operand<'_, W>,
+        c: &mut [Self],
+        accumulate: bool,
+    );
+}
+
+impl<T: Float> WeightProduct<T> for T {
+    fn weight_product(
+        dims: GemmDims,
+        a: Operand<'_, T>,
+        b: Operand<'_, T>,
+        c: &mut [T],
+        accumulate: bool,
+    ) {
+        matmul(dims, a, b, c, accumulate)
+    }
+}
+
+impl WeightProduct<bf16> for f32 {
+    /// Autocast: `a` is rounded to bf16 once and the product accumulates in f32, through the
+    /// AVX512-BF16 kernel or, on other CPUs, the f32 GEMM of the rounded, widened operands
+    /// (the same values, summed in another order).
+    fn weight_product(
+        dims: GemmDims,
+        a: Operand<'_, f32>,
+        b: Operand<'_, bf16>,
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        if matmul_bf16(dims, a, b, c, accumulate) {
+            return;
+        }
+        let rounded: Vec<f32> = a.data.iter().map(|x| x.to_bf16().to_f32()).collect();
+        let wide: Vec<f32> = b.data.iter().map(|x| x.to_f32()).collect();
+        let (a, b) = (
+            Operand {
+                data: &rounded[..],
+                ..a
+            },
+            Operand {
+                data: &wide[..],
+                trans: b.trans,
+                batch_stride: b.batch_stride,
+            },
+        );
+        matmul(dims, a, b, c, accumulate)
+    }
+}
+
+impl WeightProduct<bf16> for f64 {
+    /// The reference of the product for finite-difference checks: the weight widened, exactly.
+    fn weight_product(
+        dims: GemmDims,
+        a: Operand<'_, f64>,
+        b: Operand<'_, bf16>,
+        c: &mut [f64],
+        accumulate: bool,
+    ) {
+        let wide: Vec<f64> = b.data.iter().map(|x| x.to_f64()).collect();
+        let b = Operand {
+            data: &wide[..],
+            trans: b.trans,
+            batch_stride: b.batch_stride,
+        };
+        matmul(dims, a, b, c, accumulate)
+    }
+}
+
+fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     dims: GemmDims,
-    a: Operand<'_, bf16>,
-    b: Operand<'_, bf16>,
+    a: Operand<'_, A>,
+    b: Operand<'_, B>,
     c: &mut [f32],
     accumulate: bool,
 ) {
@@ -145,13 +244,19 @@ fn packed_gemm(
 
 /// Two bf16 values as one k-pair lane (the first in the low half).
 #[inline(always)]
-fn pair(lo: bf16, hi: bf16) -> u32 {
-    lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
+fn pair<S: Bf16Source>(lo: S, hi: S) -> u32 {
+    lo.to_bf16().to_bits() as u32 | ((hi.to_bf16().to_bits() as u32) << 16)
 }
 
 /// Packs `valid` lanes whose k values are contiguous rows of `src` (lane l at `l * k`) into
 /// `panel (kp, lanes)`; other lanes and the pad past an odd k are zero.
-fn pack_lane_major(panel: &mut [u32], lanes: usize, src: &[bf16], k: usize, valid: usize) {
+fn pack_lane_major<S: Bf16Source>(
+    panel: &mut [u32],
+    lanes: usize,
+    src: &[S],
+    k: usize,
+    valid: usize,
+) {
     panel.fill(0);
     for l in 0..valid {
         let row = &src[l * k..(l + 1) * k];
@@ -160,17 +265,17 @@ fn pack_lane_major(panel: &mut [u32], lanes: usize, src: &[bf16], k: usize, vali
             panel[p * lanes + l] = pair(two[0], two[1]);
         }
         if let [last] = pairs.remainder() {
-            panel[(k / 2) * lanes + l] = pair(*last, bf16::ZERO);
+            panel[(k / 2) * lanes + l] = last.to_bf16().to_bits() as u32;
         }
     }
 }
 
 /// Packs `valid` lanes whose k values are strided (lane l, index kk at `kk * stride + l`) into
 /// `panel (kp, lanes)`; other lanes and the pad past an odd k are zero.
-fn pack_k_major(
+fn pack_k_major<S: Bf16Source>(
     panel: &mut [u32],
     lanes: usize,
-    src: &[bf16],
+    src: &[S],
     stride: usize,
     valid: usize,
     k: usize,
@@ -185,7 +290,7 @@ fn pack_k_major(
             }
         } else {
             for (o, &x) in out.iter_mut().zip(lo) {
-                *o = pair(x, bf16::ZERO);
+                *o = x.to_bf16().to_bits() as u32;
             }
         }
     }
@@ -365,6 +470,97 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+    /// An f32 operand is rounded to bf16 as it is packed: the result is bit for bit the one of
+    /// the pre-rounded bf16 operand, on either side and in either orientation.
+    #[test]
+    fn an_f32_operand_is_rounded_once_in_packing() {
+        if !available() {
+            eprintln!("AVX512-BF16 not on this CPU: nothing to compare");
+            return;
+        }
+        let (m, n, k) = (19, 45, 67);
+        let a32: Vec<f32> = rand_bf16(m * k, 3)
+            .iter()
+            .zip(rand_bf16(m * k, 4))
+            // Values between bf16 neighbours, so the rounding matters.
+            .map(|(x, y)| x.to_f32() + y.to_f32() * 1e-3)
+            .collect();
+        let a16: Vec<bf16> = a32.iter().map(|&x| bf16::from_f32(x)).collect();
+        let b = rand_bf16(k * n, 5);
+        let dims = GemmDims { batch: 1, m, n, k };
+        for (ta, tb) in [(false, true), (true, false)] {
+            let (mut got, mut want) = (vec![0f32; m * n], vec![0f32; m * n]);
+            assert!(matmul_bf16(
+                dims,
+                op(&a32[..], ta, 0),
+                op(&b[..], tb, 0),
+                &mut got,
+                false
+            ));
+            assert!(matmul_bf16(
+                dims,
+                op(&a16[..], ta, 0),
+                op(&b[..], tb, 0),
+                &mut want,
+                false
+            ));
+            assert_eq!(got, want, "ta {ta} tb {tb}");
+        }
+        // And as the right-hand operand: b^T . a^T = (a . b)^T.
+        let (mut got, mut want) = (vec![0f32; n * m], vec![0f32; n * m]);
+        let t = GemmDims {
+            batch: 1,
+            m: n,
+            n: m,
+            k,
+        };
+        assert!(matmul_bf16(
+            t,
+            op(&b[..], true, 0),
+            op(&a32[..], true, 0),
+            &mut got,
+            false
+        ));
+        assert!(matmul_bf16(
+            t,
+            op(&b[..], true, 0),
+            op(&a16[..], true, 0),
+            &mut want,
+            false
+        ));
+        assert_eq!(got, want);
+    }
+
+    /// `WeightProduct<bf16> for f32` on any CPU (the kernel where it exists, the widened f32
+    /// GEMM elsewhere): the f64 product of the rounded activation and the weight, to f32
+    /// accumulation accuracy.
+    #[test]
+    fn the_autocast_weight_product_is_the_product_of_the_rounded_values() {
+        let (m, n, k) = (13, 70, 129);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 333.3 - 1.5)
+            .collect();
+        let w = rand_bf16(n * k, 9);
+        let mut c = vec![0.5f32; m * n];
+        let dims = GemmDims { batch: 1, m, n, k };
+        f32::weight_product(
+            dims,
+            op(&a[..], false, 0),
+            op(&w[..], true, 0),
+            &mut c,
+            true,
+        );
+        let ar: Vec<f64> = a.iter().map(|&x| bf16::from_f32(x).to_f64()).collect();
+        let wr: Vec<f64> = w.iter().map(|x| x.to_f64()).collect();
+        let mut want = vec![0f64; m * n];
+        matmul_reference(dims, op(&ar[..], false, 0), op(&wr[..], true, 0), &mut want);
+        for (got, want) in c.iter().zip(&want) {
+            assert!(
+                (*got as f64 - 0.5 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{got} vs {want}"
+            );
         }
     }
 }

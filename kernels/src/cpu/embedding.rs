@@ -3,8 +3,9 @@
 use super::Float;
 use rayon::prelude::*;
 
-/// `out[i, :] = table[ids[i], :]`; ids are range-checked by the caller.
-pub fn gather<T: Float>(table: &[T], dim: usize, ids: &[u32], out: &mut [T]) {
+/// `out[i, :] = table[ids[i], :]`; ids are range-checked by the caller. Any element type: a
+/// 16-bit table is gathered as stored, never widened whole.
+pub fn gather<T: Copy + Send + Sync>(table: &[T], dim: usize, ids: &[u32], out: &mut [T]) {
     out.par_chunks_mut(dim)
         .zip(ids.par_iter())
         .for_each(|(o, &id)| o.copy_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]));

@@ -10,6 +10,7 @@
 //! `G = coef (softmax(Z) - onehot(y))` and accumulate `dW += G^T X`.
 
 use super::Float;
+use super::bf16_gemm::WeightProduct;
 use super::matmul::{GemmDims, Operand, matmul};
 use super::softmax::logsumexp;
 use rayon::prelude::*;
@@ -27,8 +28,16 @@ pub fn chunk_rows(vocab: usize, elem_bytes: usize, budget_bytes: usize) -> usize
     (budget_bytes / (vocab * elem_bytes).max(1)).max(1)
 }
 
-/// `logits (n, V) = x_chunk (n, C) . w^T`, with `n` rows starting at `r0`.
-fn logits_chunk<T: Float>(dims: HeadDims, x: &[T], w: &[T], r0: usize, n: usize, z: &mut [T]) {
+/// `logits (n, V) = x_chunk (n, C) . w^T`, with `n` rows starting at `r0`; the weight may be
+/// stored in another type than the activations (a bf16 head under autocast).
+fn logits_chunk<T: Float + WeightProduct<W>, W>(
+    dims: HeadDims,
+    x: &[T],
+    w: &[W],
+    r0: usize,
+    n: usize,
+    z: &mut [T],
+) {
     let c = dims.hidden;
     let g = GemmDims {
         batch: 1,
@@ -46,7 +55,7 @@ fn logits_chunk<T: Float>(dims: HeadDims, x: &[T], w: &[T], r0: usize, n: usize,
         trans: true,
         batch_stride: 0,
     };
-    matmul(g, xo, wo, &mut z[..n * dims.vocab], false);
+    T::weight_product(g, xo, wo, &mut z[..n * dims.vocab], false);
 }
 
 /// Turns logits rows in place into `scale[i] * (softmax(z_i) - onehot(y_i))`.
@@ -71,12 +80,13 @@ fn softmax_minus_onehot<T: Float>(
 /// Pass 1: `lse[i]` and `target_logit[i]` for every row, `chunk` rows at a time, and when
 /// `unit_grad` is given, `unit_grad (rows, C) = (softmax(Z) - onehot(y)) W`. `z` is the caller's
 /// scratch for one chunk of logits, at least `min(chunk, rows) * vocab` long: the only
-/// vocabulary-sized memory the loss uses.
+/// vocabulary-sized memory the loss uses. `w` may be stored as bf16 with f32 activations: both
+/// of its products then round the other operand to bf16 once and accumulate in f32.
 #[allow(clippy::too_many_arguments)]
-pub fn lm_head_forward<T: Float>(
+pub fn lm_head_forward<T: Float + WeightProduct<W>, W>(
     dims: HeadDims,
     chunk: usize,
-    (x, w, targets): (&[T], &[T], &[u32]),
+    (x, w, targets): (&[T], &[W], &[u32]),
     z: &mut [T],
     lse: &mut [T],
     target_logit: &mut [T],
@@ -124,7 +134,7 @@ pub fn lm_head_forward<T: Float>(
                 trans: false,
                 batch_stride: 0,
             };
-            matmul(gd, go, wo, &mut u[r0 * c..(r0 + n) * c], false);
+            T::weight_product(gd, go, wo, &mut u[r0 * c..(r0 + n) * c], false);
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
 use crate::Device;
+use crate::dtype::Elem;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
 use bft_kernels::cpu::embedding::{gather, scatter_add};
@@ -10,7 +11,11 @@ impl Tensor {
     /// Rows of the table `self (V, C)` at `ids` (U32, any shape): output `ids.shape + [C]`.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::Embedding, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self], |t| t[0].embedding(ids))? {
+        // A 16-bit table on a device computes through f32; on the CPU its rows are gathered
+        // as stored (the table is never widened whole).
+        if self.device() != Device::Cpu
+            && let Some(out) = via_f32(&[self], |t| t[0].embedding(ids))?
+        {
             return Ok(out);
         }
         if self.rank() != 2 {
@@ -44,11 +49,19 @@ impl Tensor {
             let o = bft_kernels::wgpu::ops::gather(&g, wbuf("embedding", self)?, dim, idv)?;
             Tensor::from_wgpu(o, DType::F32, i, dims)
         } else {
-            float_dispatch!("embedding", self.dtype(), |T| {
-                let mut o = vec![T::default(); idv.len() * dim];
-                gather(self.cpu::<T>("embedding")?, dim, idv, &mut o);
-                Ok(Tensor::from_cpu(o, dims))
-            })?
+            fn rows<T: Elem + Default>(t: &Tensor, dim: usize, ids: &[u32]) -> Result<Vec<T>> {
+                let mut o = vec![T::default(); ids.len() * dim];
+                gather(t.cpu::<T>("embedding")?, dim, ids, &mut o);
+                Ok(o)
+            }
+            match self.dtype() {
+                DType::BF16 => Tensor::from_cpu(rows::<half::bf16>(self, dim, idv)?, dims),
+                DType::F16 => Tensor::from_cpu(rows::<half::f16>(self, dim, idv)?, dims),
+                dt => float_dispatch!("embedding", dt, |T| Ok(Tensor::from_cpu(
+                    rows::<T>(self, dim, idv)?,
+                    dims
+                )))?,
+            }
         };
         Tape::record(Op::Embedding, &[self, ids], out, || EmbeddingBackward {
             ids: host_ids.stop_gradient(),
@@ -82,16 +95,27 @@ impl Backward for EmbeddingBackward {
                 None,
             ]);
         }
-        let dt = float_dispatch!("embedding backward", g.dtype(), |T| {
+        // A 16-bit table's gradient is summed in f32 and rounded once.
+        let wide = if g.dtype().is_half() {
+            g.cast_untracked(DType::F32)?
+        } else {
+            g.clone()
+        };
+        let dt = float_dispatch!("embedding backward", wide.dtype(), |T| {
             let mut dt = vec![T::default(); self.vocab * dim];
             scatter_add(
-                g.cpu::<T>("embedding")?,
+                wide.cpu::<T>("embedding")?,
                 dim,
                 self.ids.cpu::<u32>("embedding")?,
                 &mut dt,
             );
             Ok(Tensor::from_cpu(dt, [self.vocab, dim]))
         })?;
+        let dt = if dt.dtype() == g.dtype() {
+            dt
+        } else {
+            dt.cast_untracked(g.dtype())?
+        };
         Ok(vec![Some(dt), None])
     }
 }
@@ -125,6 +149,43 @@ mod tests {
     #[test]
     fn gradcheck() {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+
+    /// A bf16 table's rows come out as stored (bf16, bit for bit), and a tracked bf16 table
+    /// gets the f32 scatter-add rounded once to bf16.
+    #[test]
+    fn a_bf16_table_is_gathered_as_stored() {
+        use crate::{DType, Tape};
+        let dev = Device::Cpu;
+        let t = Tensor::randn([11, 6], 1.0, 3, DType::BF16, &dev).unwrap();
+        let ids = Tensor::from_vec(vec![4u32, 0, 4, 10], [2, 2], &dev).unwrap();
+        let got = t.embedding(&ids).unwrap();
+        assert_eq!((got.dtype(), got.dims()), (DType::BF16, &[2, 2, 6][..]));
+        let want = t.to_dtype(DType::F32).unwrap().embedding(&ids).unwrap();
+        assert_eq!(got.to_f64_vec().unwrap(), want.to_f64_vec().unwrap());
+        let tape = Tape::new();
+        let tt = tape.track(&t);
+        let w = Tensor::randn([2, 2, 6], 1.0, 4, DType::F32, &dev).unwrap();
+        let loss = tt
+            .embedding(&ids)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mul(&w)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = tape.backward(&loss).unwrap().remove(&tt).unwrap();
+        assert_eq!(g.dtype(), DType::BF16);
+        let (g, w) = (g.to_f64_vec().unwrap(), w.to_f64_vec().unwrap());
+        // The cast's backward hands each token's gradient over in bf16. Row 4 is hit twice
+        // (tokens 0 and 2), rows 0 and 10 once, the rest never.
+        let r = |x: f64| half::bf16::from_f64(x).to_f64();
+        for c in 0..6 {
+            assert_eq!(g[4 * 6 + c], r(r(w[c]) + r(w[12 + c])));
+            assert_eq!(g[c], r(w[6 + c]));
+            assert_eq!(g[6 + c], 0.0);
+        }
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Fused LM head + weighted NLL: the memory-bounded core of every loss variant.
 
-use super::{Op, float_dispatch, same_kind, wbuf, wgpu_of};
+use super::{Op, float_dispatch, promoted, same_kind, wbuf, wgpu_of};
 use crate::memory::Scratch;
 use crate::tape::{Backward, Tape};
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 use bft_kernels::cpu::Float;
 use bft_kernels::cpu::embedding::{gather, scatter_add};
 use bft_kernels::cpu::lm_head::{HeadDims, chunk_rows, lm_head_backward_head, lm_head_forward};
@@ -38,20 +38,25 @@ impl Tensor {
         weigh: impl FnOnce(&[f64]) -> Vec<f64>,
     ) -> Result<HeadLoss> {
         let _profiled = crate::profile::scope(Op::LmHeadNll, crate::profile::Phase::Forward);
-        if self.dtype().is_half() || head.dtype().is_half() {
+        // Autocast: f32 hidden states on the CPU read a frozen bf16 head as stored (its products
+        // round the other operand to bf16 once); other 16-bit cases compute on f32 copies.
+        let bf16_head = self.dtype() == DType::F32
+            && head.dtype() == DType::BF16
+            && !head.is_tracked()
+            && self.device() == Device::Cpu
+            && head.device() == Device::Cpu;
+        if !bf16_head && (self.dtype().is_half() || head.dtype().is_half()) {
             let (x, w) = (self.to_dtype(DType::F32)?, head.to_dtype(DType::F32)?);
             let out = x.lm_head_nll(&w, rows, targets, weigh)?;
-            let dtype = if self.dtype().is_half() {
-                self.dtype()
-            } else {
-                head.dtype()
-            };
+            let to = promoted(&[self, head]);
             return Ok(HeadLoss {
-                loss: out.loss.to_dtype(dtype)?,
+                loss: out.loss.to_dtype(to)?,
                 ..out
             });
         }
-        same_kind("lm_head_nll", self, head)?;
+        if !bf16_head {
+            same_kind("lm_head_nll", self, head)?;
+        }
         let (n_all, c, v) = match (self.dims(), head.dims()) {
             ([n, c], [v, hc]) if c == hc => (*n, *c, *v),
             (x, h) => {
@@ -101,21 +106,33 @@ impl Tensor {
                 let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
                 // The one vocabulary-sized buffer: a chunk of logits, counted as engine memory.
                 let mut z = Scratch::<T>::new(chunk.min(rows.len()) * v);
-                let inputs = (xs.as_slice(), head.cpu::<T>("lm_head_nll")?, targets);
                 // (n, C) gradient direction of each row, formed while its logits are live, so the
                 // backward pass never revisits the vocabulary for dX.
                 let mut unit = self
                     .is_tracked()
                     .then(|| vec![T::default(); rows.len() * c]);
-                lm_head_forward(
-                    dims,
-                    chunk,
-                    inputs,
-                    &mut z.buf,
-                    &mut lse,
-                    &mut tl,
-                    unit.as_deref_mut(),
-                );
+                let (n, x) = ("lm_head_nll", xs.as_slice());
+                if bf16_head {
+                    lm_head_forward(
+                        dims,
+                        chunk,
+                        (x, head.cpu::<half::bf16>(n)?, targets),
+                        &mut z.buf,
+                        &mut lse,
+                        &mut tl,
+                        unit.as_deref_mut(),
+                    );
+                } else {
+                    lm_head_forward(
+                        dims,
+                        chunk,
+                        (x, head.cpu::<T>(n)?, targets),
+                        &mut z.buf,
+                        &mut lse,
+                        &mut tl,
+                        unit.as_deref_mut(),
+                    );
+                }
                 drop(z);
                 let logprobs: Vec<f64> = tl
                     .iter()
@@ -348,6 +365,45 @@ mod tests {
             })
             .boxed();
         vec![Case::new("lm_head_nll", &[Op::LmHeadNll], strategy)]
+    }
+
+    /// Autocast: f32 hidden states with a frozen bf16 head on the CPU. The loss and log-probs
+    /// are the f64 ones of the bf16-rounded hidden states (the logits accumulate in f32); the
+    /// hidden states' gradient is f32, within bf16 rounding of the probabilities it is made of.
+    #[test]
+    fn f32_hidden_states_read_a_frozen_bf16_head_as_stored() {
+        use crate::{DType, Tape};
+        let dev = Device::Cpu;
+        let x = Tensor::randn([6, 20], 1.0, 1, DType::F32, &dev).unwrap();
+        let head = Tensor::randn([50, 20], 0.5, 2, DType::BF16, &dev).unwrap();
+        let (rows, targets) = ([0u32, 2, 3, 5], [7u32, 0, 49, 7]);
+        let run = |x: &Tensor, head: &Tensor| {
+            let tape = Tape::new();
+            let xt = tape.track(x);
+            let out = xt
+                .lm_head_nll(head, &rows, &targets, |lp| vec![1.0; lp.len()])
+                .unwrap();
+            let dx = tape.backward(&out.loss).unwrap().remove(&xt).unwrap();
+            (out.loss, out.logprobs, dx)
+        };
+        let (loss, logprobs, dx) = run(&x, &head);
+        assert_eq!((loss.dtype(), dx.dtype()), (DType::F32, DType::F32));
+        let rounded = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let (loss64, logprobs64, dx64) = run(&rounded, &head.to_dtype(DType::F64).unwrap());
+        let (l, l64) = (loss.to_scalar().unwrap(), loss64.to_scalar().unwrap());
+        assert!((l - l64).abs() <= 1e-5 * l64.abs(), "{l} vs {l64}");
+        for (a, b) in logprobs.iter().zip(&logprobs64) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        let (g, g64) = (dx.to_f64_vec().unwrap(), dx64.to_f64_vec().unwrap());
+        let scale = g64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (a, b) in g.iter().zip(&g64) {
+            assert!((a - b).abs() <= scale / 128.0, "{a} vs {b}");
+        }
     }
 
     #[test]

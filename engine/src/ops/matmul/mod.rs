@@ -1,6 +1,6 @@
 //! Batched matrix product with optionally transposed operands.
 
-use super::{Op, float_dispatch, same_kind, wbuf, wgpu_of};
+use super::{Op, float_dispatch, promoted, same_kind, wbuf, wgpu_of};
 use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
@@ -40,14 +40,22 @@ impl Tensor {
             return out.reshape(dims);
         }
         if let Some(half) = [self, rhs].iter().map(|t| t.dtype()).find(|d| d.is_half()) {
-            // 16-bit operands: the product runs on transient f32 copies and rounds once, but
-            // the tape keeps the 16-bit operands (not f32 copies, as `via_f32` would), so a
-            // frozen bf16 weight costs its 16 bits during training.
+            // A 16-bit operand (autocast): an f32 operand is rounded to the 16-bit type once,
+            // the product accumulates in f32, and the result takes the promoted type: f32
+            // beside an f32 operand, 16-bit when both are. The tape keeps the operands as they
+            // are (no f32 copies), so a frozen bf16 weight costs its 16 bits during training.
             let product = match bf16_product(self, rhs, ta, tb)? {
                 Some(p) => p,
-                None => wide(self)?.matmul_t(&wide(rhs)?, ta, tb)?,
+                None => {
+                    autocast_operand(self, half)?.matmul_t(&autocast_operand(rhs, half)?, ta, tb)?
+                }
             };
-            let out = product.cast_untracked(half)?;
+            let to = promoted(&[self, rhs]);
+            let out = if to == DType::F32 {
+                product
+            } else {
+                product.cast_untracked(to)?
+            };
             return Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
                 a: self.stop_gradient(),
                 b: rhs.stop_gradient(),
@@ -152,14 +160,18 @@ fn gemm_dims(ad: &[usize], bd: &[usize], ta: bool, tb: bool) -> Result<(GemmDims
     Ok((GemmDims { batch, m, n, k: ka }, out_dims))
 }
 
-/// `op(a) . op(b)` in f32 straight from bf16 operands through the AVX512-BF16 kernel (bf16
-/// products are exact in f32, so this is the widened product up to summation order), when
-/// both are bf16 on the CPU, their batch axes match and the CPU has the instructions; `None`
-/// sends the caller to the widening path (which also reports shape errors).
+/// `op(a) . op(b)` in f32 through the AVX512-BF16 kernel, when one operand is bf16 and the
+/// other bf16 or f32 (rounded to bf16 as it is packed), both on the CPU, their batch axes match
+/// and the CPU has the instructions. Products of bf16 values are exact in f32, so this is the
+/// widened product of the rounded values up to summation order. `None` sends the caller to the
+/// widening path (which also reports shape errors).
 fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Tensor>> {
-    use bft_kernels::cpu::bf16_gemm::{available, matmul_bf16};
-    let on_cpu = |t: &Tensor| t.dtype() == DType::BF16 && t.device() == crate::Device::Cpu;
-    if !(on_cpu(a) && on_cpu(b) && available()) || a.dims().len() != b.dims().len() {
+    use bft_kernels::cpu::bf16_gemm::{Bf16Source, available, matmul_bf16};
+    use half::bf16;
+    let fits = |t: &Tensor| {
+        matches!(t.dtype(), DType::BF16 | DType::F32) && t.device() == crate::Device::Cpu
+    };
+    if !(fits(a) && fits(b) && available()) || a.dims().len() != b.dims().len() {
         return Ok(None);
     }
     let Ok((dims, out_dims)) = gemm_dims(a.dims(), b.dims(), ta, tb) else {
@@ -167,57 +179,63 @@ fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Ten
     };
     let GemmDims { batch, m, n, k } = dims;
     let mut c = vec![0f32; batch * m * n];
-    let (a_op, b_op) = (
-        Operand {
-            data: a.cpu::<half::bf16>("matmul")?,
-            trans: ta,
-            batch_stride: m * k,
-        },
-        Operand {
-            data: b.cpu::<half::bf16>("matmul")?,
-            trans: tb,
-            batch_stride: k * n,
-        },
-    );
-    if !matmul_bf16(dims, a_op, b_op, &mut c, false) {
-        return Ok(None);
+    fn operand<S: Bf16Source + crate::dtype::Elem>(
+        t: &Tensor,
+        trans: bool,
+        batch_stride: usize,
+    ) -> Result<Operand<'_, S>> {
+        Ok(Operand {
+            data: t.cpu::<S>("matmul")?,
+            trans,
+            batch_stride,
+        })
     }
-    Ok(Some(Tensor::from_cpu(c, out_dims)))
+    let (sa, sb) = (m * k, k * n);
+    let ran = match (a.dtype(), b.dtype()) {
+        (DType::BF16, DType::BF16) => matmul_bf16(
+            dims,
+            operand::<bf16>(a, ta, sa)?,
+            operand::<bf16>(b, tb, sb)?,
+            &mut c,
+            false,
+        ),
+        (DType::F32, DType::BF16) => matmul_bf16(
+            dims,
+            operand::<f32>(a, ta, sa)?,
+            operand::<bf16>(b, tb, sb)?,
+            &mut c,
+            false,
+        ),
+        (DType::BF16, DType::F32) => matmul_bf16(
+            dims,
+            operand::<bf16>(a, ta, sa)?,
+            operand::<f32>(b, tb, sb)?,
+            &mut c,
+            false,
+        ),
+        _ => false,
+    };
+    Ok(ran.then(|| Tensor::from_cpu(c, out_dims)))
 }
 
-/// `t` in f32 when it is 16-bit (an untracked copy), else `t` untracked.
-fn wide(t: &Tensor) -> Result<Tensor> {
-    if t.dtype().is_half() {
-        t.cast_untracked(DType::F32)
-    } else {
-        Ok(t.stop_gradient())
+/// The f32 values a product with a 16-bit operand reads, as an untracked tensor: a 16-bit
+/// operand widened; an f32 operand rounded to the 16-bit type `half` first (autocast rounds the
+/// activation it feeds a 16-bit weight), then widened; anything else as it is.
+fn autocast_operand(t: &Tensor, half: DType) -> Result<Tensor> {
+    match t.dtype() {
+        d if d.is_half() => t.cast_untracked(DType::F32),
+        DType::F32 => t.cast_untracked(half)?.cast_untracked(DType::F32),
+        _ => Ok(t.stop_gradient()),
     }
 }
 
 impl Backward for MatMulBackward {
     /// For `C = op(A) op(B)`: `dA = dC op(B)^T` (stored transposed when `ta`), `dB = op(A)^T dC`.
-    /// With 16-bit operands the products run in f32 and each gradient rounds once, to its
-    /// operand's type: an f32 master weight beside a bf16 activation gets an f32 gradient.
+    /// The two products follow the forward's rules (with a 16-bit operand: the other rounded
+    /// once, f32 accumulation, so the input gradient of a frozen bf16 weight runs the bf16
+    /// kernel), and each gradient then takes its operand's type: an f32 activation or master
+    /// weight gets an f32 gradient, a bf16 one a bf16 gradient.
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        // When the gradient and both operands share one 16-bit type, the products below are
-        // all 16-bit and take the forward's 16-bit branch (the bf16 kernel or the widening,
-        // one rounding), which already gives each gradient its operand's type.
-        let one_half_type =
-            g.dtype().is_half() && [&self.a, &self.b].iter().all(|t| t.dtype() == g.dtype());
-        if !one_half_type && [g, &self.a, &self.b].iter().any(|t| t.dtype().is_half()) {
-            let widened = MatMulBackward {
-                a: wide(&self.a)?,
-                b: wide(&self.b)?,
-                ..*self
-            };
-            let grads = widened.backward(&wide(g)?, needs)?;
-            let dtypes = [self.a.dtype(), self.b.dtype()];
-            return grads
-                .into_iter()
-                .zip(dtypes)
-                .map(|(d, dt)| d.map(|d| d.cast_untracked(dt)).transpose())
-                .collect();
-        }
         let (a, b, ta, tb) = (&self.a, &self.b, self.ta, self.tb);
         let da = match (needs[0], ta) {
             (false, _) => None,
@@ -229,7 +247,11 @@ impl Backward for MatMulBackward {
             (true, false) => Some(a.matmul_t(g, !ta, false)?),
             (true, true) => Some(g.matmul_t(a, true, ta)?),
         };
-        Ok(vec![da, db])
+        let typed = |d: Option<Tensor>, of: &Tensor| match d {
+            Some(d) if d.dtype() != of.dtype() => d.cast_untracked(of.dtype()).map(Some),
+            d => Ok(d),
+        };
+        Ok(vec![typed(da, a)?, typed(db, b)?])
     }
 }
 
@@ -335,66 +357,93 @@ mod tests {
         close(&dx, &ones.matmul(&wide(&w)).unwrap());
     }
 
-    /// A bf16 activation times an f32 master weight and a frozen bf16 weight: the values and
-    /// gradients are the f64 ones up to bf16 rounding, and each gradient has its operand's type.
+    /// Autocast: an f32 activation times an f32 LoRA weight and a frozen bf16 weight. The bf16
+    /// product rounds the activation to bf16 once and returns f32 (the f64 product of the
+    /// rounded values, to f32 accuracy); the f32 product is untouched; each gradient has its
+    /// operand's type, and the activation's gradient through the bf16 weight is f32.
     /// (`tests/half_weights_memory.rs` shows the tape keeps the weight in 16 bits.)
     #[test]
-    fn sixteen_bit_operands_are_kept_in_16_bits_and_gradients_take_their_operands_type() {
+    fn an_f32_activation_times_a_bf16_weight_is_autocast() {
         use crate::{DType, Device, Tape, Tensor};
         let dev = Device::Cpu;
         // A batched activation against 2-D weights (the batch folds into the rows).
         let x64 = Tensor::randn([2, 3, 40], 1.0, 1, DType::F64, &dev).unwrap();
         let a64 = Tensor::randn([40, 8], 0.3, 2, DType::F64, &dev).unwrap();
-        let w64 = Tensor::randn([300, 40], 0.3, 3, DType::F64, &dev).unwrap();
-        let x16 = x64.to_dtype(DType::BF16).unwrap();
-        let w16 = w64.to_dtype(DType::BF16).unwrap();
-        // The f64 reference on the same (rounded) values.
-        let (xr, wr) = (
-            x16.to_dtype(DType::F64).unwrap(),
-            w16.to_dtype(DType::F64).unwrap(),
+        let w16 = Tensor::randn([300, 40], 0.3, 3, DType::BF16, &dev).unwrap();
+        let (x32, a32) = (
+            x64.to_dtype(DType::F32).unwrap(),
+            a64.to_dtype(DType::F32).unwrap(),
         );
-        let reference = |x: &Tensor, a: &Tensor, w: &Tensor| {
-            let tape = Tape::new();
-            let (x, a) = (tape.track(x), tape.track(a));
-            let y = x.matmul(&a).unwrap().sum_all().unwrap();
-            let z = x.matmul_t(w, false, true).unwrap().sum_all().unwrap();
-            let g = tape.backward(&y.add(&z).unwrap()).unwrap();
-            (
-                g.get(&x).unwrap().to_f64_vec().unwrap(),
-                g.get(&a).unwrap().clone(),
+        // The f64 reference on the values the products read: x rounded to bf16 for the bf16
+        // weight, x as it is for the f32 one.
+        let xr = x32
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let wr = w16.to_dtype(DType::F64).unwrap();
+        let x32r = x32.to_dtype(DType::F64).unwrap();
+        let a32r = a32.to_dtype(DType::F64).unwrap();
+        let z_ref = xr.matmul_t(&wr, false, true).unwrap().to_f64_vec().unwrap();
+        let y_ref = x32r.matmul(&a32r).unwrap().to_f64_vec().unwrap();
+        // dL/dx for L = sum(z) + sum(y): ones . W + ones . A^T (the ones are exact in bf16).
+        let ones = |n| Tensor::ones([2, 3, n], DType::F64, &dev).unwrap();
+        let dx_ref = ones(300)
+            .matmul(&wr)
+            .unwrap()
+            .add(&ones(8).matmul_t(&a32r, false, true).unwrap())
+            .unwrap()
+            .to_f64_vec()
+            .unwrap();
+        let da_ref = x32r
+            .reshape([6, 40])
+            .unwrap()
+            .matmul_t(
+                &Tensor::ones([6, 8], DType::F64, &dev).unwrap(),
+                true,
+                false,
             )
-        };
-        let (dx_ref, da_ref) = reference(&xr, &a64, &wr);
-        let a32 = a64.to_dtype(DType::F32).unwrap();
+            .unwrap()
+            .to_f64_vec()
+            .unwrap();
+
         let tape = Tape::new();
-        let (x, a) = (tape.track(&x16), tape.track(&a32));
+        let (x, a) = (tape.track(&x32), tape.track(&a32));
         let z = x.matmul_t(&w16, false, true).unwrap();
         let y = x.matmul(&a).unwrap();
-        assert_eq!((y.dtype(), z.dtype()), (DType::BF16, DType::BF16));
-        let loss = y
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .add(&z.to_dtype(DType::F32).unwrap().sum_all().unwrap())
-            .unwrap();
+        assert_eq!((y.dtype(), z.dtype()), (DType::F32, DType::F32));
+        let loss = y.sum_all().unwrap().add(&z.sum_all().unwrap()).unwrap();
         let g = tape.backward(&loss).unwrap();
         let (dx, da) = (g.get(&x).unwrap(), g.get(&a).unwrap());
-        assert_eq!((dx.dtype(), da.dtype()), (DType::BF16, DType::F32));
+        assert_eq!((dx.dtype(), da.dtype()), (DType::F32, DType::F32));
         assert_eq!((dx.dims(), da.dims()), (&[2, 3, 40][..], &[40, 8][..]));
-        let close = |got: &[f64], want: &[f64], rel: f64| {
+        let close = |got: &[f64], want: &[f64]| {
             let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             for (p, q) in got.iter().zip(want) {
-                assert!((p - q).abs() <= rel * scale, "{p} vs {q}");
+                assert!((p - q).abs() <= 1e-5 * scale, "{p} vs {q}");
             }
         };
-        close(&dx.to_f64_vec().unwrap(), &dx_ref, 1.0 / 128.0);
-        // dA = x^T 1 from bf16 x: exact inputs, f32 sums.
-        close(
-            &da.to_f64_vec().unwrap(),
-            &da_ref.to_f64_vec().unwrap(),
-            1e-6,
+        close(&z.to_f64_vec().unwrap(), &z_ref);
+        // The path of CPUs without AVX512-BF16 reads the same values.
+        let fallback = super::autocast_operand(&x32, DType::BF16)
+            .unwrap()
+            .matmul_t(
+                &super::autocast_operand(&w16, DType::BF16).unwrap(),
+                false,
+                true,
+            )
+            .unwrap();
+        close(&fallback.to_f64_vec().unwrap(), &z_ref);
+        close(&y.to_f64_vec().unwrap(), &y_ref);
+        close(&dx.to_f64_vec().unwrap(), &dx_ref);
+        close(&da.to_f64_vec().unwrap(), &da_ref);
+        // Two 16-bit operands keep their type; a bf16 operand beside an f32 one gives f32.
+        let x16 = x32.to_dtype(DType::BF16).unwrap();
+        assert_eq!(
+            x16.matmul_t(&w16, false, true).unwrap().dtype(),
+            DType::BF16
         );
+        assert_eq!(x16.matmul(&a32).unwrap().dtype(), DType::F32);
     }
 
     #[test]
