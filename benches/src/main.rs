@@ -40,49 +40,14 @@ struct Args {
     json: Option<std::path::PathBuf>,
 }
 
-/// The CPU's model name, from /proc/cpuinfo where there is one.
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
-}
-
-/// The widest vector ISA the `gemm` crate dispatches to here.
-fn f32_isa() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "AVX-512";
-        }
-        if std::arch::is_x86_feature_detected!("fma") {
-            return "AVX2+FMA";
-        }
-    }
-    "scalar or NEON"
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     let threads = rayon::current_num_threads();
-    println!("CPU: {}", cpu_model());
+    println!("CPU: {}", bft_kernels::cpu::cpu_model());
     let mut peak = if args.backend != Backend::Cpu {
         Peak::unmeasured()
     } else {
-        println!(
-            "kernels: f32 GEMM `gemm` crate ({}); bf16 GEMM {}",
-            f32_isa(),
-            if bft_kernels::cpu::bf16_gemm::available() {
-                "hand-written AVX512-BF16 (vdpbf16ps)"
-            } else {
-                "unavailable on this CPU (no AVX512-BF16: bf16 rows skipped, the engine widens to f32)"
-            }
-        );
+        println!("kernels: {}", bft_kernels::cpu::kernels_picked());
         eprintln!("measuring the roofline on {threads} threads...");
         let peak = Peak::measure(args.quick);
         let bf16 = if peak.bf16_gflops.is_nan() {

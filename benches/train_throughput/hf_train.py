@@ -1,8 +1,12 @@
 """The PyTorch side of the throughput benchmark: HF transformers + PEFT LoRA doing the same
 steps as `bft train` (same model, data, cutoff, batch, LoRA rank/targets, AdamW), on CPU with
-the given number of threads. Prints one JSON line: mean tokens/s over the timed steps."""
+the given number of threads, in f32 or under CPU bf16 autocast (f32 weights and LoRA masters,
+bf16 products: oneDNN's bf16 kernels, AMX where the CPU has it). Prints one JSON line: mean
+tokens/s over the timed steps, the mean loss of each step, and the peak RSS."""
 import argparse
+import contextlib
 import json
+import resource
 import time
 
 import torch
@@ -17,6 +21,7 @@ ap.add_argument("--warmup", type=int, default=1)
 ap.add_argument("--batch-size", type=int, default=4)
 ap.add_argument("--cutoff-len", type=int, default=256)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--autocast", choices=["none", "bf16"], default="none")
 args = ap.parse_args()
 
 torch.set_num_threads(args.threads)
@@ -41,7 +46,13 @@ for r in rows:
     labels = [-100] * n_prompt + ids[n_prompt:]
     samples.append((ids, labels[: len(ids)]))
 
-times, tokens = [], []
+def autocast():
+    if args.autocast == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+times, tokens, losses = [], [], []
 for step in range(args.steps):
     batch = [samples[(step * args.batch_size + i) % len(samples)] for i in range(args.batch_size)]
     width = max(len(ids) for ids, _ in batch)
@@ -49,14 +60,18 @@ for step in range(args.steps):
     labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch])
     attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
     t0 = time.perf_counter()
-    out = model(input_ids=ids, attention_mask=attn, labels=labels)
+    with autocast():
+        out = model(input_ids=ids, attention_mask=attn, labels=labels)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
+    losses.append(float(out.loss))
     if step >= args.warmup:
         times.append(dt)
         tokens.append(int(attn.sum()))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"tokens_per_s": sum(tokens) / sum(times), "step_time_s": sum(times) / len(times),
-                  "steps": len(times), "torch": torch.__version__}))
+                  "steps": len(times), "torch": torch.__version__, "losses": losses,
+                  "peak_rss_mb": peak_mb, "autocast": args.autocast}))

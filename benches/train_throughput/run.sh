@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # CPU training throughput: `bft train` against HF transformers + PEFT doing the same steps on
 # this machine: SmolLM2-135M-Instruct, LoRA r=16 on all seven projections, batch 4 x 256
-# tokens, AdamW, 2 threads. Prints both tokens/s and their ratio.
+# tokens, AdamW, 2 threads. Four rows measured in one run: HF + PEFT in f32 and under CPU bf16
+# autocast, `bft train` in f32 and with `--dtype bf16` (bf16 frozen weights, autocast). Prints
+# the CPU model, the kernels each side picked, tokens/s, seconds a step, peak RSS, and bft's
+# ratio to PyTorch at the same precision.
 #
 #   benches/train_throughput/run.sh            # STEPS=6 THREADS=2 PYTHON=python3 by default
 #
@@ -35,28 +38,60 @@ python3 benches/train_throughput/make_data.py ../shared/data/gene_summaries/gene
     "$work/data.jsonl" 64 2>/dev/null \
     || python3 benches/train_throughput/make_data.py trainer/data/gene_summaries.jsonl "$work/data.jsonl" 64
 
-echo "== bft train ($STEPS steps, $THREADS threads)" >&2
-rm -rf "$work/bft-run"
-RAYON_NUM_THREADS=$THREADS "$bft" train --model "$work/hf" --data "$work/data.jsonl" \
-    --output "$work/bft-run" --max-steps "$STEPS" --batch-size 4 --cutoff-len 256 \
-    --lora-rank 16 --lora-alpha 32 --lora-targets all --loss sft --warmup-ratio 0 >&2
-# The first step warms caches and allocations, as in the PyTorch run.
-bft_tps=$(python3 - "$work/bft-run/metrics.jsonl" <<'PY'
+# Peak RSS (MB) of a command, from the kernel's accounting of the finished child.
+peak_rss() {
+    python3 -c '
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL).returncode
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
+sys.exit(code)' "$@"
+}
+
+# tokens/s of a bft run's steps after the first (which warms caches and allocations, as in
+# the PyTorch runs).
+bft_row() {
+    local dtype=$1 out="$work/bft-run-$1"
+    echo "== bft train --dtype $dtype ($STEPS steps, $THREADS threads)" >&2
+    rm -rf "$out"
+    RAYON_NUM_THREADS=$THREADS peak_rss "$work/rss-bft-$dtype" "$bft" train --model "$work/hf" \
+        --data "$work/data.jsonl" --output "$out" --max-steps "$STEPS" --batch-size 4 \
+        --cutoff-len 256 --lora-rank 16 --lora-alpha 32 --lora-targets all --loss sft \
+        --warmup-ratio 0 --dtype "$dtype"
+    python3 - "$out/metrics.jsonl" "$(cat "$work/rss-bft-$dtype")" "$dtype" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])][1:]
-print(sum(r["tokens"] for r in rows) / sum(r["step_time_s"] for r in rows))
+rows = [json.loads(l) for l in open(sys.argv[1])]
+timed = rows[1:]
+print(json.dumps({"tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
+                  "step_time_s": sum(r["step_time_s"] for r in timed) / len(timed),
+                  "losses": [r["loss"] for r in rows], "peak_rss_mb": float(sys.argv[2]),
+                  "dtype": sys.argv[3]}))
 PY
-)
+}
 
-echo "== HF transformers + PEFT ($STEPS steps, $THREADS threads)" >&2
-hf_json=$(OMP_NUM_THREADS=$THREADS "$py" benches/train_throughput/hf_train.py --model "$work/hf" \
-    --data "$work/data.jsonl" --steps "$STEPS" --threads "$THREADS")
-hf_tps=$(echo "$hf_json" | python3 -c "import json,sys; print(json.load(sys.stdin)['tokens_per_s'])")
+hf_row() {
+    echo "== HF transformers + PEFT, autocast $1 ($STEPS steps, $THREADS threads)" >&2
+    OMP_NUM_THREADS=$THREADS "$py" benches/train_throughput/hf_train.py --model "$work/hf" \
+        --data "$work/data.jsonl" --steps "$STEPS" --threads "$THREADS" --autocast "$1"
+}
 
-python3 - "$bft_tps" "$hf_tps" "$hf_json" <<'PY'
+hf32=$(hf_row none)
+hf16=$(hf_row bf16)
+bft32=$(bft_row f32)
+bft16=$(bft_row bf16)
+torch_isa=$("$py" -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
+
+python3 - "$hf32" "$hf16" "$bft32" "$bft16" "$("$bft" info 2>/dev/null | sed -n 's/^cpu kernels: //p')" \
+    "$torch_isa" <<'PY'
 import json, sys
-bft, hf, info = float(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
-print(f"bft train:           {bft:8.1f} tokens/s")
-print(f"HF + PEFT (torch {info['torch']}): {hf:8.1f} tokens/s")
-print(f"ratio:               {bft / hf:8.2f}x")
+hf32, hf16, b32, b16 = (json.loads(a) for a in sys.argv[1:5])
+print(f"CPU: {next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))}")
+print(f"bft kernels: {sys.argv[5]}")
+print(f"torch {hf32['torch']}: CPU capability {sys.argv[6]}")
+print(f"{'run':34} {'tokens/s':>9} {'s/step':>7} {'peak RSS':>9}  ratio")
+rows = [("HF + PEFT f32", hf32, ""), ("HF + PEFT bf16 autocast", hf16, ""),
+        ("bft train (f32)", b32, f"{b32['tokens_per_s'] / hf32['tokens_per_s']:.2f}x HF f32"),
+        ("bft train --dtype bf16", b16,
+         f"{b16['tokens_per_s'] / hf16['tokens_per_s']:.2f}x HF bf16 autocast")]
+for name, r, ratio in rows:
+    print(f"{name:34} {r['tokens_per_s']:9.1f} {r['step_time_s']:7.2f} {r['peak_rss_mb']:6.0f} MB  {ratio}")
 PY

@@ -28,6 +28,8 @@ mod storage;
 mod tape;
 mod tensor;
 
+/// The CPU and the GEMM kernels it runs, in words (for `bft info` and benchmark headers).
+pub use bft_kernels::cpu::{cpu_model, kernels_picked as cpu_kernels};
 pub use device::Device;
 pub use dtype::{DType, Elem};
 pub use error::{Error, Result};

@@ -235,6 +235,17 @@ impl Tensor {
         }
     }
 
+    /// This tensor's host buffer, moved out, when no other tensor shares it (and it holds
+    /// `T`): an op that overwrites its input in place (`matmul_t_add`) takes it instead of a
+    /// copy. The tensor keeps its id and tape but is left empty; the caller drops it.
+    pub(crate) fn take_unique_cpu<T: Elem>(&mut self) -> Option<Vec<T>> {
+        let Storage::Cpu(s) = Arc::get_mut(&mut self.storage)? else {
+            return None;
+        };
+        T::view(&s.data)?;
+        T::take(std::mem::replace(&mut s.data, T::wrap(Vec::new())))
+    }
+
     /// The device buffer, if the tensor is on a wgpu device (f32 or u32).
     pub(crate) fn wgpu(&self) -> Option<&bft_kernels::wgpu::GpuBuffer> {
         match &*self.storage {

@@ -306,12 +306,12 @@ impl Block {
             _ => x.clone(),
         };
         // The scale goes on the rank-sized `x A^T (B, T, r)`, not on the output-sized product:
-        // the same math, r/out of the elementwise work and memory, forward and backward.
-        Ok(y.add(
-            &xd.matmul_t(&p.a, false, true)?
-                .scale(p.scale)?
-                .matmul_t(&p.b, false, true)?,
-        )?)
+        // the same math, r/out of the elementwise work and memory, forward and backward. The
+        // up-projection accumulates into the frozen product's buffer (no separate Add).
+        Ok(xd
+            .matmul_t(&p.a, false, true)?
+            .scale(p.scale)?
+            .matmul_t_add(&p.b, false, true, y)?)
     }
 
     /// `x (B, T, C)` -> `(B, T, C)`; `cos, sin (T, head_dim / 2)` from `rope_tables`.

@@ -29,3 +29,42 @@ pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
     // Aim for roughly 32 KiB of f32 input per task.
     (8192 / cols.max(1)).clamp(1, rows.max(1))
 }
+
+/// The CPU's model name, from /proc/cpuinfo where there is one: benchmarks print it, since
+/// what is fast differs between CPU kinds.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// The GEMM kernels this CPU runs, in words (benchmarks and `bft info` print it).
+pub fn kernels_picked() -> String {
+    let bf16 = if bf16_gemm::available() {
+        "hand-written AVX512-BF16 (vdpbf16ps)"
+    } else {
+        "unavailable on this CPU (no AVX512-BF16): products with a bf16 weight widen both \
+         operands to f32, the activation rounded to bf16 first"
+    };
+    format!("f32 GEMM `gemm` crate ({}); bf16 GEMM {bf16}", f32_isa())
+}
+
+/// The widest vector ISA the `gemm` crate dispatches to here.
+fn f32_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "AVX2+FMA";
+        }
+    }
+    "scalar or NEON"
+}

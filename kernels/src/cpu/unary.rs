@@ -16,9 +16,11 @@ pub enum UnaryKind {
     Gelu,
 }
 
-#[inline]
+/// The logistic function; its exp is the vectorisable one, so loops over it (SiLU, SwiGLU)
+/// vectorise instead of calling libm per element.
+#[inline(always)]
 pub fn sigmoid<T: Float>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+    T::one() / (T::one() + (-x).exp_fast())
 }
 
 /// The standard normal CDF, `(1 + erf(x / sqrt 2)) / 2`.

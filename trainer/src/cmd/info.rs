@@ -28,10 +28,14 @@ pub fn run() -> Result<()> {
          to a word, computing through f32\n\
          cuda devices: {cuda}\n\
          cuda: tensors, casts and AdamW; the other ops report that they do not run there yet\n\
+         cpu: {}\n\
+         cpu kernels: {}\n\
          cpu threads: {threads}\n\
          ops: {}\n",
         env!("CARGO_PKG_VERSION"),
         list(Device::wgpu_adapters(), "wgpu"),
+        bft_engine::cpu_model(),
+        bft_engine::cpu_kernels(),
         ops.join(", ")
     );
     // A closed pipe (`bft info | head -1`) is not an error.

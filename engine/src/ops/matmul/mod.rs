@@ -90,6 +90,65 @@ impl Tensor {
         })
     }
 
+    /// `c + op(self) . op(rhs)`, consuming `c`: on the CPU in f32/f64 the product accumulates
+    /// into `c`'s buffer (taken in place when no other tensor shares it), so a LoRA update
+    /// lands on the frozen product without a separate Add and its fresh output. Recorded as a
+    /// `MatMul` with a third input, whose gradient is the upstream one. Elsewhere (devices,
+    /// 16-bit operands, a `c` of another type or shape) it is `c.add(&self.matmul_t(..))`.
+    pub fn matmul_t_add(&self, rhs: &Tensor, ta: bool, tb: bool, c: Tensor) -> Result<Tensor> {
+        let plain = |c: Tensor| c.add(&self.matmul_t(rhs, ta, tb)?);
+        let (ad, bd) = (self.dims(), rhs.dims());
+        let cpu = |t: &Tensor| t.device() == crate::Device::Cpu;
+        let same = |t: &Tensor| t.dtype() == self.dtype() && !t.dtype().is_half();
+        if !(cpu(self) && cpu(rhs) && cpu(&c) && same(rhs) && same(&c)) || ad.len() < 2 {
+            return plain(c);
+        }
+        if ad.len() > 2 && bd.len() == 2 && !ta {
+            // Fold the batch into the rows, as `matmul_t` does; the views share storage, so
+            // `c` is dropped once its view exists.
+            let k = ad[ad.len() - 1];
+            let rows = self.numel() / k.max(1);
+            let c_dims = c.dims().to_vec();
+            let c2 = c.reshape([rows, c.numel() / rows.max(1)])?;
+            drop(c);
+            let out = self.reshape([rows, k])?.matmul_t_add(rhs, false, tb, c2)?;
+            return out.reshape(c_dims);
+        }
+        let Ok((dims, out_dims)) = gemm_dims(ad, bd, ta, tb) else {
+            return plain(c);
+        };
+        if c.dims() != out_dims.as_slice() {
+            return plain(c);
+        }
+        let _profiled = crate::profile::scope(Op::MatMul, crate::profile::Phase::Forward);
+        let GemmDims { m, n, k: ka, .. } = dims;
+        let mut c = c;
+        let out = float_dispatch!("matmul", self.dtype(), |T| {
+            let mut acc = match c.take_unique_cpu::<T>() {
+                Some(v) => v,
+                None => c.cpu::<T>("matmul")?.to_vec(),
+            };
+            let a = Operand {
+                data: self.cpu::<T>("matmul")?,
+                trans: ta,
+                batch_stride: m * ka,
+            };
+            let b = Operand {
+                data: rhs.cpu::<T>("matmul")?,
+                trans: tb,
+                batch_stride: ka * n,
+            };
+            matmul(dims, a, b, &mut acc, true);
+            Ok(Tensor::from_cpu(acc, out_dims))
+        })?;
+        Tape::record(Op::MatMul, &[self, rhs, &c], out, || MatMulBackward {
+            a: self.stop_gradient(),
+            b: rhs.stop_gradient(),
+            ta,
+            tb,
+        })
+    }
+
     fn matmul_cpu(
         &self,
         rhs: &Tensor,
@@ -251,7 +310,12 @@ impl Backward for MatMulBackward {
             Some(d) if d.dtype() != of.dtype() => d.cast_untracked(of.dtype()).map(Some),
             d => Ok(d),
         };
-        Ok(vec![typed(da, a)?, typed(db, b)?])
+        let mut grads = vec![typed(da, a)?, typed(db, b)?];
+        // `matmul_t_add`'s accumulated input gets the upstream gradient as it is.
+        if needs.len() == 3 {
+            grads.push(needs[2].then(|| g.clone()));
+        }
+        Ok(grads)
     }
 }
 
@@ -308,8 +372,32 @@ mod tests {
         )
     }
 
+    /// `c + x . W^T` with `c` taken in place (a fresh `scale` output no one else holds), over
+    /// a batched lhs folded onto a 2-D rhs, and with both operands transposed.
+    fn accumulate_case() -> Case {
+        let strategy = (size(), size(), size(), any::<bool>())
+            .prop_flat_map(|(m, n, k, folded)| {
+                let (ad, bd, cd, ta) = if folded {
+                    (vec![2, m, k], vec![n, k], vec![2, m, n], false)
+                } else {
+                    (vec![k, m], vec![n, k], vec![m, n], true)
+                };
+                (tensor(ad), tensor(bd), tensor(cd)).prop_map(move |(a, b, c)| {
+                    instance(vec![a, b, c], move |x| {
+                        x[0].matmul_t_add(&x[1], ta, true, x[2].scale(1.0)?)
+                    })
+                })
+            })
+            .boxed();
+        Case::new(
+            "matmul_t_add",
+            &[Op::MatMul, Op::Scale, Op::Reshape],
+            strategy,
+        )
+    }
+
     pub(crate) fn cases() -> Vec<Case> {
-        vec![case(), shared_rhs_case()]
+        vec![case(), shared_rhs_case(), accumulate_case()]
     }
 
     #[test]
@@ -444,6 +532,35 @@ mod tests {
             DType::BF16
         );
         assert_eq!(x16.matmul(&a32).unwrap().dtype(), DType::F32);
+    }
+
+    /// `matmul_t_add` writes into `c` only when no one else holds it: a shared `c` keeps its
+    /// values, and both ways give `c + a . b^T`.
+    #[test]
+    fn matmul_t_add_never_changes_a_shared_input() {
+        use crate::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let a = Tensor::randn([2, 5, 7], 1.0, 1, DType::F32, &dev).unwrap();
+        let b = Tensor::randn([3, 7], 1.0, 2, DType::F32, &dev).unwrap();
+        let c = Tensor::randn([2, 5, 3], 1.0, 3, DType::F32, &dev).unwrap();
+        let before = c.to_f64_vec().unwrap();
+        let want = c.add(&a.matmul_t(&b, false, true).unwrap()).unwrap();
+        let shared = a.matmul_t_add(&b, false, true, c.clone()).unwrap();
+        assert_eq!(c.to_f64_vec().unwrap(), before);
+        let owned = a
+            .matmul_t_add(&b, false, true, c.scale(1.0).unwrap())
+            .unwrap();
+        for got in [&shared, &owned] {
+            assert_eq!(got.dims(), &[2, 5, 3]);
+            for (x, y) in got
+                .to_f64_vec()
+                .unwrap()
+                .iter()
+                .zip(want.to_f64_vec().unwrap())
+            {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
     }
 
     #[test]
