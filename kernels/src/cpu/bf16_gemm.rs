@@ -23,10 +23,11 @@ use rayon::prelude::*;
 const MR: usize = 8;
 /// Columns of a micro-tile: two zmm vectors of 16 f32.
 const NR: usize = 32;
-/// Panels of B per task, and k-pairs per pass over them: 4 x 32 columns x 256 pairs is 128 KiB
-/// of B, which stays in L2 while the task streams the matching slices of A.
+/// Panels of B per task (at most), and k-pairs per pass over them: 4 x 32 columns x 512 pairs
+/// is 256 KiB of B, which stays in L2 (1-2 MiB on Zen 4/5 and Sapphire Rapids on) while the
+/// task streams the matching slices of A.
 const PANELS_PER_TASK: usize = 4;
-const KC: usize = 256;
+const KC: usize = 512;
 
 /// The output of one batch item, written by several tasks at disjoint tiles.
 struct SharedOut(*mut f32);
@@ -180,56 +181,64 @@ fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
     let kp = k.div_ceil(2);
     let (mb, nb) = (m.div_ceil(MR), n.div_ceil(NR));
-    let mut apack = vec![0u32; mb * kp * MR];
-    let mut bpack = vec![0u32; nb * kp * NR];
+    // Enough tasks to keep every thread busy on narrow outputs (a 576-column product has 18
+    // panels), and up to PANELS_PER_TASK panels each on wide ones.
+    let per_task = (nb / (4 * rayon::current_num_threads())).clamp(1, PANELS_PER_TASK);
+    let kc_max = kp.div_ceil(kp.div_ceil(KC));
+    // One k-block of A, (mb, kc, MR), shared by every task; each task packs its own panels of
+    // B into a buffer of its own, so neither operand is ever packed whole (an LM head's B is
+    // vocabulary-sized) and a task's panels go straight from memory into its cache.
+    let mut apack = vec![0u32; mb * kc_max * MR];
     for (i, ci) in c[..batch * m * n].chunks_mut(m * n).enumerate() {
         let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
-        // (mb, kp, MR) and (nb, kp, NR): lanes past m (n) and the pad past k stay zero.
-        apack
-            .par_chunks_mut(kp * MR)
-            .enumerate()
-            .for_each(|(blk, panel)| {
-                let (first, valid) = (blk * MR, MR.min(m - blk * MR));
-                if a.trans {
-                    pack_k_major(panel, MR, &ad[first..], m, valid, k);
-                } else {
-                    pack_lane_major(panel, MR, &ad[first * k..], k, valid);
-                }
-            });
-        bpack
-            .par_chunks_mut(kp * NR)
-            .enumerate()
-            .for_each(|(pj, panel)| {
-                let (first, valid) = (pj * NR, NR.min(n - pj * NR));
-                if b.trans {
-                    pack_lane_major(panel, NR, &bd[first * k..], k, valid);
-                } else {
-                    pack_k_major(panel, NR, &bd[first..], n, valid, k);
-                }
-            });
-        let (apack, bpack) = (&apack, &bpack);
         let out = SharedOut(ci.as_mut_ptr());
-        // Each task owns PANELS_PER_TASK panels of B (kept in L2) and walks every micro-panel
-        // of A over them: B is read from memory once, A (smaller) from the last-level cache.
-        (0..nb.div_ceil(PANELS_PER_TASK))
-            .into_par_iter()
-            .for_each(|task| {
-                let out = &out;
-                // k in blocks of KC pairs, so the task's B panels stay in L2 at any k.
-                for p0 in (0..kp).step_by(KC) {
-                    let kc = KC.min(kp - p0);
-                    let acc = accumulate || p0 > 0;
-                    for pj in task * PANELS_PER_TASK..nb.min((task + 1) * PANELS_PER_TASK) {
-                        let bp = &bpack[(pj * kp + p0) * NR..(pj * kp + p0 + kc) * NR];
+        // k in blocks of at most KC pairs, so a task's panels of B stay in L2 at any k; the
+        // blocks are of equal size (a short last block would pay a whole pass over C and
+        // the parallel loop's start for little work).
+        for p0 in (0..kp).step_by(kc_max) {
+            let kc = kc_max.min(kp - p0);
+            // This block's k values: k0..k0 + len (k0 even, so pairs stay aligned).
+            let (k0, len) = (2 * p0, (2 * kc).min(k - 2 * p0));
+            let acc = accumulate || p0 > 0;
+            // Lanes past m (n) and the pad past an odd k stay zero.
+            apack[..mb * kc * MR]
+                .par_chunks_mut(kc * MR)
+                .enumerate()
+                .for_each(|(blk, panel)| {
+                    let (first, valid) = (blk * MR, MR.min(m - blk * MR));
+                    if a.trans {
+                        pack_k_major(panel, MR, &ad[k0 * m + first..], m, valid, len);
+                    } else {
+                        pack_lane_major(panel, MR, &ad[first * k + k0..], k, len, valid);
+                    }
+                });
+            let (apack, out) = (&apack, &out);
+            (0..nb.div_ceil(per_task)).into_par_iter().for_each_init(
+                || vec![0u32; per_task * kc_max * NR],
+                |bpack, task| {
+                    let panels = task * per_task..nb.min((task + 1) * per_task);
+                    for (slot, pj) in panels.clone().enumerate() {
+                        let panel = &mut bpack[slot * kc * NR..(slot + 1) * kc * NR];
+                        let (first, valid) = (pj * NR, NR.min(n - pj * NR));
+                        if b.trans {
+                            pack_lane_major(panel, NR, &bd[first * k + k0..], k, len, valid);
+                        } else {
+                            pack_k_major(panel, NR, &bd[k0 * n + first..], n, valid, len);
+                        }
+                    }
+                    // Each of the task's panels (in L2) meets every micro-panel of A (from
+                    // the last-level cache).
+                    for (slot, pj) in panels.enumerate() {
+                        let bp = &bpack[slot * kc * NR..(slot + 1) * kc * NR];
                         let cols = NR.min(n - pj * NR);
                         for blk in 0..mb {
-                            let ap = &apack[(blk * kp + p0) * MR..(blk * kp + p0 + kc) * MR];
+                            let ap = &apack[blk * kc * MR..(blk + 1) * kc * MR];
                             let rows = MR.min(m - blk * MR);
-                            // SAFETY: `available()` said the CPU has AVX-512F and AVX512-BF16; the
-                            // panels hold kp pairs of MR (NR) lanes; the tile at row blk * MR and
-                            // column pj * NR, `rows x cols` with stride n, lies inside this batch
-                            // item's m * n outputs, and no other task writes it (tasks own
-                            // disjoint panels, so disjoint columns).
+                            // SAFETY: `available()` said the CPU has AVX-512F and AVX512-BF16;
+                            // the panels hold kc pairs of MR (NR) lanes; the tile at row
+                            // blk * MR and column pj * NR, `rows x cols` with stride n, lies
+                            // inside this batch item's m * n outputs, and no other task writes
+                            // it (tasks own disjoint panels, so disjoint columns).
                             #[cfg(target_arch = "x86_64")]
                             unsafe {
                                 let tile = out.0.add(blk * MR * n + pj * NR);
@@ -237,8 +246,9 @@ fn packed_gemm<A: Bf16Source, B: Bf16Source>(
                             }
                         }
                     }
-                }
-            });
+                },
+            );
+        }
     }
 }
 
@@ -248,24 +258,26 @@ fn pair<S: Bf16Source>(lo: S, hi: S) -> u32 {
     lo.to_bf16().to_bits() as u32 | ((hi.to_bf16().to_bits() as u32) << 16)
 }
 
-/// Packs `valid` lanes whose k values are contiguous rows of `src` (lane l at `l * k`) into
-/// `panel (kp, lanes)`; other lanes and the pad past an odd k are zero.
+/// Packs `valid` lanes whose `len` k values are contiguous runs of `src` (lane l at
+/// `l * stride`) into `panel (len / 2 rounded up, lanes)`; other lanes and the pad past an odd
+/// `len` are zero.
 fn pack_lane_major<S: Bf16Source>(
     panel: &mut [u32],
     lanes: usize,
     src: &[S],
-    k: usize,
+    stride: usize,
+    len: usize,
     valid: usize,
 ) {
     panel.fill(0);
     for l in 0..valid {
-        let row = &src[l * k..(l + 1) * k];
+        let row = &src[l * stride..l * stride + len];
         let mut pairs = row.chunks_exact(2);
         for (p, two) in pairs.by_ref().enumerate() {
             panel[p * lanes + l] = pair(two[0], two[1]);
         }
         if let [last] = pairs.remainder() {
-            panel[(k / 2) * lanes + l] = last.to_bf16().to_bits() as u32;
+            panel[(len / 2) * lanes + l] = last.to_bf16().to_bits() as u32;
         }
     }
 }
@@ -421,6 +433,8 @@ mod tests {
             (1, 64, 576, 576),
             (3, 5, 7, 1),
             (1, 130, 40, 64),
+            // Several k blocks of KC pairs, the last one short and odd.
+            (2, 9, 70, 2 * KC + 77),
         ] {
             for (ta, tb, acc) in [
                 (false, true, false),
