@@ -144,16 +144,53 @@ pub fn attention_forward<T: Float>(
     });
 }
 
-/// Backward: given `do` and the forward's `o` and `lse`, writes `dq`, `dk`, `dv` (overwritten).
-///
-/// Two passes so no two tasks write the same row: pass 1 owns a key block of one K/V head and
-/// loops over every query block (of every query head in its group) that sees it, producing dK
-/// and dV; pass 2 owns a query block and produces dQ. Each recomputes the probabilities
-/// `P = exp(S - lse)` it needs, tile by tile, from the saved row log-sum-exp.
+/// How the backward pass splits its work between tasks (no two tasks write the same row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackwardSplit {
+    /// One task per (batch, K/V head) owns dK and dV of that head and dQ of its query heads,
+    /// and forms each probability tile once. Enough tasks when batch x K/V heads is large.
+    PerKvHead,
+    /// Pass 1 owns a key block of one K/V head (dK, dV), pass 2 a query block (dQ); each forms
+    /// the probability tiles it needs, so they are formed twice, but there are many more
+    /// tasks (one long sequence with few K/V heads).
+    TwoPasses,
+}
+
+impl BackwardSplit {
+    /// `PerKvHead` when it gives every thread at least four tasks.
+    pub fn for_dims(dims: &AttnDims) -> BackwardSplit {
+        if dims.batch * dims.kv_heads >= 4 * rayon::current_num_threads() {
+            BackwardSplit::PerKvHead
+        } else {
+            BackwardSplit::TwoPasses
+        }
+    }
+}
+
+/// Backward: given `do` and the forward's `o` and `lse`, writes `dq`, `dk`, `dv` (overwritten),
+/// recomputing the probabilities `P = exp(S - lse)` tile by tile from the saved row
+/// log-sum-exp. The work is split as `BackwardSplit::for_dims` says.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Float>(
     dims: AttnDims,
     tiles: Tiles,
+    scale: f64,
+    qkv: (&[T], &[T], &[T]),
+    saved: (&[T], &[T], &[T]),
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let split = BackwardSplit::for_dims(&dims);
+    attention_backward_split(dims, tiles, split, scale, qkv, saved, dq, dk, dv)
+}
+
+/// `attention_backward` with the work split chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_split<T: Float>(
+    dims: AttnDims,
+    tiles: Tiles,
+    split: BackwardSplit,
     scale: f64,
     (q, k, v): (&[T], &[T], &[T]),
     (o, lse, dout): (&[T], &[T], &[T]),
@@ -209,6 +246,49 @@ pub fn attention_backward<T: Float>(
             }
         }
     };
+
+    if split == BackwardSplit::PerKvHead {
+        let g = dims.group();
+        let tasks: Vec<_> = dq
+            .chunks_mut(g * t * d)
+            .zip(dk.chunks_mut(sl * d).zip(dv.chunks_mut(sl * d)))
+            .enumerate()
+            .collect();
+        tasks.into_par_iter().for_each(|(bh, (dqg, (dkh, dvh)))| {
+            let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
+            dqg.fill(T::zero());
+            dkh.fill(T::zero());
+            dvh.fill(T::zero());
+            let (mut p, mut ds) = (vec![T::zero(); br * bc], vec![T::zero(); br * bc]);
+            for j0 in (0..sl).step_by(bc) {
+                let cols = bc.min(sl - j0);
+                let kt = &k[dims.kv_row(b, hk, j0) * d..][..cols * d];
+                let (dkt, dvt) = (
+                    &mut dkh[j0 * d..(j0 + cols) * d],
+                    &mut dvh[j0 * d..(j0 + cols) * d],
+                );
+                // The first query row that sees key j0, and the block holding it.
+                let first_block = j0.saturating_sub(off) / br;
+                for (gh, dqh) in dqg.chunks_mut(t * d).enumerate() {
+                    let h = hk * g + gh;
+                    for i0 in (first_block * br..t).step_by(br) {
+                        let rows = br.min(t - i0);
+                        let qi = dims.q_row(b, h, i0);
+                        let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+                        tile(b, h, i0, rows, j0, cols, p, ds);
+                        let (qt, dot_) = (&q[qi * d..][..rows * d], &dout[qi * d..][..rows * d]);
+                        // dV += P^T dO; dK += scale * dS^T Q, both (cols, D); dQ += scale * dS K,
+                        // (rows, D).
+                        gemm_tile((cols, d, rows), p, true, dot_, false, dvt, true, T::one());
+                        gemm_tile((cols, d, rows), ds, true, qt, false, dkt, true, sc);
+                        let dqt = &mut dqh[i0 * d..(i0 + rows) * d];
+                        gemm_tile((rows, d, cols), ds, false, kt, false, dqt, true, sc);
+                    }
+                }
+            }
+        });
+        return;
+    }
 
     // Pass 1: dK, dV per (batch, kv head, key block).
     let mut tasks: Vec<(usize, usize, &mut [T], &mut [T])> = Vec::new();
@@ -388,6 +468,55 @@ mod tests {
         let (small, one) = (run(Tiles { br: 3, bc: 2 }), run(Tiles::default()));
         for (a, b) in small.iter().zip(&one) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+    }
+
+    /// Both ways of splitting the backward give the same gradients, on tile edges and with a
+    /// KV offset (the engine's gradient check covers whichever one its shapes pick).
+    #[test]
+    fn both_backward_splits_agree() {
+        for (t, s, tiles) in [
+            (7, 9, Tiles { br: 3, bc: 2 }),
+            (8, 8, Tiles { br: 4, bc: 3 }),
+            (5, 5, Tiles::default()),
+        ] {
+            let dims = AttnDims {
+                batch: 2,
+                q_heads: 6,
+                kv_heads: 2,
+                q_len: t,
+                kv_len: s,
+                head_dim: 5,
+            };
+            let q = data(2 * 6 * t * 5, 0.0);
+            let (k, v, dout) = (
+                data(2 * 2 * s * 5, 1.0),
+                data(2 * 2 * s * 5, 2.0),
+                data(q.len(), 3.0),
+            );
+            let (mut o, mut lse) = (vec![0.0; q.len()], vec![0.0; 2 * 6 * t]);
+            attention_forward(dims, tiles, 0.4, (&q, &k, &v), &mut o, &mut lse);
+            let run = |split| {
+                let (mut dq, mut dk, mut dv) =
+                    (vec![9.0; q.len()], vec![9.0; k.len()], vec![9.0; v.len()]);
+                attention_backward_split(
+                    dims,
+                    tiles,
+                    split,
+                    0.4,
+                    (&q, &k, &v),
+                    (&o, &lse, &dout),
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                );
+                [dq, dk, dv].concat()
+            };
+            let (one, two) = (run(BackwardSplit::PerKvHead), run(BackwardSplit::TwoPasses));
+            assert!(one.iter().any(|x| x.abs() > 1e-3));
+            for (a, b) in one.iter().zip(&two) {
+                assert!((a - b).abs() < 1e-12, "t={t} s={s}: {a} vs {b}");
+            }
         }
     }
 }
