@@ -2,6 +2,7 @@
 
 use super::{Op, float_dispatch, promoted, same_kind, wbuf, wgpu_of};
 use crate::DType;
+use crate::dtype::Elem;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
 use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
@@ -236,42 +237,35 @@ fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Ten
     let Ok((dims, out_dims)) = gemm_dims(a.dims(), b.dims(), ta, tb) else {
         return Ok(None);
     };
-    let GemmDims { batch, m, n, k } = dims;
+    let GemmDims { batch, m, n, .. } = dims;
     let mut c = vec![0f32; batch * m * n];
-    fn operand<S: Bf16Source + crate::dtype::Elem>(
-        t: &Tensor,
-        trans: bool,
-        batch_stride: usize,
-    ) -> Result<Operand<'_, S>> {
-        Ok(Operand {
-            data: t.cpu::<S>("matmul")?,
-            trans,
-            batch_stride,
-        })
+    /// The kernel on `a` read as `A` and `b` as `B`.
+    fn run<A: Bf16Source + Elem, B: Bf16Source + Elem>(
+        dims: GemmDims,
+        (a, ta): (&Tensor, bool),
+        (b, tb): (&Tensor, bool),
+        c: &mut [f32],
+    ) -> Result<bool> {
+        let GemmDims { m, n, k, .. } = dims;
+        let (a, b) = (
+            Operand {
+                data: a.cpu::<A>("matmul")?,
+                trans: ta,
+                batch_stride: m * k,
+            },
+            Operand {
+                data: b.cpu::<B>("matmul")?,
+                trans: tb,
+                batch_stride: k * n,
+            },
+        );
+        Ok(matmul_bf16(dims, a, b, c, false))
     }
-    let (sa, sb) = (m * k, k * n);
-    let ran = match (a.dtype(), b.dtype()) {
-        (DType::BF16, DType::BF16) => matmul_bf16(
-            dims,
-            operand::<bf16>(a, ta, sa)?,
-            operand::<bf16>(b, tb, sb)?,
-            &mut c,
-            false,
-        ),
-        (DType::F32, DType::BF16) => matmul_bf16(
-            dims,
-            operand::<f32>(a, ta, sa)?,
-            operand::<bf16>(b, tb, sb)?,
-            &mut c,
-            false,
-        ),
-        (DType::BF16, DType::F32) => matmul_bf16(
-            dims,
-            operand::<bf16>(a, ta, sa)?,
-            operand::<f32>(b, tb, sb)?,
-            &mut c,
-            false,
-        ),
+    let (a, b) = ((a, ta), (b, tb));
+    let ran = match (a.0.dtype(), b.0.dtype()) {
+        (DType::BF16, DType::BF16) => run::<bf16, bf16>(dims, a, b, &mut c)?,
+        (DType::F32, DType::BF16) => run::<f32, bf16>(dims, a, b, &mut c)?,
+        (DType::BF16, DType::F32) => run::<bf16, f32>(dims, a, b, &mut c)?,
         _ => false,
     };
     Ok(ran.then(|| Tensor::from_cpu(c, out_dims)))
