@@ -556,8 +556,8 @@ impl Tensor {
                 .for_each(|(x, &y)| *x = T::from_f64(x.to_f64() + y.to_f64()));
         }
         match (&mut mine.data, &theirs.data) {
-            (CpuData::F32(a), CpuData::F32(b)) => a.iter_mut().zip(b).for_each(|(x, y)| *x += y),
-            (CpuData::F64(a), CpuData::F64(b)) => a.iter_mut().zip(b).for_each(|(x, y)| *x += y),
+            (CpuData::F32(a), CpuData::F32(b)) => bft_kernels::cpu::binary::add_assign(a, b),
+            (CpuData::F64(a), CpuData::F64(b)) => bft_kernels::cpu::binary::add_assign(a, b),
             (CpuData::BF16(a), CpuData::BF16(b)) => add(a, b),
             (CpuData::F16(a), CpuData::F16(b)) => add(a, b),
             _ => {

@@ -44,6 +44,16 @@ pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
         });
 }
 
+/// `a += b` elementwise, in parallel chunks: gradient accumulation, where a tensor used by
+/// several ops (a layer input feeding q, k, v and their adapters) sums its gradients.
+pub fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
+    assert_eq!(a.len(), b.len(), "add_assign: lengths differ");
+    const CHUNK: usize = 1 << 14;
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, &y)| *x += y));
+}
+
 /// `out[j] = sum_r a[r, j]`: the gradient of a broadcast operand. `a` is `(rows, out.len())`.
 pub fn sum_rows<T: Float>(a: &[T], out: &mut [T]) {
     let n = out.len();
