@@ -112,6 +112,47 @@ impl Float for f64 {
     }
 }
 
+/// The largest element (NaN ignored, as `f32::max` does; -inf for an empty slice), over 16
+/// independent lanes: a single running max is a serial chain of dependent instructions, which
+/// over a vocabulary-long row of logits costs more than the exps that follow. Max is exact, so
+/// the result does not depend on the order.
+#[inline]
+pub fn max_of<T: Float>(v: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in chunks.by_ref() {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(T::neg_infinity(), T::max);
+    acc.iter().copied().fold(tail, T::max)
+}
+
+/// The sum over 16 independent lanes (so it vectorises), combined pairwise.
+#[inline]
+pub fn sum_of<T: Float>(v: &[T]) -> T {
+    let mut acc = [T::zero(); 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in chunks.by_ref() {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0] + chunks.remainder().iter().copied().sum::<T>()
+}
+
 /// Dot product with eight independent accumulators: a single running sum is a serial
 /// dependency chain that the compiler may not reorder (no fast-math), so it would not vectorise.
 #[inline]
@@ -165,5 +206,26 @@ mod tests {
             worst = worst.max((got - want).abs() / want);
         }
         assert!(worst < 2e-7, "max relative error {worst:e}");
+    }
+
+    /// The lane-parallel reductions give the plain ones: max exactly (NaN ignored, -inf when
+    /// empty) and sums within rounding, on every length around the 16 lanes.
+    #[test]
+    fn lane_reductions_match_the_plain_ones() {
+        use super::{max_of, sum_of};
+        for n in [0usize, 1, 15, 16, 17, 33, 1000] {
+            let v: Vec<f64> = (0..n)
+                .map(|i| ((i * 7919) % 1009) as f64 * 0.37 - 150.0)
+                .collect();
+            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(max_of(&v), max, "n={n}");
+            let sum: f64 = v.iter().sum();
+            assert!(
+                (sum_of(&v) - sum).abs() <= 1e-9 * (1.0 + sum.abs()),
+                "n={n}"
+            );
+        }
+        let with_nan = [1.0f32, f32::NAN, 3.0, -2.0];
+        assert_eq!(max_of(&with_nan), 3.0);
     }
 }

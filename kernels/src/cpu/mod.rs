@@ -21,7 +21,7 @@ pub mod softmax;
 pub mod unary;
 
 mod float;
-pub use float::{Float, dot};
+pub use float::{Float, dot, max_of, sum_of};
 
 /// Rows per rayon task for row-wise kernels: large enough to amortise scheduling, small enough
 /// to balance 2..64 cores on the row counts of real models.

@@ -1,12 +1,12 @@
 //! Softmax and log-softmax over the last axis, via the max-shifted log-sum-exp.
 
-use super::Float;
+use super::{Float, max_of, sum_of};
 use rayon::prelude::*;
 
 /// `log(sum(exp(row)))`, shifted by the row max so it never overflows. Exponentials are taken
 /// in stack chunks so the vectorised `exp_in_place` applies without a heap buffer.
 pub fn logsumexp<T: Float>(row: &[T]) -> T {
-    let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+    let m = max_of(row);
     if m == T::neg_infinity() {
         return m;
     }
@@ -16,7 +16,7 @@ pub fn logsumexp<T: Float>(row: &[T]) -> T {
         let b = &mut buf[..chunk.len()];
         b.iter_mut().zip(chunk).for_each(|(o, &v)| *o = v - m);
         T::exp_in_place(b);
-        s += b.iter().copied().sum::<T>();
+        s += sum_of(b);
     }
     m + s.ln()
 }
@@ -26,14 +26,14 @@ pub fn logsumexp<T: Float>(row: &[T]) -> T {
 pub fn softmax<T: Float>(x: &[T], cols: usize, log: bool, y: &mut [T]) {
     y.par_chunks_mut(cols).enumerate().for_each(|(r, yr)| {
         let xr = &x[r * cols..(r + 1) * cols];
-        let m = xr.iter().copied().fold(T::neg_infinity(), T::max);
+        let m = max_of(xr);
         if log {
             let lse = logsumexp(xr);
             yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - lse);
         } else {
             yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - m);
             T::exp_in_place(yr);
-            let inv = T::one() / yr.iter().copied().sum::<T>();
+            let inv = T::one() / sum_of(yr);
             yr.iter_mut().for_each(|o| *o *= inv);
         }
     });
