@@ -122,24 +122,13 @@ impl Tensor {
             return plain(c);
         }
         let _profiled = crate::profile::scope(Op::MatMul, crate::profile::Phase::Forward);
-        let GemmDims { m, n, k: ka, .. } = dims;
         let mut c = c;
         let out = float_dispatch!("matmul", self.dtype(), |T| {
             let mut acc = match c.take_unique_cpu::<T>() {
                 Some(v) => v,
                 None => c.cpu::<T>("matmul")?.to_vec(),
             };
-            let a = Operand {
-                data: self.cpu::<T>("matmul")?,
-                trans: ta,
-                batch_stride: m * ka,
-            };
-            let b = Operand {
-                data: rhs.cpu::<T>("matmul")?,
-                trans: tb,
-                batch_stride: ka * n,
-            };
-            matmul(dims, a, b, &mut acc, true);
+            gemm_into(self, rhs, dims, (ta, tb), &mut acc, true)?;
             Ok(Tensor::from_cpu(acc, out_dims))
         })?;
         Tape::record(Op::MatMul, &[self, rhs, &c], out, || MatMulBackward {
@@ -158,23 +147,37 @@ impl Tensor {
         tb: bool,
         out_dims: Vec<usize>,
     ) -> Result<Tensor> {
-        let GemmDims { batch, m, n, k: ka } = dims;
+        let GemmDims { batch, m, n, .. } = dims;
         float_dispatch!("matmul", self.dtype(), |T| {
             let mut c = vec![T::default(); batch * m * n];
-            let a = Operand {
-                data: self.cpu::<T>("matmul")?,
-                trans: ta,
-                batch_stride: m * ka,
-            };
-            let b = Operand {
-                data: rhs.cpu::<T>("matmul")?,
-                trans: tb,
-                batch_stride: ka * n,
-            };
-            matmul(dims, a, b, &mut c, false);
+            gemm_into(self, rhs, dims, (ta, tb), &mut c, false)?;
             Ok(Tensor::from_cpu(c, out_dims))
         })
     }
+}
+
+/// `c = op(a) . op(b)`, or `c += ..` when `accumulate`, for host operands of type `T`.
+fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
+    a: &Tensor,
+    b: &Tensor,
+    dims: GemmDims,
+    (ta, tb): (bool, bool),
+    c: &mut [T],
+    accumulate: bool,
+) -> Result<()> {
+    let GemmDims { m, n, k, .. } = dims;
+    let a = Operand {
+        data: a.cpu::<T>("matmul")?,
+        trans: ta,
+        batch_stride: m * k,
+    };
+    let b = Operand {
+        data: b.cpu::<T>("matmul")?,
+        trans: tb,
+        batch_stride: k * n,
+    };
+    matmul(dims, a, b, c, accumulate);
+    Ok(())
 }
 
 struct MatMulBackward {
