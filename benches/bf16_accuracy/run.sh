@@ -21,11 +21,7 @@ python3 benches/train_throughput/make_data.py ../shared/data/gene_summaries/gene
 for dtype in f32 bf16; do
     echo "== bft train --dtype $dtype ($STEPS steps)" >&2
     rm -rf "$work/$dtype"
-    python3 -c '
-import resource, subprocess, sys
-code = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL).returncode
-open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
-sys.exit(code)' "$work/rss-$dtype" "$bft" train --model smollm2 --data "$work/data.jsonl" \
+    python3 benches/peak_rss.py "$work/rss-$dtype" "$bft" train --model smollm2 --data "$work/data.jsonl" \
         --output "$work/$dtype" --max-steps "$STEPS" --batch-size 4 --cutoff-len 192 \
         --lora-rank 16 --lora-alpha 32 --lora-targets all --loss bft --lr 1e-4 \
         --val-ratio 0.1667 --eval-steps 30 --seed 42 --dtype "$dtype"

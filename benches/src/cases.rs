@@ -146,7 +146,9 @@ pub fn all(quick: bool) -> Vec<Case> {
         ));
     }
     // The frozen-weight GEMMs of `--dtype bf16`: the forward x . W^T and the input gradient
-    // dY . W, bf16 x bf16 -> f32, where the CPU has AVX512-BF16.
+    // dY . W, bf16 x bf16 -> f32, where the CPU has AVX512-BF16; then as training runs them
+    // under autocast, with the f32 activation rounded in packing, including the fused LM
+    // head's two products over one chunk of rows (the engine's 64 MiB of f32 logits).
     if bft_kernels::cpu::bf16_gemm::available() {
         for m in models {
             v.push(gemm_bf16(
@@ -155,12 +157,14 @@ pub fn all(quick: bool) -> Vec<Case> {
                 m.ffn,
                 m.hidden,
                 true,
+                false,
             ));
             v.push(gemm_bf16(
                 &format!("gemm bf16 {} up_proj dX", m.name),
                 tokens,
                 m.hidden,
                 m.ffn,
+                false,
                 false,
             ));
             v.push(gemm_bf16(
@@ -169,8 +173,43 @@ pub fn all(quick: bool) -> Vec<Case> {
                 m.hidden,
                 m.ffn,
                 true,
+                false,
             ));
         }
+        let m = SMOLLM2_135M;
+        let chunk = bft_kernels::cpu::lm_head::chunk_rows(m.vocab, 4, 64 << 20);
+        v.push(gemm_bf16(
+            &format!("gemm bf16 {} up_proj, f32 x", m.name),
+            tokens,
+            m.ffn,
+            m.hidden,
+            true,
+            true,
+        ));
+        v.push(gemm_bf16(
+            &format!("gemm bf16 {} k_proj, f32 x", m.name),
+            tokens,
+            m.kv_heads * m.head_dim,
+            m.hidden,
+            true,
+            true,
+        ));
+        v.push(gemm_bf16(
+            &format!("gemm bf16 {} lm_head x.W^T, f32 x", m.name),
+            chunk,
+            m.vocab,
+            m.hidden,
+            true,
+            true,
+        ));
+        v.push(gemm_bf16(
+            &format!("gemm bf16 {} lm_head P.W, f32 P", m.name),
+            chunk,
+            m.hidden,
+            m.vocab,
+            false,
+            true,
+        ));
     }
     for m in models {
         for t in if quick {
@@ -275,28 +314,42 @@ fn sampled_error(
     rel_err(&got, &want)
 }
 
-/// As `gemm`, with bf16 operands and an f32 result through `bf16_gemm`; validated against the
-/// f64 product of the same bf16 values.
-fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
+/// As `gemm`, with a bf16 weight B and an f32 result through `bf16_gemm`. A is bf16 too, or
+/// with `f32_a` an f32 activation the kernel rounds to bf16 as it packs it (`--dtype bf16`'s
+/// autocast). Validated against the f64 product of the bf16 values the kernel reads.
+fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool, f32_a: bool) -> Case {
+    use bft_kernels::cpu::bf16_gemm::matmul_bf16;
     use half::bf16;
     let body = move |budget: f64| {
-        let to16 = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
-        let (a, b) = (to16(data(m * k, 1)), to16(data(k * n, 2)));
+        let a32 = data(m * k, 1);
+        let a16: Vec<bf16> = a32.iter().map(|&x| bf16::from_f32(x)).collect();
+        let b: Vec<bf16> = data(k * n, 2).into_iter().map(bf16::from_f32).collect();
         let mut c = vec![0.0f32; m * n];
         let dims = GemmDims { batch: 1, m, n, k };
-        let ao = Operand {
-            data: &a[..],
-            trans: false,
-            batch_stride: 0,
-        };
         let bo = Operand {
             data: &b[..],
             trans: tb,
             batch_stride: 0,
         };
-        let run = |c: &mut [f32]| bft_kernels::cpu::bf16_gemm::matmul_bf16(dims, ao, bo, c, false);
+        let run = |c: &mut [f32]| {
+            if f32_a {
+                let ao = Operand {
+                    data: &a32[..],
+                    trans: false,
+                    batch_stride: 0,
+                };
+                matmul_bf16(dims, ao, bo, c, false)
+            } else {
+                let ao = Operand {
+                    data: &a16[..],
+                    trans: false,
+                    batch_stride: 0,
+                };
+                matmul_bf16(dims, ao, bo, c, false)
+            }
+        };
         ensure!(run(&mut c), "bf16 GEMM unavailable");
-        let err = sampled_error((m, n, k, tb), &c, |i| a[i].to_f64(), |i| b[i].to_f64());
+        let err = sampled_error((m, n, k, tb), &c, |i| a16[i].to_f64(), |i| b[i].to_f64());
         let t = median_us(budget, || {
             run(&mut c);
         });
@@ -310,7 +363,9 @@ fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool) -> Case {
         name: name.into(),
         shape: gemm_shape(m, n, k, tb),
         flops: 2.0 * (m * n * k) as f64,
-        bytes: 2.0 * (m * k + k * n) as f64 + 4.0 * (m * n) as f64,
+        bytes: (if f32_a { 4.0 } else { 2.0 }) * (m * k) as f64
+            + 2.0 * (k * n) as f64
+            + 4.0 * (m * n) as f64,
         bound: Bound::ComputeBf16,
         backend: "cpu",
         dtype: "bf16",

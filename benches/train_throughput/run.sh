@@ -38,22 +38,13 @@ python3 benches/train_throughput/make_data.py ../shared/data/gene_summaries/gene
     "$work/data.jsonl" 64 2>/dev/null \
     || python3 benches/train_throughput/make_data.py trainer/data/gene_summaries.jsonl "$work/data.jsonl" 64
 
-# Peak RSS (MB) of a command, from the kernel's accounting of the finished child.
-peak_rss() {
-    python3 -c '
-import resource, subprocess, sys
-code = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL).returncode
-open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
-sys.exit(code)' "$@"
-}
-
 # tokens/s of a bft run's steps after the first (which warms caches and allocations, as in
 # the PyTorch runs).
 bft_row() {
     local dtype=$1 out="$work/bft-run-$1"
     echo "== bft train --dtype $dtype ($STEPS steps, $THREADS threads)" >&2
     rm -rf "$out"
-    RAYON_NUM_THREADS=$THREADS peak_rss "$work/rss-bft-$dtype" "$bft" train --model "$work/hf" \
+    RAYON_NUM_THREADS=$THREADS python3 benches/peak_rss.py "$work/rss-bft-$dtype" "$bft" train --model "$work/hf" \
         --data "$work/data.jsonl" --output "$out" --max-steps "$STEPS" --batch-size 4 \
         --cutoff-len 256 --lora-rank 16 --lora-alpha 32 --lora-targets all --loss sft \
         --warmup-ratio 0 --dtype "$dtype"
@@ -80,13 +71,12 @@ bft32=$(bft_row f32)
 bft16=$(bft_row bf16)
 torch_isa=$("$py" -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
 
-python3 - "$hf32" "$hf16" "$bft32" "$bft16" "$("$bft" info 2>/dev/null | sed -n 's/^cpu kernels: //p')" \
-    "$torch_isa" <<'PY'
+echo "CPU: $("$bft" info 2>/dev/null | sed -n 's/^cpu: //p')"
+echo "bft kernels: $("$bft" info 2>/dev/null | sed -n 's/^cpu kernels: //p')"
+python3 - "$hf32" "$hf16" "$bft32" "$bft16" "$torch_isa" <<'PY'
 import json, sys
 hf32, hf16, b32, b16 = (json.loads(a) for a in sys.argv[1:5])
-print(f"CPU: {next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))}")
-print(f"bft kernels: {sys.argv[5]}")
-print(f"torch {hf32['torch']}: CPU capability {sys.argv[6]}")
+print(f"torch {hf32['torch']}: CPU capability {sys.argv[5]}")
 print(f"{'run':34} {'tokens/s':>9} {'s/step':>7} {'peak RSS':>9}  ratio")
 rows = [("HF + PEFT f32", hf32, ""), ("HF + PEFT bf16 autocast", hf16, ""),
         ("bft train (f32)", b32, f"{b32['tokens_per_s'] / hf32['tokens_per_s']:.2f}x HF f32"),

@@ -140,28 +140,40 @@ impl WeightProduct<bf16> for f32 {
         c: &mut [f32],
         accumulate: bool,
     ) {
-        if matmul_bf16(dims, a, b, c, accumulate) {
-            return;
+        if !matmul_bf16(dims, a, b, c, accumulate) {
+            widened_product(dims, a, b, c, accumulate);
         }
-        let rounded: Vec<f32> = a
-            .data
-            .iter()
-            .map(|x| bf16::from_bits(x.bf16_bits() as u16).to_f32())
-            .collect();
-        let wide: Vec<f32> = b.data.iter().map(|x| x.to_f32()).collect();
-        let (a, b) = (
-            Operand {
-                data: &rounded[..],
-                ..a
-            },
-            Operand {
-                data: &wide[..],
-                trans: b.trans,
-                batch_stride: b.batch_stride,
-            },
-        );
-        matmul(dims, a, b, c, accumulate)
     }
+}
+
+/// What `WeightProduct<bf16> for f32` does where the kernel declines: `a` rounded to bf16 and
+/// both operands widened, then the f32 GEMM (copies of both: callers with a large weight
+/// should widen it once themselves, as the engine's LM head does).
+fn widened_product(
+    dims: GemmDims,
+    a: Operand<'_, f32>,
+    b: Operand<'_, bf16>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let rounded: Vec<f32> = a
+        .data
+        .iter()
+        .map(|x| bf16::from_bits(x.bf16_bits() as u16).to_f32())
+        .collect();
+    let wide: Vec<f32> = b.data.iter().map(|x| x.to_f32()).collect();
+    let (a, b) = (
+        Operand {
+            data: &rounded[..],
+            ..a
+        },
+        Operand {
+            data: &wide[..],
+            trans: b.trans,
+            batch_stride: b.batch_stride,
+        },
+    );
+    matmul(dims, a, b, c, accumulate)
 }
 
 impl WeightProduct<bf16> for f64 {
@@ -509,6 +521,7 @@ mod tests {
             }
         }
     }
+
     /// An f32 operand is rounded to bf16 as it is packed: the result is bit for bit the one of
     /// the pre-rounded bf16 operand, on either side and in either orientation.
     #[test]
@@ -595,9 +608,9 @@ mod tests {
         }
     }
 
-    /// `WeightProduct<bf16> for f32` on any CPU (the kernel where it exists, the widened f32
-    /// GEMM elsewhere): the f64 product of the rounded activation and the weight, to f32
-    /// accumulation accuracy.
+    /// `WeightProduct<bf16> for f32` (the kernel where the CPU has it) and the widened f32
+    /// GEMM it falls back to (run here on any CPU): both give the f64 product of the rounded
+    /// activation and the weight, to f32 accumulation accuracy.
     #[test]
     fn the_autocast_weight_product_is_the_product_of_the_rounded_values() {
         let (m, n, k) = (13, 70, 129);
@@ -605,24 +618,22 @@ mod tests {
             .map(|i| ((i * 7919) % 1000) as f32 / 333.3 - 1.5)
             .collect();
         let w = rand_bf16(n * k, 9);
-        let mut c = vec![0.5f32; m * n];
         let dims = GemmDims { batch: 1, m, n, k };
-        f32::weight_product(
-            dims,
-            op(&a[..], false, 0),
-            op(&w[..], true, 0),
-            &mut c,
-            true,
-        );
         let ar: Vec<f64> = a.iter().map(|&x| bf16::from_f32(x).to_f64()).collect();
         let wr: Vec<f64> = w.iter().map(|x| x.to_f64()).collect();
         let mut want = vec![0f64; m * n];
         matmul_reference(dims, op(&ar[..], false, 0), op(&wr[..], true, 0), &mut want);
-        for (got, want) in c.iter().zip(&want) {
-            assert!(
-                (*got as f64 - 0.5 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                "{got} vs {want}"
-            );
+        let (mut trait_c, mut fallback_c) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
+        let (ao, wo) = (op(&a[..], false, 0), op(&w[..], true, 0));
+        f32::weight_product(dims, ao, wo, &mut trait_c, true);
+        widened_product(dims, ao, wo, &mut fallback_c, true);
+        for c in [&trait_c, &fallback_c] {
+            for (got, want) in c.iter().zip(&want) {
+                assert!(
+                    (*got as f64 - 0.5 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
+            }
         }
     }
 }

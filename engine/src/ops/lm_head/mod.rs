@@ -38,13 +38,16 @@ impl Tensor {
         weigh: impl FnOnce(&[f64]) -> Vec<f64>,
     ) -> Result<HeadLoss> {
         let _profiled = crate::profile::scope(Op::LmHeadNll, crate::profile::Phase::Forward);
-        // Autocast: f32 hidden states on the CPU read a frozen bf16 head as stored (its products
-        // round the other operand to bf16 once); other 16-bit cases compute on f32 copies.
+        // Autocast: f32 hidden states on a CPU with the bf16 kernel read a frozen bf16 head as
+        // stored (its products round the other operand to bf16 once). Other 16-bit cases, and
+        // CPUs without AVX512-BF16, compute on f32 copies made once per call: the kernel's own
+        // fallback would widen the vocabulary-sized head for every product of every chunk.
         let bf16_head = self.dtype() == DType::F32
             && head.dtype() == DType::BF16
             && !head.is_tracked()
             && self.device() == Device::Cpu
-            && head.device() == Device::Cpu;
+            && head.device() == Device::Cpu
+            && bft_kernels::cpu::bf16_gemm::available();
         if !bf16_head && (self.dtype().is_half() || head.dtype().is_half()) {
             let (x, w) = (self.to_dtype(DType::F32)?, head.to_dtype(DType::F32)?);
             let out = x.lm_head_nll(&w, rows, targets, weigh)?;
@@ -367,9 +370,11 @@ mod tests {
         vec![Case::new("lm_head_nll", &[Op::LmHeadNll], strategy)]
     }
 
-    /// Autocast: f32 hidden states with a frozen bf16 head on the CPU. The loss and log-probs
-    /// are the f64 ones of the bf16-rounded hidden states (the logits accumulate in f32); the
-    /// hidden states' gradient is f32, within bf16 rounding of the probabilities it is made of.
+    /// Autocast: f32 hidden states with a frozen bf16 head on the CPU. With AVX512-BF16 the
+    /// loss and log-probs are the f64 ones of the bf16-rounded hidden states (the logits
+    /// accumulate in f32); elsewhere the head is widened once and the hidden states are read
+    /// as they are. The hidden states' gradient is f32, within bf16 rounding of the
+    /// probabilities it is made of.
     #[test]
     fn f32_hidden_states_read_a_frozen_bf16_head_as_stored() {
         use crate::{DType, Tape};
@@ -388,12 +393,13 @@ mod tests {
         };
         let (loss, logprobs, dx) = run(&x, &head);
         assert_eq!((loss.dtype(), dx.dtype()), (DType::F32, DType::F32));
-        let rounded = x
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        let (loss64, logprobs64, dx64) = run(&rounded, &head.to_dtype(DType::F64).unwrap());
+        let read = if bft_kernels::cpu::bf16_gemm::available() {
+            x.to_dtype(DType::BF16).unwrap()
+        } else {
+            x.clone()
+        };
+        let read = read.to_dtype(DType::F64).unwrap();
+        let (loss64, logprobs64, dx64) = run(&read, &head.to_dtype(DType::F64).unwrap());
         let (l, l64) = (loss.to_scalar().unwrap(), loss64.to_scalar().unwrap());
         assert!((l - l64).abs() <= 1e-5 * l64.abs(), "{l} vs {l64}");
         for (a, b) in logprobs.iter().zip(&logprobs64) {

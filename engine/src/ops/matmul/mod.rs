@@ -105,12 +105,15 @@ impl Tensor {
             return plain(c);
         }
         if ad.len() > 2 && bd.len() == 2 && !ta {
-            // Fold the batch into the rows, as `matmul_t` does; the views share storage, so
-            // `c` is dropped once its view exists.
-            let k = ad[ad.len() - 1];
-            let rows = self.numel() / k.max(1);
+            // Fold the batch into the rows, as `matmul_t` does, when `c` has the product's
+            // shape; the views share storage, so `c` is dropped once its view exists.
+            let (k, n) = (ad[ad.len() - 1], bd[if tb { 0 } else { 1 }]);
             let c_dims = c.dims().to_vec();
-            let c2 = c.reshape([rows, c.numel() / rows.max(1)])?;
+            if !c_dims.iter().eq(ad[..ad.len() - 1].iter().chain([&n])) {
+                return plain(c);
+            }
+            let rows = self.numel() / k.max(1);
+            let c2 = c.reshape([rows, n])?;
             drop(c);
             let out = self.reshape([rows, k])?.matmul_t_add(rhs, false, tb, c2)?;
             return out.reshape(c_dims);
@@ -547,6 +550,13 @@ mod tests {
         let owned = a
             .matmul_t_add(&b, false, true, c.scale(1.0).unwrap())
             .unwrap();
+        // A `c` with the product's element count but not its shape is refused, as the Add
+        // it stands for refuses it, naming both shapes.
+        let e = a
+            .matmul_t_add(&b, false, true, c.reshape([10, 3]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[10, 3]") && e.contains("[2, 5, 3]"), "{e}");
         for got in [&shared, &owned] {
             assert_eq!(got.dims(), &[2, 5, 3]);
             for (x, y) in got
