@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+mod backend;
 mod device;
 mod dtype;
 mod error;

@@ -97,3 +97,10 @@ __device__ float block_max(float v) {
 __device__ __forceinline__ long long flat_id() {
     return (long long)blockIdx.x * blockDim.x + threadIdx.x;
 }
+
+// Loads and stores of either storage type as f32, so one templated kernel body serves f32 and
+// bf16 tensors (the entry points are instantiated per type by the kernel files).
+__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16* p, long long i, float v) { p[i] = f32_to_bf16(v); }

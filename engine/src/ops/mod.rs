@@ -21,6 +21,19 @@ mod unary;
 #[cfg(test)]
 pub(crate) mod testing;
 
+/// Every op's kernel trait: the parts of `backend::Kernels`.
+pub(crate) mod kernels {
+    pub(crate) use super::binary::BinaryKernel;
+    pub(crate) use super::layernorm::LayerNormKernel;
+    pub(crate) use super::nll::NllKernel;
+    pub(crate) use super::reduce::ReduceKernel;
+    pub(crate) use super::rmsnorm::RmsNormKernel;
+    pub(crate) use super::rope::RopeKernel;
+    pub(crate) use super::softmax::SoftmaxKernel;
+    pub(crate) use super::swiglu::SwiGluKernel;
+    pub(crate) use super::unary::UnaryKernel;
+}
+
 pub use checkpoint::CheckpointFn;
 pub use lm_head::HeadLoss;
 pub use rope::{rope_tables, rope_tables_from};
@@ -160,6 +173,41 @@ pub(crate) fn promoted(inputs: &[&Tensor]) -> DType {
         (false, Some(h)) if halves.all(|d| d == h) => h,
         _ => DType::F32,
     }
+}
+
+/// Runs `f` in the type the inputs' backend computes the op's result type in
+/// (`Backend::compute_dtype`; DESIGN.md §2): an input of another float type, where one of the
+/// two is 16-bit, is cast to it first, and the result is cast back to the promoted type
+/// (16-bit only when every float input is). `None` when no input needs a cast: the caller runs
+/// its kernel on the inputs as they are. The casts are recorded ops, so gradients flow through.
+pub(crate) fn in_compute_dtype(
+    inputs: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let Some(first) = inputs.first() else {
+        return Ok(None);
+    };
+    let to = promoted(inputs);
+    let compute = crate::backend::kernels(first.device()).compute_dtype(to);
+    let cast = |d: DType| d.is_float() && d != compute && (d.is_half() || compute.is_half());
+    if !inputs.iter().any(|t| cast(t.dtype())) {
+        return Ok(None);
+    }
+    let inputs = inputs
+        .iter()
+        .map(|t| {
+            if cast(t.dtype()) {
+                t.to_dtype(compute)
+            } else {
+                Ok((*t).clone())
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = f(&inputs)?;
+    if out.dtype() == to {
+        return Ok(Some(out));
+    }
+    out.to_dtype(to).map(Some)
 }
 
 /// 16-bit floats compute in f32 (DESIGN.md §2): if an input is BF16/F16, runs `f` on f32

@@ -8,6 +8,7 @@ use std::ffi::CString;
 
 pub mod ops;
 mod runtime;
+pub mod typed;
 
 pub use runtime::{Arg, Cuda, DeviceBuffer, cuda, devices, driver_available, ptr};
 
@@ -40,7 +41,7 @@ pub struct CudaSource {
 }
 
 macro_rules! cuda_source {
-    ($name:ident, $file:literal, [$($entry:literal),+]) => {
+    ($name:ident, $file:literal, [$($entry:literal),+ $(,)?]) => {
         pub static $name: CudaSource = CudaSource {
             name: $file,
             source: concat!(
@@ -96,9 +97,81 @@ cuda_source!(
 );
 cuda_source!(OPTIM, "optim", ["adamw", "sum_squares"]);
 
+cuda_source!(
+    ELEMENTWISE,
+    "elementwise",
+    [
+        "unary_f32",
+        "unary_bf16",
+        "unary_backward_f32",
+        "unary_backward_bf16",
+        "binary_f32",
+        "binary_bf16",
+        "scale_f32",
+        "scale_bf16",
+        "sum_rows_f32",
+        "sum_rows_bf16",
+        "scale_rows_f32",
+        "scale_rows_bf16",
+    ]
+);
+cuda_source!(
+    SOFTMAX,
+    "softmax",
+    [
+        "softmax_f32",
+        "softmax_bf16",
+        "softmax_backward_f32",
+        "softmax_backward_bf16",
+        "nll_f32",
+        "nll_bf16",
+    ]
+);
+cuda_source!(
+    REDUCE,
+    "reduce",
+    [
+        "reduce_sum_f32",
+        "reduce_sum_bf16",
+        "reduce_max_f32",
+        "reduce_max_bf16",
+        "reduce_backward_f32",
+        "reduce_backward_bf16",
+    ]
+);
+cuda_source!(
+    LAYOUT,
+    "layout",
+    ["permute_b4", "permute_b2", "slab_b4", "slab_b2"]
+);
+cuda_source!(
+    LAYERNORM,
+    "layernorm",
+    [
+        "layernorm_f32",
+        "layernorm_bf16",
+        "layernorm_backward_f32",
+        "layernorm_backward_bf16",
+        "layernorm_dwb_f32",
+        "layernorm_dwb_bf16",
+    ]
+);
+
 /// Every kernel file, so the compile check covers them all.
 pub static ALL: &[&CudaSource] = &[
-    &CAST, &EMBEDDING, &RMSNORM, &ROPE, &SWIGLU, &ATTENTION, &LOSS, &OPTIM,
+    &CAST,
+    &EMBEDDING,
+    &RMSNORM,
+    &ROPE,
+    &SWIGLU,
+    &ATTENTION,
+    &LOSS,
+    &OPTIM,
+    &ELEMENTWISE,
+    &SOFTMAX,
+    &REDUCE,
+    &LAYOUT,
+    &LAYERNORM,
 ];
 
 /// Whether NVRTC can be loaded (it needs no GPU).

@@ -1,11 +1,24 @@
 //! Elementwise add/sub/mul/div with `rhs` broadcast over the leading axes of `self`, and scale.
 
-use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
-use crate::DType;
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype, same_kind};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
-use bft_kernels::cpu::binary::{BinaryKind, binary, sum_rows};
-use bft_kernels::cpu::unary::scale;
+use bft_kernels::cpu::binary::BinaryKind;
+
+/// The binary kernels of a backend, on tensors of its compute type.
+pub(crate) trait BinaryKernel {
+    /// `a op b` with `b`'s elements repeated over `a`'s leading axes (shapes checked).
+    fn binary(&self, kind: BinaryKind, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// `alpha * x`.
+    fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor>;
+    /// `x` summed over its leading axes down to `shape`, a trailing part of its own.
+    fn sum_to(&self, x: &Tensor, shape: &crate::Shape) -> Result<Tensor>;
+}
 
 impl Tensor {
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
@@ -31,7 +44,7 @@ impl Tensor {
             BinaryKind::Div => Op::Div,
         };
         let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self, rhs], |t| t[0].binary(&t[1], kind))? {
+        if let Some(out) = in_compute_dtype(&[self, rhs], |t| t[0].binary(&t[1], kind))? {
             return Ok(out);
         }
         let name = op_name(op);
@@ -46,26 +59,7 @@ impl Tensor {
                 format!("cannot broadcast {bd:?} over {ad:?} (rhs must match trailing axes)"),
             ));
         }
-        let out = if let Some((g, i)) = wgpu_of(self) {
-            let (n, nb) = (self.numel(), rhs.numel().max(1));
-            let o = bft_kernels::wgpu::ops::binary(
-                &g,
-                kind,
-                wbuf(name, self)?,
-                wbuf(name, rhs)?,
-                n,
-                nb,
-            )?;
-            Tensor::from_wgpu(o, DType::F32, i, self.shape().clone())
-        } else {
-            float_dispatch!(name, self.dtype(), |T| {
-                let mut o = vec![T::default(); self.numel()];
-                if !o.is_empty() {
-                    binary(kind, self.cpu::<T>(name)?, rhs.cpu::<T>(name)?, &mut o);
-                }
-                Ok(Tensor::from_cpu(o, self.shape().clone()))
-            })?
-        };
+        let out = kernels(self.device()).binary(kind, self, rhs)?;
         let saved_out = matches!(kind, BinaryKind::Div).then(|| out.stop_gradient());
         Tape::record(op, &[self, rhs], out, || BinaryBackward {
             kind,
@@ -78,28 +72,10 @@ impl Tensor {
     /// `alpha * self`.
     pub fn scale(&self, alpha: f64) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::Scale, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self], |t| t[0].scale(alpha))? {
+        if let Some(out) = in_compute_dtype(&[self], |t| t[0].scale(alpha))? {
             return Ok(out);
         }
-        if let Some((g, i)) = wgpu_of(self) {
-            let o = bft_kernels::wgpu::ops::scale(
-                &g,
-                alpha as f32,
-                wbuf("scale", self)?,
-                self.numel(),
-            )?;
-            let out = Tensor::from_wgpu(o, DType::F32, i, self.shape().clone());
-            return Tape::record(Op::Scale, &[self], out, || ScaleBackward(alpha));
-        }
-        let out = float_dispatch!("scale", self.dtype(), |T| {
-            let mut o = vec![T::default(); self.numel()];
-            scale(
-                <T as bft_kernels::cpu::Float>::from_f64(alpha),
-                self.cpu::<T>("scale")?,
-                &mut o,
-            );
-            Ok(Tensor::from_cpu(o, self.shape().clone()))
-        })?;
+        let out = kernels(self.device()).scale(self, alpha)?;
         Tape::record(Op::Scale, &[self], out, || ScaleBackward(alpha))
     }
 
@@ -109,17 +85,7 @@ impl Tensor {
         if self.shape() == shape {
             return Ok(self.clone());
         }
-        if let Some((g, i)) = wgpu_of(self) {
-            let cols = shape.numel();
-            let o =
-                bft_kernels::wgpu::ops::sum_rows(&g, wbuf("sum_to", self)?, self.numel(), cols)?;
-            return Ok(Tensor::from_wgpu(o, DType::F32, i, shape.clone()));
-        }
-        float_dispatch!("sum_to", self.dtype(), |T| {
-            let mut o = vec![T::default(); shape.numel()];
-            sum_rows(self.cpu::<T>("sum_to")?, &mut o);
-            Ok(Tensor::from_cpu(o, shape.clone()))
-        })
+        kernels(self.device()).sum_to(self, shape)
     }
 }
 

@@ -1,17 +1,40 @@
 //! LayerNorm over the last axis with a learned gain and bias (BERT's normalisation).
 
-use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
-use crate::DType;
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype, same_kind};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
-use bft_kernels::cpu::layernorm::{layernorm, layernorm_backward};
+
+/// The LayerNorm kernels of a backend over `x (rows, C)` with gain and bias `(C)`.
+pub(crate) trait LayerNormKernel {
+    /// `(y, mean, rstd)`, the statistics `(rows)` saved for the backward.
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+    /// `(dx, Some((dw, db)))`, the parameter gradients only when `need_params`.
+    fn layer_norm_backward(
+        &self,
+        saved: &LayerNormBackward,
+        dy: &Tensor,
+        need_params: bool,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)>;
+}
 
 impl Tensor {
     /// `(x - mean) / sqrt(var + eps) * w + b` over the last axis, the variance biased as in
-    /// PyTorch; `w` and `b` are `(C)`. Row statistics are accumulated in f64 on the CPU.
+    /// PyTorch; `w` and `b` are `(C)`. Row statistics are accumulated in f64 on the CPU and in f32 on devices.
     pub fn layer_norm(&self, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::LayerNorm, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self, w, b], |t| t[0].layer_norm(&t[1], &t[2], eps))? {
+        if let Some(out) = in_compute_dtype(&[self, w, b], |t| t[0].layer_norm(&t[1], &t[2], eps))?
+        {
             return Ok(out);
         }
         same_kind("layer_norm", self, w)?;
@@ -29,46 +52,7 @@ impl Tensor {
                 ));
             }
         }
-        let rows = self.numel() / c.max(1);
-        let (out, mean, rstd) = if let Some((g, i)) = wgpu_of(self) {
-            let bufs = (
-                wbuf("layer_norm", self)?,
-                wbuf("layer_norm", w)?,
-                wbuf("layer_norm", b)?,
-            );
-            let (y, m, r) = bft_kernels::wgpu::ops::layernorm(
-                &g,
-                bufs.0,
-                bufs.1,
-                bufs.2,
-                (rows, c),
-                eps as f32,
-            )?;
-            (
-                Tensor::from_wgpu(y, DType::F32, i, self.shape().clone()),
-                Tensor::from_wgpu(m, DType::F32, i, [rows]),
-                Tensor::from_wgpu(r, DType::F32, i, [rows]),
-            )
-        } else {
-            float_dispatch!("layer_norm", self.dtype(), |T| {
-                let mut y = vec![T::default(); self.numel()];
-                let (mut m, mut r) = (vec![T::default(); rows], vec![T::default(); rows]);
-                layernorm(
-                    self.cpu::<T>("layer_norm")?,
-                    w.cpu::<T>("layer_norm")?,
-                    b.cpu::<T>("layer_norm")?,
-                    eps,
-                    &mut y,
-                    &mut m,
-                    &mut r,
-                );
-                Ok((
-                    Tensor::from_cpu(y, self.shape().clone()),
-                    Tensor::from_cpu(m, [rows]),
-                    Tensor::from_cpu(r, [rows]),
-                ))
-            })?
-        };
+        let (out, mean, rstd) = kernels(self.device()).layer_norm(self, w, b, eps)?;
         Tape::record(Op::LayerNorm, &[self, w, b], out, || LayerNormBackward {
             x: self.stop_gradient(),
             w: w.stop_gradient(),
@@ -78,7 +62,7 @@ impl Tensor {
     }
 }
 
-struct LayerNormBackward {
+pub(crate) struct LayerNormBackward {
     x: Tensor,
     w: Tensor,
     /// `(rows)`: each row's mean and 1 / std, so the backward pass need not recompute them.
@@ -88,51 +72,13 @@ struct LayerNormBackward {
 
 impl Backward for LayerNormBackward {
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let c = self.w.numel();
-        let rows = g.numel() / c.max(1);
-        let need_params = needs[1] || needs[2];
-        if let Some((gpu, i)) = wgpu_of(g) {
-            let bufs = [
-                wbuf("layer_norm", &self.x)?,
-                wbuf("layer_norm", &self.w)?,
-                wbuf("layer_norm", &self.mean)?,
-                wbuf("layer_norm", &self.rstd)?,
-                wbuf("layer_norm", g)?,
-            ];
-            let (dx, dwb) =
-                bft_kernels::wgpu::ops::layernorm_backward(&gpu, bufs, (rows, c), need_params)?;
-            let (dw, db) = dwb.map_or((None, None), |(dw, db)| {
-                (
-                    Some(Tensor::from_wgpu(dw, DType::F32, i, [c])),
-                    Some(Tensor::from_wgpu(db, DType::F32, i, [c])),
-                )
-            });
-            return Ok(vec![
-                Some(Tensor::from_wgpu(dx, DType::F32, i, g.shape().clone())),
-                dw.filter(|_| needs[1]),
-                db.filter(|_| needs[2]),
-            ]);
-        }
-        float_dispatch!("layer_norm backward", g.dtype(), |T| {
-            let mut dx = vec![T::default(); g.numel()];
-            let mut dw = needs[1].then(|| vec![T::default(); c]);
-            let mut db = needs[2].then(|| vec![T::default(); c]);
-            layernorm_backward(
-                self.x.cpu::<T>("layer_norm")?,
-                self.w.cpu::<T>("layer_norm")?,
-                self.mean.cpu::<T>("layer_norm")?,
-                self.rstd.cpu::<T>("layer_norm")?,
-                g.cpu::<T>("layer_norm")?,
-                &mut dx,
-                dw.as_deref_mut(),
-                db.as_deref_mut(),
-            );
-            Ok(vec![
-                Some(Tensor::from_cpu(dx, g.shape().clone())),
-                dw.map(|d| Tensor::from_cpu(d, [c])),
-                db.map(|d| Tensor::from_cpu(d, [c])),
-            ])
-        })
+        let (dx, dwb) = kernels(g.device()).layer_norm_backward(self, g, needs[1] || needs[2])?;
+        let (dw, db) = dwb.map_or((None, None), |(w, b)| (Some(w), Some(b)));
+        Ok(vec![
+            Some(dx),
+            dw.filter(|_| needs[1]),
+            db.filter(|_| needs[2]),
+        ])
     }
 }
 

@@ -1,16 +1,30 @@
 //! Per-token negative log-likelihood and the plain masked cross-entropy built on it: the
 //! unfused reference (it materialises `(tokens, vocab)` logits) for the fused LM-head loss.
 
-use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
-use bft_kernels::cpu::nll::{nll, nll_backward};
+
+/// The NLL kernels of a backend on logits `(N, V)` of its compute type and u32 targets `(N)`
+/// (checked in range).
+pub(crate) trait NllKernel {
+    /// `(loss (N), aux)`: `aux` is what this backend's backward needs besides the logits and
+    /// targets (the CPU saves each row's log-sum-exp, devices the direction `softmax - onehot`).
+    fn nll(&self, logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// The logits' gradient from the upstream `(N)` gradient `dy`.
+    fn nll_backward(&self, saved: &NllBackward, dy: &Tensor) -> Result<Tensor>;
+}
 
 impl Tensor {
     /// `l_i = logsumexp(z_i) - z_i[y_i]` for logits `self (N, V)` and U32 targets `(N)`.
     pub fn nll(&self, targets: &Tensor) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::Nll, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self], |t| t[0].nll(targets))? {
+        if let Some(out) = in_compute_dtype(&[self], |t| t[0].nll(targets))? {
             return Ok(out);
         }
         if self.rank() != 2 || targets.dims() != [self.dims()[0]] {
@@ -30,48 +44,28 @@ impl Tensor {
                 expected: "u32 targets",
             });
         }
-        let (n, vocab) = (self.dims()[0], self.dims()[1]);
+        let vocab = self.dims()[1];
         let host = targets.to_device(&crate::Device::Cpu)?;
-        let tv = host.cpu::<u32>("nll")?;
-        if let Some(&bad) = tv.iter().find(|&&y| y as usize >= vocab) {
+        if let Some(&bad) = host
+            .cpu::<u32>("nll")?
+            .iter()
+            .find(|&&y| y as usize >= vocab)
+        {
             return Err(Error::Index {
                 op: "nll",
                 index: bad as usize,
                 size: vocab,
             });
         }
-        if let Some((g, i)) = wgpu_of(self) {
-            let t = targets.to_device(&self.device())?;
-            let (loss, dir) = bft_kernels::wgpu::ops::nll(
-                &g,
-                wbuf("nll", self)?,
-                t.wgpu().ok_or(Error::Unsupported {
-                    op: "nll targets",
-                    device: t.device(),
-                })?,
-                n,
-                vocab,
-            )?;
-            let out = Tensor::from_wgpu(loss, DType::F32, i, [n]);
-            let dir = Tensor::from_wgpu(dir, DType::F32, i, self.shape().clone());
-            return Tape::record(Op::Nll, &[self, targets], out, || NllBackward::Device {
-                direction: dir,
-            });
-        }
-        let (out, lse) = float_dispatch!("nll", self.dtype(), |T| {
-            let (mut l, mut s) = (vec![T::default(); n], vec![T::default(); n]);
-            nll(self.cpu::<T>("nll")?, vocab, tv, &mut l, &mut s);
-            Ok((Tensor::from_cpu(l, [n]), Tensor::from_cpu(s, [n])))
-        })?;
-        Tape::record(Op::Nll, &[self, targets], out, || NllBackward::Host {
+        let targets_here = targets.to_device(&self.device())?;
+        let (out, aux) = kernels(self.device()).nll(self, &targets_here)?;
+        Tape::record(Op::Nll, &[self, targets], out, || NllBackward {
             logits: self.stop_gradient(),
-            targets: targets.stop_gradient(),
-            lse,
+            targets: targets_here.stop_gradient(),
+            aux,
         })
     }
 
-    /// Masked mean cross-entropy: `sum_i m_i l_i / (sum_i m_i + 1e-8)` with `mask (N)` of
-    /// 0/1 weights (a constant). No valid token gives an exact zero, never NaN.
     pub fn cross_entropy(&self, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
         if mask.is_tracked() {
             return Err(Error::NotDifferentiable {
@@ -86,57 +80,16 @@ impl Tensor {
     }
 }
 
-enum NllBackward {
-    /// The CPU recomputes the softmax from the logits and their log-sum-exp.
-    Host {
-        logits: Tensor,
-        targets: Tensor,
-        lse: Tensor,
-    },
-    /// The device kept `softmax(z) - onehot(y)` (rows, vocab) from the forward pass.
-    Device { direction: Tensor },
+/// What the NLL saves: the logits, the targets on their device, and the backend's `aux`.
+pub(crate) struct NllBackward {
+    logits: Tensor,
+    targets: Tensor,
+    aux: Tensor,
 }
 
 impl Backward for NllBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let (logits, targets, lse) = match self {
-            // dz_i = g_i * direction_i: each row scaled by its loss gradient.
-            NllBackward::Device { direction } => {
-                let (gpu, i) = wgpu_of(direction).ok_or(Error::Unsupported {
-                    op: "nll backward",
-                    device: direction.device(),
-                })?;
-                let vocab = direction.dims()[1];
-                let dz = bft_kernels::wgpu::ops::scale_rows(
-                    &gpu,
-                    wbuf("nll", direction)?,
-                    wbuf("nll", g)?,
-                    direction.numel(),
-                    vocab,
-                )?;
-                let dz = Tensor::from_wgpu(dz, DType::F32, i, direction.shape().clone());
-                return Ok(vec![Some(dz), None]);
-            }
-            NllBackward::Host {
-                logits,
-                targets,
-                lse,
-            } => (logits, targets, lse),
-        };
-        let vocab = logits.dims()[1];
-        let dz = float_dispatch!("nll backward", g.dtype(), |T| {
-            let mut dz = vec![T::default(); logits.numel()];
-            nll_backward(
-                logits.cpu::<T>("nll")?,
-                vocab,
-                targets.cpu::<u32>("nll")?,
-                lse.cpu::<T>("nll")?,
-                g.cpu::<T>("nll")?,
-                &mut dz,
-            );
-            Ok(Tensor::from_cpu(dz, logits.shape().clone()))
-        })?;
-        Ok(vec![Some(dz), None])
+        Ok(vec![Some(kernels(g.device()).nll_backward(self, g)?), None])
     }
 }
 

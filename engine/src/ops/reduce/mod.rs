@@ -1,10 +1,28 @@
 //! Sum, mean and max over one axis (the axis is removed), the full sum, and argmax.
 
-use super::{Op, axis, float_dispatch, via_f32, wbuf, wgpu_of};
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, axis, in_compute_dtype};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Result, Shape, Tensor};
-use bft_kernels::cpu::reduce::{ReduceKind, argmax_last, reduce, reduce_backward};
-use bft_kernels::wgpu::ops::{reduce_backward as reduce_backward_wgpu, reduce_max, reduce_sum};
+use bft_kernels::cpu::reduce::ReduceKind;
+
+/// The reduction kernels of a backend over the middle axis of `x` viewed as
+/// `sizes = (outer, n, inner)`, on tensors of its compute type.
+pub(crate) trait ReduceKernel {
+    /// `(out (outer * inner), argmax)`: the argmax (u32, on the device) only for `Max`.
+    fn reduce(
+        &self,
+        kind: ReduceKind,
+        x: &Tensor,
+        sizes: (usize, usize, usize),
+    ) -> Result<(Tensor, Option<Tensor>)>;
+    /// The input gradient `(outer, n, inner)` of a sum, or of a max through its argmax.
+    fn reduce_backward(&self, saved: &ReduceBackward, dy: &Tensor) -> Result<Tensor>;
+}
 
 impl Tensor {
     /// Sum over axis `dim`, which is removed from the shape.
@@ -34,29 +52,23 @@ impl Tensor {
         let _profiled = crate::profile::scope(Op::ArgMax, crate::profile::Phase::Forward);
         let cols = self.shape().last();
         let dims = self.dims()[..self.rank().saturating_sub(1)].to_vec();
-        let wide = if self.dtype().is_half() {
-            self.cast_untracked(crate::DType::F32)?
+        if cols == 0 && dims.iter().product::<usize>() > 0 {
+            return Err(crate::Error::shape(
+                "argmax",
+                format!("argmax over an empty last axis of {}", self.shape()),
+            ));
+        }
+        let k = kernels(self.device());
+        let compute = k.compute_dtype(self.dtype());
+        let x = if compute != self.dtype() {
+            self.cast_untracked(compute)?
         } else {
             self.stop_gradient()
         };
-        if let Some((g, i)) = wgpu_of(&wide) {
-            if cols == 0 {
-                return Err(crate::Error::shape(
-                    "argmax",
-                    format!("argmax over an empty last axis of {}", self.shape()),
-                ));
-            }
-            let rows = self.numel() / cols;
-            let (_, idx) = reduce_max(&g, wbuf("argmax", &wide)?, (rows, cols, 1))?;
-            let out = Tensor::from_wgpu(idx, crate::DType::U32, i, dims);
-            return Tape::record_nondifferentiable(Op::ArgMax, &[self], out);
-        }
-        let out = float_dispatch!("argmax", wide.dtype(), |T| {
-            let mut o = vec![0u32; self.numel() / cols.max(1)];
-            argmax_last(wide.cpu::<T>("argmax")?, cols, &mut o);
-            Ok(Tensor::from_cpu(o, dims))
-        })?;
-        Tape::record_nondifferentiable(Op::ArgMax, &[self], out)
+        let rows = self.numel() / cols.max(1);
+        let (_, idx) = k.reduce(ReduceKind::Max, &x, (rows, cols, 1))?;
+        let idx = idx.ok_or_else(|| crate::Error::Backward("a max kept no argmax".into()))?;
+        Tape::record_nondifferentiable(Op::ArgMax, &[self], idx.reshaped_view(dims.into()))
     }
 
     fn reduce(&self, dim: isize, kind: ReduceKind) -> Result<Tensor> {
@@ -65,7 +77,7 @@ impl Tensor {
             ReduceKind::Max => (Op::Max, "max"),
         };
         let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self], |t| t[0].reduce(dim, kind))? {
+        if let Some(out) = in_compute_dtype(&[self], |t| t[0].reduce(dim, kind))? {
             return Ok(out);
         }
         let d = axis(name, dim, self.rank())?;
@@ -78,32 +90,8 @@ impl Tensor {
         }
         let mut dims = self.dims().to_vec();
         dims.remove(d);
-        if let Some((g, i)) = wgpu_of(self) {
-            let x = wbuf(name, self)?;
-            let (o, argmax) = match kind {
-                ReduceKind::Sum => (reduce_sum(&g, x, sizes)?, None),
-                ReduceKind::Max => {
-                    let (o, idx) = reduce_max(&g, x, sizes)?;
-                    let n = sizes.0 * sizes.2;
-                    (o, Some(Tensor::from_wgpu(idx, crate::DType::U32, i, [n])))
-                }
-            };
-            let out = Tensor::from_wgpu(o, crate::DType::F32, i, dims);
-            return Tape::record(op, &[self], out, || ReduceBackward {
-                kind,
-                shape: self.shape().clone(),
-                sizes,
-                argmax,
-            });
-        }
-        let n = sizes.0 * sizes.2;
-        let mut argmax = vec![0u32; if kind == ReduceKind::Max { n } else { 0 }];
-        let out = float_dispatch!(name, self.dtype(), |T| {
-            let mut o = vec![T::default(); n];
-            reduce(kind, self.cpu::<T>(name)?, sizes, &mut o, &mut argmax);
-            Ok(Tensor::from_cpu(o, dims))
-        })?;
-        let argmax = (kind == ReduceKind::Max).then(|| Tensor::from_cpu(argmax, [n]));
+        let (out, argmax) = kernels(self.device()).reduce(kind, self, sizes)?;
+        let out = out.reshaped_view(dims.into());
         Tape::record(op, &[self], out, || ReduceBackward {
             kind,
             shape: self.shape().clone(),
@@ -113,7 +101,8 @@ impl Tensor {
     }
 }
 
-struct ReduceBackward {
+/// What a reduction saves.
+pub(crate) struct ReduceBackward {
     kind: ReduceKind,
     shape: Shape,
     sizes: (usize, usize, usize),
@@ -123,29 +112,7 @@ struct ReduceBackward {
 
 impl Backward for ReduceBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        if let Some((gpu, i)) = wgpu_of(g) {
-            let idx = self.argmax.as_ref().and_then(Tensor::wgpu);
-            let dx = reduce_backward_wgpu(&gpu, wbuf("reduce", g)?, idx, self.sizes)?;
-            let dx = Tensor::from_wgpu(dx, crate::DType::F32, i, self.shape.clone());
-            return Ok(vec![Some(dx)]);
-        }
-        let no_index: &[u32] = &[];
-        let argmax = match &self.argmax {
-            Some(t) => t.cpu::<u32>("reduce")?,
-            None => no_index,
-        };
-        let dx = float_dispatch!("reduce backward", g.dtype(), |T| {
-            let mut dx = vec![T::default(); self.shape.numel()];
-            reduce_backward(
-                self.kind,
-                g.cpu::<T>("reduce")?,
-                argmax,
-                self.sizes,
-                &mut dx,
-            );
-            Ok(Tensor::from_cpu(dx, self.shape.clone()))
-        })?;
-        Ok(vec![Some(dx)])
+        Ok(vec![Some(kernels(g.device()).reduce_backward(self, g)?)])
     }
 }
 

@@ -1,9 +1,20 @@
 //! Rotary position embedding (HF's rotate-half convention) from precomputed tables.
 
-use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype, same_kind};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Device, Error, Result, Tensor};
-use bft_kernels::cpu::rope::{default_inv_freq, rope, rope_tables as tables};
+use bft_kernels::cpu::rope::{default_inv_freq, rope_tables as tables};
+
+/// The rotary kernel of a backend: `x (..., T, D)` rotated by `cos, sin (T, D/2)` of its type,
+/// or by the inverse rotation (the backward).
+pub(crate) trait RopeKernel {
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor>;
+}
 
 /// `(cos, sin)`, each `(t, head_dim / 2)`, for positions `offset..offset + t` with the standard
 /// inverse frequencies `theta^(-2i/d)`. Scaled variants (llama3) pass their own frequencies to
@@ -36,7 +47,7 @@ impl Tensor {
     /// Rotates `self (..., T, D)` by position: `cos, sin` are `(T, D/2)` constants.
     pub fn rope(&self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::Rope, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self, cos, sin], |t| t[0].rope(&t[1], &t[2]))? {
+        if let Some(out) = in_compute_dtype(&[self, cos, sin], |t| t[0].rope(&t[1], &t[2]))? {
             return Ok(out);
         }
         same_kind("rope", self, cos)?;
@@ -69,38 +80,12 @@ impl Tensor {
                 ),
             ));
         }
-        let out = apply(self, cos, sin, false)?;
+        let out = kernels(self.device()).rope(self, cos, sin, false)?;
         Tape::record(Op::Rope, &[self, cos, sin], out, || RopeBackward {
             cos: cos.stop_gradient(),
             sin: sin.stop_gradient(),
         })
     }
-}
-
-fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {
-    let r = x.rank();
-    let (t, d) = (x.dims()[r - 2], x.dims()[r - 1]);
-    if let Some((g, i)) = wgpu_of(x) {
-        let rows = x.numel() / (t * d).max(1);
-        let (xb, c, s) = (wbuf("rope", x)?, wbuf("rope", cos)?, wbuf("rope", sin)?);
-        let y = bft_kernels::wgpu::ops::rope(&g, xb, c, s, (rows, t, d), inverse)?;
-        return Ok(Tensor::from_wgpu(y, DType::F32, i, x.shape().clone()));
-    }
-    float_dispatch!("rope", x.dtype(), |T| {
-        let mut o = vec![T::default(); x.numel()];
-        if !o.is_empty() {
-            rope(
-                x.cpu::<T>("rope")?,
-                cos.cpu::<T>("rope")?,
-                sin.cpu::<T>("rope")?,
-                t,
-                d,
-                inverse,
-                &mut o,
-            );
-        }
-        Ok(Tensor::from_cpu(o, x.shape().clone()))
-    })
 }
 
 struct RopeBackward {
@@ -112,7 +97,7 @@ impl Backward for RopeBackward {
     /// A rotation's gradient is the inverse rotation of the output gradient.
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![
-            Some(apply(g, &self.cos, &self.sin, true)?),
+            Some(kernels(g.device()).rope(g, &self.cos, &self.sin, true)?),
             None,
             None,
         ])

@@ -1,10 +1,21 @@
 //! Softmax and log-softmax over the last axis.
 
-use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
-use crate::DType;
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Result, Tensor};
-use bft_kernels::cpu::softmax::{softmax, softmax_backward};
+
+/// The softmax kernels of a backend over the last axis of a tensor of its compute type;
+/// `log` selects log-softmax.
+pub(crate) trait SoftmaxKernel {
+    fn softmax(&self, x: &Tensor, log: bool) -> Result<Tensor>;
+    /// The input gradient from the forward's output `y` and the upstream `dy`.
+    fn softmax_backward(&self, y: &Tensor, dy: &Tensor, log: bool) -> Result<Tensor>;
+}
 
 impl Tensor {
     /// Softmax over the last axis.
@@ -18,28 +29,12 @@ impl Tensor {
     }
 
     fn softmax_impl(&self, log: bool) -> Result<Tensor> {
-        let _profiled = crate::profile::scope(
-            if log { Op::LogSoftmax } else { Op::Softmax },
-            crate::profile::Phase::Forward,
-        );
-        if let Some(out) = via_f32(&[self], |t| t[0].softmax_impl(log))? {
+        let op = if log { Op::LogSoftmax } else { Op::Softmax };
+        let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
+        if let Some(out) = in_compute_dtype(&[self], |t| t[0].softmax_impl(log))? {
             return Ok(out);
         }
-        let cols = self.shape().last();
-        let out = if let Some((g, i)) = wgpu_of(self) {
-            let rows = self.numel() / cols.max(1);
-            let y = bft_kernels::wgpu::ops::softmax(&g, wbuf("softmax", self)?, rows, cols, log)?;
-            Tensor::from_wgpu(y, DType::F32, i, self.shape().clone())
-        } else {
-            float_dispatch!("softmax", self.dtype(), |T| {
-                let mut y = vec![T::default(); self.numel()];
-                if !y.is_empty() {
-                    softmax(self.cpu::<T>("softmax")?, cols, log, &mut y);
-                }
-                Ok(Tensor::from_cpu(y, self.shape().clone()))
-            })?
-        };
-        let op = if log { Op::LogSoftmax } else { Op::Softmax };
+        let out = kernels(self.device()).softmax(self, log)?;
         Tape::record(op, &[self], out.clone(), || SoftmaxBackward {
             y: out.stop_gradient(),
             log,
@@ -54,32 +49,9 @@ struct SoftmaxBackward {
 
 impl Backward for SoftmaxBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let cols = g.shape().last();
-        if let Some((gpu, i)) = wgpu_of(g) {
-            let rows = g.numel() / cols.max(1);
-            let (y, dy) = (wbuf("softmax", &self.y)?, wbuf("softmax", g)?);
-            let dx = bft_kernels::wgpu::ops::softmax_backward(&gpu, y, dy, rows, cols, self.log)?;
-            return Ok(vec![Some(Tensor::from_wgpu(
-                dx,
-                DType::F32,
-                i,
-                g.shape().clone(),
-            ))]);
-        }
-        let dx = float_dispatch!("softmax backward", g.dtype(), |T| {
-            let mut dx = vec![T::default(); g.numel()];
-            if !dx.is_empty() {
-                softmax_backward(
-                    self.y.cpu::<T>("softmax")?,
-                    g.cpu::<T>("softmax")?,
-                    cols,
-                    self.log,
-                    &mut dx,
-                );
-            }
-            Ok(Tensor::from_cpu(dx, g.shape().clone()))
-        })?;
-        Ok(vec![Some(dx)])
+        Ok(vec![Some(
+            kernels(g.device()).softmax_backward(&self.y, g, self.log)?,
+        )])
     }
 }
 

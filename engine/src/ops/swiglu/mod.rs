@@ -1,16 +1,27 @@
 //! SwiGLU, `silu(gate) * up`, fused: the MLP saves two activations instead of four.
 
-use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
-use crate::DType;
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype, same_kind};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
-use bft_kernels::cpu::unary::{swiglu, swiglu_backward};
+
+/// The SwiGLU kernels of a backend, on equal-shaped operands of its compute type.
+pub(crate) trait SwiGluKernel {
+    /// `silu(gate) * up`, elementwise.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+    /// `(dgate, dup)` from the saved operands and the upstream gradient `dy`.
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>;
+}
 
 impl Tensor {
     /// `silu(self) * up`, elementwise; shapes must be equal.
     pub fn swiglu(&self, up: &Tensor) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::SwiGlu, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self, up], |t| t[0].swiglu(&t[1]))? {
+        if let Some(out) = in_compute_dtype(&[self, up], |t| t[0].swiglu(&t[1]))? {
             return Ok(out);
         }
         same_kind("swiglu", self, up)?;
@@ -20,17 +31,7 @@ impl Tensor {
                 format!("gate {} and up {} differ", self.shape(), up.shape()),
             ));
         }
-        let out = if let Some((g, i)) = wgpu_of(self) {
-            let (gb, ub) = (wbuf("swiglu", self)?, wbuf("swiglu", up)?);
-            let y = bft_kernels::wgpu::ops::swiglu(&g, gb, ub, self.numel())?;
-            Tensor::from_wgpu(y, DType::F32, i, self.shape().clone())
-        } else {
-            float_dispatch!("swiglu", self.dtype(), |T| {
-                let mut o = vec![T::default(); self.numel()];
-                swiglu(self.cpu::<T>("swiglu")?, up.cpu::<T>("swiglu")?, &mut o);
-                Ok(Tensor::from_cpu(o, self.shape().clone()))
-            })?
-        };
+        let out = kernels(self.device()).swiglu(self, up)?;
         Tape::record(Op::SwiGlu, &[self, up], out, || SwiGluBackward {
             gate: self.stop_gradient(),
             up: up.stop_gradient(),
@@ -45,32 +46,8 @@ struct SwiGluBackward {
 
 impl Backward for SwiGluBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        if let Some((gpu, i)) = wgpu_of(g) {
-            let (gb, ub, dy) = (
-                wbuf("swiglu", &self.gate)?,
-                wbuf("swiglu", &self.up)?,
-                wbuf("swiglu", g)?,
-            );
-            let (dg, du) = bft_kernels::wgpu::ops::swiglu_backward(&gpu, gb, ub, dy, g.numel())?;
-            return Ok(vec![
-                Some(Tensor::from_wgpu(dg, DType::F32, i, g.shape().clone())),
-                Some(Tensor::from_wgpu(du, DType::F32, i, g.shape().clone())),
-            ]);
-        }
-        float_dispatch!("swiglu backward", g.dtype(), |T| {
-            let (mut dg, mut du) = (vec![T::default(); g.numel()], vec![T::default(); g.numel()]);
-            swiglu_backward(
-                self.gate.cpu::<T>("swiglu")?,
-                self.up.cpu::<T>("swiglu")?,
-                g.cpu::<T>("swiglu")?,
-                &mut dg,
-                &mut du,
-            );
-            Ok(vec![
-                Some(Tensor::from_cpu(dg, g.shape().clone())),
-                Some(Tensor::from_cpu(du, g.shape().clone())),
-            ])
-        })
+        let (dg, du) = kernels(g.device()).swiglu_backward(&self.gate, &self.up, g)?;
+        Ok(vec![Some(dg), Some(du)])
     }
 }
 

@@ -1,10 +1,28 @@
 //! Elementwise exp, log, sigmoid, silu, negation and GELU.
 
-use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
-use crate::DType;
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Result, Tensor};
-use bft_kernels::cpu::unary::{UnaryKind, unary, unary_backward};
+use bft_kernels::cpu::unary::UnaryKind;
+
+/// The elementwise kernels of a backend, on tensors of its compute type.
+pub(crate) trait UnaryKernel {
+    /// `f(x)`.
+    fn unary(&self, kind: UnaryKind, x: &Tensor) -> Result<Tensor>;
+    /// `dy * f'(x)`, given the forward's input `x` and output `y`.
+    fn unary_backward(
+        &self,
+        kind: UnaryKind,
+        x: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<Tensor>;
+}
 
 impl Tensor {
     pub fn exp(&self) -> Result<Tensor> {
@@ -31,28 +49,19 @@ impl Tensor {
     }
 
     fn unary(&self, kind: UnaryKind) -> Result<Tensor> {
-        let (op, name) = match kind {
-            UnaryKind::Exp => (Op::Exp, "exp"),
-            UnaryKind::Log => (Op::Log, "log"),
-            UnaryKind::Sigmoid => (Op::Sigmoid, "sigmoid"),
-            UnaryKind::Silu => (Op::Silu, "silu"),
-            UnaryKind::Neg => (Op::Neg, "neg"),
-            UnaryKind::Gelu => (Op::Gelu, "gelu"),
+        let op = match kind {
+            UnaryKind::Exp => Op::Exp,
+            UnaryKind::Log => Op::Log,
+            UnaryKind::Sigmoid => Op::Sigmoid,
+            UnaryKind::Silu => Op::Silu,
+            UnaryKind::Neg => Op::Neg,
+            UnaryKind::Gelu => Op::Gelu,
         };
         let _profiled = crate::profile::scope(op, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self], |t| t[0].unary(kind))? {
+        if let Some(out) = in_compute_dtype(&[self], |t| t[0].unary(kind))? {
             return Ok(out);
         }
-        let out = if let Some((g, i)) = wgpu_of(self) {
-            let y = bft_kernels::wgpu::ops::unary(&g, kind, wbuf(name, self)?, self.numel())?;
-            Tensor::from_wgpu(y, DType::F32, i, self.shape().clone())
-        } else {
-            float_dispatch!(name, self.dtype(), |T| {
-                let mut o = vec![T::default(); self.numel()];
-                unary(kind, self.cpu::<T>(name)?, &mut o);
-                Ok(Tensor::from_cpu(o, self.shape().clone()))
-            })?
-        };
+        let out = kernels(self.device()).unary(kind, self)?;
         Tape::record(op, &[self], out.clone(), || UnaryBackward {
             kind,
             x: self.stop_gradient(),
@@ -69,38 +78,7 @@ struct UnaryBackward {
 
 impl Backward for UnaryBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        if let Some((gpu, i)) = wgpu_of(g) {
-            let (x, y, dy) = (
-                wbuf("unary", &self.x)?,
-                wbuf("unary", &self.y)?,
-                wbuf("unary", g)?,
-            );
-            let dx = bft_kernels::wgpu::ops::unary_backward(
-                &gpu,
-                Some(self.kind),
-                0.0,
-                x,
-                y,
-                dy,
-                g.numel(),
-            )?;
-            return Ok(vec![Some(Tensor::from_wgpu(
-                dx,
-                DType::F32,
-                i,
-                g.shape().clone(),
-            ))]);
-        }
-        let dx = float_dispatch!("unary backward", g.dtype(), |T| {
-            let mut dx = vec![T::default(); g.numel()];
-            let (x, y, dy) = (
-                self.x.cpu::<T>("unary")?,
-                self.y.cpu::<T>("unary")?,
-                g.cpu::<T>("unary")?,
-            );
-            unary_backward(self.kind, x, y, dy, &mut dx);
-            Ok(Tensor::from_cpu(dx, g.shape().clone()))
-        })?;
+        let dx = kernels(g.device()).unary_backward(self.kind, &self.x, &self.y, g)?;
         Ok(vec![Some(dx)])
     }
 }

@@ -1,0 +1,51 @@
+use super::{RmsNormBackward, RmsNormKernel};
+use crate::backend::Cpu;
+use crate::ops::float_dispatch;
+use crate::{Result, Tensor};
+use bft_kernels::cpu::rmsnorm::{rmsnorm, rmsnorm_backward};
+
+impl RmsNormKernel for Cpu {
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        let c = w.numel();
+        let rows = x.numel() / c.max(1);
+        float_dispatch!("rms_norm", x.dtype(), |T| {
+            let (mut y, mut r) = (vec![T::default(); x.numel()], vec![T::default(); rows]);
+            rmsnorm(
+                x.cpu::<T>("rms_norm")?,
+                w.cpu::<T>("rms_norm")?,
+                eps,
+                &mut y,
+                &mut r,
+            );
+            Ok((
+                Tensor::from_cpu(y, x.shape().clone()),
+                Tensor::from_cpu(r, [rows]),
+            ))
+        })
+    }
+
+    fn rms_norm_backward(
+        &self,
+        s: &RmsNormBackward,
+        dy: &Tensor,
+        need_dw: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        float_dispatch!("rms_norm backward", dy.dtype(), |T| {
+            let c = s.w.numel();
+            let mut dx = vec![T::default(); dy.numel()];
+            let mut dw = need_dw.then(|| vec![T::default(); c]);
+            rmsnorm_backward(
+                s.x.cpu::<T>("rms_norm")?,
+                s.w.cpu::<T>("rms_norm")?,
+                s.rstd.cpu::<T>("rms_norm")?,
+                dy.cpu::<T>("rms_norm")?,
+                &mut dx,
+                dw.as_deref_mut(),
+            );
+            Ok((
+                Tensor::from_cpu(dx, dy.shape().clone()),
+                dw.map(|d| Tensor::from_cpu(d, [c])),
+            ))
+        })
+    }
+}
