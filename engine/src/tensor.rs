@@ -400,118 +400,19 @@ impl Tensor {
         }
     }
 
-    /// Converts element type without recording on a tape, on the tensor's own device. A device
-    /// tensor converts on the host and returns (a dtype its device cannot store is an error).
+    /// Converts element type without recording on a tape, on the tensor's own device: by the
+    /// backend's cast kernel, or through the host for the conversions a device has none for
+    /// (a dtype its device cannot store is an error).
     pub(crate) fn cast_untracked(&self, dtype: DType) -> Result<Tensor> {
         if self.dtype() == dtype {
             return Ok(self.stop_gradient());
         }
-        let Storage::Cpu(s) = &*self.storage else {
-            if let Some(out) = self.cast_on_device(dtype)? {
-                return Ok(out);
-            }
-            return self
-                .to_device(&Device::Cpu)?
-                .cast_untracked(dtype)?
-                .to_device(&self.device());
-        };
-        // f32 <-> 16-bit: parallel kernels that round from the f32 bits. The rest (f64, u32,
-        // 16-bit to 16-bit) go element by element through f64.
-        use bft_kernels::cpu::cast;
-        let fast = match (&s.data, dtype) {
-            (CpuData::F32(v), DType::BF16) => {
-                let mut out = vec![half::bf16::ZERO; v.len()];
-                cast::narrow_bf16(v, &mut out);
-                Some(CpuData::BF16(out))
-            }
-            (CpuData::F32(v), DType::F16) => {
-                let mut out = vec![half::f16::ZERO; v.len()];
-                cast::narrow_f16(v, &mut out);
-                Some(CpuData::F16(out))
-            }
-            (CpuData::BF16(v), DType::F32) => {
-                let mut out = vec![0f32; v.len()];
-                cast::widen_bf16(v, &mut out);
-                Some(CpuData::F32(out))
-            }
-            (CpuData::F16(v), DType::F32) => {
-                let mut out = vec![0f32; v.len()];
-                cast::widen_f16(v, &mut out);
-                Some(CpuData::F32(out))
-            }
-            _ => None,
-        };
-        if let Some(data) = fast {
-            return Ok(Tensor::from_storage(
-                Arc::new(Storage::Cpu(CpuStorage::new(data))),
-                self.shape.clone(),
-            ));
+        if let Some(out) = crate::backend::kernels(self.device()).cast(self, dtype)? {
+            return Ok(out);
         }
-        fn conv<S: Elem, D: Elem>(v: &[S]) -> Vec<D> {
-            v.iter().map(|&x| D::from_f64(x.to_f64())).collect()
-        }
-        fn to<D: Elem>(d: &CpuData) -> Vec<D> {
-            match d {
-                CpuData::F32(v) => conv(v),
-                CpuData::F64(v) => conv(v),
-                CpuData::BF16(v) => conv(v),
-                CpuData::F16(v) => conv(v),
-                CpuData::U32(v) => conv(v),
-            }
-        }
-        let data = match dtype {
-            DType::F32 => CpuData::F32(to(&s.data)),
-            DType::F64 => CpuData::F64(to(&s.data)),
-            DType::BF16 => CpuData::BF16(to(&s.data)),
-            DType::F16 => CpuData::F16(to(&s.data)),
-            DType::U32 => CpuData::U32(to(&s.data)),
-        };
-        Ok(Tensor::from_storage(
-            Arc::new(Storage::Cpu(CpuStorage::new(data))),
-            self.shape.clone(),
-        ))
-    }
-
-    /// Float casts among f32, f16 and bf16 by the device's own kernels (16-bit through f32);
-    /// `None` for the rest (U32, F64), which go through the host.
-    fn cast_on_device(&self, dtype: DType) -> Result<Option<Tensor>> {
-        use bft_kernels::Half;
-        let half = |d: DType| match d {
-            DType::F16 => Some(Half::F16),
-            DType::BF16 => Some(Half::BF16),
-            _ => None,
-        };
-        let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
-        if !float(self.dtype()) || !float(dtype) || self.dtype() == dtype {
-            return Ok(None);
-        }
-        // Widen from a 16-bit source, then narrow to a 16-bit target; one of the two happens.
-        let (from, to, n) = (half(self.dtype()), half(dtype), self.numel());
-        Ok(Some(match &*self.storage {
-            Storage::Wgpu(w) => {
-                use bft_kernels::wgpu::ops::{narrow, widen};
-                let g = w.buf.gpu();
-                let wide = from.map(|h| widen(g, &w.buf, n, h)).transpose()?;
-                let buf = match (wide, to) {
-                    (wide, Some(h)) => narrow(g, wide.as_ref().unwrap_or(&w.buf), n, h)?,
-                    (Some(wide), None) => wide,
-                    (None, None) => return Ok(None),
-                };
-                Tensor::from_wgpu(buf, dtype, w.index, self.shape.clone())
-            }
-            Storage::Cuda(c) => {
-                use bft_kernels::cuda::ops::{narrow, widen};
-                let d = c.buf.device();
-                let wide = from.map(|h| widen(d, &c.buf, n, h)).transpose()?;
-                let buf = match (wide, to) {
-                    (wide, Some(h)) => narrow(d, wide.as_ref().unwrap_or(&c.buf), n, h)?,
-                    (Some(wide), None) => wide,
-                    (None, None) => return Ok(None),
-                };
-                Tensor::from_cuda(buf, dtype, c.index, self.shape.clone())
-            }
-            Storage::Cpu(_) => return Ok(None),
-        }))
+        self.to_device(&Device::Cpu)?
+            .cast_untracked(dtype)?
+            .to_device(&self.device())
     }
 
     /// `self += other` in place when this handle owns its storage alone (gradient accumulation

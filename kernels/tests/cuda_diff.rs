@@ -151,7 +151,7 @@ fn embedding_forward_and_backward_match_cpu() {
     let mut out = vec![0.0f64; rows * dim];
     cpu::embedding::gather(&wide(&table), dim, &ids, &mut out);
     let got =
-        ops::embedding_forward(&d, &up_bf16(&d, &table), &up_u32(&d, &ids), rows, dim).unwrap();
+        ops::embedding_forward(&d, 2, &up_bf16(&d, &table), &up_u32(&d, &ids), rows, dim).unwrap();
     close("gather", &down_bf16(&d, &got), &out, 0.0, 0.0);
     let dout = random(rows * dim, 3, -1.0, 1.0);
     let mut dtable = vec![0.0f64; vocab * dim];

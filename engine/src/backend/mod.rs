@@ -28,6 +28,8 @@ pub(crate) trait Backend: Sync {
 pub(crate) trait Kernels:
     Backend
     + BinaryKernel
+    + CastKernel
+    + EmbeddingKernel
     + LayerNormKernel
     + NllKernel
     + ReduceKernel

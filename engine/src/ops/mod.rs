@@ -24,6 +24,8 @@ pub(crate) mod testing;
 /// Every op's kernel trait: the parts of `backend::Kernels`.
 pub(crate) mod kernels {
     pub(crate) use super::binary::BinaryKernel;
+    pub(crate) use super::cast::CastKernel;
+    pub(crate) use super::embedding::EmbeddingKernel;
     pub(crate) use super::layernorm::LayerNormKernel;
     pub(crate) use super::nll::NllKernel;
     pub(crate) use super::reduce::ReduceKernel;

@@ -66,7 +66,11 @@ cuda_source!(
 cuda_source!(
     EMBEDDING,
     "embedding",
-    ["embedding_forward", "embedding_backward"]
+    [
+        "embedding_forward_b4",
+        "embedding_forward_b2",
+        "embedding_backward"
+    ]
 );
 cuda_source!(
     RMSNORM,

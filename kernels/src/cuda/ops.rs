@@ -54,15 +54,26 @@ pub fn widen(dev: &Arc<Cuda>, x: &DeviceBuffer, n: usize, half: Half) -> Result<
     Ok(y)
 }
 
-/// `(rows, dim)` bf16 rows of `table` picked by the device ids.
+/// `(rows, dim)` rows of `table` picked by the device ids, copied as stored: elements of
+/// `bytes` bytes (4 for f32, 2 for bf16 and f16).
 pub fn embedding_forward(
     dev: &Arc<Cuda>,
+    bytes: usize,
     table: &DeviceBuffer,
     ids: &DeviceBuffer,
     rows: usize,
     dim: usize,
 ) -> Result<DeviceBuffer> {
-    let out = dev.alloc(2 * rows * dim)?;
+    let entry = match bytes {
+        4 => "embedding_forward_b4",
+        2 => "embedding_forward_b2",
+        _ => {
+            return Err(CudaError::Driver(format!(
+                "no embedding kernel for {bytes}-byte elements"
+            )));
+        }
+    };
+    let out = dev.alloc(bytes * rows * dim)?;
     let args = [
         ptr(Some(table)),
         ptr(Some(ids)),
@@ -70,13 +81,7 @@ pub fn embedding_forward(
         i32_of(rows)?,
         i32_of(dim)?,
     ];
-    dev.launch(
-        &EMBEDDING,
-        "embedding_forward",
-        blocks(rows, 1)?,
-        BLOCK,
-        &args,
-    )?;
+    dev.launch(&EMBEDDING, entry, blocks(rows, 1)?, BLOCK, &args)?;
     Ok(out)
 }
 

@@ -1,8 +1,20 @@
 //! Element-type conversion; the gradient converts back.
 
+mod cpu;
+mod cuda;
+mod wgpu;
+
 use super::Op;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
+
+/// The element-type conversion of a backend, untracked (`Tensor::cast_untracked` records
+/// nothing; `to_dtype` records the op).
+pub(crate) trait CastKernel {
+    /// `x` converted to `dtype` (another type than its own) on its device, or `None` when the
+    /// backend has no kernel for the pair: the conversion then goes through the host.
+    fn cast(&self, x: &Tensor, dtype: DType) -> Result<Option<Tensor>>;
+}
 
 impl Tensor {
     /// Converts to `dtype` (rounding to nearest for 16-bit floats). Float-to-float casts are

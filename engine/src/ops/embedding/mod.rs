@@ -1,20 +1,35 @@
 //! Embedding lookup; its backward is a scatter-add into the table's gradient.
 
-use super::{Op, float_dispatch, via_f32, wbuf, wgpu_of};
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype};
 use crate::Device;
-use crate::dtype::Elem;
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{DType, Error, Result, Tensor};
-use bft_kernels::cpu::embedding::{gather, scatter_add};
+
+/// The embedding kernels of a backend; ids are host values, already checked in range.
+pub(crate) trait EmbeddingKernel {
+    /// Whether rows of a `dtype` table are gathered as stored; otherwise the table computes
+    /// in the backend's compute type.
+    fn gathers(&self, dtype: DType) -> bool;
+    /// The rows of `table (V, C)` at `ids`, shaped `dims` (`ids`' shape + `[C]`).
+    fn embedding(&self, table: &Tensor, ids: &[u32], dims: Vec<usize>) -> Result<Tensor>;
+    /// The table's gradient `(vocab, C)` from the output gradient `dy (rows, C)`, summed in
+    /// at least f32 and returned in `dy`'s type.
+    fn embedding_backward(&self, dy: &Tensor, ids: &[u32], vocab: usize) -> Result<Tensor>;
+}
 
 impl Tensor {
     /// Rows of the table `self (V, C)` at `ids` (U32, any shape): output `ids.shape + [C]`.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::Embedding, crate::profile::Phase::Forward);
-        // A 16-bit table on a device computes through f32; on the CPU its rows are gathered
-        // as stored (the table is never widened whole).
-        if self.device() != Device::Cpu
-            && let Some(out) = via_f32(&[self], |t| t[0].embedding(ids))?
+        // Gathering is a copy, so a backend that can gathers a 16-bit table's rows as stored
+        // (the table is never widened whole); the others widen it.
+        if !kernels(self.device()).gathers(self.dtype())
+            && let Some(out) = in_compute_dtype(&[self], |t| t[0].embedding(ids))?
         {
             return Ok(out);
         }
@@ -45,24 +60,7 @@ impl Tensor {
         }
         let mut dims = ids.dims().to_vec();
         dims.push(dim);
-        let out = if let Some((g, i)) = wgpu_of(self) {
-            let o = bft_kernels::wgpu::ops::gather(&g, wbuf("embedding", self)?, dim, idv)?;
-            Tensor::from_wgpu(o, DType::F32, i, dims)
-        } else {
-            fn rows<T: Elem + Default>(t: &Tensor, dim: usize, ids: &[u32]) -> Result<Vec<T>> {
-                let mut o = vec![T::default(); ids.len() * dim];
-                gather(t.cpu::<T>("embedding")?, dim, ids, &mut o);
-                Ok(o)
-            }
-            match self.dtype() {
-                DType::BF16 => Tensor::from_cpu(rows::<half::bf16>(self, dim, idv)?, dims),
-                DType::F16 => Tensor::from_cpu(rows::<half::f16>(self, dim, idv)?, dims),
-                dt => float_dispatch!("embedding", dt, |T| Ok(Tensor::from_cpu(
-                    rows::<T>(self, dim, idv)?,
-                    dims
-                )))?,
-            }
-        };
+        let out = kernels(self.device()).embedding(self, idv, dims)?;
         Tape::record(Op::Embedding, &[self, ids], out, || EmbeddingBackward {
             ids: host_ids.stop_gradient(),
             vocab,
@@ -80,42 +78,8 @@ impl Backward for EmbeddingBackward {
         if !needs[0] {
             return Ok(vec![None, None]);
         }
-        let dim = g.shape().last();
-        if let Some((gpu, i)) = wgpu_of(g) {
-            let ids = self.ids.cpu::<u32>("embedding")?;
-            let dt = bft_kernels::wgpu::ops::scatter_add(
-                &gpu,
-                wbuf("embedding", g)?,
-                dim,
-                ids,
-                self.vocab,
-            )?;
-            return Ok(vec![
-                Some(Tensor::from_wgpu(dt, DType::F32, i, [self.vocab, dim])),
-                None,
-            ]);
-        }
-        // A 16-bit table's gradient is summed in f32 and rounded once.
-        let wide = if g.dtype().is_half() {
-            g.cast_untracked(DType::F32)?
-        } else {
-            g.clone()
-        };
-        let dt = float_dispatch!("embedding backward", wide.dtype(), |T| {
-            let mut dt = vec![T::default(); self.vocab * dim];
-            scatter_add(
-                wide.cpu::<T>("embedding")?,
-                dim,
-                self.ids.cpu::<u32>("embedding")?,
-                &mut dt,
-            );
-            Ok(Tensor::from_cpu(dt, [self.vocab, dim]))
-        })?;
-        let dt = if dt.dtype() == g.dtype() {
-            dt
-        } else {
-            dt.cast_untracked(g.dtype())?
-        };
+        let ids = self.ids.cpu::<u32>("embedding")?;
+        let dt = kernels(g.device()).embedding_backward(g, ids, self.vocab)?;
         Ok(vec![Some(dt), None])
     }
 }
