@@ -3,17 +3,23 @@
 // Backward, one block per row: softmax dx = y * (dy - sum(dy * y)); log-softmax
 // dx = dy - exp(y) * sum(dy).
 
+// log(sum(exp(x))) of one row of `cols` values, by the whole block (every thread calls it).
+template <typename T>
+__device__ float row_lse(const T* x, int cols) {
+    float m = -3.402823466e38f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, ld(x, c));
+    m = block_max(m);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += expf(ld(x, c) - m);
+    return m + logf(block_sum(s));
+}
+
 template <typename T>
 __device__ void softmax_t(const T* x, T* y, int rows, int cols, int log_out) {
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long o = (long long)r * cols;
-    float m = -3.402823466e38f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, ld(x, o + c));
-    m = block_max(m);
-    float s = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += expf(ld(x, o + c) - m);
-    const float lse = m + logf(block_sum(s));
+    const float lse = row_lse(x + o, cols);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float v = ld(x, o + c) - lse;
         st(y, o + c, log_out ? v : expf(v));
@@ -44,12 +50,7 @@ __device__ void nll_t(const T* z, const u32* targets, T* loss, T* dir, int rows,
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long o = (long long)r * vocab;
-    float m = -3.402823466e38f;
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, ld(z, o + c));
-    m = block_max(m);
-    float s = 0.0f;
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) s += expf(ld(z, o + c) - m);
-    const float lse = m + logf(block_sum(s));
+    const float lse = row_lse(z + o, vocab);
     const int y = (int)targets[r];
     for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
         st(dir, o + c, expf(ld(z, o + c) - lse) - (c == y ? 1.0f : 0.0f));

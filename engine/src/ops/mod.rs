@@ -249,23 +249,7 @@ pub(crate) fn wgpu_of(t: &Tensor) -> Option<(std::sync::Arc<bft_kernels::wgpu::G
     }
 }
 
-/// The wgpu buffer of an input that must be on the same wgpu device as the op's first input.
-pub(crate) fn wbuf<'a>(
-    op: &'static str,
-    t: &'a Tensor,
-) -> Result<&'a bft_kernels::wgpu::GpuBuffer> {
-    if t.dtype() != DType::F32 {
-        return Err(Error::DType {
-            op,
-            got: t.dtype(),
-            expected: "f32 on wgpu",
-        });
-    }
-    t.wgpu().ok_or(Error::Unsupported {
-        op,
-        device: t.device(),
-    })
-}
+pub(crate) use crate::backend::wbuf;
 
 /// Resolves a possibly negative axis against `rank`.
 pub(crate) fn axis(op: &'static str, dim: isize, rank: usize) -> Result<usize> {
