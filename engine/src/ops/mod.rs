@@ -212,34 +212,6 @@ pub(crate) fn in_compute_dtype(
     out.to_dtype(to).map(Some)
 }
 
-/// 16-bit floats compute in f32 (DESIGN.md §2): if an input is BF16/F16, runs `f` on f32
-/// copies and casts the result to the promoted type (16-bit only when every float input is).
-/// The casts are recorded ops, so gradients flow through.
-pub(crate) fn via_f32(
-    inputs: &[&Tensor],
-    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
-    if !inputs.iter().any(|t| t.dtype().is_half()) {
-        return Ok(None);
-    }
-    let to = promoted(inputs);
-    let wide = inputs
-        .iter()
-        .map(|t| {
-            if t.dtype().is_half() {
-                t.to_dtype(DType::F32)
-            } else {
-                Ok((*t).clone())
-            }
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let out = f(&wide)?;
-    if out.dtype() == to {
-        return Ok(Some(out));
-    }
-    out.to_dtype(to).map(Some)
-}
-
 /// The wgpu device of `t` and its index, when `t` lives on one. Ops take their wgpu branch
 /// from this; WGSL kernels compute in f32.
 pub(crate) fn wgpu_of(t: &Tensor) -> Option<(std::sync::Arc<bft_kernels::wgpu::Gpu>, usize)> {

@@ -1,6 +1,6 @@
 //! Causal scaled-dot-product attention with grouped-query heads, tiled flash-style.
 
-use super::{Op, float_dispatch, same_kind, via_f32, wbuf, wgpu_of};
+use super::{Op, float_dispatch, in_compute_dtype, same_kind, wbuf, wgpu_of};
 use crate::DType;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
@@ -16,7 +16,7 @@ impl Tensor {
     /// backward pass recomputes the probabilities tile by tile.
     pub fn causal_attention(&self, k: &Tensor, v: &Tensor, scale: Option<f64>) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::Attention, crate::profile::Phase::Forward);
-        if let Some(out) = via_f32(&[self, k, v], |t| {
+        if let Some(out) = in_compute_dtype(&[self, k, v], |t| {
             t[0].causal_attention(&t[1], &t[2], scale)
         })? {
             return Ok(out);

@@ -1,5 +1,4 @@
-use super::CastKernel;
-use super::wgpu::{device_pair, half};
+use super::{CastKernel, device_pair, half};
 use crate::backend::Cuda;
 use crate::{DType, Error, Result, Tensor};
 use bft_kernels::cuda::ops::{narrow, widen};

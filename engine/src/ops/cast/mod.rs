@@ -16,6 +16,21 @@ pub(crate) trait CastKernel {
     fn cast(&self, x: &Tensor, dtype: DType) -> Result<Option<Tensor>>;
 }
 
+/// The 16-bit type of `d`, if it is one.
+fn half(d: DType) -> Option<bft_kernels::Half> {
+    match d {
+        DType::F16 => Some(bft_kernels::Half::F16),
+        DType::BF16 => Some(bft_kernels::Half::BF16),
+        _ => None,
+    }
+}
+
+/// Whether both types are among f32, f16 and bf16 (the casts devices convert themselves).
+fn device_pair(from: DType, to: DType) -> bool {
+    let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
+    float(from) && float(to) && from != to
+}
+
 impl Tensor {
     /// Converts to `dtype` (rounding to nearest for 16-bit floats). Float-to-float casts are
     /// differentiable; casting to or from U32 is not.

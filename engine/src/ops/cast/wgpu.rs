@@ -1,23 +1,7 @@
-use super::CastKernel;
+use super::{CastKernel, device_pair, half};
 use crate::backend::Wgpu;
 use crate::{DType, Error, Result, Tensor};
-use bft_kernels::Half;
 use bft_kernels::wgpu::ops::{narrow, widen};
-
-/// The 16-bit type of `d`, if it is one.
-pub(super) fn half(d: DType) -> Option<Half> {
-    match d {
-        DType::F16 => Some(Half::F16),
-        DType::BF16 => Some(Half::BF16),
-        _ => None,
-    }
-}
-
-/// Whether both types are among f32, f16 and bf16 (the casts devices convert themselves).
-pub(super) fn device_pair(from: DType, to: DType) -> bool {
-    let float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
-    float(from) && float(to) && from != to
-}
 
 impl CastKernel for Wgpu {
     /// f32, f16 and bf16 among themselves, 16-bit through f32; U32 and F64 go through the host.

@@ -32,7 +32,7 @@ fn wide_on_device(
     if inputs.iter().all(|t| t.wgpu().is_none()) {
         return Ok(None);
     }
-    super::via_f32(inputs, f)
+    super::in_compute_dtype(inputs, f)
 }
 
 /// A slab copy on wgpu from `src` into `dst`; both have the layout of `sizes` around the axis.
