@@ -345,7 +345,7 @@ fn fused_loss(d: &Arc<Cuda>, tokens: usize) -> Case {
                     true,
                 )?;
                 // The chunk's rows of dX, what the model's backward takes next.
-                ops::head_target_term(&d, &part, &wd, &td, &coef, (n, HIDDEN, r0))?;
+                ops::head_target_term(&d, (&part, 0), &wd, &td, &coef, (n, HIDDEN, r0))?;
             }
             Ok(l)
         };

@@ -2,9 +2,8 @@
 //! and the global sum of squares for gradient clipping, on the parameters' own device. Not ops:
 //! nothing here is recorded on a tape.
 
-use crate::storage::CpuData;
-use crate::{DType, Device, Error, Result, Storage, Tensor};
-use bft_kernels::cpu::optim as cpu;
+use crate::backend::kernels;
+use crate::{DType, Device, Error, Result, Tensor};
 pub use bft_kernels::cpu::optim::AdamWStep;
 
 /// Updates `p` and its moments `m`, `v` (f32, the same element count, on `p`'s device) in place
@@ -53,133 +52,24 @@ pub fn adamw_step(
         *p = p32.cast_untracked(dtype)?;
         return Ok(());
     }
-    if let Device::Cuda(i) = p.device() {
-        // f32 master weights; a bf16 working copy is the caller's cast.
-        let grad = cuda_buf(OP, &g)?;
-        let n = p.numel();
-        let (ps, ms, vs) = (p.storage_mut()?, m.storage_mut()?, v.storage_mut()?);
-        let (Storage::Cuda(pc), Storage::Cuda(mc), Storage::Cuda(vc)) = (ps, ms, vs) else {
-            return Err(Error::Unsupported {
-                op: OP,
-                device: Device::Cuda(i),
-            });
-        };
-        let dev = bft_kernels::cuda::cuda(i)?;
-        bft_kernels::cuda::ops::adamw(&dev, (&pc.buf, grad, &mc.buf, &vc.buf), None, n, h)?;
-        return Ok(());
-    }
-    let (Storage::Cpu(_), Storage::Cpu(gs)) = (p.storage(), g.storage()) else {
-        let grad = crate::ops::wbuf(OP, &g)?;
-        let n = p.numel();
-        let (ps, ms, vs) = (p.storage_mut()?, m.storage_mut()?, v.storage_mut()?);
-        let (Storage::Wgpu(pw), Storage::Wgpu(mw), Storage::Wgpu(vw)) = (ps, ms, vs) else {
-            return Err(Error::Unsupported {
-                op: OP,
-                device: g.device(),
-            });
-        };
-        return Ok(bft_kernels::wgpu::ops::adamw(
-            pw.buf.gpu(),
-            &pw.buf,
-            grad,
-            &mw.buf,
-            &vw.buf,
-            n,
-            h,
-        )?);
-    };
-    let (Storage::Cpu(ps), Storage::Cpu(ms), Storage::Cpu(vs)) =
-        (p.storage_mut()?, m.storage_mut()?, v.storage_mut()?)
-    else {
-        return Err(Error::Unsupported {
-            op: OP,
-            device: g.device(),
-        });
-    };
-    let (CpuData::F32(mv), CpuData::F32(vv)) = (&mut ms.data, &mut vs.data) else {
-        return Err(Error::DType {
-            op: OP,
-            got: ms.data.dtype(),
-            expected: "f32 moments",
-        });
-    };
-    match (&mut ps.data, &gs.data) {
-        (CpuData::F32(pv), CpuData::F32(gv)) => cpu::adamw(pv, gv, mv, vv, h),
-        (CpuData::F64(pv), CpuData::F64(gv)) => cpu::adamw(pv, gv, mv, vv, h),
-        _ => {
-            return Err(Error::DType {
-                op: OP,
-                got: ps.data.dtype(),
-                expected: "a float parameter",
-            });
-        }
-    }
-    Ok(())
+    kernels(p.device()).adamw(p, &g, (m, v), h)
 }
 
-/// `sum(t^2)` over all of `ts`, in f64: host tensors on the host, device tensors by one kernel
-/// each and one read per device for all of them.
+/// `sum(t^2)` over all of `ts`, in f64: each device's tensors by its backend, with one read
+/// per device for all of them.
 pub fn sum_squares(ts: &[Tensor]) -> Result<f64> {
-    let mut total = 0.0;
     let mut by_device: Vec<(Device, Vec<Tensor>)> = Vec::new();
     for t in ts {
-        match t.storage() {
-            Storage::Cpu(s) => {
-                total += match &s.data {
-                    CpuData::F32(v) => cpu::sum_squares(v),
-                    CpuData::F64(v) => cpu::sum_squares(v),
-                    _ => cpu::sum_squares(&t.cast_untracked(DType::F32)?.to_vec::<f32>()?),
-                }
-            }
-            Storage::Wgpu(_) | Storage::Cuda(_) => {
-                let t = t.cast_untracked(DType::F32)?;
-                match by_device.iter_mut().find(|(d, _)| *d == t.device()) {
-                    Some((_, list)) => list.push(t),
-                    None => by_device.push((t.device(), vec![t])),
-                }
-            }
+        match by_device.iter_mut().find(|(d, _)| *d == t.device()) {
+            Some((_, list)) => list.push(t.clone()),
+            None => by_device.push((t.device(), vec![t.clone()])),
         }
     }
+    let mut total = 0.0;
     for (device, list) in by_device {
-        let sums = match device {
-            Device::Cuda(i) => {
-                let bufs = list
-                    .iter()
-                    .map(|t| Ok((cuda_buf("sum_squares", t)?, t.numel())))
-                    .collect::<Result<Vec<_>>>()?;
-                bft_kernels::cuda::ops::sum_squares(&bft_kernels::cuda::cuda(i)?, &bufs)?
-            }
-            _ => {
-                let bufs = list
-                    .iter()
-                    .map(|t| Ok((crate::ops::wbuf("sum_squares", t)?, t.numel())))
-                    .collect::<Result<Vec<_>>>()?;
-                let g = list[0].wgpu().map(|b| b.gpu().clone());
-                let g = g.ok_or(Error::Unsupported {
-                    op: "sum_squares",
-                    device,
-                })?;
-                bft_kernels::wgpu::ops::sum_squares(&g, &bufs)?
-            }
-        };
-        total += sums.iter().sum::<f64>();
+        total += kernels(device).sum_squares(&list)?;
     }
     Ok(total)
-}
-
-/// The CUDA buffer of an f32 tensor.
-fn cuda_buf<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a bft_kernels::cuda::DeviceBuffer> {
-    if t.dtype() != DType::F32 {
-        return Err(Error::DType {
-            op,
-            got: t.dtype(),
-            expected: "f32",
-        });
-    }
-    t.cuda().ok_or(Error::Unsupported {
-        op,
-        device: t.device(),
-    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
-use crate::storage::{CpuData, CpuStorage, CudaStorage};
+use crate::storage::{CpuStorage, CudaStorage};
 use crate::tape::Tape;
 use crate::{DType, Device, Elem, Error, Result, Shape, Storage};
-use bft_kernels::cpu::binary::BinaryKind;
 use half::{bf16, f16};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,25 +37,6 @@ impl std::fmt::Debug for Tensor {
             if self.tape.is_some() { ", tracked" } else { "" }
         )
     }
-}
-
-/// A host buffer's bytes as a device holds them: 16-bit floats as their bits. f64 has no device
-/// form.
-fn host_bytes(data: &CpuData, dtype: DType) -> Result<Vec<u8>> {
-    let bits = |v: Vec<u16>| bytemuck::cast_slice(&v).to_vec();
-    Ok(match data {
-        CpuData::F32(v) => bytemuck::cast_slice(v).to_vec(),
-        CpuData::U32(v) => bytemuck::cast_slice(v).to_vec(),
-        CpuData::F16(v) => bits(v.iter().map(|h| h.to_bits()).collect()),
-        CpuData::BF16(v) => bits(v.iter().map(|h| h.to_bits()).collect()),
-        CpuData::F64(_) => {
-            return Err(Error::DType {
-                op: "to_device",
-                got: dtype,
-                expected: "f32, f16, bf16 or u32 (convert with to_dtype first)",
-            });
-        }
-    })
 }
 
 impl Tensor {
@@ -206,7 +186,7 @@ impl Tensor {
     }
 
     /// The storage, copied first if another tensor shares it (copy-on-write).
-    fn unique_storage(&mut self) -> Result<&mut Storage> {
+    pub(crate) fn unique_storage(&mut self) -> Result<&mut Storage> {
         if Arc::get_mut(&mut self.storage).is_none() {
             self.storage = Arc::new(self.storage.try_clone()?);
         }
@@ -340,64 +320,9 @@ impl Tensor {
         if self.device() == *device {
             return Ok(self.clone());
         }
-        match (&*self.storage, device) {
-            (Storage::Cpu(s), Device::Wgpu(i)) => {
-                let g = bft_kernels::wgpu::gpu(*i)?;
-                // 16-bit floats upload as their bits: two to a u32 word on the device.
-                let bytes = host_bytes(&s.data, self.dtype())?;
-                let buf = g.upload(&bytes)?;
-                Ok(Tensor::from_wgpu(buf, self.dtype(), *i, self.shape.clone()))
-            }
-            (Storage::Wgpu(s), Device::Cpu) => {
-                let bytes = s.buf.gpu().read(&s.buf)?;
-                let n = self.numel();
-                let halves = || -> Vec<u16> {
-                    let all: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
-                    all[..n].to_vec()
-                };
-                let data = match s.dtype {
-                    DType::U32 => CpuData::U32(bytemuck::pod_collect_to_vec(&bytes)),
-                    DType::F16 => CpuData::F16(halves().into_iter().map(f16::from_bits).collect()),
-                    DType::BF16 => {
-                        CpuData::BF16(halves().into_iter().map(bf16::from_bits).collect())
-                    }
-                    _ => CpuData::F32(bytemuck::pod_collect_to_vec(&bytes)),
-                };
-                Ok(Tensor::from_storage(
-                    Arc::new(Storage::Cpu(CpuStorage::new(data))),
-                    self.shape.clone(),
-                ))
-            }
-            (Storage::Cpu(s), Device::Cuda(i)) => {
-                let d = bft_kernels::cuda::cuda(*i)?;
-                let buf = d.upload(&host_bytes(&s.data, self.dtype())?)?;
-                Ok(Tensor::from_cuda(buf, self.dtype(), *i, self.shape.clone()))
-            }
-            (Storage::Cuda(s), Device::Cpu) => {
-                let bytes = s.buf.device().read(&s.buf)?;
-                let data = match s.dtype {
-                    DType::U32 => CpuData::U32(bytemuck::pod_collect_to_vec(&bytes)),
-                    DType::F16 => {
-                        let h: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
-                        CpuData::F16(h.into_iter().map(f16::from_bits).collect())
-                    }
-                    DType::BF16 => {
-                        let h: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
-                        CpuData::BF16(h.into_iter().map(bf16::from_bits).collect())
-                    }
-                    _ => CpuData::F32(bytemuck::pod_collect_to_vec(&bytes)),
-                };
-                Ok(Tensor::from_storage(
-                    Arc::new(Storage::Cpu(CpuStorage::new(data))),
-                    self.shape.clone(),
-                ))
-            }
-            // Between two devices: through the host.
-            (Storage::Wgpu(_) | Storage::Cuda(_), _) => {
-                self.to_device(&Device::Cpu)?.to_device(device)
-            }
-            (Storage::Cpu(_), Device::Cpu) => Ok(self.clone()),
-        }
+        // Between two devices: through the host.
+        let host = crate::backend::kernels(self.device()).download(self)?;
+        crate::backend::kernels(*device).upload(&host, *device)
     }
 
     /// Converts element type without recording on a tape, on the tensor's own device: by the
@@ -434,39 +359,12 @@ impl Tensor {
                 rhs: other.device(),
             });
         }
-        if let (Storage::Wgpu(a), Storage::Wgpu(b)) = (&*self.storage, &*other.storage) {
-            // A new buffer: device tensors are not updated in place.
-            let g = a.buf.gpu().clone();
-            let n = self.numel();
-            let sum =
-                bft_kernels::wgpu::ops::binary(&g, BinaryKind::Add, &a.buf, &b.buf, n, n.max(1))?;
-            let storage = crate::storage::WgpuStorage::new(sum, a.dtype, a.index);
-            self.storage = Arc::new(Storage::Wgpu(storage));
-            return Ok(());
-        }
-        // Both on the host (the device check above rules out anything else).
-        let (Storage::Cpu(theirs), Storage::Cpu(mine)) = (&*other.storage, self.unique_storage()?)
-        else {
-            return Err(Error::Backward(
-                "gradient storage is not on the host".into(),
-            ));
-        };
-        fn add<T: Elem>(a: &mut [T], b: &[T]) {
-            a.iter_mut()
-                .zip(b)
-                .for_each(|(x, &y)| *x = T::from_f64(x.to_f64() + y.to_f64()));
-        }
-        match (&mut mine.data, &theirs.data) {
-            (CpuData::F32(a), CpuData::F32(b)) => bft_kernels::cpu::binary::add_assign(a, b),
-            (CpuData::F64(a), CpuData::F64(b)) => bft_kernels::cpu::binary::add_assign(a, b),
-            (CpuData::BF16(a), CpuData::BF16(b)) => add(a, b),
-            (CpuData::F16(a), CpuData::F16(b)) => add(a, b),
-            _ => {
-                return Err(Error::Backward(
-                    "cannot accumulate integer gradients".into(),
-                ));
-            }
-        }
-        Ok(())
+        crate::backend::kernels(self.device()).accumulate(self, other)
+    }
+
+    /// Replaces the storage, keeping id and tape: gradient accumulation on a device, which
+    /// writes a new buffer rather than the old one.
+    pub(crate) fn replace_storage(&mut self, storage: Storage) {
+        self.storage = Arc::new(storage);
     }
 }

@@ -428,7 +428,7 @@ fn fused_loss_passes_and_sample_weights_match_cpu() {
     close("head grad", &g, &want, BF16, 1e-6);
     let w = random(vocab * hidden, 20, -1.0, 1.0);
     let dx = up_f32(&d, &vec![0.0; rows * hidden]);
-    ops::head_target_term(&d, &dx, &up_bf16(&d, &w), &td, &cd, (rows, hidden, 0)).unwrap();
+    ops::head_target_term(&d, (&dx, 0), &up_bf16(&d, &w), &td, &cd, (rows, hidden, 0)).unwrap();
     let mut want = vec![0.0; rows * hidden];
     for r in 0..rows {
         for c in 0..hidden {

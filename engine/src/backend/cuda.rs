@@ -1,7 +1,9 @@
 //! The CUDA backend: NVRTC-compiled kernels from `kernels/cuda/` and cuBLAS products.
 
-use super::Backend;
-use crate::{DType, Error, Result, Tensor};
+use super::{Backend, StorageKernel, host_bytes, host_tensor};
+use crate::optim::AdamWStep;
+use crate::storage::CudaStorage;
+use crate::{DType, Error, Result, Storage, Tensor};
 use bft_kernels::cuda::typed::Float;
 use bft_kernels::cuda::{Cuda as Device, DeviceBuffer};
 use std::sync::Arc;
@@ -121,4 +123,81 @@ pub(crate) fn typed_output(
         Float::Bf16 => DType::BF16,
     };
     Tensor::from_cuda(buf, dtype, index, shape)
+}
+
+impl StorageKernel for Cuda {
+    fn upload(&self, t: &Tensor, device: crate::Device) -> Result<Tensor> {
+        let crate::Device::Cuda(i) = device else {
+            return Err(Error::Unsupported {
+                op: "upload",
+                device,
+            });
+        };
+        let d = bft_kernels::cuda::cuda(i)?;
+        let buf = d.upload(&host_bytes(t)?)?;
+        Ok(Tensor::from_cuda(buf, t.dtype(), i, t.shape().clone()))
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        let (dev, _) = cuda_of(t)?;
+        let buf = t.cuda().ok_or(Error::Unsupported {
+            op: "download",
+            device: t.device(),
+        })?;
+        Ok(host_tensor(&dev.read(buf)?, t))
+    }
+
+    /// A new buffer from the elementwise add (f32 or bf16 gradients).
+    fn accumulate(&self, acc: &mut Tensor, g: &Tensor) -> Result<()> {
+        let (dev, i) = cuda_of(acc)?;
+        let f = float_of("accumulate", acc)?;
+        let n = acc.numel();
+        let bufs = (fbuf("accumulate", acc, f)?, fbuf("accumulate", g, f)?);
+        // 0: Add in `kernels/cuda/elementwise.cu`.
+        let sum = bft_kernels::cuda::typed::binary(&dev, f, 0, bufs, n, n.max(1))?;
+        let dtype = acc.dtype();
+        acc.replace_storage(Storage::Cuda(CudaStorage::new(sum, dtype, i)));
+        Ok(())
+    }
+
+    /// f32 master weights, in place; a bf16 working copy is the caller's cast.
+    fn adamw(
+        &self,
+        p: &mut Tensor,
+        g: &Tensor,
+        (m, v): (&mut Tensor, &mut Tensor),
+        h: &AdamWStep,
+    ) -> Result<()> {
+        let (dev, _) = cuda_of(g)?;
+        let grad = cbuf("adamw", g, DType::F32)?;
+        let n = p.numel();
+        let (Storage::Cuda(pc), Storage::Cuda(mc), Storage::Cuda(vc)) =
+            (p.storage_mut()?, m.storage_mut()?, v.storage_mut()?)
+        else {
+            return Err(Error::Unsupported {
+                op: "adamw",
+                device: g.device(),
+            });
+        };
+        bft_kernels::cuda::ops::adamw(&dev, (&pc.buf, grad, &mc.buf, &vc.buf), None, n, h)?;
+        Ok(())
+    }
+
+    fn sum_squares(&self, ts: &[Tensor]) -> Result<f64> {
+        let Some(first) = ts.first() else {
+            return Ok(0.0);
+        };
+        let (dev, _) = cuda_of(first)?;
+        let wide = ts
+            .iter()
+            .map(|t| t.cast_untracked(DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        let bufs = wide
+            .iter()
+            .map(|t| Ok((cbuf("sum_squares", t, DType::F32)?, t.numel())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(bft_kernels::cuda::ops::sum_squares(&dev, &bufs)?
+            .iter()
+            .sum())
+    }
 }

@@ -13,7 +13,11 @@ pub(crate) use cuda::{Cuda, bf16_input, bf16_output, cbuf, cuda_of, fbuf, float_
 pub(crate) use wgpu::{Wgpu, wbuf, wgpu_of};
 
 use crate::ops::kernels::*;
-use crate::{DType, Device};
+use crate::optim::AdamWStep;
+use crate::storage::{CpuData, CpuStorage};
+use crate::{DType, Device, Error, Result, Storage, Tensor};
+use half::{bf16, f16};
+use std::sync::Arc;
 
 /// A backend's precision policy (DESIGN.md §2), stated once so that no op decides it.
 pub(crate) trait Backend: Sync {
@@ -23,14 +27,95 @@ pub(crate) trait Backend: Sync {
     fn compute_dtype(&self, result: DType) -> DType;
 }
 
+/// What a backend does with whole tensors outside any op: moving them between the host and
+/// its devices, accumulating gradients, the optimizer's step and the gradient norm. Nothing
+/// here is recorded on a tape; the callers (`Tensor::to_device`, `Tensor::accumulate`,
+/// `optim`) check shapes, types and devices first.
+pub(crate) trait StorageKernel {
+    /// A copy of the host tensor `t` on `device`, one of this backend's.
+    fn upload(&self, t: &Tensor, device: Device) -> Result<Tensor>;
+    /// A host copy of `t`, which lives on one of this backend's devices.
+    fn download(&self, t: &Tensor) -> Result<Tensor>;
+    /// `acc += g` for gradients of one shape, float type and device: in place where the
+    /// backend can and `acc` owns its storage alone.
+    fn accumulate(&self, acc: &mut Tensor, g: &Tensor) -> Result<()>;
+    /// One AdamW step, in place, of an f32 or f64 parameter `p` from its gradient `g` (of
+    /// `p`'s type) and its f32 moments.
+    fn adamw(
+        &self,
+        p: &mut Tensor,
+        g: &Tensor,
+        moments: (&mut Tensor, &mut Tensor),
+        h: &AdamWStep,
+    ) -> Result<()>;
+    /// `sum(t^2)` over all of `ts`, which live on one device of this backend, in f64.
+    fn sum_squares(&self, ts: &[Tensor]) -> Result<f64>;
+}
+
+/// A host buffer's bytes as a device holds them: 16-bit floats as their bits. f64 has no device
+/// form.
+pub(crate) fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let bits = |v: &[u16]| bytemuck::cast_slice(v).to_vec();
+    let Storage::Cpu(s) = t.storage() else {
+        return Err(Error::Unsupported {
+            op: "upload",
+            device: t.device(),
+        });
+    };
+    Ok(match &s.data {
+        CpuData::F32(v) => bytemuck::cast_slice(v).to_vec(),
+        CpuData::U32(v) => bytemuck::cast_slice(v).to_vec(),
+        CpuData::F16(v) => bits(&v.iter().map(|h| h.to_bits()).collect::<Vec<_>>()),
+        CpuData::BF16(v) => bits(&v.iter().map(|h| h.to_bits()).collect::<Vec<_>>()),
+        CpuData::F64(_) => {
+            return Err(Error::DType {
+                op: "to_device",
+                got: t.dtype(),
+                expected: "f32, f16, bf16 or u32 (convert with to_dtype first)",
+            });
+        }
+    })
+}
+
+/// A host tensor of `like`'s type and shape from the bytes a device read back (16-bit floats
+/// as their bits; a device may pad the buffer past the last element).
+pub(crate) fn host_tensor(bytes: &[u8], like: &Tensor) -> Tensor {
+    let n = like.numel();
+    let halves = || -> Vec<u16> {
+        let mut all: Vec<u16> = bytemuck::pod_collect_to_vec(bytes);
+        all.truncate(n);
+        all
+    };
+    let words = || -> Vec<u32> {
+        let mut all: Vec<u32> = bytemuck::pod_collect_to_vec(bytes);
+        all.truncate(n);
+        all
+    };
+    let data = match like.dtype() {
+        DType::U32 => CpuData::U32(words()),
+        DType::F16 => CpuData::F16(halves().into_iter().map(f16::from_bits).collect()),
+        DType::BF16 => CpuData::BF16(halves().into_iter().map(bf16::from_bits).collect()),
+        _ => CpuData::F32(words().into_iter().map(f32::from_bits).collect()),
+    };
+    Tensor::from_storage(
+        Arc::new(Storage::Cpu(CpuStorage::new(data))),
+        like.shape().clone(),
+    )
+}
+
 /// Every op's kernel, forward and backward. A backend implements all of them or the crate
 /// does not compile; adding an op adds its trait here, one line.
 pub(crate) trait Kernels:
     Backend
+    + StorageKernel
+    + AttentionKernel
     + BinaryKernel
     + CastKernel
     + EmbeddingKernel
     + LayerNormKernel
+    + LayoutKernel
+    + LmHeadKernel
+    + MatMulKernel
     + NllKernel
     + ReduceKernel
     + RmsNormKernel

@@ -1,7 +1,11 @@
 //! The wgpu backend: WGSL kernels over storage buffers.
 
-use super::Backend;
-use crate::{DType, Error, Result, Tensor};
+use super::{Backend, StorageKernel, host_bytes, host_tensor};
+use crate::optim::AdamWStep;
+use crate::storage::WgpuStorage;
+use crate::{DType, Device, Error, Result, Storage, Tensor};
+use bft_kernels::cpu::binary::BinaryKind;
+use bft_kernels::wgpu::ops;
 use bft_kernels::wgpu::{Gpu, GpuBuffer};
 use std::sync::Arc;
 
@@ -40,4 +44,84 @@ pub(crate) fn wbuf<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a GpuBuffer>
         op,
         device: t.device(),
     })
+}
+
+impl StorageKernel for Wgpu {
+    fn upload(&self, t: &Tensor, device: Device) -> Result<Tensor> {
+        let Device::Wgpu(i) = device else {
+            return Err(Error::Unsupported {
+                op: "upload",
+                device,
+            });
+        };
+        let g = bft_kernels::wgpu::gpu(i)?;
+        // 16-bit floats upload as their bits: two to a u32 word on the device.
+        let buf = g.upload(&host_bytes(t)?)?;
+        Ok(Tensor::from_wgpu(buf, t.dtype(), i, t.shape().clone()))
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        let (g, _) = wgpu_of(t)?;
+        let buf = t.wgpu().ok_or(Error::Unsupported {
+            op: "download",
+            device: t.device(),
+        })?;
+        Ok(host_tensor(&g.read(buf)?, t))
+    }
+
+    /// A new buffer: device tensors are not updated in place.
+    fn accumulate(&self, acc: &mut Tensor, g: &Tensor) -> Result<()> {
+        let (gpu, i) = wgpu_of(acc)?;
+        let n = acc.numel();
+        let (a, b) = (wbuf("accumulate", acc)?, wbuf("accumulate", g)?);
+        let sum = ops::binary(&gpu, BinaryKind::Add, a, b, n, n.max(1))?;
+        let dtype = acc.dtype();
+        acc.replace_storage(Storage::Wgpu(WgpuStorage::new(sum, dtype, i)));
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        p: &mut Tensor,
+        g: &Tensor,
+        (m, v): (&mut Tensor, &mut Tensor),
+        h: &AdamWStep,
+    ) -> Result<()> {
+        let grad = wbuf("adamw", g)?;
+        let n = p.numel();
+        let (Storage::Wgpu(pw), Storage::Wgpu(mw), Storage::Wgpu(vw)) =
+            (p.storage_mut()?, m.storage_mut()?, v.storage_mut()?)
+        else {
+            return Err(Error::Unsupported {
+                op: "adamw",
+                device: g.device(),
+            });
+        };
+        let bufs = (&pw.buf, grad, &mw.buf, &vw.buf);
+        Ok(ops::adamw(
+            pw.buf.gpu(),
+            bufs.0,
+            bufs.1,
+            bufs.2,
+            bufs.3,
+            n,
+            h,
+        )?)
+    }
+
+    fn sum_squares(&self, ts: &[Tensor]) -> Result<f64> {
+        let Some(first) = ts.first() else {
+            return Ok(0.0);
+        };
+        let (g, _) = wgpu_of(first)?;
+        let wide = ts
+            .iter()
+            .map(|t| t.cast_untracked(DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        let bufs = wide
+            .iter()
+            .map(|t| Ok((wbuf("sum_squares", t)?, t.numel())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ops::sum_squares(&g, &bufs)?.iter().sum())
+    }
 }

@@ -23,14 +23,18 @@ pub(crate) mod testing;
 
 /// Every op's kernel trait: the parts of `backend::Kernels`.
 pub(crate) mod kernels {
+    pub(crate) use super::attention::AttentionKernel;
     pub(crate) use super::binary::BinaryKernel;
     pub(crate) use super::cast::CastKernel;
     pub(crate) use super::embedding::EmbeddingKernel;
     pub(crate) use super::layernorm::LayerNormKernel;
+    pub(crate) use super::lm_head::LmHeadKernel;
+    pub(crate) use super::matmul::MatMulKernel;
     pub(crate) use super::nll::NllKernel;
     pub(crate) use super::reduce::ReduceKernel;
     pub(crate) use super::rmsnorm::RmsNormKernel;
     pub(crate) use super::rope::RopeKernel;
+    pub(crate) use super::shape::LayoutKernel;
     pub(crate) use super::softmax::SoftmaxKernel;
     pub(crate) use super::swiglu::SwiGluKernel;
     pub(crate) use super::unary::UnaryKernel;
@@ -211,17 +215,6 @@ pub(crate) fn in_compute_dtype(
     }
     out.to_dtype(to).map(Some)
 }
-
-/// The wgpu device of `t` and its index, when `t` lives on one. Ops take their wgpu branch
-/// from this; WGSL kernels compute in f32.
-pub(crate) fn wgpu_of(t: &Tensor) -> Option<(std::sync::Arc<bft_kernels::wgpu::Gpu>, usize)> {
-    match t.device() {
-        crate::Device::Wgpu(i) => t.wgpu().map(|b| (b.gpu().clone(), i)),
-        _ => None,
-    }
-}
-
-pub(crate) use crate::backend::wbuf;
 
 /// Resolves a possibly negative axis against `rank`.
 pub(crate) fn axis(op: &'static str, dim: isize, rank: usize) -> Result<usize> {

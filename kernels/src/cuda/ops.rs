@@ -1,6 +1,7 @@
 //! Launchers: one function per CUDA entry point (its arguments in the kernel's order), plus
 //! the cuBLAS GEMM. Sizes come from the caller, which has checked the shapes.
 
+use super::typed::Float;
 use super::{ATTENTION, Arg, CAST, Cuda, CudaError, DeviceBuffer, EMBEDDING, LOSS, OPTIM};
 use super::{RMSNORM, ROPE, Result, SWIGLU, ptr};
 use crate::Half;
@@ -364,8 +365,8 @@ pub fn attention_backward(
     Ok((dq, dk, dv))
 }
 
-/// A bf16 GEMM operand: a buffer, the element where the operand starts, and whether it is
-/// stored transposed.
+/// A GEMM operand: a buffer, the element where the operand starts, and whether it is stored
+/// transposed. Its element type is the GEMM's operand type (`GemmTypes`).
 #[derive(Clone, Copy)]
 pub struct Operand<'a> {
     pub buf: &'a DeviceBuffer,
@@ -382,9 +383,17 @@ impl<'a> Operand<'a> {
         }
     }
 
-    fn ptr(&self) -> *const std::ffi::c_void {
-        (self.buf.ptr() + 2 * self.offset as u64) as *const std::ffi::c_void
+    fn ptr(&self, elem: Float) -> *const std::ffi::c_void {
+        (self.buf.ptr() + (elem.bytes() * self.offset) as u64) as *const std::ffi::c_void
     }
+}
+
+/// The element types of a GEMM: both operands of one type (cuBLAS multiplies like with like),
+/// the product of another or the same. Accumulation is f32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmTypes {
+    pub operands: Float,
+    pub out: Float,
 }
 
 /// `c = op(a) . op(b)` for row-major bf16 operands, f32 accumulation, through cuBLAS; `c` is
@@ -393,17 +402,43 @@ pub fn gemm(
     dev: &Arc<Cuda>,
     dims: GemmDims,
     a: Operand<'_>,
-    (b, b_shared): (Operand<'_>, bool),
+    b: (Operand<'_>, bool),
     f32_out: bool,
 ) -> Result<DeviceBuffer> {
+    let out = if f32_out { Float::F32 } else { Float::Bf16 };
+    let types = GemmTypes {
+        operands: Float::Bf16,
+        out,
+    };
+    let c = dev.alloc(dims.batch * dims.m * dims.n * out.bytes())?;
+    gemm_into(dev, dims, (a, b), types, (&c, 0, false))?;
+    Ok(c)
+}
+
+/// `c = op(a) . op(b)`, or `c += ..` when `accumulate`, for row-major operands of
+/// `types.operands` and `c` of `types.out` (`batch * m * n` elements from element `c.1`,
+/// checked), through cuBLAS with f32 accumulation (f32 operands multiply in full f32, not
+/// TF32). `b.1`: one `b` for every batch.
+pub fn gemm_into(
+    dev: &Arc<Cuda>,
+    dims: GemmDims,
+    (a, (b, b_shared)): (Operand<'_>, (Operand<'_>, bool)),
+    types: GemmTypes,
+    (c, c_offset, accumulate): (&DeviceBuffer, usize, bool),
+) -> Result<()> {
     let (trans_a, trans_b) = (a.trans, b.trans);
     use cudarc::cublas::sys::{
         cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
     };
     let GemmDims { batch, m, n, k } = dims;
-    let c = dev.alloc(batch * m * n * if f32_out { 4 } else { 2 })?;
+    if c.len() < (c_offset + batch * m * n) * types.out.bytes() {
+        return Err(CudaError::Driver(format!(
+            "GEMM {dims:?}: the product buffer holds {} bytes",
+            c.len()
+        )));
+    }
     if batch * m * n == 0 {
-        return Ok(c);
+        return Ok(());
     }
     // Row-major C (m, n) is column-major C^T (n, m) = op(B)^T . op(A)^T: cuBLAS gets B first.
     let op = |t: bool| {
@@ -417,20 +452,21 @@ pub fn gemm(
         i32::try_from(v)
             .map_err(|_| CudaError::TooLarge(format!("the GEMM size {v} (cuBLAS takes int)")))
     };
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let c_type = if f32_out {
-        cudaDataType::CUDA_R_32F
-    } else {
-        cudaDataType::CUDA_R_16BF
+    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+    let ty = |f: Float| match f {
+        Float::F32 => cudaDataType::CUDA_R_32F,
+        Float::Bf16 => cudaDataType::CUDA_R_16BF,
     };
+    let (ab_type, c_type) = (ty(types.operands), ty(types.out));
     let (ni, mi, ki, bi) = (i(n)?, i(m)?, i(k)?, i(batch)?);
     let ldb = i(if trans_b { k } else { n })?;
     let lda = i(if trans_a { m } else { k })?;
     let blas = dev.blas()?;
     // SAFETY: the pointers are live device buffers of at least the sizes the leading
     // dimensions and strides describe (batch * m * k, k * n or batch * k * n, batch * m * n
-    // elements), alpha and beta are host f32 values (cuBLAS' default pointer mode), and the
-    // handle's stream is the device's stream, so the GEMM is ordered with the kernels.
+    // elements of the types given), alpha and beta are host f32 values (cuBLAS' default
+    // pointer mode), and the handle's stream is the device's stream, so the GEMM is ordered
+    // with the kernels.
     unsafe {
         cudarc::cublas::result::gemm_strided_batched_ex(
             *blas.handle(),
@@ -440,16 +476,16 @@ pub fn gemm(
             mi,
             ki,
             (&alpha as *const f32).cast(),
-            b.ptr(),
-            cudaDataType::CUDA_R_16BF,
+            b.ptr(types.operands),
+            ab_type,
             ldb,
             if b_shared { 0 } else { (k * n) as i64 },
-            a.ptr(),
-            cudaDataType::CUDA_R_16BF,
+            a.ptr(types.operands),
+            ab_type,
             lda,
             (m * k) as i64,
             (&beta as *const f32).cast(),
-            c.ptr() as *mut std::ffi::c_void,
+            (c.ptr() + (c_offset * types.out.bytes()) as u64) as *mut std::ffi::c_void,
             c_type,
             ni,
             (m * n) as i64,
@@ -459,7 +495,7 @@ pub fn gemm(
         )
     }
     .map_err(|e| CudaError::Driver(format!("cuBLAS GEMM {dims:?}: {e:?}")))?;
-    Ok(c)
+    Ok(())
 }
 
 /// Pass 1 of the fused loss on a chunk of logits `z (rows, vocab)` f32: writes rows
@@ -510,17 +546,24 @@ pub fn head_grad(
     Ok(g)
 }
 
-/// `dx[r] -= coef[r] * w[y_r]` for the chunk's rows, in f32.
+/// `dx[r] -= coef[r] * w[y_r]` for the chunk's rows, in f32; the chunk's `(rows, hidden)` rows
+/// of `dx` start at its element `dx.1`.
 pub fn head_target_term(
     dev: &Arc<Cuda>,
-    dx: &DeviceBuffer,
+    (dx, dx_offset): (&DeviceBuffer, usize),
     w: &DeviceBuffer,
     targets: &DeviceBuffer,
     coef: &DeviceBuffer,
     (rows, hidden, row0): (usize, usize, usize),
 ) -> Result<()> {
+    if dx.len() < 4 * (dx_offset + rows * hidden) {
+        return Err(CudaError::Driver(format!(
+            "head_target_term: {} bytes of dx hold no {rows} x {hidden} rows from {dx_offset}",
+            dx.len()
+        )));
+    }
     let args = [
-        ptr(Some(dx)),
+        Arg::Ptr(dx.ptr() + 4 * dx_offset as u64),
         ptr(Some(w)),
         ptr(Some(targets)),
         ptr(Some(coef)),

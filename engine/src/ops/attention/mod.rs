@@ -1,10 +1,35 @@
 //! Causal scaled-dot-product attention with grouped-query heads, tiled flash-style.
 
-use super::{Op, float_dispatch, in_compute_dtype, same_kind, wbuf, wgpu_of};
-use crate::DType;
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, in_compute_dtype, same_kind};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
-use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_backward, attention_forward};
+use bft_kernels::cpu::attention::AttnDims;
+
+/// The attention kernels of a backend, on q, k, v of its compute type whose shapes `dims`
+/// describes. The forward returns the output and the `(B * Hq * T)` row log-sum-exp of the
+/// scaled scores (in whatever float type the backend keeps it), which is all the backward
+/// needs besides the inputs: it recomputes the probabilities.
+pub(crate) trait AttentionKernel {
+    fn attention(
+        &self,
+        qkv: (&Tensor, &Tensor, &Tensor),
+        dims: AttnDims,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)>;
+    /// `(dq, dk, dv)` from the inputs, the forward's `(o, lse)` and the upstream `dout`.
+    fn attention_backward(
+        &self,
+        qkv: (&Tensor, &Tensor, &Tensor),
+        saved: (&Tensor, &Tensor, &Tensor),
+        dims: AttnDims,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+}
 
 impl Tensor {
     /// `softmax(q k^T * scale + causal mask) v` for `q = self (B, Hq, T, D)` and
@@ -25,28 +50,7 @@ impl Tensor {
         same_kind("attention", self, v)?;
         let dims = attn_dims(self, k, v)?;
         let scale = scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt());
-        let rows = dims.batch * dims.q_heads * dims.q_len;
-        let (out, lse) = if let Some((g, i)) = wgpu_of(self) {
-            use bft_kernels::wgpu::ops::{attention_forward as fwd, attention_supports};
-            if !attention_supports(dims.head_dim) {
-                return Err(Error::Unsupported {
-                    op: "attention with a head_dim that is not a multiple of 4 up to 256",
-                    device: self.device(),
-                });
-            }
-            let qkv = (
-                wbuf("attention", self)?,
-                wbuf("attention", k)?,
-                wbuf("attention", v)?,
-            );
-            let (o, l) = fwd(&g, dims, scale as f32, qkv)?;
-            (
-                Tensor::from_wgpu(o, DType::F32, i, self.shape().clone()),
-                Tensor::from_wgpu(l, DType::F32, i, [rows]),
-            )
-        } else {
-            self.attention_cpu(k, v, dims, scale)?
-        };
+        let (out, lse) = kernels(self.device()).attention((self, k, v), dims, scale)?;
         Tape::record(Op::Attention, &[self, k, v], out.clone(), || {
             AttentionBackward {
                 q: self.stop_gradient(),
@@ -57,32 +61,6 @@ impl Tensor {
                 dims,
                 scale,
             }
-        })
-    }
-
-    /// `(o, lse)` of the forward pass on the CPU.
-    fn attention_cpu(
-        &self,
-        k: &Tensor,
-        v: &Tensor,
-        dims: AttnDims,
-        scale: f64,
-    ) -> Result<(Tensor, Tensor)> {
-        let rows = dims.batch * dims.q_heads * dims.q_len;
-        float_dispatch!("attention", self.dtype(), |T| {
-            let (mut o, mut l) = (vec![T::default(); self.numel()], vec![T::default(); rows]);
-            if rows > 0 {
-                let qkv = (
-                    self.cpu::<T>("attention")?,
-                    k.cpu::<T>("attention")?,
-                    v.cpu::<T>("attention")?,
-                );
-                attention_forward(dims, Tiles::default(), scale, qkv, &mut o, &mut l);
-            }
-            Ok((
-                Tensor::from_cpu(o, self.shape().clone()),
-                Tensor::from_cpu(l, [rows]),
-            ))
         })
     }
 }
@@ -127,7 +105,7 @@ struct AttentionBackward {
     k: Tensor,
     v: Tensor,
     o: Tensor,
-    /// `(B * Hq * T)` row log-sum-exp of the scaled scores.
+    /// `(B * Hq * T)` row log-sum-exp of the scaled scores, as the backend's forward kept it.
     lse: Tensor,
     dims: AttnDims,
     scale: f64,
@@ -135,45 +113,13 @@ struct AttentionBackward {
 
 impl Backward for AttentionBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        if let Some((gpu, i)) = wgpu_of(g) {
-            let n = "attention";
-            let (dq, dk, dv) = bft_kernels::wgpu::ops::attention_backward(
-                &gpu,
-                self.dims,
-                self.scale as f32,
-                (wbuf(n, &self.q)?, wbuf(n, &self.k)?, wbuf(n, &self.v)?),
-                (wbuf(n, &self.o)?, wbuf(n, &self.lse)?, wbuf(n, g)?),
-            )?;
-            let t = |b, s: &Tensor| Some(Tensor::from_wgpu(b, DType::F32, i, s.shape().clone()));
-            return Ok(vec![t(dq, &self.q), t(dk, &self.k), t(dv, &self.v)]);
-        }
-        float_dispatch!("attention backward", g.dtype(), |T| {
-            let mut dq = vec![T::default(); self.q.numel()];
-            let mut dk = vec![T::default(); self.k.numel()];
-            let mut dv = vec![T::default(); self.v.numel()];
-            if !dq.is_empty() {
-                let n = "attention";
-                attention_backward(
-                    self.dims,
-                    Tiles::default(),
-                    self.scale,
-                    (
-                        self.q.cpu::<T>(n)?,
-                        self.k.cpu::<T>(n)?,
-                        self.v.cpu::<T>(n)?,
-                    ),
-                    (self.o.cpu::<T>(n)?, self.lse.cpu::<T>(n)?, g.cpu::<T>(n)?),
-                    &mut dq,
-                    &mut dk,
-                    &mut dv,
-                );
-            }
-            Ok(vec![
-                Some(Tensor::from_cpu(dq, self.q.shape().clone())),
-                Some(Tensor::from_cpu(dk, self.k.shape().clone())),
-                Some(Tensor::from_cpu(dv, self.v.shape().clone())),
-            ])
-        })
+        let (dq, dk, dv) = kernels(g.device()).attention_backward(
+            (&self.q, &self.k, &self.v),
+            (&self.o, &self.lse, g),
+            self.dims,
+            self.scale,
+        )?;
+        Ok(vec![Some(dq), Some(dk), Some(dv)])
     }
 }
 

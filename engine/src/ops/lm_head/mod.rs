@@ -1,12 +1,14 @@
 //! Fused LM head + weighted NLL: the memory-bounded core of every loss variant.
 
-use super::{Op, float_dispatch, promoted, same_kind, wbuf, wgpu_of};
-use crate::memory::Scratch;
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, promoted, same_kind};
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
-use crate::{DType, Device, Error, Result, Tensor};
-use bft_kernels::cpu::Float;
-use bft_kernels::cpu::embedding::{gather, scatter_add};
-use bft_kernels::cpu::lm_head::{HeadDims, chunk_rows, lm_head_backward_head, lm_head_forward};
+use crate::{DType, Error, Result, Tensor};
+use bft_kernels::cpu::lm_head::HeadDims;
 
 /// Bytes of logits one chunk may hold: with Qwen2's 151,936-word vocabulary that is 110 rows.
 const CHUNK_BYTES: usize = 64 << 20;
@@ -20,11 +22,62 @@ pub struct HeadLoss {
     pub logprobs: Vec<f64>,
 }
 
+/// The rows of the hidden states that go through the head, and their targets.
+#[derive(Clone, Copy)]
+pub(crate) struct Selection<'a> {
+    pub rows: &'a [u32],
+    pub targets: &'a [u32],
+    pub dims: HeadDims,
+    /// Rows of the hidden states, selected or not.
+    pub n_all: usize,
+}
+
+/// What the forward pass leaves for the backward, on the backend's device.
+pub(crate) struct HeadSaved {
+    /// `(n, C)` the selected rows of the hidden states.
+    pub xs: Tensor,
+    /// `(n, C)` `(softmax(z) - onehot(y)) W` per row, for a backend that forms it while the
+    /// logits are live (then the backward never revisits the vocabulary for dX); present when
+    /// the hidden states are tracked.
+    pub unit: Option<Tensor>,
+    /// `(n)` log-sum-exp of each row's logits.
+    pub lse: Tensor,
+}
+
+/// The fused loss kernels of a backend: two passes over the vocabulary a chunk of rows at a
+/// time (at most `CHUNK_BYTES` of logits), never the `(N, V)` logits.
+pub(crate) trait LmHeadKernel {
+    /// Whether this backend reads a bf16 head as stored beside hidden states `x` (autocast);
+    /// otherwise 16-bit inputs are widened to f32 once per call.
+    fn reads_bf16_head(&self, x: &Tensor, head: &Tensor) -> bool;
+
+    /// Pass 1: what the backward needs and each selected row's target log-prob.
+    fn head_forward(
+        &self,
+        x: &Tensor,
+        head: &Tensor,
+        sel: Selection<'_>,
+        want_dx: bool,
+    ) -> Result<(HeadSaved, Vec<f64>)>;
+
+    /// `(dX (N, C), dW (V, C))`, each when asked for, from per-row coefficients that include
+    /// the upstream gradient; rows without a target get zero gradient. Their float type is the
+    /// backend's (the caller gives each its input's type).
+    fn head_backward(
+        &self,
+        saved: &HeadSaved,
+        head: &Tensor,
+        sel: Selection<'_>,
+        coef: &[f64],
+        needs: (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)>;
+}
+
 impl Tensor {
     /// `sum_i coef_i * (logsumexp(z_i) - z_i[y_i])` with `z_i = x_{rows[i]} . head^T`, for
     /// hidden states `self (N, C)`, `head (V, C)`, and the rows that have a target.
     ///
-    /// Only the listed rows go through the head, `chunk` rows at a time: the `(N, V)` logits
+    /// Only the listed rows go through the head, a chunk of rows at a time: the `(N, V)` logits
     /// never exist, and memory is O(chunk x V). `weigh` maps the rows' target log-probs to their
     /// coefficients, which are constants for the gradient (a stop-gradient): this is how
     /// DFT's `sg(p)` and BFT's sample weights enter. The gradient is
@@ -38,16 +91,12 @@ impl Tensor {
         weigh: impl FnOnce(&[f64]) -> Vec<f64>,
     ) -> Result<HeadLoss> {
         let _profiled = crate::profile::scope(Op::LmHeadNll, crate::profile::Phase::Forward);
-        // Autocast: f32 hidden states on a CPU with the bf16 kernel read a frozen bf16 head as
-        // stored (its products round the other operand to bf16 once). Other 16-bit cases, and
-        // CPUs without AVX512-BF16, compute on f32 copies made once per call: the kernel's own
-        // fallback would widen the vocabulary-sized head for every product of every chunk.
-        let bf16_head = self.dtype() == DType::F32
-            && head.dtype() == DType::BF16
-            && !head.is_tracked()
-            && self.device() == Device::Cpu
-            && head.device() == Device::Cpu
-            && bft_kernels::cpu::bf16_gemm::available();
+        // Autocast: a backend that reads a frozen bf16 head as stored does (its products round
+        // the other operand to bf16 once). Other 16-bit cases compute on f32 copies made once
+        // per call: widening inside the kernel would widen the vocabulary-sized head for every
+        // product of every chunk.
+        let k = kernels(self.device());
+        let bf16_head = self.device() == head.device() && k.reads_bf16_head(self, head);
         if !bf16_head && (self.dtype().is_half() || head.dtype().is_half()) {
             let (x, w) = (self.to_dtype(DType::F32)?, head.to_dtype(DType::F32)?);
             let out = x.lm_head_nll(&w, rows, targets, weigh)?;
@@ -60,163 +109,12 @@ impl Tensor {
         if !bf16_head {
             same_kind("lm_head_nll", self, head)?;
         }
-        let (n_all, c, v) = match (self.dims(), head.dims()) {
-            ([n, c], [v, hc]) if c == hc => (*n, *c, *v),
-            (x, h) => {
-                return Err(Error::shape(
-                    "lm_head_nll",
-                    format!("need hidden (N, C) and head (V, C), got {x:?} and {h:?}"),
-                ));
-            }
-        };
-        if rows.len() != targets.len() {
-            return Err(Error::shape(
-                "lm_head_nll",
-                format!("{} rows but {} targets", rows.len(), targets.len()),
-            ));
-        }
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_all) {
-            return Err(Error::Index {
-                op: "lm_head_nll (row)",
-                index: r as usize,
-                size: n_all,
-            });
-        }
-        if let Some(&y) = targets.iter().find(|&&y| y as usize >= v) {
-            return Err(Error::Index {
-                op: "lm_head_nll (target)",
-                index: y as usize,
-                size: v,
-            });
-        }
-        let dims = HeadDims {
-            rows: rows.len(),
-            hidden: c,
-            vocab: v,
-        };
-        if let Some((g, i)) = wgpu_of(self) {
-            return self.lm_head_wgpu(&g, i, head, dims, (rows, targets), weigh, n_all);
-        }
-        let (loss, lse, coef, logprobs, xs, unit) =
-            float_dispatch!("lm_head_nll", self.dtype(), |T| {
-                // (n, C): only the rows with a target.
-                let mut xs = vec![T::default(); rows.len() * c];
-                gather(self.cpu::<T>("lm_head_nll")?, c, rows, &mut xs);
-                let (mut lse, mut tl) = (
-                    vec![T::default(); rows.len()],
-                    vec![T::default(); rows.len()],
-                );
-                let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
-                // The one vocabulary-sized buffer: a chunk of logits, counted as engine memory.
-                let mut z = Scratch::<T>::new(chunk.min(rows.len()) * v);
-                // (n, C) gradient direction of each row, formed while its logits are live, so the
-                // backward pass never revisits the vocabulary for dX.
-                let mut unit = self
-                    .is_tracked()
-                    .then(|| vec![T::default(); rows.len() * c]);
-                let (n, x) = ("lm_head_nll", xs.as_slice());
-                if bf16_head {
-                    lm_head_forward(
-                        dims,
-                        chunk,
-                        (x, head.cpu::<half::bf16>(n)?, targets),
-                        &mut z.buf,
-                        &mut lse,
-                        &mut tl,
-                        unit.as_deref_mut(),
-                    );
-                } else {
-                    lm_head_forward(
-                        dims,
-                        chunk,
-                        (x, head.cpu::<T>(n)?, targets),
-                        &mut z.buf,
-                        &mut lse,
-                        &mut tl,
-                        unit.as_deref_mut(),
-                    );
-                }
-                drop(z);
-                let logprobs: Vec<f64> = tl
-                    .iter()
-                    .zip(&lse)
-                    .map(|(&t, &l)| Float::to_f64(t - l))
-                    .collect();
-                let coef = weigh(&logprobs);
-                if coef.len() != rows.len() {
-                    return Err(Error::shape(
-                        "lm_head_nll",
-                        format!(
-                            "weigh returned {} coefficients for {} rows",
-                            coef.len(),
-                            rows.len()
-                        ),
-                    ));
-                }
-                let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
-                let coef: Vec<T> = coef.iter().map(|&a| T::from_f64(a)).collect();
-                Ok((
-                    Tensor::from_cpu(vec![T::from_f64(loss)], Vec::<usize>::new()),
-                    Tensor::from_cpu(lse, [rows.len()]),
-                    Tensor::from_cpu(coef, [rows.len()]),
-                    logprobs,
-                    Tensor::from_cpu(xs, [rows.len(), c]),
-                    unit.map(|u| Tensor::from_cpu(u, [rows.len(), c])),
-                ))
-            })?;
-        let loss = Tape::record(Op::LmHeadNll, &[self, head], loss, || LmHeadBackward {
-            xs,
-            unit,
-            head: head.stop_gradient(),
-            rows: rows.to_vec(),
-            targets: targets.to_vec(),
-            lse,
-            coef,
-            n_all,
-        })?;
-        Ok(HeadLoss { loss, logprobs })
-    }
-}
-
-impl Tensor {
-    /// The fused loss on a wgpu device: the same two passes, with only the per-row log-sum-exp
-    /// and target logits read back to weigh the rows on the host.
-    #[allow(clippy::too_many_arguments)]
-    fn lm_head_wgpu(
-        &self,
-        g: &std::sync::Arc<bft_kernels::wgpu::Gpu>,
-        index: usize,
-        head: &Tensor,
-        dims: HeadDims,
-        (rows, targets): (&[u32], &[u32]),
-        weigh: impl FnOnce(&[f64]) -> Vec<f64>,
-        n_all: usize,
-    ) -> Result<HeadLoss> {
-        use bft_kernels::wgpu::ops as k;
-        let n = "lm_head_nll";
-        let c = dims.hidden;
-        let xs = k::gather(g, wbuf(n, self)?, c, rows)?;
-        let chunk = chunk_rows(dims.vocab, 4, CHUNK_BYTES);
-        let f = k::head_forward(
-            g,
-            dims,
-            chunk,
-            (&xs, wbuf(n, head)?, targets),
-            self.is_tracked(),
-        )?;
-        let read = |b: &bft_kernels::wgpu::GpuBuffer| -> Result<Vec<f32>> {
-            Ok(bytemuck::pod_collect_to_vec(&g.read(b)?))
-        };
-        let (lse_h, tl_h) = (read(&f.lse)?, read(&f.target_logit)?);
-        let logprobs: Vec<f64> = tl_h
-            .iter()
-            .zip(&lse_h)
-            .map(|(&t, &l)| f64::from(t - l))
-            .collect();
+        let sel = selection(self, head, rows, targets)?;
+        let (saved, logprobs) = k.head_forward(self, head, sel, self.is_tracked())?;
         let coef = weigh(&logprobs);
         if coef.len() != rows.len() {
             return Err(Error::shape(
-                n,
+                "lm_head_nll",
                 format!(
                     "weigh returned {} coefficients for {} rows",
                     coef.len(),
@@ -225,36 +123,79 @@ impl Tensor {
             ));
         }
         let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
-        let dev = crate::Device::Wgpu(index);
-        let loss = Tensor::from_vec(vec![loss as f32], Vec::<usize>::new(), &dev)?;
-        let coef: Vec<f32> = coef.iter().map(|&a| a as f32).collect();
-        let w = |b, shape: Vec<usize>| Tensor::from_wgpu(b, DType::F32, index, shape);
-        let saved = LmHeadBackward {
-            xs: w(xs, vec![rows.len(), c]),
-            unit: f.unit.map(|u| w(u, vec![rows.len(), c])),
+        let loss = Tensor::full(loss, Vec::<usize>::new(), self.dtype(), &self.device())?;
+        let loss = Tape::record(Op::LmHeadNll, &[self, head], loss, || LmHeadBackward {
+            saved,
             head: head.stop_gradient(),
             rows: rows.to_vec(),
             targets: targets.to_vec(),
-            lse: w(f.lse, vec![rows.len()]),
-            coef: Tensor::from_vec(coef, [rows.len()], &dev)?,
-            n_all,
-        };
-        let loss = Tape::record(Op::LmHeadNll, &[self, head], loss, || saved)?;
+            coef,
+            n_all: sel.n_all,
+            x_dtype: self.dtype(),
+        })?;
         Ok(HeadLoss { loss, logprobs })
     }
 }
 
+/// Checks the shapes, rows and targets of a call.
+fn selection<'a>(
+    x: &Tensor,
+    head: &Tensor,
+    rows: &'a [u32],
+    targets: &'a [u32],
+) -> Result<Selection<'a>> {
+    let (n_all, c, v) = match (x.dims(), head.dims()) {
+        ([n, c], [v, hc]) if c == hc => (*n, *c, *v),
+        (x, h) => {
+            return Err(Error::shape(
+                "lm_head_nll",
+                format!("need hidden (N, C) and head (V, C), got {x:?} and {h:?}"),
+            ));
+        }
+    };
+    if rows.len() != targets.len() {
+        return Err(Error::shape(
+            "lm_head_nll",
+            format!("{} rows but {} targets", rows.len(), targets.len()),
+        ));
+    }
+    if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_all) {
+        return Err(Error::Index {
+            op: "lm_head_nll (row)",
+            index: r as usize,
+            size: n_all,
+        });
+    }
+    if let Some(&y) = targets.iter().find(|&&y| y as usize >= v) {
+        return Err(Error::Index {
+            op: "lm_head_nll (target)",
+            index: y as usize,
+            size: v,
+        });
+    }
+    let dims = HeadDims {
+        rows: rows.len(),
+        hidden: c,
+        vocab: v,
+    };
+    Ok(Selection {
+        rows,
+        targets,
+        dims,
+        n_all,
+    })
+}
+
 struct LmHeadBackward {
-    /// `(n, C)` the selected rows of the hidden states.
-    xs: Tensor,
-    /// `(n, C)` `(softmax(z) - onehot(y)) W` per row; present when the hidden states are tracked.
-    unit: Option<Tensor>,
+    saved: HeadSaved,
     head: Tensor,
     rows: Vec<u32>,
     targets: Vec<u32>,
-    lse: Tensor,
-    coef: Tensor,
+    /// Each selected row's coefficient, as `weigh` returned it.
+    coef: Vec<f64>,
     n_all: usize,
+    /// The hidden states' type, which their gradient takes.
+    x_dtype: DType,
 }
 
 impl Backward for LmHeadBackward {
@@ -262,83 +203,33 @@ impl Backward for LmHeadBackward {
     /// recomputes the logits chunk by chunk.
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let (v, c) = (self.head.dims()[0], self.head.dims()[1]);
-        let dims = HeadDims {
-            rows: self.rows.len(),
-            hidden: c,
-            vocab: v,
+        let sel = Selection {
+            rows: &self.rows,
+            targets: &self.targets,
+            dims: HeadDims {
+                rows: self.rows.len(),
+                hidden: c,
+                vocab: v,
+            },
+            n_all: self.n_all,
         };
         let upstream = g.to_scalar()?;
-        if let Some((gpu, i)) = wgpu_of(g) {
-            use bft_kernels::wgpu::ops as k;
-            let n = "lm_head_nll";
-            let coef = k::scale(&gpu, upstream as f32, wbuf(n, &self.coef)?, self.rows.len())?;
-            let dx = match (&self.unit, needs[0]) {
-                (Some(unit), true) => {
-                    let scaled =
-                        k::scale_rows(&gpu, wbuf(n, unit)?, &coef, self.rows.len() * c, c)?;
-                    let dx = k::scatter_add(&gpu, &scaled, c, &self.rows, self.n_all)?;
-                    Some(Tensor::from_wgpu(dx, DType::F32, i, [self.n_all, c]))
-                }
-                _ => None,
-            };
-            let dw = if needs[1] {
-                let chunk = chunk_rows(v, 4, CHUNK_BYTES);
-                let inputs = (
-                    wbuf(n, &self.xs)?,
-                    wbuf(n, &self.head)?,
-                    self.targets.as_slice(),
-                );
-                let dw = k::head_backward_weight(
-                    &gpu,
-                    dims,
-                    chunk,
-                    inputs,
-                    (wbuf(n, &self.lse)?, &coef),
-                )?;
-                Some(Tensor::from_wgpu(dw, DType::F32, i, [v, c]))
-            } else {
-                None
-            };
-            return Ok(vec![dx, dw]);
-        }
-        float_dispatch!("lm_head_nll backward", g.dtype(), |T| {
-            let n = "lm_head_nll";
-            let coef: Vec<T> = self
-                .coef
-                .cpu::<T>(n)?
-                .iter()
-                .map(|&a| a * T::from_f64(upstream))
-                .collect();
-            let dx = match (&self.unit, needs[0]) {
-                (Some(unit), true) => {
-                    let mut dxs = unit.cpu::<T>(n)?.to_vec();
-                    dxs.chunks_mut(c)
-                        .zip(&coef)
-                        .for_each(|(row, &a)| row.iter_mut().for_each(|e| *e *= a));
-                    // Rows without a target get zero gradient.
-                    let mut dx = vec![T::default(); self.n_all * c];
-                    scatter_add(&dxs, c, &self.rows, &mut dx);
-                    Some(Tensor::from_cpu(dx, [self.n_all, c]))
-                }
-                _ => None,
-            };
-            let dw = if needs[1] {
-                let mut dw = vec![T::default(); v * c];
-                let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
-                let mut z = Scratch::<T>::new(chunk.min(self.rows.len()) * v);
-                let inputs = (
-                    self.xs.cpu::<T>(n)?,
-                    self.head.cpu::<T>(n)?,
-                    self.targets.as_slice(),
-                );
-                let saved = (self.lse.cpu::<T>(n)?, coef.as_slice());
-                lm_head_backward_head(dims, chunk, inputs, saved, &mut z.buf, &mut dw);
-                Some(Tensor::from_cpu(dw, [v, c]))
-            } else {
-                None
-            };
-            Ok(vec![dx, dw])
-        })
+        let coef: Vec<f64> = self.coef.iter().map(|a| a * upstream).collect();
+        let (dx, dw) = kernels(g.device()).head_backward(
+            &self.saved,
+            &self.head,
+            sel,
+            &coef,
+            (needs[0], needs[1]),
+        )?;
+        let typed = |d: Option<Tensor>, of: DType| match d {
+            Some(d) if d.dtype() != of => d.cast_untracked(of).map(Some),
+            d => Ok(d),
+        };
+        Ok(vec![
+            typed(dx, self.x_dtype)?,
+            typed(dw, self.head.dtype())?,
+        ])
     }
 }
 

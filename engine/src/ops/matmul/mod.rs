@@ -1,11 +1,44 @@
 //! Batched matrix product with optionally transposed operands.
 
-use super::{Op, float_dispatch, promoted, same_kind, wbuf, wgpu_of};
+mod cpu;
+mod cuda;
+mod wgpu;
+
+use super::{Op, promoted, same_kind};
 use crate::DType;
-use crate::dtype::Elem;
+use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
 use crate::{Error, Result, Tensor};
-use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
+use bft_kernels::cpu::matmul::GemmDims;
+
+/// One product's sizes: the GEMM's, whether each operand is read transposed, and the
+/// product's dims.
+#[derive(Clone, Debug)]
+pub(crate) struct Gemm {
+    pub dims: GemmDims,
+    pub ta: bool,
+    pub tb: bool,
+    pub out_dims: Vec<usize>,
+}
+
+/// The product kernels of a backend, on operands whose shapes `Gemm` describes.
+pub(crate) trait MatMulKernel {
+    /// `op(a) . op(b)` for two operands of one type the backend computes in; the product has
+    /// that type.
+    fn matmul(&self, a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Tensor>;
+
+    /// `op(a) . op(b)` where an operand is 16-bit (autocast): an f32 operand is rounded to the
+    /// 16-bit type once, products accumulate in f32, and the product has type `out` (f32, or
+    /// the 16-bit type when both operands are).
+    fn matmul_mixed(&self, a: &Tensor, b: &Tensor, g: &Gemm, out: DType) -> Result<Tensor>;
+
+    /// `c + op(a) . op(b)` for operands and `c` of one type the backend computes in, `c` of
+    /// the product's shape; untracked. The default adds a fresh product; a backend that can
+    /// accumulate into `c`'s buffer overrides it.
+    fn matmul_add(&self, a: &Tensor, b: &Tensor, g: &Gemm, c: &mut Tensor) -> Result<Tensor> {
+        c.stop_gradient().add(&self.matmul(a, b, g)?)
+    }
+}
 
 impl Tensor {
     /// `self (..., M, K) . rhs (..., K, N)`; `rhs` may be 2-D and shared by every batch.
@@ -40,48 +73,15 @@ impl Tensor {
             dims.push(out.dims()[1]);
             return out.reshape(dims);
         }
-        if let Some(half) = [self, rhs].iter().map(|t| t.dtype()).find(|d| d.is_half()) {
-            // A 16-bit operand (autocast): an f32 operand is rounded to the 16-bit type once,
-            // the product accumulates in f32, and the result takes the promoted type: f32
-            // beside an f32 operand, 16-bit when both are. The tape keeps the operands as they
-            // are (no f32 copies), so a frozen bf16 weight costs its 16 bits during training.
-            let product = match bf16_product(self, rhs, ta, tb)? {
-                Some(p) => p,
-                None => {
-                    autocast_operand(self, half)?.matmul_t(&autocast_operand(rhs, half)?, ta, tb)?
-                }
-            };
-            let to = promoted(&[self, rhs]);
-            let out = if to == DType::F32 {
-                product
-            } else {
-                product.cast_untracked(to)?
-            };
-            return Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
-                a: self.stop_gradient(),
-                b: rhs.stop_gradient(),
-                ta,
-                tb,
-            });
-        }
-        same_kind("matmul", self, rhs)?;
-        let (dims, out_dims) = gemm_dims(ad, bd, ta, tb)?;
-        let GemmDims { m, n, k: ka, .. } = dims;
-        let out = if let Some((g, i)) = wgpu_of(self) {
-            use bft_kernels::wgpu::ops::{DeviceOperand, matmul as gemm};
-            let a = DeviceOperand {
-                data: wbuf("matmul", self)?,
-                trans: ta,
-                batch_stride: m * ka,
-            };
-            let b = DeviceOperand {
-                data: wbuf("matmul", rhs)?,
-                trans: tb,
-                batch_stride: ka * n,
-            };
-            Tensor::from_wgpu(gemm(&g, dims, a, b, None)?, DType::F32, i, out_dims)
+        let g = gemm(ad, bd, ta, tb)?;
+        let out = if [self, rhs].iter().any(|t| t.dtype().is_half()) {
+            // A 16-bit operand (autocast). The tape keeps the operands as they are (no f32
+            // copies), so a frozen bf16 weight costs its 16 bits during training.
+            same_device("matmul", self, rhs)?;
+            kernels(self.device()).matmul_mixed(self, rhs, &g, promoted(&[self, rhs]))?
         } else {
-            self.matmul_cpu(rhs, dims, ta, tb, out_dims)?
+            same_kind("matmul", self, rhs)?;
+            kernels(self.device()).matmul(self, rhs, &g)?
         };
         Tape::record(Op::MatMul, &[self, rhs], out, || MatMulBackward {
             a: self.stop_gradient(),
@@ -91,17 +91,18 @@ impl Tensor {
         })
     }
 
-    /// `c + op(self) . op(rhs)`, consuming `c`: on the CPU in f32/f64 the product accumulates
-    /// into `c`'s buffer (taken in place when no other tensor shares it), so a LoRA update
-    /// lands on the frozen product without a separate Add and its fresh output. Recorded as a
-    /// `MatMul` with a third input, whose gradient is the upstream one. Elsewhere (devices,
-    /// 16-bit operands, a `c` of another type or shape) it is `c.add(&self.matmul_t(..))`.
+    /// `c + op(self) . op(rhs)`, consuming `c`: where the backend can (the CPU in f32/f64) the
+    /// product accumulates into `c`'s buffer (taken in place when no other tensor shares it),
+    /// so a LoRA update lands on the frozen product without a separate Add and its fresh
+    /// output. Recorded as a `MatMul` with a third input, whose gradient is the upstream one.
+    /// With 16-bit operands or a `c` of another type or shape it is `c.add(&self.matmul_t(..))`.
     pub fn matmul_t_add(&self, rhs: &Tensor, ta: bool, tb: bool, c: Tensor) -> Result<Tensor> {
         let plain = |c: Tensor| c.add(&self.matmul_t(rhs, ta, tb)?);
         let (ad, bd) = (self.dims(), rhs.dims());
-        let cpu = |t: &Tensor| t.device() == crate::Device::Cpu;
-        let same = |t: &Tensor| t.dtype() == self.dtype() && !t.dtype().is_half();
-        if !(cpu(self) && cpu(rhs) && cpu(&c) && same(rhs) && same(&c)) || ad.len() < 2 {
+        let same = |t: &Tensor| {
+            t.dtype() == self.dtype() && !t.dtype().is_half() && t.device() == self.device()
+        };
+        if !(same(rhs) && same(&c)) || ad.len() < 2 {
             return plain(c);
         }
         if ad.len() > 2 && bd.len() == 2 && !ta {
@@ -118,22 +119,15 @@ impl Tensor {
             let out = self.reshape([rows, k])?.matmul_t_add(rhs, false, tb, c2)?;
             return out.reshape(c_dims);
         }
-        let Ok((dims, out_dims)) = gemm_dims(ad, bd, ta, tb) else {
+        let Ok(g) = gemm(ad, bd, ta, tb) else {
             return plain(c);
         };
-        if c.dims() != out_dims.as_slice() {
+        if c.dims() != g.out_dims.as_slice() {
             return plain(c);
         }
         let _profiled = crate::profile::scope(Op::MatMul, crate::profile::Phase::Forward);
         let mut c = c;
-        let out = float_dispatch!("matmul", self.dtype(), |T| {
-            let mut acc = match c.take_unique_cpu::<T>() {
-                Some(v) => v,
-                None => c.cpu::<T>("matmul")?.to_vec(),
-            };
-            gemm_into(self, rhs, dims, (ta, tb), &mut acc, true)?;
-            Ok(Tensor::from_cpu(acc, out_dims))
-        })?;
+        let out = kernels(self.device()).matmul_add(self, rhs, &g, &mut c)?;
         Tape::record(Op::MatMul, &[self, rhs, &c], out, || MatMulBackward {
             a: self.stop_gradient(),
             b: rhs.stop_gradient(),
@@ -141,45 +135,17 @@ impl Tensor {
             tb,
         })
     }
-
-    fn matmul_cpu(
-        &self,
-        rhs: &Tensor,
-        dims: GemmDims,
-        ta: bool,
-        tb: bool,
-        out_dims: Vec<usize>,
-    ) -> Result<Tensor> {
-        let GemmDims { batch, m, n, .. } = dims;
-        float_dispatch!("matmul", self.dtype(), |T| {
-            let mut c = vec![T::default(); batch * m * n];
-            gemm_into(self, rhs, dims, (ta, tb), &mut c, false)?;
-            Ok(Tensor::from_cpu(c, out_dims))
-        })
-    }
 }
 
-/// `c = op(a) . op(b)`, or `c += ..` when `accumulate`, for host operands of type `T`.
-fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
-    a: &Tensor,
-    b: &Tensor,
-    dims: GemmDims,
-    (ta, tb): (bool, bool),
-    c: &mut [T],
-    accumulate: bool,
-) -> Result<()> {
-    let GemmDims { m, n, k, .. } = dims;
-    let a = Operand {
-        data: a.cpu::<T>("matmul")?,
-        trans: ta,
-        batch_stride: m * k,
-    };
-    let b = Operand {
-        data: b.cpu::<T>("matmul")?,
-        trans: tb,
-        batch_stride: k * n,
-    };
-    matmul(dims, a, b, c, accumulate);
+/// Checks that two operands live on one device (their types may differ: autocast).
+fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.device() != b.device() {
+        return Err(Error::DeviceMismatch {
+            op,
+            lhs: a.device(),
+            rhs: b.device(),
+        });
+    }
     Ok(())
 }
 
@@ -190,9 +156,9 @@ struct MatMulBackward {
     tb: bool,
 }
 
-/// The GEMM sizes of `op(a) . op(b)` for operands of dims `ad`, `bd` (same rank, matching
-/// batch axes) and the product's dims; errors name both shapes.
-fn gemm_dims(ad: &[usize], bd: &[usize], ta: bool, tb: bool) -> Result<(GemmDims, Vec<usize>)> {
+/// The GEMM of `op(a) . op(b)` for operands of dims `ad`, `bd` (same rank, matching batch
+/// axes); errors name both shapes.
+fn gemm(ad: &[usize], bd: &[usize], ta: bool, tb: bool) -> Result<Gemm> {
     if ad.len() != bd.len() || ad[..ad.len() - 2] != bd[..bd.len() - 2] {
         return Err(Error::shape(
             "matmul",
@@ -223,64 +189,18 @@ fn gemm_dims(ad: &[usize], bd: &[usize], ta: bool, tb: bool) -> Result<(GemmDims
     let batch: usize = ad[..r - 2].iter().product();
     let mut out_dims = ad[..r - 2].to_vec();
     out_dims.extend([m, n]);
-    Ok((GemmDims { batch, m, n, k: ka }, out_dims))
-}
-
-/// `op(a) . op(b)` in f32 through the AVX512-BF16 kernel, when one operand is bf16 and the
-/// other bf16 or f32 (rounded to bf16 as it is packed), both on the CPU, their batch axes match
-/// and the CPU has the instructions. Products of bf16 values are exact in f32, so this is the
-/// widened product of the rounded values up to summation order. `None` sends the caller to the
-/// widening path (which also reports shape errors).
-fn bf16_product(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Option<Tensor>> {
-    use bft_kernels::cpu::bf16_gemm::{Bf16Source, available, matmul_bf16};
-    use half::bf16;
-    let fits = |t: &Tensor| {
-        matches!(t.dtype(), DType::BF16 | DType::F32) && t.device() == crate::Device::Cpu
-    };
-    if !(fits(a) && fits(b) && available()) || a.dims().len() != b.dims().len() {
-        return Ok(None);
-    }
-    let Ok((dims, out_dims)) = gemm_dims(a.dims(), b.dims(), ta, tb) else {
-        return Ok(None);
-    };
-    let GemmDims { batch, m, n, .. } = dims;
-    let mut c = vec![0f32; batch * m * n];
-    /// The kernel on `a` read as `A` and `b` as `B`.
-    fn run<A: Bf16Source + Elem, B: Bf16Source + Elem>(
-        dims: GemmDims,
-        (a, ta): (&Tensor, bool),
-        (b, tb): (&Tensor, bool),
-        c: &mut [f32],
-    ) -> Result<bool> {
-        let GemmDims { m, n, k, .. } = dims;
-        let (a, b) = (
-            Operand {
-                data: a.cpu::<A>("matmul")?,
-                trans: ta,
-                batch_stride: m * k,
-            },
-            Operand {
-                data: b.cpu::<B>("matmul")?,
-                trans: tb,
-                batch_stride: k * n,
-            },
-        );
-        Ok(matmul_bf16(dims, a, b, c, false))
-    }
-    let (a, b) = ((a, ta), (b, tb));
-    let ran = match (a.0.dtype(), b.0.dtype()) {
-        (DType::BF16, DType::BF16) => run::<bf16, bf16>(dims, a, b, &mut c)?,
-        (DType::F32, DType::BF16) => run::<f32, bf16>(dims, a, b, &mut c)?,
-        (DType::BF16, DType::F32) => run::<bf16, f32>(dims, a, b, &mut c)?,
-        _ => false,
-    };
-    Ok(ran.then(|| Tensor::from_cpu(c, out_dims)))
+    Ok(Gemm {
+        dims: GemmDims { batch, m, n, k: ka },
+        ta,
+        tb,
+        out_dims,
+    })
 }
 
 /// The f32 values a product with a 16-bit operand reads, as an untracked tensor: a 16-bit
 /// operand widened; an f32 operand rounded to the 16-bit type `half` first (autocast rounds the
 /// activation it feeds a 16-bit weight), then widened; anything else as it is.
-fn autocast_operand(t: &Tensor, half: DType) -> Result<Tensor> {
+pub(super) fn autocast_operand(t: &Tensor, half: DType) -> Result<Tensor> {
     match t.dtype() {
         d if d.is_half() => t.cast_untracked(DType::F32),
         DType::F32 => t.cast_untracked(half)?.cast_untracked(DType::F32),

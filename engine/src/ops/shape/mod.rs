@@ -1,123 +1,39 @@
 //! Reshape, permute/transpose, narrow/split and cat. Every result is contiguous: kernels then
 //! never deal with strides, at the price of a copy for permute, narrow and cat.
 
-use super::{Op, axis};
-use crate::storage::{CpuData, CpuStorage};
-use crate::tape::{Backward, Tape};
-use crate::{Error, Result, Shape, Storage, Tensor};
-use bft_kernels::cpu::layout::{copy_slab, permute};
-use std::sync::Arc;
+mod cpu;
+mod cuda;
+mod wgpu;
 
-/// A wgpu tensor's buffer for a data-movement op: any 32-bit element type moves as bits.
-fn moved<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a bft_kernels::wgpu::GpuBuffer> {
-    if t.dtype().size_in_bytes() != 4 {
-        return Err(Error::DType {
-            op,
-            got: t.dtype(),
-            expected: "f32 or u32 on wgpu",
-        });
-    }
-    t.wgpu().ok_or(Error::Unsupported {
-        op,
-        device: t.device(),
-    })
+use super::{Op, axis};
+use crate::backend::kernels;
+use crate::tape::{Backward, Tape};
+use crate::{DType, Error, Result, Shape, Tensor};
+pub(crate) use bft_kernels::wgpu::ops::Slab;
+
+/// The data-movement kernels of a backend. A slab (the kernels' `Slab`, whichever backend) is
+/// `outer` runs of `len x inner` elements, read at `src_at` of an axis of `src_dim` and written
+/// at `dst_at` of one of `dst_dim`: narrow reads one, cat writes one per input.
+pub(crate) trait LayoutKernel {
+    /// Whether the backend moves tensors of `dtype` as stored; others move as f32 (both casts
+    /// are exact for 16-bit types, so the result holds the same bits).
+    fn moves(&self, dtype: DType) -> bool;
+    /// `x` with its axes reordered into `dims`: output axis `i` is input axis `perm[i]`.
+    fn permute(&self, x: &Tensor, perm: &[usize], dims: Vec<usize>) -> Result<Tensor>;
+    /// A tensor of `shape` and the pieces' type and device holding each piece's slab, and
+    /// zeros elsewhere when `zeroed` (otherwise the slabs cover it).
+    fn slabs(&self, shape: Shape, pieces: &[(&Tensor, Slab)], zeroed: bool) -> Result<Tensor>;
 }
 
-/// 16-bit tensors on wgpu move as f32: the kernels move 32-bit words, and both casts are
-/// exact, so the result holds the same bits.
-fn wide_on_device(
+/// Runs `f` on f32 copies when the inputs' backend does not move their type as stored.
+fn moved_as_stored(
     inputs: &[&Tensor],
     f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
-    if inputs.iter().all(|t| t.wgpu().is_none()) {
+    if inputs.iter().all(|t| kernels(t.device()).moves(t.dtype())) {
         return Ok(None);
     }
     super::in_compute_dtype(inputs, f)
-}
-
-/// A slab copy on wgpu from `src` into `dst`; both have the layout of `sizes` around the axis.
-fn wgpu_slab(
-    src: &Tensor,
-    dst: &bft_kernels::wgpu::GpuBuffer,
-    slab: bft_kernels::wgpu::ops::Slab,
-) -> Result<()> {
-    let g = dst.gpu().clone();
-    Ok(bft_kernels::wgpu::ops::slab(
-        &g,
-        moved("slab", src)?,
-        dst,
-        slab,
-    )?)
-}
-
-/// The host storage of a tensor whose data an op moves on the CPU.
-fn host<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a CpuStorage> {
-    match t.storage() {
-        Storage::Cpu(s) => Ok(s),
-        Storage::Wgpu(_) | Storage::Cuda(_) => Err(Error::Unsupported {
-            op,
-            device: t.device(),
-        }),
-    }
-}
-
-/// Applies a generic data-movement kernel to whichever element type the storage holds.
-fn map_cpu(
-    op: &'static str,
-    t: &Tensor,
-    shape: Shape,
-    f: impl Fn(&dyn AnySlice) -> CpuData,
-) -> Result<Tensor> {
-    let s = host(op, t)?;
-    let data = match &s.data {
-        CpuData::F32(v) => f(&v.as_slice()),
-        CpuData::F64(v) => f(&v.as_slice()),
-        CpuData::BF16(v) => f(&v.as_slice()),
-        CpuData::F16(v) => f(&v.as_slice()),
-        CpuData::U32(v) => f(&v.as_slice()),
-    };
-    Ok(Tensor::from_storage(
-        Arc::new(Storage::Cpu(CpuStorage::new(data))),
-        shape,
-    ))
-}
-
-/// Type-erased source buffer so each movement op is written once for every dtype.
-trait AnySlice {
-    fn permute(&self, dims: &[usize], perm: &[usize]) -> CpuData;
-    fn slab(
-        &self,
-        src_dim: usize,
-        src_at: usize,
-        dst_dim: usize,
-        dst_at: usize,
-        sizes: (usize, usize, usize),
-        into: Option<CpuData>,
-    ) -> CpuData;
-}
-
-impl<T: crate::Elem + Default> AnySlice for &[T] {
-    fn permute(&self, dims: &[usize], perm: &[usize]) -> CpuData {
-        let mut out = vec![T::default(); self.len()];
-        permute(self, dims, perm, &mut out);
-        T::wrap(out)
-    }
-    fn slab(
-        &self,
-        src_dim: usize,
-        src_at: usize,
-        dst_dim: usize,
-        dst_at: usize,
-        sizes: (usize, usize, usize),
-        into: Option<CpuData>,
-    ) -> CpuData {
-        // Writing into the buffer passed in (by value) keeps `cat` linear in its output size.
-        let mut out = into
-            .and_then(T::take)
-            .unwrap_or_else(|| vec![T::default(); sizes.0 * dst_dim * sizes.2]);
-        copy_slab(self, src_dim, src_at, &mut out, dst_dim, dst_at, sizes);
-        T::wrap(out)
-    }
 }
 
 impl Tensor {
@@ -155,25 +71,11 @@ impl Tensor {
                 ),
             ));
         }
-        if let Some(out) = wide_on_device(&[self], |t| t[0].permute(perm))? {
+        if let Some(out) = moved_as_stored(&[self], |t| t[0].permute(perm))? {
             return Ok(out);
         }
         let dims: Vec<usize> = perm.iter().map(|&p| self.dims()[p]).collect();
-        let out = if let Some((g, i)) = super::wgpu_of(self) {
-            if rank > bft_kernels::wgpu::ops::MAX_RANK {
-                return Err(Error::Unsupported {
-                    op: "permute of more than 6 axes",
-                    device: self.device(),
-                });
-            }
-            let y =
-                bft_kernels::wgpu::ops::permute(&g, moved("permute", self)?, self.dims(), perm)?;
-            Tensor::from_wgpu(y, self.dtype(), i, dims)
-        } else {
-            map_cpu("permute", self, dims.into(), |s| {
-                s.permute(self.dims(), perm)
-            })?
-        };
+        let out = kernels(self.device()).permute(self, perm, dims)?;
         let mut inverse = vec![0; rank];
         for (i, &p) in perm.iter().enumerate() {
             inverse[p] = i;
@@ -207,30 +109,22 @@ impl Tensor {
                 ),
             ));
         }
-        if let Some(out) = wide_on_device(&[self], |t| t[0].narrow(dim, start, len))? {
+        if let Some(out) = moved_as_stored(&[self], |t| t[0].narrow(dim, start, len))? {
             return Ok(out);
         }
         let (outer, _, inner) = self.shape().split_at_axis(d);
         let mut dims = self.dims().to_vec();
         dims[d] = len;
-        let out = if let Some((g, i)) = super::wgpu_of(self) {
-            let dst = g.alloc((outer * len * inner * 4) as u64);
-            let slab = bft_kernels::wgpu::ops::Slab {
-                outer,
-                inner,
-                len,
-                src_dim: size,
-                src_at: start,
-                dst_dim: len,
-                dst_at: 0,
-            };
-            wgpu_slab(self, &dst, slab)?;
-            Tensor::from_wgpu(dst, self.dtype(), i, dims)
-        } else {
-            map_cpu("narrow", self, dims.into(), |s| {
-                s.slab(size, start, len, 0, (outer, len, inner), None)
-            })?
+        let slab = Slab {
+            outer,
+            inner,
+            len,
+            src_dim: size,
+            src_at: start,
+            dst_dim: len,
+            dst_at: 0,
         };
+        let out = kernels(self.device()).slabs(dims.into(), &[(self, slab)], false)?;
         Tape::record(Op::Narrow, &[self], out, || NarrowBackward {
             shape: self.shape().clone(),
             dim: d,
@@ -284,53 +178,32 @@ impl Tensor {
             }
         }
         let refs: Vec<&Tensor> = tensors.iter().collect();
-        if let Some(out) = wide_on_device(&refs, |t| Tensor::cat(t, dim))? {
+        if let Some(out) = moved_as_stored(&refs, |t| Tensor::cat(t, dim))? {
             return Ok(out);
         }
         let total: usize = tensors.iter().map(|t| t.dims()[d]).sum();
         let mut dims = first.dims().to_vec();
         dims[d] = total;
         let (outer, _, inner) = first.shape().split_at_axis(d);
-        if let Some((g, i)) = super::wgpu_of(first) {
-            let dst = g.alloc((outer * total * inner * 4) as u64);
-            let mut at = 0;
-            for t in tensors {
+        let mut at = 0;
+        let pieces: Vec<(&Tensor, Slab)> = tensors
+            .iter()
+            .map(|t| {
                 let len = t.dims()[d];
-                let slab = bft_kernels::wgpu::ops::Slab {
+                at += len;
+                let slab = Slab {
                     outer,
                     inner,
                     len,
                     src_dim: len,
                     src_at: 0,
                     dst_dim: total,
-                    dst_at: at,
+                    dst_at: at - len,
                 };
-                wgpu_slab(t, &dst, slab)?;
-                at += len;
-            }
-            let out = Tensor::from_wgpu(dst, first.dtype(), i, dims);
-            let sizes = tensors.iter().map(|t| t.dims()[d]).collect();
-            return Tape::record(Op::Cat, &refs, out, || CatBackward { dim: d, sizes });
-        }
-        let mut data: Option<CpuData> = None;
-        let mut at = 0;
-        for t in tensors {
-            let len = t.dims()[d];
-            let s = host("cat", t)?;
-            let src: &dyn AnySlice = match &s.data {
-                CpuData::F32(v) => &v.as_slice(),
-                CpuData::F64(v) => &v.as_slice(),
-                CpuData::BF16(v) => &v.as_slice(),
-                CpuData::F16(v) => &v.as_slice(),
-                CpuData::U32(v) => &v.as_slice(),
-            };
-            data = Some(src.slab(len, 0, total, at, (outer, len, inner), data.take()));
-            at += len;
-        }
-        // cannot fail: `tensors` is not empty (checked at the top), so the loop ran.
-        let data = data.expect("at least one tensor");
-        let out = Tensor::from_storage(Arc::new(Storage::Cpu(CpuStorage::new(data))), dims.into());
-        let refs: Vec<&Tensor> = tensors.iter().collect();
+                (t, slab)
+            })
+            .collect();
+        let out = kernels(first.device()).slabs(dims.into(), &pieces, false)?;
         let sizes = tensors.iter().map(|t| t.dims()[d]).collect();
         Tape::record(Op::Cat, &refs, out, || CatBackward { dim: d, sizes })
     }
@@ -363,38 +236,17 @@ impl Backward for NarrowBackward {
     fn backward(&self, g: &Tensor, _: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let (outer, size, inner) = self.shape.split_at_axis(self.dim);
         let len = g.dims()[self.dim];
-        if let Some((gpu, i)) = super::wgpu_of(g) {
-            let dst = bft_kernels::wgpu::ops::fill(&gpu, self.shape.numel(), 0)?;
-            let slab = bft_kernels::wgpu::ops::Slab {
-                outer,
-                inner,
-                len,
-                src_dim: len,
-                src_at: 0,
-                dst_dim: size,
-                dst_at: self.start,
-            };
-            wgpu_slab(g, &dst, slab)?;
-            return Ok(vec![Some(Tensor::from_wgpu(
-                dst,
-                g.dtype(),
-                i,
-                self.shape.clone(),
-            ))]);
-        }
-        let zeros = Tensor::zeros(self.shape.clone(), g.dtype(), &g.device())?;
-        let z = host("narrow backward", &zeros)?;
-        let out = map_cpu("narrow backward", g, self.shape.clone(), |s| {
-            s.slab(
-                len,
-                0,
-                size,
-                self.start,
-                (outer, len, inner),
-                Some(z.data.clone()),
-            )
-        })?;
-        Ok(vec![Some(out)])
+        let slab = Slab {
+            outer,
+            inner,
+            len,
+            src_dim: len,
+            src_at: 0,
+            dst_dim: size,
+            dst_at: self.start,
+        };
+        let dx = kernels(g.device()).slabs(self.shape.clone(), &[(g, slab)], true)?;
+        Ok(vec![Some(dx)])
     }
 }
 

@@ -1,0 +1,112 @@
+use super::{CHUNK_BYTES, HeadSaved, LmHeadKernel, Selection};
+use crate::backend::Cpu;
+use crate::memory::Scratch;
+use crate::ops::float_dispatch;
+use crate::{DType, Result, Tensor};
+use bft_kernels::cpu::Float;
+use bft_kernels::cpu::embedding::{gather, scatter_add};
+use bft_kernels::cpu::lm_head::{chunk_rows, lm_head_backward_head, lm_head_forward};
+
+impl LmHeadKernel for Cpu {
+    /// f32 hidden states read a frozen bf16 head as stored where the CPU has AVX512-BF16.
+    fn reads_bf16_head(&self, x: &Tensor, head: &Tensor) -> bool {
+        x.dtype() == DType::F32
+            && head.dtype() == DType::BF16
+            && !head.is_tracked()
+            && bft_kernels::cpu::bf16_gemm::available()
+    }
+
+    fn head_forward(
+        &self,
+        x: &Tensor,
+        head: &Tensor,
+        sel: Selection<'_>,
+        want_dx: bool,
+    ) -> Result<(HeadSaved, Vec<f64>)> {
+        let (n, c, v) = (sel.rows.len(), sel.dims.hidden, sel.dims.vocab);
+        float_dispatch!("lm_head_nll", x.dtype(), |T| {
+            // (n, C): only the rows with a target.
+            let mut xs = vec![T::default(); n * c];
+            gather(x.cpu::<T>("lm_head_nll")?, c, sel.rows, &mut xs);
+            let (mut lse, mut tl) = (vec![T::default(); n], vec![T::default(); n]);
+            let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
+            // The one vocabulary-sized buffer: a chunk of logits, counted as engine memory.
+            let mut z = Scratch::<T>::new(chunk.min(n) * v);
+            let mut unit = want_dx.then(|| vec![T::default(); n * c]);
+            let (op, xr) = ("lm_head_nll", xs.as_slice());
+            if head.dtype() == DType::BF16 {
+                lm_head_forward(
+                    sel.dims,
+                    chunk,
+                    (xr, head.cpu::<half::bf16>(op)?, sel.targets),
+                    &mut z.buf,
+                    &mut lse,
+                    &mut tl,
+                    unit.as_deref_mut(),
+                );
+            } else {
+                lm_head_forward(
+                    sel.dims,
+                    chunk,
+                    (xr, head.cpu::<T>(op)?, sel.targets),
+                    &mut z.buf,
+                    &mut lse,
+                    &mut tl,
+                    unit.as_deref_mut(),
+                );
+            }
+            drop(z);
+            let logprobs = tl
+                .iter()
+                .zip(&lse)
+                .map(|(&t, &l)| Float::to_f64(t - l))
+                .collect();
+            let saved = HeadSaved {
+                xs: Tensor::from_cpu(xs, [n, c]),
+                unit: unit.map(|u| Tensor::from_cpu(u, [n, c])),
+                lse: Tensor::from_cpu(lse, [n]),
+            };
+            Ok((saved, logprobs))
+        })
+    }
+
+    fn head_backward(
+        &self,
+        saved: &HeadSaved,
+        head: &Tensor,
+        sel: Selection<'_>,
+        coef: &[f64],
+        (need_dx, need_dw): (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (c, v) = (sel.dims.hidden, sel.dims.vocab);
+        float_dispatch!("lm_head_nll backward", saved.xs.dtype(), |T| {
+            let n = "lm_head_nll";
+            let coef: Vec<T> = coef.iter().map(|&a| T::from_f64(a)).collect();
+            let dx = match (&saved.unit, need_dx) {
+                (Some(unit), true) => {
+                    let mut dxs = unit.cpu::<T>(n)?.to_vec();
+                    dxs.chunks_mut(c)
+                        .zip(&coef)
+                        .for_each(|(row, &a)| row.iter_mut().for_each(|e| *e *= a));
+                    // Rows without a target get zero gradient.
+                    let mut dx = vec![T::default(); sel.n_all * c];
+                    scatter_add(&dxs, c, sel.rows, &mut dx);
+                    Some(Tensor::from_cpu(dx, [sel.n_all, c]))
+                }
+                _ => None,
+            };
+            let dw = if need_dw {
+                let mut dw = vec![T::default(); v * c];
+                let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
+                let mut z = Scratch::<T>::new(chunk.min(sel.rows.len()) * v);
+                let inputs = (saved.xs.cpu::<T>(n)?, head.cpu::<T>(n)?, sel.targets);
+                let lse = (saved.lse.cpu::<T>(n)?, coef.as_slice());
+                lm_head_backward_head(sel.dims, chunk, inputs, lse, &mut z.buf, &mut dw);
+                Some(Tensor::from_cpu(dw, [v, c]))
+            } else {
+                None
+            };
+            Ok((dx, dw))
+        })
+    }
+}

@@ -1,0 +1,119 @@
+use super::{Gemm, MatMulKernel, autocast_operand};
+use crate::backend::Cpu;
+use crate::dtype::Elem;
+use crate::ops::{float_dispatch, same_kind};
+use crate::{DType, Result, Tensor};
+use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
+
+impl MatMulKernel for Cpu {
+    fn matmul(&self, a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Tensor> {
+        let GemmDims { batch, m, n, .. } = g.dims;
+        float_dispatch!("matmul", a.dtype(), |T| {
+            let mut c = vec![T::default(); batch * m * n];
+            gemm_into(a, b, g, &mut c, false)?;
+            Ok(Tensor::from_cpu(c, g.out_dims.clone()))
+        })
+    }
+
+    /// The AVX512-BF16 kernel where the CPU has it; otherwise the operands are widened (an f32
+    /// one after rounding to the 16-bit type) and multiplied in f32.
+    fn matmul_mixed(&self, a: &Tensor, b: &Tensor, g: &Gemm, out: DType) -> Result<Tensor> {
+        let product = match bf16_product(a, b, g)? {
+            Some(p) => p,
+            None => {
+                let half = [a, b]
+                    .iter()
+                    .map(|t| t.dtype())
+                    .find(|d| d.is_half())
+                    .unwrap_or(DType::BF16);
+                let (a, b) = (autocast_operand(a, half)?, autocast_operand(b, half)?);
+                same_kind("matmul", &a, &b)?;
+                self.matmul(&a, &b, g)?
+            }
+        };
+        if out == DType::F32 {
+            Ok(product)
+        } else {
+            product.cast_untracked(out)
+        }
+    }
+
+    /// Accumulates into `c`'s buffer, taken in place when no other tensor shares it.
+    fn matmul_add(&self, a: &Tensor, b: &Tensor, g: &Gemm, c: &mut Tensor) -> Result<Tensor> {
+        float_dispatch!("matmul", a.dtype(), |T| {
+            let mut acc = match c.take_unique_cpu::<T>() {
+                Some(v) => v,
+                None => c.cpu::<T>("matmul")?.to_vec(),
+            };
+            gemm_into(a, b, g, &mut acc, true)?;
+            Ok(Tensor::from_cpu(acc, g.out_dims.clone()))
+        })
+    }
+}
+
+/// `c = op(a) . op(b)`, or `c += ..` when `accumulate`, for host operands of type `T`.
+fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
+    a: &Tensor,
+    b: &Tensor,
+    g: &Gemm,
+    c: &mut [T],
+    accumulate: bool,
+) -> Result<()> {
+    let GemmDims { m, n, k, .. } = g.dims;
+    let a = Operand {
+        data: a.cpu::<T>("matmul")?,
+        trans: g.ta,
+        batch_stride: m * k,
+    };
+    let b = Operand {
+        data: b.cpu::<T>("matmul")?,
+        trans: g.tb,
+        batch_stride: k * n,
+    };
+    matmul(g.dims, a, b, c, accumulate);
+    Ok(())
+}
+
+/// `op(a) . op(b)` in f32 through the AVX512-BF16 kernel, when one operand is bf16 and the
+/// other bf16 or f32 (rounded to bf16 as it is packed) and the CPU has the instructions.
+/// Products of bf16 values are exact in f32, so this is the widened product of the rounded
+/// values up to summation order. `None` sends the caller to the widening path.
+fn bf16_product(a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Option<Tensor>> {
+    use bft_kernels::cpu::bf16_gemm::{Bf16Source, available, matmul_bf16};
+    use half::bf16;
+    let fits = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F32);
+    if !(fits(a) && fits(b) && available()) {
+        return Ok(None);
+    }
+    let GemmDims { batch, m, n, .. } = g.dims;
+    let mut c = vec![0f32; batch * m * n];
+    /// The kernel on `a` read as `A` and `b` as `B`.
+    fn run<A: Bf16Source + Elem, B: Bf16Source + Elem>(
+        a: &Tensor,
+        b: &Tensor,
+        g: &Gemm,
+        c: &mut [f32],
+    ) -> Result<bool> {
+        let GemmDims { m, n, k, .. } = g.dims;
+        let (a, b) = (
+            Operand {
+                data: a.cpu::<A>("matmul")?,
+                trans: g.ta,
+                batch_stride: m * k,
+            },
+            Operand {
+                data: b.cpu::<B>("matmul")?,
+                trans: g.tb,
+                batch_stride: k * n,
+            },
+        );
+        Ok(matmul_bf16(g.dims, a, b, c, false))
+    }
+    let ran = match (a.dtype(), b.dtype()) {
+        (DType::BF16, DType::BF16) => run::<bf16, bf16>(a, b, g, &mut c)?,
+        (DType::F32, DType::BF16) => run::<f32, bf16>(a, b, g, &mut c)?,
+        (DType::BF16, DType::F32) => run::<bf16, f32>(a, b, g, &mut c)?,
+        _ => false,
+    };
+    Ok(ran.then(|| Tensor::from_cpu(c, g.out_dims.clone())))
+}
