@@ -185,6 +185,11 @@ impl Tensor {
         self.unique_storage()
     }
 
+    /// Whether no other tensor shares this one's storage (an in-place kernel may write it).
+    pub(crate) fn owns_storage(&mut self) -> bool {
+        Arc::get_mut(&mut self.storage).is_some()
+    }
+
     /// The storage, copied first if another tensor shares it (copy-on-write).
     pub(crate) fn unique_storage(&mut self) -> Result<&mut Storage> {
         if Arc::get_mut(&mut self.storage).is_none() {

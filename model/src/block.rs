@@ -400,8 +400,10 @@ impl Block {
             Ok(y.reshape([b, t, heads, c.head_dim])?.transpose(1, 2)?)
         };
         let bias = |i: usize| c.qkv_bias.then_some(9 + i);
-        let q = proj(Linear::Q, bias(0), c.heads)?.rope(cos, sin)?;
-        let mut k = proj(Linear::K, bias(1), c.kv_heads)?.rope(cos, sin)?;
+        // The projections are fresh tensors: a backend with an in-place kernel rotates them
+        // where they are.
+        let q = proj(Linear::Q, bias(0), c.heads)?.rope_in_place(cos, sin)?;
+        let mut k = proj(Linear::K, bias(1), c.kv_heads)?.rope_in_place(cos, sin)?;
         let mut v = proj(Linear::V, bias(2), c.kv_heads)?;
         if let Some(cache) = cache {
             // (B, Hkv, S, D): earlier positions first; K is cached after RoPE.
@@ -418,8 +420,9 @@ impl Block {
             _ => q.causal_attention(&k, &v, None)?,
         };
         let a = a.transpose(1, 2)?.reshape([b, t, c.heads * c.head_dim])?;
-        let x = x.add(&self.linear(&a, Linear::O, dropout_seed)?)?;
-        let h = x.rms_norm(&w[5], c.rms_eps)?;
+        // The residual add and the second norm: one pass where the backend fuses them.
+        let (x, h) =
+            x.add_rms_norm(&self.linear(&a, Linear::O, dropout_seed)?, &w[5], c.rms_eps)?;
         let m = self
             .linear(&h, Linear::Gate, dropout_seed)?
             .swiglu(&self.linear(&h, Linear::Up, dropout_seed)?)?;

@@ -89,6 +89,17 @@ impl Tensor {
     }
 }
 
+/// Records `out = a + b` for operands of one shape whose sum a fused kernel computed (the
+/// residual stream of `add_rms_norm`): the tape holds the Add it stands for.
+pub(crate) fn record_add(a: &Tensor, b: &Tensor, out: Tensor) -> Result<Tensor> {
+    Tape::record(Op::Add, &[a, b], out, || BinaryBackward {
+        kind: BinaryKind::Add,
+        a: a.stop_gradient(),
+        b: b.stop_gradient(),
+        out: None,
+    })
+}
+
 fn op_name(op: Op) -> &'static str {
     match op {
         Op::Add => "add",

@@ -27,6 +27,41 @@ impl RmsNormKernel for Cuda {
         ))
     }
 
+    /// The bf16 kernel with the residual add fused: one read of each input row.
+    fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        delta: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        if x.dtype() != DType::BF16 {
+            return Ok(None);
+        }
+        let (dev, i) = cuda_of(x)?;
+        let c = w.numel();
+        let rows = x.numel() / c.max(1);
+        let n = "add_rms_norm";
+        let (h, y, rstd) = ops::rmsnorm_forward(
+            &dev,
+            cbuf(n, x, DType::BF16)?,
+            Some(cbuf(n, delta, DType::BF16)?),
+            cbuf(n, w, DType::BF16)?,
+            (rows, c),
+            eps as f32,
+        )?;
+        let h = h.ok_or(crate::Error::Unsupported {
+            op: "add_rms_norm without its sum",
+            device: x.device(),
+        })?;
+        let t = |b| Tensor::from_cuda(b, DType::BF16, i, x.shape().clone());
+        Ok(Some((
+            t(h),
+            t(y),
+            Tensor::from_cuda(rstd, DType::F32, i, [rows]),
+        )))
+    }
+
     fn rms_norm_backward(
         &self,
         s: &RmsNormBackward,

@@ -21,6 +21,18 @@ pub(crate) trait RmsNormKernel {
         dy: &Tensor,
         need_dw: bool,
     ) -> Result<(Tensor, Option<Tensor>)>;
+    /// `(h, y, rstd)` for `h = x + delta` and the `(y, rstd)` of `rms_norm(h)` in one pass,
+    /// for inputs of one type and shape that the backend has a fused kernel for; `None` (the
+    /// default) sends the caller to the two ops.
+    fn add_rms_norm(
+        &self,
+        _x: &Tensor,
+        _delta: &Tensor,
+        _w: &Tensor,
+        _eps: f64,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
 }
 
 impl Tensor {
@@ -49,6 +61,35 @@ impl Tensor {
             w: w.stop_gradient(),
             rstd,
         })
+    }
+}
+
+impl Tensor {
+    /// `(h, rms_norm(h, w))` with `h = self + delta` of the same shape: a block's residual
+    /// stream and its norm. Recorded as the Add and the RmsNorm it stands for, so gradients are
+    /// those of the two ops; a backend with a fused kernel (CUDA in bf16) writes both in one
+    /// pass over the rows.
+    pub fn add_rms_norm(&self, delta: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        let _profiled = crate::profile::scope(Op::RmsNorm, crate::profile::Phase::Forward);
+        let k = kernels(self.device());
+        let alike = |t: &Tensor| t.dtype() == self.dtype() && t.device() == self.device();
+        let fusable = delta.shape() == self.shape()
+            && alike(delta)
+            && alike(w)
+            && w.dims() == [self.shape().last()]
+            && k.compute_dtype(self.dtype()) == self.dtype();
+        if fusable && let Some((h, y, rstd)) = k.add_rms_norm(self, delta, w, eps)? {
+            let h = super::binary::record_add(self, delta, h)?;
+            let y = Tape::record(Op::RmsNorm, &[&h, w], y, || RmsNormBackward {
+                x: h.stop_gradient(),
+                w: w.stop_gradient(),
+                rstd,
+            })?;
+            return Ok((h, y));
+        }
+        let h = self.add(delta)?;
+        let y = h.rms_norm(w, eps)?;
+        Ok((h, y))
     }
 }
 
@@ -83,11 +124,46 @@ mod tests {
                     .prop_map(|(x, w)| instance(vec![x, w], |t| t[0].rms_norm(&t[1], 1e-5)))
             })
             .boxed();
-        vec![Case::new("rms_norm", &[Op::RmsNorm], strategy)]
+        // The fused residual form: both outputs reach the loss, so both paths carry gradient.
+        let fused = (size(), size())
+            .prop_flat_map(|(a, c)| {
+                (tensor(vec![a, c]), tensor(vec![a, c]), tensor(vec![c])).prop_map(|(x, d, w)| {
+                    instance(vec![x, d, w], |t| {
+                        let (h, y) = t[0].add_rms_norm(&t[1], &t[2], 1e-5)?;
+                        h.scale(0.5)?.add(&y)
+                    })
+                })
+            })
+            .boxed();
+        vec![
+            Case::new("rms_norm", &[Op::RmsNorm], strategy),
+            Case::new("add_rms_norm", &[Op::Add, Op::RmsNorm], fused),
+        ]
     }
 
     #[test]
     fn gradcheck() {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+
+    /// The fused op is the two ops it stands for, value for value, on every backend here.
+    #[test]
+    fn add_rms_norm_equals_add_then_rms_norm() {
+        use crate::{DType, Device, Tensor};
+        let mut devices = vec![Device::Cpu];
+        if !Device::wgpu_adapters().is_empty() {
+            devices.push(Device::Wgpu(0));
+        }
+        for dev in devices {
+            let x = Tensor::randn([3, 5, 8], 1.0, 1, DType::F32, &dev).unwrap();
+            let d = Tensor::randn([3, 5, 8], 1.0, 2, DType::F32, &dev).unwrap();
+            let w = Tensor::randn([8], 1.0, 3, DType::F32, &dev).unwrap();
+            let (h, y) = x.add_rms_norm(&d, &w, 1e-6).unwrap();
+            let h2 = x.add(&d).unwrap();
+            let y2 = h2.rms_norm(&w, 1e-6).unwrap();
+            let v = |t: &Tensor| t.to_vec::<f32>().unwrap();
+            assert_eq!(v(&h), v(&h2), "{dev}");
+            assert_eq!(v(&y), v(&y2), "{dev}");
+        }
     }
 }

@@ -14,6 +14,17 @@ use bft_kernels::cpu::rope::{default_inv_freq, rope_tables as tables};
 /// or by the inverse rotation (the backward).
 pub(crate) trait RopeKernel {
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor>;
+    /// The forward rotation written over `x`'s own buffer, which `x` owns alone, returning a
+    /// tensor on that buffer; `None` (the default) when the backend has no in-place kernel
+    /// for these inputs, and the caller rotates a copy.
+    fn rope_in_place(
+        &self,
+        _x: &mut Tensor,
+        _cos: &Tensor,
+        _sin: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// `(cos, sin)`, each `(t, head_dim / 2)`, for positions `offset..offset + t` with the standard
@@ -50,6 +61,35 @@ impl Tensor {
         if let Some(out) = in_compute_dtype(&[self, cos, sin], |t| t[0].rope(&t[1], &t[2]))? {
             return Ok(out);
         }
+        self.check_rope(cos, sin)?;
+        let out = kernels(self.device()).rope(self, cos, sin, false)?;
+        Tape::record(Op::Rope, &[self, cos, sin], out, || RopeBackward {
+            cos: cos.stop_gradient(),
+            sin: sin.stop_gradient(),
+        })
+    }
+
+    /// `rope`, consuming `self`: where the backend has an in-place kernel and `self` owns its
+    /// storage alone (a fresh projection does), the rotation overwrites that buffer instead of
+    /// a copy. Recorded as `Rope`, whose backward needs only the tables, so nothing the tape
+    /// keeps sees the overwrite (a saved copy would share the storage, and then `self` does
+    /// not own it alone).
+    pub fn rope_in_place(mut self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let _profiled = crate::profile::scope(Op::Rope, crate::profile::Phase::Forward);
+        if self.dtype() == cos.dtype() && self.dtype() == sin.dtype() {
+            self.check_rope(cos, sin)?;
+            if let Some(out) = kernels(self.device()).rope_in_place(&mut self, cos, sin)? {
+                return Tape::record(Op::Rope, &[&self, cos, sin], out, || RopeBackward {
+                    cos: cos.stop_gradient(),
+                    sin: sin.stop_gradient(),
+                });
+            }
+        }
+        self.rope(cos, sin)
+    }
+
+    /// The checks of `rope` on inputs of one type.
+    fn check_rope(&self, cos: &Tensor, sin: &Tensor) -> Result<()> {
         same_kind("rope", self, cos)?;
         same_kind("rope", self, sin)?;
         if cos.is_tracked() || sin.is_tracked() {
@@ -80,11 +120,7 @@ impl Tensor {
                 ),
             ));
         }
-        let out = kernels(self.device()).rope(self, cos, sin, false)?;
-        Tape::record(Op::Rope, &[self, cos, sin], out, || RopeBackward {
-            cos: cos.stop_gradient(),
-            sin: sin.stop_gradient(),
-        })
+        Ok(())
     }
 }
 
@@ -129,6 +165,35 @@ mod tests {
     #[test]
     fn gradcheck() {
         cases().iter().for_each(|c| gradcheck_case(c, 24));
+    }
+
+    /// The consuming form rotates like `rope` and records the same gradient, whether or not
+    /// the input's storage is shared.
+    #[test]
+    fn rope_in_place_equals_rope() {
+        use crate::Tape;
+        let dev = Device::Cpu;
+        let x = Tensor::randn([2, 3, 4, 6], 1.0, 7, DType::F64, &dev).unwrap();
+        let (c, s) = rope_tables(10_000.0, 6, 4, 2, DType::F64).unwrap();
+        let before = x.to_vec::<f64>().unwrap();
+        let want = x.rope(&c, &s).unwrap().to_vec::<f64>().unwrap();
+        let shared = x.clone().rope_in_place(&c, &s).unwrap();
+        assert_eq!(shared.to_vec::<f64>().unwrap(), want);
+        assert_eq!(
+            x.to_vec::<f64>().unwrap(),
+            before,
+            "a shared input must not be overwritten"
+        );
+        let tape = Tape::new();
+        let xt = tape.track(&x);
+        let y = xt.scale(2.0).unwrap().rope_in_place(&c, &s).unwrap();
+        let g = tape.backward(&y.sum_all().unwrap()).unwrap();
+        let tape2 = Tape::new();
+        let xt2 = tape2.track(&x);
+        let y2 = xt2.scale(2.0).unwrap().rope(&c, &s).unwrap();
+        let g2 = tape2.backward(&y2.sum_all().unwrap()).unwrap();
+        let grad = |g: &crate::Gradients, t: &Tensor| g.get(t).unwrap().to_vec::<f64>().unwrap();
+        assert_eq!(grad(&g, &xt), grad(&g2, &xt2));
     }
 
     #[test]
