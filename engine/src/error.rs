@@ -31,7 +31,16 @@ pub enum Error {
     #[error(transparent)]
     Gpu(#[from] bft_kernels::wgpu::GpuError),
     #[error(transparent)]
-    Cuda(#[from] bft_kernels::cuda::CudaError),
+    Cuda(bft_kernels::cuda::CudaError),
+    /// A device allocation failed; `during` is the op that was running, when one was.
+    #[error("{}{source}", during.map(|(op, phase)| format!("{op:?} {}: ", match phase {
+        crate::profile::Phase::Forward => "forward",
+        crate::profile::Phase::Backward => "backward",
+    })).unwrap_or_default())]
+    OutOfMemory {
+        during: Option<(Op, crate::profile::Phase)>,
+        source: bft_kernels::cuda::CudaError,
+    },
     #[error("{op}: index {index} is out of range for size {size}")]
     Index {
         op: &'static str,
@@ -65,5 +74,50 @@ impl Error {
             op,
             msg: msg.into(),
         }
+    }
+}
+
+impl From<bft_kernels::cuda::CudaError> for Error {
+    /// Out-of-memory errors name the op that was allocating.
+    fn from(e: bft_kernels::cuda::CudaError) -> Self {
+        match e {
+            e @ bft_kernels::cuda::CudaError::OutOfMemory { .. } => Error::OutOfMemory {
+                during: crate::profile::current(),
+                source: e,
+            },
+            e => Error::Cuda(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Phase, scope};
+    use bft_kernels::cuda::CudaError;
+
+    #[test]
+    fn out_of_memory_names_the_running_op_and_the_sizes() {
+        let oom = || CudaError::OutOfMemory {
+            device: "NVIDIA H200 (sm_90)".into(),
+            bytes: 3 << 30,
+            free: 1 << 29,
+            total: 140 << 30,
+            released: 1 << 30,
+        };
+        let plain = "out of memory on NVIDIA H200 (sm_90) allocating 3.00 GiB: 512.0 MiB of \
+                     140.00 GiB free after releasing 1.00 GiB of cached buffers";
+        assert_eq!(Error::from(oom()).to_string(), plain);
+        {
+            let _outer = scope(Op::MatMul, Phase::Forward);
+            let _inner = scope(Op::Attention, Phase::Backward);
+            let e = Error::from(oom()).to_string();
+            assert_eq!(e, format!("Attention backward: {plain}"));
+        }
+        assert_eq!(
+            Error::from(oom()).to_string(),
+            plain,
+            "the scopes are closed"
+        );
     }
 }

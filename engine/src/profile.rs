@@ -12,7 +12,7 @@
 //! tests, do not mix; with profiling off each op reads one thread-local cell.
 
 use crate::Op;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -63,6 +63,14 @@ struct State {
 thread_local! {
     /// `Some` while this thread is profiled.
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+    /// The innermost op running on this thread, profiled or not: an out-of-memory error names
+    /// it (`Error::from`).
+    static CURRENT: Cell<Option<(Op, Phase)>> = const { Cell::new(None) };
+}
+
+/// The innermost op running on the calling thread, and which half of it.
+pub(crate) fn current() -> Option<(Op, Phase)> {
+    CURRENT.with(Cell::get)
 }
 
 /// Starts profiling the calling thread (dropping any unfinished profile).
@@ -96,16 +104,22 @@ pub fn finish() -> Option<Profile> {
     })
 }
 
-/// An open op scope; closing the outermost one adds its time and bytes to the profile.
+/// An open op scope: it marks the op as the thread's current one, and while profiling,
+/// closing the outermost scope adds its time and bytes to the profile.
 pub(crate) struct Scope {
     op: Op,
     phase: Phase,
-    /// Set on the outermost scope only.
+    /// The op that was current before this one.
+    outer_op: Option<(Op, Phase)>,
+    /// Whether the thread is profiled (then the scope counts in `depth`).
+    profiled: bool,
+    /// Set on the outermost profiled scope only.
     t0: Option<Instant>,
 }
 
-/// Opens a scope for `op`: `None` (one thread-local read) when profiling is off.
-pub(crate) fn scope(op: Op, phase: Phase) -> Option<Scope> {
+/// Opens a scope for `op`; with profiling off that is two thread-local cells.
+pub(crate) fn scope(op: Op, phase: Phase) -> Scope {
+    let outer_op = CURRENT.with(|c| c.replace(Some((op, phase))));
     let outer = STATE.with(|s| {
         let mut s = s.borrow_mut();
         let s = s.as_mut()?;
@@ -114,16 +128,22 @@ pub(crate) fn scope(op: Op, phase: Phase) -> Option<Scope> {
             s.bytes = 0;
         }
         Some(s.depth == 1)
-    })?;
-    Some(Scope {
+    });
+    Scope {
         op,
         phase,
-        t0: outer.then(Instant::now),
-    })
+        outer_op,
+        profiled: outer.is_some(),
+        t0: outer.unwrap_or(false).then(Instant::now),
+    }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.outer_op));
+        if !self.profiled {
+            return;
+        }
         let elapsed = self.t0.map(|t| t.elapsed().as_secs_f64());
         STATE.with(|s| {
             let mut s = s.borrow_mut();

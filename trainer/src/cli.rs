@@ -194,8 +194,25 @@ pub fn model_path(arg: &Path) -> Result<PathBuf> {
     Ok(arg.to_owned())
 }
 
-/// A `--device` argument: `cpu`, `wgpu` (the first adapter), `wgpu:N`, `cuda` or `cuda:N`.
+/// A `--device` argument: `cpu`, `wgpu` (the first adapter), `wgpu:N`, `cuda` or `cuda:N`. A
+/// CUDA device must exist on this machine: asking for one without is refused here, before
+/// anything is loaded or written.
 pub fn parse_device(s: &str) -> Result<Device> {
+    let device = device_name(s)?;
+    if let Device::Cuda(i) = device {
+        match Device::cuda_devices() {
+            Err(why) => bail!("--device {s}: no CUDA device on this machine ({why})"),
+            Ok(list) if i >= list.len() => bail!(
+                "--device {s}: no CUDA device {i} on this machine ({} found; `bft info` lists them)",
+                list.len()
+            ),
+            Ok(_) => {}
+        }
+    }
+    Ok(device)
+}
+
+fn device_name(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "wgpu" => Ok(Device::Wgpu(0)),

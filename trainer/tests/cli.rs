@@ -429,6 +429,55 @@ fn out_of_range_options_are_refused_before_anything_is_written() {
     }
 }
 
+/// On a machine without a CUDA device (CI's), `--device cuda` is refused by every subcommand
+/// that computes, with one line saying there is no CUDA device and why, before anything is
+/// loaded or written; never a panic. Skipped where a CUDA device exists.
+#[test]
+fn device_cuda_without_a_gpu_is_a_clear_error_everywhere() {
+    if bft_engine::Device::cuda_devices().is_ok_and(|d| !d.is_empty()) {
+        eprintln!("skipped: this machine has a CUDA device");
+        return;
+    }
+    let data = data("cuda-data");
+    let out_dir = tmp("cuda-never-created");
+    let out_file = tmp("cuda-never-created.jsonl");
+    let out_json = tmp("cuda-never-created.json");
+    let model = model();
+    let m = model.to_str().unwrap();
+    let (d, o, f, j) = (
+        data.to_str().unwrap(),
+        out_dir.to_str().unwrap(),
+        out_file.to_str().unwrap(),
+        out_json.to_str().unwrap(),
+    );
+    let runs: [&[&str]; 5] = [
+        &["train", "--model", m, "--data", d, "--output", o],
+        &["score", "--model", m, "--data", d, "--out", f],
+        &["generate", "--model", m, "--prompt", "BRCA1"],
+        &["eval", "--model", m, "--limit", "1", "--out", j],
+        &["train", "--model", m, "--data", d, "--output", o],
+    ];
+    for (k, args) in runs.iter().enumerate() {
+        let device = if k == 4 { "cuda:3" } else { "cuda" };
+        let out = Command::new(env!("CARGO_BIN_EXE_bft"))
+            .args(*args)
+            .args(["--device", device])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("--device {device}: no CUDA device")),
+            "{args:?}: {err}"
+        );
+        for p in [&out_dir, &out_file, &out_json] {
+            assert!(!p.exists(), "{args:?} wrote {}", p.display());
+        }
+    }
+}
+
 /// An adapter whose config says r=8 over rank-4 tensors is refused by every subcommand that
 /// loads one, naming the adapter file, and none of them writes its output.
 #[test]

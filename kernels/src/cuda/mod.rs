@@ -29,6 +29,28 @@ pub enum CudaError {
     Driver(String),
     #[error("CUDA: {0} is too large for a kernel launch")]
     TooLarge(String),
+    #[error(
+        "out of memory on {device} allocating {}: {} of {} free after releasing {} of cached \
+         buffers",
+        size(*bytes), size(*free), size(*total), size(*released)
+    )]
+    OutOfMemory {
+        device: String,
+        bytes: usize,
+        free: usize,
+        total: usize,
+        released: usize,
+    },
+}
+
+/// A byte count for a person: MiB below one GiB, GiB above.
+fn size(bytes: usize) -> String {
+    let mib = bytes as f64 / (1u64 << 20) as f64;
+    if mib < 1024.0 {
+        format!("{mib:.1} MiB")
+    } else {
+        format!("{:.2} GiB", mib / 1024.0)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;

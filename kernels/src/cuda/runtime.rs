@@ -147,9 +147,17 @@ impl Cuda {
         }))
     }
 
-    /// Device name and architecture.
+    /// Device name, compute capability and memory.
     pub fn describe(&self) -> String {
-        format!("{} ({})", self.name, self.arch)
+        match self.memory() {
+            Ok((_, total)) => format!(
+                "{} ({}, {:.1} GiB)",
+                self.name,
+                self.arch,
+                total as f64 / (1u64 << 30) as f64
+            ),
+            Err(_) => format!("{} ({})", self.name, self.arch),
+        }
     }
 
     /// Free and total device memory in bytes.
@@ -172,15 +180,49 @@ impl Cuda {
         };
         let slice = match reused {
             Some(s) => s,
-            // SAFETY: the buffer is uninitialised device memory; every user writes before
-            // reading (kernels fill their outputs, uploads copy in).
-            None => unsafe { self.stream.alloc::<u8>(class) }.map_err(driver)?,
+            None => self.fresh(class)?,
         };
         Ok(DeviceBuffer {
             slice: Some(slice),
             len: bytes,
             dev: self.clone(),
         })
+    }
+
+    /// A new device allocation of `class` bytes. When the device is full, the pool's free
+    /// buffers go back to the driver and the allocation is tried once more; failing again it
+    /// is `OutOfMemory`, with what was asked and what the device has.
+    fn fresh(&self, class: usize) -> Result<CudaSlice<u8>> {
+        use cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
+        // SAFETY: the buffer is uninitialised device memory; every user writes before reading
+        // (kernels fill their outputs, uploads copy in).
+        let first = unsafe { self.stream.alloc::<u8>(class) };
+        match first {
+            Ok(s) => return Ok(s),
+            Err(e) if e.0 != CUDA_ERROR_OUT_OF_MEMORY => return Err(driver(e)),
+            Err(_) => {}
+        }
+        let released = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let bytes = pool.iter().map(|(size, v)| size * v.len()).sum();
+            pool.clear();
+            bytes
+        };
+        // SAFETY: as above.
+        match unsafe { self.stream.alloc::<u8>(class) } {
+            Ok(s) => Ok(s),
+            Err(e) if e.0 == CUDA_ERROR_OUT_OF_MEMORY => {
+                let (free, total) = self.memory().unwrap_or((0, 0));
+                Err(CudaError::OutOfMemory {
+                    device: self.describe(),
+                    bytes: class,
+                    free,
+                    total,
+                    released,
+                })
+            }
+            Err(e) => Err(driver(e)),
+        }
     }
 
     /// A zero-filled buffer of `bytes`.

@@ -30,6 +30,10 @@ pub struct EvalArgs {
     /// JSON report: scores and every item's answer.
     #[arg(long, default_value = "bft-eval.json")]
     pub out: PathBuf,
+    /// Compute device for generation: cpu, wgpu (the first adapter), wgpu:N, cuda or cuda:N
+    /// (`bft info` lists them).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Summary rows of the printed table: (benchmark, n, metric columns).
@@ -38,6 +42,7 @@ pub type Row = (String, usize, Vec<(&'static str, f64)>);
 pub fn run(a: EvalArgs) -> Result<()> {
     crate::cli::check_at_least("max-new-tokens", a.max_new_tokens, 1)?;
     crate::cli::check_out_dir("out", &a.out)?;
+    let device = crate::cli::parse_device(&a.device)?;
     if a.limit == Some(0) {
         bail!("--limit 0 evaluates nothing: give at least 1 (or leave it out for every item)");
     }
@@ -85,7 +90,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let m = if names.iter().any(|n| n != "ggi") {
         let mut source = a.source.clone();
         source.model = crate::cli::model_path(&source.model)?;
-        Some(source.load(bft_engine::DType::F32)?)
+        let mut m = source.load(bft_engine::DType::F32)?;
+        m.model = m
+            .model
+            .to_device(&device)
+            .with_context(|| format!("moving the model to {device}"))?;
+        Some(m)
     } else {
         None
     };

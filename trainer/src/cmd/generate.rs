@@ -33,13 +33,22 @@ pub struct GenerateArgs {
     /// Stop when the reply contains this text (repeatable). EOS always stops.
     #[arg(long = "stop")]
     pub stop: Vec<String>,
+    /// Compute device: cpu, wgpu (the first adapter), wgpu:N, cuda or cuda:N (`bft info` lists
+    /// them).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     check_range("temperature", a.temperature, 0.0, f64::INFINITY)?;
     check_range("top-p", a.top_p, f64::MIN_POSITIVE, 1.0)?;
+    let device = crate::cli::parse_device(&a.device)?;
     let t0 = Instant::now();
-    let m = a.source.load(DType::F32)?;
+    let mut m = a.source.load(DType::F32)?;
+    m.model = m
+        .model
+        .to_device(&device)
+        .with_context(|| format!("moving the model to {device}"))?;
     let load_s = t0.elapsed().as_secs_f64();
     let text = if a.raw {
         a.prompt.clone()

@@ -27,7 +27,8 @@ pub fn run() -> Result<()> {
          wgpu: every op (WGSL kernels) and AdamW; f32 and u32 tensors, and f16/bf16 stored two \
          to a word, computing through f32\n\
          cuda devices: {cuda}\n\
-         cuda: tensors, casts and AdamW; the other ops report that they do not run there yet\n\
+         cuda: every op (NVRTC kernels, cuBLAS products), bf16 with f32 statistics; not yet \
+         run on a GPU\n\
          cpu: {}\n\
          cpu kernels: {}\n\
          cpu threads: {threads}\n\

@@ -32,8 +32,8 @@ pub struct ScoreArgs {
     /// Output JSONL file (written only if scoring succeeds).
     #[arg(long)]
     pub out: PathBuf,
-    /// Compute device: cpu, wgpu (the first adapter) or wgpu:N; cuda[:N] holds the weights but
-    /// runs no ops yet.
+    /// Compute device: cpu, wgpu (the first adapter), wgpu:N, cuda or cuda:N (`bft info` lists
+    /// them).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Storage dtype of the weights on the device (bf16/f16 halve their memory; the math stays

@@ -100,8 +100,9 @@ pub struct TrainArgs {
     /// backward, and the GEMM share (the run's third step, past warm-up; also BFT_PROFILE=1).
     #[arg(long)]
     pub profile: bool,
-    /// Compute device: cpu, wgpu (the first adapter; `bft info` lists them) or wgpu:N; cuda[:N]
-    /// holds the weights but runs no ops yet.
+    /// Compute device: cpu, wgpu (the first adapter), wgpu:N, cuda or cuda:N (`bft info` lists
+    /// them). On CUDA, bf16 weights make the step bf16 (f32 LoRA masters and optimizer state,
+    /// f32 accumulation).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Storage of the frozen base weights: f32, bf16 or f16. 16 bits halve the weights' memory
