@@ -9,6 +9,7 @@ use bft_kernels::cpu;
 use bft_kernels::cpu::attention::{AttnDims, Tiles};
 use bft_kernels::cpu::matmul::{GemmDims, Operand};
 use bft_kernels::cuda::ops;
+use bft_kernels::cuda::typed::{self, Float};
 use bft_kernels::cuda::{Cuda, DeviceBuffer, cuda, driver_available};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -571,4 +572,323 @@ fn the_pool_reuses_buffers() {
         "a buffer of the same class is reused"
     );
     assert_eq!(again.len(), 900);
+}
+
+/// The typed kernels' two storage types: uploads, reads back, and the tolerance of their
+/// outputs (f32 arithmetic on f32, one bf16 rounding of the result on bf16).
+struct Typed {
+    f: Float,
+    d: Arc<Cuda>,
+}
+
+impl Typed {
+    fn up(&self, v: &[f32]) -> DeviceBuffer {
+        match self.f {
+            Float::F32 => up_f32(&self.d, v),
+            Float::Bf16 => up_bf16(&self.d, v),
+        }
+    }
+    fn down(&self, b: &DeviceBuffer) -> Vec<f32> {
+        match self.f {
+            Float::F32 => down_f32(&self.d, b),
+            Float::Bf16 => down_bf16(&self.d, b),
+        }
+    }
+    /// `(relative, floor of the scale)`.
+    fn tol(&self) -> (f64, f64) {
+        match self.f {
+            // f32 sums of a few hundred terms, against f64: within 1e-5 of the tensor's scale.
+            Float::F32 => (2e-5, 1e-5),
+            Float::Bf16 => (BF16, 1e-3),
+        }
+    }
+    #[track_caller]
+    fn check(&self, what: &str, got: &DeviceBuffer, want: &[f64]) {
+        let (rel, floor) = self.tol();
+        close(
+            &format!("{what} {:?}", self.f),
+            &self.down(got),
+            want,
+            rel,
+            floor,
+        );
+    }
+}
+
+fn typed() -> Vec<Typed> {
+    let Some(d) = device() else { return vec![] };
+    [Float::F32, Float::Bf16]
+        .into_iter()
+        .map(|f| Typed { f, d: d.clone() })
+        .collect()
+}
+
+/// Rounds to the storage type, as an upload does: the CPU reference reads the same values.
+fn stored(t: &Typed, v: &[f32]) -> Vec<f64> {
+    match t.f {
+        Float::F32 => wide(v),
+        Float::Bf16 => v.iter().map(|&x| bf16::from_f32(x).to_f64()).collect(),
+    }
+}
+
+#[test]
+fn typed_elementwise_kernels_match_cpu() {
+    use cpu::binary::BinaryKind;
+    use cpu::unary::UnaryKind;
+    for t in typed() {
+        let (d, n, cols) = (&t.d, 4099, 29);
+        let x = random(n, 41, -2.0, 2.0);
+        let pos: Vec<f32> = x.iter().map(|v| v.abs() + 0.5).collect();
+        let dy = random(n, 42, -1.0, 1.0);
+        let kinds = [
+            UnaryKind::Exp,
+            UnaryKind::Log,
+            UnaryKind::Sigmoid,
+            UnaryKind::Silu,
+            UnaryKind::Neg,
+            UnaryKind::Gelu,
+        ];
+        for (code, kind) in kinds.into_iter().enumerate() {
+            // exp of the outliers (x 50) overflows; log needs positive inputs.
+            let input: Vec<f32> = match kind {
+                UnaryKind::Log => pos.clone(),
+                UnaryKind::Exp => x.iter().map(|v| v.clamp(-8.0, 8.0)).collect(),
+                _ => x.clone(),
+            };
+            let xw = stored(&t, &input);
+            let mut y = vec![0.0; n];
+            cpu::unary::unary(kind, &xw, &mut y);
+            let xd = t.up(&input);
+            let yd = typed::unary(d, t.f, code as u32, &xd, n).unwrap();
+            t.check(&format!("unary {kind:?}"), &yd, &y);
+            // The backward reads the device's own forward output, as the engine does.
+            let yw = stored(&t, &t.down(&yd));
+            let mut dx = vec![0.0; n];
+            cpu::unary::unary_backward(kind, &xw, &yw, &stored(&t, &dy), &mut dx);
+            let dyd = t.up(&dy);
+            let dxd = typed::unary_backward(d, t.f, code as u32, (&xd, &yd, &dyd), n).unwrap();
+            t.check(&format!("unary backward {kind:?}"), &dxd, &dx);
+        }
+        let b = random(cols, 43, 0.5, 2.0);
+        let kinds = [
+            BinaryKind::Add,
+            BinaryKind::Sub,
+            BinaryKind::Mul,
+            BinaryKind::Div,
+        ];
+        let m = n - n % cols;
+        for (code, kind) in kinds.into_iter().enumerate() {
+            let mut want = vec![0.0; m];
+            cpu::binary::binary(kind, &stored(&t, &x[..m]), &stored(&t, &b), &mut want);
+            let got = typed::binary(d, t.f, code as u32, (&t.up(&x[..m]), &t.up(&b)), m, cols);
+            t.check(&format!("binary {kind:?}"), &got.unwrap(), &want);
+        }
+        let want: Vec<f64> = stored(&t, &x).iter().map(|v| v * -0.75).collect();
+        t.check(
+            "scale",
+            &typed::scale(d, t.f, -0.75, &t.up(&x), n).unwrap(),
+            &want,
+        );
+        let mut sums = vec![0.0; cols];
+        cpu::binary::sum_rows(&stored(&t, &x[..m]), &mut sums);
+        let got = typed::sum_rows(d, t.f, &t.up(&x[..m]), m / cols, cols).unwrap();
+        t.check("sum_rows", &got, &sums);
+        let g = random(m / cols, 44, -1.0, 1.0);
+        let (xs, gs) = (stored(&t, &x[..m]), stored(&t, &g));
+        let want: Vec<f64> = (0..m).map(|i| xs[i] * gs[i / cols]).collect();
+        let got = typed::scale_rows(d, t.f, &t.up(&x[..m]), &t.up(&g), m, cols).unwrap();
+        t.check("scale_rows", &got, &want);
+    }
+}
+
+#[test]
+fn typed_softmax_nll_and_reductions_match_cpu() {
+    use cpu::reduce::ReduceKind;
+    for t in typed() {
+        let (d, rows, cols) = (&t.d, 37, 1029);
+        let x = random(rows * cols, 51, -4.0, 4.0);
+        let dy = random(rows * cols, 52, -1.0, 1.0);
+        let (xw, dyw) = (stored(&t, &x), stored(&t, &dy));
+        let (xd, dyd) = (t.up(&x), t.up(&dy));
+        for log in [false, true] {
+            let mut y = vec![0.0; rows * cols];
+            cpu::softmax::softmax(&xw, cols, log, &mut y);
+            let yd = typed::softmax(d, t.f, &xd, (rows, cols), log).unwrap();
+            t.check(&format!("softmax log={log}"), &yd, &y);
+            let mut dx = vec![0.0; rows * cols];
+            cpu::softmax::softmax_backward(&stored(&t, &t.down(&yd)), &dyw, cols, log, &mut dx);
+            let dxd = typed::softmax_backward(d, t.f, (&yd, &dyd), (rows, cols), log).unwrap();
+            t.check(&format!("softmax backward log={log}"), &dxd, &dx);
+        }
+        let targets: Vec<u32> = (0..rows as u32).map(|r| r * 97 % cols as u32).collect();
+        let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
+        cpu::nll::nll(&xw, cols, &targets, &mut loss, &mut lse);
+        let (ld, dir) = typed::nll(d, t.f, &xd, &up_u32(d, &targets), (rows, cols)).unwrap();
+        t.check("nll", &ld, &loss);
+        let mut want = vec![0.0; rows * cols];
+        cpu::nll::nll_backward(&xw, cols, &targets, &lse, &vec![1.0; rows], &mut want);
+        t.check("nll direction", &dir, &want);
+        let (outer, n, inner) = (7, 13, 31);
+        let len = outer * n * inner;
+        let (xr, xrd) = (stored(&t, &x[..len]), t.up(&x[..len]));
+        let mut out = vec![0.0; outer * inner];
+        let mut idx = vec![0u32; outer * inner];
+        cpu::reduce::reduce(ReduceKind::Sum, &xr, (outer, n, inner), &mut out, &mut idx);
+        let sd = typed::reduce_sum(d, t.f, &xrd, (outer, n, inner)).unwrap();
+        t.check("reduce_sum", &sd, &out);
+        cpu::reduce::reduce(ReduceKind::Max, &xr, (outer, n, inner), &mut out, &mut idx);
+        let (md, id) = typed::reduce_max(d, t.f, &xrd, (outer, n, inner)).unwrap();
+        t.check("reduce_max", &md, &out);
+        let got_idx: Vec<u32> = bytemuck::pod_collect_to_vec(&d.read(&id).unwrap());
+        assert_eq!(got_idx, idx, "argmax {:?}", t.f);
+        let g = random(outer * inner, 53, -1.0, 1.0);
+        let gd = t.up(&g);
+        for (kind, saved) in [(ReduceKind::Sum, None), (ReduceKind::Max, Some(&id))] {
+            let mut dx = vec![0.0; len];
+            cpu::reduce::reduce_backward(kind, &stored(&t, &g), &idx, (outer, n, inner), &mut dx);
+            let got = typed::reduce_backward(d, t.f, &gd, saved, (outer, n, inner)).unwrap();
+            t.check(&format!("reduce backward {kind:?}"), &got, &dx);
+        }
+    }
+}
+
+#[test]
+fn typed_layernorm_matches_cpu() {
+    for t in typed() {
+        let (d, rows, dim) = (&t.d, 45, 384);
+        let x = random(rows * dim, 61, -2.0, 2.0);
+        let w = random(dim, 62, 0.5, 1.5);
+        let b = random(dim, 63, -0.5, 0.5);
+        let dy = random(rows * dim, 64, -1.0, 1.0);
+        let (xw, ww, bw) = (stored(&t, &x), stored(&t, &w), stored(&t, &b));
+        let (mut y, mut mean, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
+        cpu::layernorm::layernorm(&xw, &ww, &bw, 1e-5, &mut y, &mut mean, &mut rstd);
+        let (xd, wd, bd) = (t.up(&x), t.up(&w), t.up(&b));
+        let (yd, md, rd) = typed::layernorm(d, t.f, (&xd, &wd, &bd), (rows, dim), 1e-5).unwrap();
+        t.check("layernorm", &yd, &y);
+        // A mean near zero is a sum that cancels: checked against the largest mean.
+        close("layernorm mean", &down_f32(d, &md), &mean, 1e-5, 1e-4);
+        close("layernorm rstd", &down_f32(d, &rd), &rstd, 1e-5, 1e-6);
+        let (mut dx, mut dw, mut db) = (vec![0.0; rows * dim], vec![0.0; dim], vec![0.0; dim]);
+        let dyw = stored(&t, &dy);
+        cpu::layernorm::layernorm_backward(
+            &xw,
+            &ww,
+            &mean,
+            &rstd,
+            &dyw,
+            &mut dx,
+            Some(&mut dw),
+            Some(&mut db),
+        );
+        let (dxd, wb) =
+            typed::layernorm_backward(d, t.f, (&xd, &wd, &md, &rd), &t.up(&dy), (rows, dim), true)
+                .unwrap();
+        // The input gradient cancels terms: checked against the tensor's scale.
+        let (rel, _) = t.tol();
+        close(
+            &format!("layernorm dx {:?}", t.f),
+            &t.down(&dxd),
+            &dx,
+            rel,
+            4.0 * rel,
+        );
+        let (dwd, dbd) = wb.expect("asked for dw and db");
+        t.check("layernorm dw", &dwd, &dw);
+        t.check("layernorm db", &dbd, &db);
+    }
+}
+
+#[test]
+fn layout_kernels_move_every_element() {
+    let Some(d) = device() else { return };
+    let dims = [3usize, 4, 5, 6];
+    let n: usize = dims.iter().product();
+    let words: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2654435761)).collect();
+    let halves: Vec<u16> = words.iter().map(|&w| (w >> 7) as u16).collect();
+    for perm in [[0usize, 2, 1, 3], [3, 2, 1, 0], [1, 3, 0, 2]] {
+        let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+        let mut want32 = vec![0u32; n];
+        cpu::layout::permute(&words, &dims, &perm, &mut want32);
+        let got = typed::permute(&d, 4, &up_u32(&d, &words), &dims, &perm).unwrap();
+        let got32: Vec<u32> = bytemuck::pod_collect_to_vec(&d.read(&got).unwrap());
+        assert_eq!(got32, want32, "permute {perm:?} -> {out_dims:?}, 4 bytes");
+        let mut want16 = vec![0u16; n];
+        cpu::layout::permute(&halves, &dims, &perm, &mut want16);
+        let src = d.upload(bytemuck::cast_slice(&halves)).unwrap();
+        let got = typed::permute(&d, 2, &src, &dims, &perm).unwrap();
+        let got16: Vec<u16> = bytemuck::pod_collect_to_vec(&d.read(&got).unwrap());
+        assert_eq!(got16, want16, "permute {perm:?}, 2 bytes");
+    }
+    // Narrow axis 1 of (3, 20, 7) at 5..13 into the middle of a (3, 11, 7) tensor at 2.
+    let (outer, inner, len) = (3, 7, 8);
+    let (src_dim, src_at, dst_dim, dst_at) = (20, 5, 11, 2);
+    let src: Vec<u32> = (0..(outer * src_dim * inner) as u32).collect();
+    let mut want = vec![u32::MAX; outer * dst_dim * inner];
+    cpu::layout::copy_slab(
+        &src,
+        src_dim,
+        src_at,
+        &mut want,
+        dst_dim,
+        dst_at,
+        (outer, len, inner),
+    );
+    let dst = up_u32(&d, &vec![u32::MAX; outer * dst_dim * inner]);
+    let run = typed::Slab {
+        rows: outer,
+        len: len * inner,
+        src_stride: src_dim * inner,
+        src_off: src_at * inner,
+        dst_stride: dst_dim * inner,
+        dst_off: dst_at * inner,
+    };
+    typed::slab(&d, 4, &up_u32(&d, &src), &dst, run).unwrap();
+    let got: Vec<u32> = bytemuck::pod_collect_to_vec(&d.read(&dst).unwrap());
+    assert_eq!(got, want, "slab");
+}
+
+/// f32 products multiply in f32 (no TF32), and `gemm_into` accumulates into and writes at an
+/// offset of its output, as the LM-head backward uses it.
+#[test]
+fn cublas_f32_gemm_accumulates_at_an_offset() {
+    let Some(d) = device() else { return };
+    let (m, n, k, offset) = (33, 70, 257, 100);
+    let dims = GemmDims { batch: 1, m, n, k };
+    let (a, b) = (random(m * k, 71, -1.0, 1.0), random(n * k, 72, -1.0, 1.0));
+    let c0 = random(offset + m * n, 73, -1.0, 1.0);
+    let mut want = wide(&c0);
+    cpu::matmul::matmul(
+        dims,
+        Operand {
+            data: &wide(&a),
+            trans: false,
+            batch_stride: m * k,
+        },
+        Operand {
+            data: &wide(&b),
+            trans: true,
+            batch_stride: 0,
+        },
+        &mut want[offset..],
+        true,
+    );
+    let c = up_f32(&d, &c0);
+    let (ad, bd) = (up_f32(&d, &a), up_f32(&d, &b));
+    let types = ops::GemmTypes {
+        operands: Float::F32,
+        out: Float::F32,
+    };
+    let ab = (
+        ops::Operand::new(&ad, false),
+        (ops::Operand::new(&bd, true), true),
+    );
+    ops::gemm_into(&d, dims, ab, types, (&c, offset, true)).unwrap();
+    close(
+        "f32 gemm += at an offset",
+        &down_f32(&d, &c),
+        &want,
+        1e-5,
+        1e-6,
+    );
 }
