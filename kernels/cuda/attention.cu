@@ -1,7 +1,8 @@
 // Causal attention with grouped-query heads by index: q (B, Hq, T, D), k and v (B, Hkv, S, D),
 // query head h reads K/V head h / (Hq / Hkv), never a repeated copy; query i sees keys
-// j <= i + (S - T). One warp per row: lane l holds elements l, l + 32, ... of the row (D a
-// multiple of 32, at most 256), dot products are warp sums. The forward keeps O (bf16) and each
+// j <= i + (S - T). One warp per row: lane l holds elements l, l + 32, ... of the row (any D up
+// to 256), dot products are warp sums. flash.cu serves the common head sizes (64 and 128) on
+// the tensor cores; this file serves the others, and is the reference to bisect against. The forward keeps O (bf16) and each
 // row's log-sum-exp (f32). The backward recomputes P = exp(scale q.k - lse): dq per query row
 // (which also stores D_i = dO_i . O_i), then dk and dv per key row over its group's query
 // heads, so every output has one writer: no atomics, deterministic.
@@ -21,18 +22,21 @@ __device__ __forceinline__ Row query_row(long long row, int hq, int hkv, int t) 
     return r;
 }
 
-// Loads lanes' elements of a bf16 row, times `f`.
-__device__ __forceinline__ void load_row(const bf16* p, int per, int lane, float f,
-                                         float* out) {
+// Loads lanes' elements of a bf16 row of d elements, times `f` (zero past the row's end).
+__device__ __forceinline__ void load_row(const bf16* p, int d, int lane, float f, float* out) {
 #pragma unroll
-    for (int e = 0; e < PER_LANE; ++e) out[e] = e < per ? bf16_to_f32(p[lane + 32 * e]) * f : 0.0f;
+    for (int e = 0; e < PER_LANE; ++e) {
+        const int i = lane + 32 * e;
+        out[e] = i < d ? bf16_to_f32(p[i]) * f : 0.0f;
+    }
 }
 
-__device__ __forceinline__ float row_dot(const float* a, const bf16* p, int per, int lane) {
+__device__ __forceinline__ float row_dot(const float* a, const bf16* p, int d, int lane) {
     float s = 0.0f;
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) {
-        if (e < per) s += a[e] * bf16_to_f32(p[lane + 32 * e]);
+        const int i = lane + 32 * e;
+        if (i < d) s += a[e] * bf16_to_f32(p[i]);
     }
     return warp_sum(s);
 }
@@ -44,29 +48,28 @@ extern "C" __global__ void attention_forward(const bf16* q, const bf16* k, const
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (long long)batch * hq * t) return; // whole warps leave together
     const Row r = query_row(row, hq, hkv, t);
-    const int per = d >> 5;
     float qv[PER_LANE], acc[PER_LANE];
-    load_row(q + row * d, per, lane, scale, qv);
+    load_row(q + row * d, d, lane, scale, qv);
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) acc[e] = 0.0f;
     const long long kv0 = (long long)(r.b * hkv + r.hk) * s * d;
     float m = -3.402823466e38f, l = 0.0f;
     const int last = r.i + (s - t);
     for (int j = 0; j <= last; ++j) {
-        const float sc = row_dot(qv, k + kv0 + (long long)j * d, per, lane);
+        const float sc = row_dot(qv, k + kv0 + (long long)j * d, d, lane);
         const float mn = fmaxf(m, sc);
         const float corr = expf(m - mn), p = expf(sc - mn);
         l = l * corr + p;
         const bf16* vr = v + kv0 + (long long)j * d;
 #pragma unroll
         for (int e = 0; e < PER_LANE; ++e) {
-            if (e < per) acc[e] = acc[e] * corr + p * bf16_to_f32(vr[lane + 32 * e]);
+            if (lane + 32 * e < d) acc[e] = acc[e] * corr + p * bf16_to_f32(vr[lane + 32 * e]);
         }
         m = mn;
     }
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) {
-        if (e < per) o[row * d + lane + 32 * e] = f32_to_bf16(acc[e] / l);
+        if (lane + 32 * e < d) o[row * d + lane + 32 * e] = f32_to_bf16(acc[e] / l);
     }
     if (lane == 0) lse[row] = m + logf(l);
 }
@@ -79,11 +82,10 @@ extern "C" __global__ void attention_backward_dq(const bf16* q, const bf16* k, c
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= (long long)batch * hq * t) return;
     const Row r = query_row(row, hq, hkv, t);
-    const int per = d >> 5;
     float qv[PER_LANE], dov[PER_LANE], acc[PER_LANE];
-    load_row(q + row * d, per, lane, scale, qv);
-    load_row(dout + row * d, per, lane, 1.0f, dov);
-    const float di = row_dot(dov, o + row * d, per, lane);
+    load_row(q + row * d, d, lane, scale, qv);
+    load_row(dout + row * d, d, lane, 1.0f, dov);
+    const float di = row_dot(dov, o + row * d, d, lane);
     if (lane == 0) delta[row] = di;
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) acc[e] = 0.0f;
@@ -92,16 +94,16 @@ extern "C" __global__ void attention_backward_dq(const bf16* q, const bf16* k, c
     const int last = r.i + (s - t);
     for (int j = 0; j <= last; ++j) {
         const bf16* kr = k + kv0 + (long long)j * d;
-        const float p = expf(row_dot(qv, kr, per, lane) - l);
-        const float ds = p * (row_dot(dov, v + kv0 + (long long)j * d, per, lane) - di);
+        const float p = expf(row_dot(qv, kr, d, lane) - l);
+        const float ds = p * (row_dot(dov, v + kv0 + (long long)j * d, d, lane) - di);
 #pragma unroll
         for (int e = 0; e < PER_LANE; ++e) {
-            if (e < per) acc[e] += ds * bf16_to_f32(kr[lane + 32 * e]);
+            if (lane + 32 * e < d) acc[e] += ds * bf16_to_f32(kr[lane + 32 * e]);
         }
     }
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) {
-        if (e < per) dq[row * d + lane + 32 * e] = f32_to_bf16(acc[e] * scale);
+        if (lane + 32 * e < d) dq[row * d + lane + 32 * e] = f32_to_bf16(acc[e] * scale);
     }
 }
 
@@ -116,10 +118,10 @@ extern "C" __global__ void attention_backward_dkv(const bf16* q, const bf16* k, 
     const int j = (int)(row % s);
     const int hk = (int)((row / s) % hkv);
     const int b = (int)(row / ((long long)s * hkv));
-    const int per = d >> 5, group = hq / hkv, off = s - t;
+    const int group = hq / hkv, off = s - t;
     float kv[PER_LANE], vv[PER_LANE], dka[PER_LANE], dva[PER_LANE];
-    load_row(k + row * d, per, lane, scale, kv);
-    load_row(v + row * d, per, lane, 1.0f, vv);
+    load_row(k + row * d, d, lane, scale, kv);
+    load_row(v + row * d, d, lane, 1.0f, vv);
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) {
         dka[e] = 0.0f;
@@ -132,11 +134,11 @@ extern "C" __global__ void attention_backward_dkv(const bf16* q, const bf16* k, 
             const long long qrow = ((long long)(b * hq + h)) * t + i;
             const bf16* qr = q + qrow * d;
             const bf16* dor = dout + qrow * d;
-            const float p = expf(row_dot(kv, qr, per, lane) - lse[qrow]);
-            const float ds = p * (row_dot(vv, dor, per, lane) - delta[qrow]);
+            const float p = expf(row_dot(kv, qr, d, lane) - lse[qrow]);
+            const float ds = p * (row_dot(vv, dor, d, lane) - delta[qrow]);
 #pragma unroll
             for (int e = 0; e < PER_LANE; ++e) {
-                if (e < per) {
+                if (lane + 32 * e < d) {
                     dva[e] += p * bf16_to_f32(dor[lane + 32 * e]);
                     dka[e] += ds * bf16_to_f32(qr[lane + 32 * e]);
                 }
@@ -145,7 +147,7 @@ extern "C" __global__ void attention_backward_dkv(const bf16* q, const bf16* k, 
     }
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) {
-        if (e < per) {
+        if (lane + 32 * e < d) {
             dk[row * d + lane + 32 * e] = f32_to_bf16(dka[e] * scale);
             dv[row * d + lane + 32 * e] = f32_to_bf16(dva[e]);
         }

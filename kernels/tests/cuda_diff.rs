@@ -259,9 +259,19 @@ fn rope_and_swiglu_match_cpu() {
 #[test]
 fn causal_gqa_attention_forward_and_backward_match_cpu() {
     let Some(dev) = device() else { return };
-    // (batch, q heads, kv heads, T, S, D): GQA groups of 1 and 6 (Qwen2-1.5B: 12 / 2), a KV
-    // cache offset, head dims 64 and 128.
-    for (batch, hq, hkv, t, s, d) in [(1, 2, 2, 5, 5, 64), (2, 12, 2, 70, 81, 128)] {
+    use ops::AttentionKernel::{Flash, Rows};
+    // (batch, q heads, kv heads, T, S, D, kernels): GQA groups of 1, 2 and 6 (Qwen2-1.5B:
+    // 12 / 2), a KV cache offset, lengths across the flash tiles (64 queries, 64 or 32 keys),
+    // head dims 64 and 128 on both kernels and 48 on the rows kernels alone.
+    let cases = [
+        (1, 2, 2, 5, 5, 64, Flash),
+        (1, 2, 2, 5, 5, 64, Rows),
+        (2, 12, 2, 70, 81, 128, Flash),
+        (2, 12, 2, 70, 81, 128, Rows),
+        (1, 4, 2, 130, 130, 64, Flash),
+        (1, 4, 2, 33, 97, 48, Rows),
+    ];
+    for (batch, hq, hkv, t, s, d, kernel) in cases {
         let dims = AttnDims {
             batch,
             q_heads: hq,
@@ -288,9 +298,12 @@ fn causal_gqa_attention_forward_and_backward_match_cpu() {
             &mut lse,
         );
         let (qd, kd, vd) = (up_bf16(&dev, &q), up_bf16(&dev, &k), up_bf16(&dev, &v));
-        let (od, ld) = ops::attention_forward(&dev, dims, scale as f32, (&qd, &kd, &vd)).unwrap();
-        let what = format!("attention {batch}x{hq}/{hkv}x{t}/{s}x{d}");
-        close(&format!("{what} o"), &down_bf16(&dev, &od), &o, BF16, 1e-3);
+        let (od, ld) =
+            ops::attention_forward_by(&dev, kernel, dims, scale as f32, (&qd, &kd, &vd)).unwrap();
+        let what = format!("attention {kernel:?} {batch}x{hq}/{hkv}x{t}/{s}x{d}");
+        // Flash rounds the probabilities to bf16 for the P.V product: a few 2^-9 more.
+        let floor = if kernel == Flash { 4e-3 } else { 1e-3 };
+        close(&format!("{what} o"), &down_bf16(&dev, &od), &o, BF16, floor);
         close(
             &format!("{what} lse"),
             &down_f32(&dev, &ld),
@@ -311,8 +324,9 @@ fn causal_gqa_attention_forward_and_backward_match_cpu() {
             &mut dk,
             &mut dv,
         );
-        let (dqd, dkd, dvd) = ops::attention_backward(
+        let (dqd, dkd, dvd) = ops::attention_backward_by(
             &dev,
+            kernel,
             dims,
             scale as f32,
             (&qd, &kd, &vd),

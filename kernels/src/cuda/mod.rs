@@ -111,6 +111,19 @@ cuda_source!(
     ]
 );
 cuda_source!(
+    FLASH,
+    "flash",
+    [
+        "attention_delta",
+        "flash_forward_d64",
+        "flash_forward_d128",
+        "flash_dq_d64",
+        "flash_dq_d128",
+        "flash_dkv_d64",
+        "flash_dkv_d128",
+    ]
+);
+cuda_source!(
     LOSS,
     "loss",
     [
@@ -191,6 +204,7 @@ pub static ALL: &[&CudaSource] = &[
     &ROPE,
     &SWIGLU,
     &ATTENTION,
+    &FLASH,
     &LOSS,
     &OPTIM,
     &ELEMENTWISE,

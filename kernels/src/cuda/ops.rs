@@ -2,7 +2,7 @@
 //! the cuBLAS GEMM. Sizes come from the caller, which has checked the shapes.
 
 use super::typed::Float;
-use super::{ATTENTION, Arg, CAST, Cuda, CudaError, DeviceBuffer, EMBEDDING, LOSS, OPTIM};
+use super::{ATTENTION, Arg, CAST, Cuda, CudaError, DeviceBuffer, EMBEDDING, FLASH, LOSS, OPTIM};
 use super::{RMSNORM, ROPE, Result, SWIGLU, ptr};
 use crate::Half;
 use crate::cpu::attention::AttnDims;
@@ -259,10 +259,49 @@ pub fn swiglu_backward(
     Ok((dg, du))
 }
 
-/// Whether the attention kernels take this head dimension: a multiple of 32 up to 256.
+/// Whether the attention kernels take this head dimension: any up to 256.
 pub fn attention_supports(head_dim: usize) -> bool {
-    head_dim.is_multiple_of(32) && head_dim <= 256
+    (1..=256).contains(&head_dim)
 }
+
+/// Which attention kernels run: the tensor-core flash kernels (`kernels/cuda/flash.cu`, head
+/// sizes 64 and 128) or one warp per row (`kernels/cuda/attention.cu`, any head size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    Flash,
+    Rows,
+}
+
+impl AttentionKernel {
+    /// Flash where it takes the head size, unless BFT_CUDA_ATTENTION=rows asks for the rows
+    /// kernels everywhere (to bisect a difference between the two).
+    pub fn for_head_dim(head_dim: usize) -> Self {
+        let rows = std::env::var("BFT_CUDA_ATTENTION").is_ok_and(|v| v == "rows");
+        if !rows && flash_entry(head_dim, "forward").is_some() {
+            AttentionKernel::Flash
+        } else {
+            AttentionKernel::Rows
+        }
+    }
+}
+
+/// The flash entry point of `stem` for a head size, if flash takes it.
+fn flash_entry(head_dim: usize, stem: &str) -> Option<&'static str> {
+    Some(match (head_dim, stem) {
+        (64, "forward") => "flash_forward_d64",
+        (128, "forward") => "flash_forward_d128",
+        (64, "dq") => "flash_dq_d64",
+        (128, "dq") => "flash_dq_d128",
+        (64, "dkv") => "flash_dkv_d64",
+        (128, "dkv") => "flash_dkv_d128",
+        _ => return None,
+    })
+}
+
+/// Threads of a flash block: 4 warps, 16 query rows (or keys) each.
+const FLASH_THREADS: u32 = 128;
+/// Query rows (forward, dQ) or keys (dK, dV) a flash block takes.
+const FLASH_ROWS: usize = 64;
 
 fn attention_dims(d: AttnDims, scale: f32) -> Result<[Arg; 7]> {
     Ok([
@@ -276,19 +315,49 @@ fn attention_dims(d: AttnDims, scale: f32) -> Result<[Arg; 7]> {
     ])
 }
 
+/// The flash kernels' size arguments: heads, lengths and the scale.
+fn flash_dims(d: AttnDims, scale: f32) -> Result<[Arg; 5]> {
+    Ok([
+        i32_of(d.q_heads)?,
+        i32_of(d.kv_heads)?,
+        i32_of(d.q_len)?,
+        i32_of(d.kv_len)?,
+        Arg::F32(scale),
+    ])
+}
+
+/// A grid of `(tiles of rows, heads)` for a flash kernel.
+fn flash_grid(rows: usize, heads: usize) -> Result<(u32, u32)> {
+    let y = u32::try_from(heads).map_err(|_| CudaError::TooLarge(format!("{heads} heads")))?;
+    Ok((blocks(rows, FLASH_ROWS)?, y))
+}
+
 fn check_head_dim(d: usize) -> Result<()> {
     if attention_supports(d) {
         Ok(())
     } else {
         Err(CudaError::Driver(format!(
-            "attention: head_dim {d} is not a multiple of 32 up to 256"
+            "attention: head_dim {d} is not between 1 and 256"
         )))
     }
 }
 
-/// Causal GQA attention, bf16 `(o, lse f32)`.
+/// Causal GQA attention, bf16 `(o, lse f32)`, by the kernels that suit the head size.
 pub fn attention_forward(
     dev: &Arc<Cuda>,
+    dims: AttnDims,
+    scale: f32,
+    qkv: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+) -> Result<(DeviceBuffer, DeviceBuffer)> {
+    let kernel = AttentionKernel::for_head_dim(dims.head_dim);
+    attention_forward_by(dev, kernel, dims, scale, qkv)
+}
+
+/// `attention_forward` by the kernels asked for (flash falls back to rows where it does not
+/// take the head size).
+pub fn attention_forward_by(
+    dev: &Arc<Cuda>,
+    kernel: AttentionKernel,
     dims: AttnDims,
     scale: f32,
     (q, k, v): (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
@@ -297,6 +366,9 @@ pub fn attention_forward(
     let rows = dims.batch * dims.q_heads * dims.q_len;
     let o = dev.alloc(2 * rows * dims.head_dim)?;
     let lse = dev.alloc(4 * rows)?;
+    if rows == 0 {
+        return Ok((o, lse));
+    }
     let mut args = vec![
         ptr(Some(q)),
         ptr(Some(k)),
@@ -304,6 +376,13 @@ pub fn attention_forward(
         ptr(Some(&o)),
         ptr(Some(&lse)),
     ];
+    let flash = flash_entry(dims.head_dim, "forward").filter(|_| kernel == AttentionKernel::Flash);
+    if let Some(entry) = flash {
+        args.extend(flash_dims(dims, scale)?);
+        let grid = flash_grid(dims.q_len, dims.batch * dims.q_heads)?;
+        dev.launch_grid(&FLASH, entry, grid, FLASH_THREADS, &args)?;
+        return Ok((o, lse));
+    }
     args.extend(attention_dims(dims, scale)?);
     let grid = blocks(rows, ATTN_WARPS)?;
     dev.launch(
@@ -316,9 +395,23 @@ pub fn attention_forward(
     Ok((o, lse))
 }
 
-/// Attention backward from the saved `o` and `lse`: bf16 `(dq, dk, dv)`.
+/// Attention backward from the saved `o` and `lse`: bf16 `(dq, dk, dv)`, by the kernels that
+/// suit the head size.
 pub fn attention_backward(
     dev: &Arc<Cuda>,
+    dims: AttnDims,
+    scale: f32,
+    qkv: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+    saved: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+) -> Result<(DeviceBuffer, DeviceBuffer, DeviceBuffer)> {
+    let kernel = AttentionKernel::for_head_dim(dims.head_dim);
+    attention_backward_by(dev, kernel, dims, scale, qkv, saved)
+}
+
+/// `attention_backward` by the kernels asked for.
+pub fn attention_backward_by(
+    dev: &Arc<Cuda>,
+    kernel: AttentionKernel,
     dims: AttnDims,
     scale: f32,
     (q, k, v): (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
@@ -329,6 +422,42 @@ pub fn attention_backward(
     let rows = dims.batch * dims.q_heads * dims.q_len;
     let kv_rows = dims.batch * dims.kv_heads * dims.kv_len;
     let (dq, delta) = (dev.alloc(2 * rows * d)?, dev.alloc(4 * rows)?);
+    let (dk, dv) = (dev.alloc(2 * kv_rows * d)?, dev.alloc(2 * kv_rows * d)?);
+    if rows == 0 || kv_rows == 0 {
+        return Ok((dq, dk, dv));
+    }
+    let flash = (flash_entry(d, "dq"), flash_entry(d, "dkv"));
+    if let (Some(dq_entry), Some(dkv_entry), AttentionKernel::Flash) = (flash.0, flash.1, kernel) {
+        let args = [
+            ptr(Some(o)),
+            ptr(Some(dout)),
+            ptr(Some(&delta)),
+            i64_of(rows),
+            i32_of(d)?,
+        ];
+        let block = 32 * ATTN_WARPS as u32;
+        dev.launch(
+            &FLASH,
+            "attention_delta",
+            blocks(rows, ATTN_WARPS)?,
+            block,
+            &args,
+        )?;
+        let inputs = [ptr(Some(q)), ptr(Some(k)), ptr(Some(v)), ptr(Some(dout))];
+        let saved = [ptr(Some(lse)), ptr(Some(&delta))];
+        let sizes = flash_dims(dims, scale)?;
+        let mut args: Vec<Arg> = inputs.iter().chain(&saved).copied().collect();
+        args.push(ptr(Some(&dq)));
+        args.extend(sizes);
+        let grid = flash_grid(dims.q_len, dims.batch * dims.q_heads)?;
+        dev.launch_grid(&FLASH, dq_entry, grid, FLASH_THREADS, &args)?;
+        let mut args: Vec<Arg> = inputs.iter().chain(&saved).copied().collect();
+        args.extend([ptr(Some(&dk)), ptr(Some(&dv))]);
+        args.extend(sizes);
+        let grid = flash_grid(dims.kv_len, dims.batch * dims.kv_heads)?;
+        dev.launch_grid(&FLASH, dkv_entry, grid, FLASH_THREADS, &args)?;
+        return Ok((dq, dk, dv));
+    }
     let mut args = vec![
         ptr(Some(q)),
         ptr(Some(k)),
@@ -348,7 +477,6 @@ pub fn attention_backward(
         block,
         &args,
     )?;
-    let (dk, dv) = (dev.alloc(2 * kv_rows * d)?, dev.alloc(2 * kv_rows * d)?);
     let mut args = vec![
         ptr(Some(q)),
         ptr(Some(k)),

@@ -303,8 +303,25 @@ impl Cuda {
         block: u32,
         args: &[Arg],
     ) -> Result<()> {
-        if grid == 0 {
+        self.launch_grid(src, entry, (grid, 1), block, args)
+    }
+
+    /// As `launch`, over a 2-D grid `(x, y)` (the flash kernels: row tiles by heads).
+    pub fn launch_grid(
+        &self,
+        src: &'static CudaSource,
+        entry: &'static str,
+        (grid, grid_y): (u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        if grid == 0 || grid_y == 0 {
             return Ok(());
+        }
+        if grid_y > 65_535 {
+            return Err(CudaError::TooLarge(format!(
+                "a grid of {grid_y} rows of blocks"
+            )));
         }
         let f = self.function(src, entry)?;
         let mut builder = self.stream.launch_builder(&f);
@@ -317,7 +334,7 @@ impl Cuda {
             };
         }
         let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
+            grid_dim: (grid, grid_y, 1),
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };

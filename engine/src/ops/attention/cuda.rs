@@ -17,7 +17,7 @@ impl AttentionKernel for Cuda {
         let (dev, i) = cuda_of(q)?;
         if !ops::attention_supports(dims.head_dim) {
             return Err(Error::Unsupported {
-                op: "attention with a head_dim that is not a multiple of 32 up to 256",
+                op: "attention with a head_dim over 256",
                 device: q.device(),
             });
         }
