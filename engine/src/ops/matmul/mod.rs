@@ -98,6 +98,17 @@ impl Tensor {
     /// With 16-bit operands or a `c` of another type or shape it is `c.add(&self.matmul_t(..))`.
     pub fn matmul_t_add(&self, rhs: &Tensor, ta: bool, tb: bool, c: Tensor) -> Result<Tensor> {
         let plain = |c: Tensor| c.add(&self.matmul_t(rhs, ta, tb)?);
+        if c.dtype().is_half()
+            && c.device() == self.device()
+            && kernels(c.device()).compute_dtype(c.dtype()) == c.dtype()
+        {
+            // A 16-bit `c` on a backend that computes in 16 bits (CUDA in bf16): the sum keeps
+            // `c`'s type, as PEFT keeps a LoRA layer's output in the base layer's type, so the
+            // activations stay 16-bit; the product (f32 beside an f32 LoRA master) is rounded
+            // once before the add. Elsewhere the sum widens (16-bit + f32 promotes to f32).
+            let product = self.matmul_t(rhs, ta, tb)?;
+            return c.add(&product.to_dtype(c.dtype())?);
+        }
         let (ad, bd) = (self.dims(), rhs.dims());
         let same = |t: &Tensor| {
             t.dtype() == self.dtype() && !t.dtype().is_half() && t.device() == self.device()
