@@ -320,7 +320,16 @@ fn fused_loss(d: &Arc<Cuda>, tokens: usize) -> Case {
             let lpd = up_f32(&d, &logp)?;
             let (_, s_b) =
                 ops::sample_weights(&d, &lpd, &od, (samples, tokens), (256, false, 1.0))?;
-            let coef = ops::token_coef(&d, &lpd, &sd, &od, &s_b, (tokens, samples), true, 0.0)?;
+            let coef = ops::token_coef(
+                &d,
+                &lpd,
+                &sd,
+                &od,
+                &s_b,
+                (tokens, samples as f32),
+                true,
+                0.0,
+            )?;
             for r0 in (0..tokens).step_by(chunk) {
                 let n = chunk.min(tokens - r0);
                 let g = ops::head_grad(

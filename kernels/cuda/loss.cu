@@ -54,7 +54,8 @@ extern "C" __global__ void head_target_term(float* dx, const bf16* w, const u32*
 // Per sample b (its valid tokens are logp[offsets[b]..offsets[b + 1]], log c_t compacted): the
 // lowest mean confidence over windows of g tokens (stride 1; one window when 0 < n < g),
 // arithmetic (mean c) or geometric (exp of mean log c), and s_b = clamp(1 - p_conf^gamma, 0, 1).
-// A sample without valid tokens gets p_conf 1 and s_b 0 (its loss is an exact zero).
+// A sample without valid tokens gets p_conf 1 and s_b 1, as the host's variants give it (its
+// loss is an exact zero either way).
 // prefix: scratch of (tokens + batch) doubles. One block per sample.
 extern "C" __global__ void sample_weights(const float* logp, const u32* offsets, double* prefix,
                                           float* p_conf, float* s_b, int batch, int g,
@@ -86,19 +87,46 @@ extern "C" __global__ void sample_weights(const float* logp, const u32* offsets,
     if (threadIdx.x == 0) {
         const float pc = n > 0 ? lowest : 1.0f;
         p_conf[b] = pc;
-        s_b[b] = n > 0 ? fminf(fmaxf(1.0f - powf(pc, gamma), 0.0f), 1.0f) : 0.0f;
+        s_b[b] = n > 0 ? fminf(fmaxf(1.0f - powf(pc, gamma), 0.0f), 1.0f) : 1.0f;
     }
 }
 
-// a_t = s_b * w_t / (B * (n_b + 1e-8)) for each valid token t of sample sample_of[t]; w_t is 1
-// (token_weight 0) or max(c_t, floor) (token_weight 1, DFT and BFT).
+// a_t = s_b * w_t / (denom * (n_b + 1e-8)) for each valid token t of sample sample_of[t]; w_t
+// is 1 (token_weight 0) or max(c_t, floor) (token_weight 1, DFT and BFT); denom is the number
+// of samples the loss is averaged over (the optimizer step's, which may hold several batches).
 extern "C" __global__ void token_coef(const float* logp, const u32* sample_of, const u32* offsets,
-                                      const float* s_b, float* coef, int tokens, int batch,
+                                      const float* s_b, float* coef, int tokens, float denom,
                                       int token_weight, float floor_w) {
     const long long t = flat_id();
     if (t >= tokens) return;
     const u32 b = sample_of[t];
     const float n = (float)(offsets[b + 1] - offsets[b]);
     const float w = token_weight ? fmaxf(expf(logp[t]), floor_w) : 1.0f;
-    coef[t] = s_b[b] * w / ((float)batch * (n + 1e-8f));
+    coef[t] = s_b[b] * w / (denom * (n + 1e-8f));
+}
+
+// Per sample b: sums[3b] = sum of log c_t, sums[3b + 1] = sum of w_t log c_t, sums[3b + 2] =
+// sum of w_t (w_t as in token_coef), over its valid tokens: what the per-sample statistics
+// (cross-entropy, the sample's loss term, the mean token weight) are made of. One block per
+// sample, f32 block sums.
+extern "C" __global__ void sample_sums(const float* logp, const u32* offsets, float* sums,
+                                       int batch, int token_weight, float floor_w) {
+    const int b = blockIdx.x;
+    if (b >= batch) return;
+    float lp_sum = 0.0f, wlp_sum = 0.0f, w_sum = 0.0f;
+    for (u32 t = offsets[b] + threadIdx.x; t < offsets[b + 1]; t += blockDim.x) {
+        const float lp = logp[t];
+        const float w = token_weight ? fmaxf(expf(lp), floor_w) : 1.0f;
+        lp_sum += lp;
+        wlp_sum += w * lp;
+        w_sum += w;
+    }
+    lp_sum = block_sum(lp_sum);
+    wlp_sum = block_sum(wlp_sum);
+    w_sum = block_sum(w_sum);
+    if (threadIdx.x == 0) {
+        sums[3 * b] = lp_sum;
+        sums[3 * b + 1] = wlp_sum;
+        sums[3 * b + 2] = w_sum;
+    }
 }

@@ -491,7 +491,7 @@ fn fused_loss_passes_and_sample_weights_match_cpu() {
                 pc[b]
             );
             let s = if n == 0 {
-                0.0
+                1.0
             } else {
                 (1.0 - want).clamp(0.0, 1.0)
             };
@@ -514,7 +514,7 @@ fn fused_loss_passes_and_sample_weights_match_cpu() {
             &up_u32(&d, &sample_of),
             &od,
             &s_b,
-            (tokens, lens.len()),
+            (tokens, 6.0),
             true,
             0.0,
         )
@@ -523,11 +523,37 @@ fn fused_loss_passes_and_sample_weights_match_cpu() {
     for (t, &c) in coef.iter().enumerate() {
         let b = sample_of[t] as usize;
         let want =
-            [0.0, 0.5, 0.25, 1.0][b] * (logp[t] as f64).exp() / (4.0 * (lens[b] as f64 + 1e-8));
+            [0.0, 0.5, 0.25, 1.0][b] * (logp[t] as f64).exp() / (6.0 * (lens[b] as f64 + 1e-8));
         assert!(
             (c as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3),
             "coef[{t}] {c} vs {want}"
         );
+    }
+    for (token_weight, floor) in [(false, 0.0f32), (true, 0.01)] {
+        let sums = ops::sample_sums(&d, &lpd, &od, lens.len(), token_weight, floor).unwrap();
+        let sums = down_f32(&d, &sums);
+        for b in 0..lens.len() {
+            let lp = &logp[offsets[b] as usize..offsets[b + 1] as usize];
+            let w = |v: f32| {
+                if token_weight {
+                    (v as f64).exp().max(floor as f64)
+                } else {
+                    1.0
+                }
+            };
+            let want = [
+                lp.iter().map(|&v| v as f64).sum::<f64>(),
+                lp.iter().map(|&v| w(v) * v as f64).sum::<f64>(),
+                lp.iter().map(|&v| w(v)).sum::<f64>(),
+            ];
+            close(
+                &format!("sample sums {b} token_weight={token_weight}"),
+                &sums[3 * b..3 * b + 3],
+                &want,
+                1e-5,
+                1e-6,
+            );
+        }
     }
 }
 

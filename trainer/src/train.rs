@@ -163,6 +163,8 @@ pub fn evaluate(
             step_samples: Some(data.len()),
         },
         analysis: group,
+        // `bft score` and `bft analyze` report every token's log-prob.
+        weigh_on_device: false,
     };
     let (mut loss, mut samples) = (0.0, Vec::new());
     for chunk in data.chunks(batch_size.max(1)) {
@@ -283,11 +285,14 @@ impl<'a> Trainer<'a> {
                 ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ (j as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             let hidden = self.model.hidden_train(&batch.ids, seed)?;
+            // A step reads back per-sample numbers only: on a GPU the weights are computed
+            // there, and no per-token log-prob is needed.
             let opts = LossOptions {
                 reduction: Reduction::Exact {
                     step_samples: Some(step_samples),
                 },
                 analysis: self.cfg.analysis,
+                weigh_on_device: true,
             };
             let lb = LossBatch {
                 hidden: &hidden,

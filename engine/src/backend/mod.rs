@@ -107,7 +107,6 @@ pub(crate) fn host_tensor(bytes: &[u8], like: &Tensor) -> Tensor {
 /// does not compile; adding an op adds its trait here, one line.
 pub(crate) trait Kernels:
     Backend
-    + StorageKernel
     + AttentionKernel
     + BinaryKernel
     + CastKernel
@@ -121,8 +120,10 @@ pub(crate) trait Kernels:
     + RmsNormKernel
     + RopeKernel
     + SoftmaxKernel
+    + StorageKernel
     + SwiGluKernel
     + UnaryKernel
+    + WeighKernel
 {
 }
 

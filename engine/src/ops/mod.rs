@@ -17,6 +17,7 @@ mod shape;
 mod softmax;
 mod swiglu;
 mod unary;
+mod weights;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -38,11 +39,13 @@ pub(crate) mod kernels {
     pub(crate) use super::softmax::SoftmaxKernel;
     pub(crate) use super::swiglu::SwiGluKernel;
     pub(crate) use super::unary::UnaryKernel;
+    pub(crate) use super::weights::WeighKernel;
 }
 
 pub use checkpoint::CheckpointFn;
 pub use lm_head::HeadLoss;
 pub use rope::{rope_tables, rope_tables_from};
+pub use weights::{Weighing, Weights, weakest_window};
 
 use crate::{DType, Error, Result, Tensor};
 

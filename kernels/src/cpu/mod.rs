@@ -19,6 +19,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
 pub mod unary;
+pub mod weights;
 
 mod float;
 pub use float::{Float, dot, max_of, sum_of};

@@ -131,7 +131,8 @@ cuda_source!(
         "head_grad",
         "head_target_term",
         "sample_weights",
-        "token_coef"
+        "token_coef",
+        "sample_sums"
     ]
 );
 cuda_source!(OPTIM, "optim", ["adamw", "sum_squares"]);

@@ -728,7 +728,7 @@ pub fn sample_weights(
     Ok((p_conf, s_b))
 }
 
-/// Each valid token's loss coefficient `s_b w_t / (B (n_b + 1e-8))`; `w_t = max(c_t, floor)`
+/// Each valid token's loss coefficient `s_b w_t / (denom (n_b + 1e-8))`; `w_t = max(c_t, floor)`
 /// when `token_weight`, else 1.
 #[allow(clippy::too_many_arguments)]
 pub fn token_coef(
@@ -737,7 +737,7 @@ pub fn token_coef(
     sample_of: &DeviceBuffer,
     offsets: &DeviceBuffer,
     s_b: &DeviceBuffer,
-    (tokens, batch): (usize, usize),
+    (tokens, denom): (usize, f32),
     token_weight: bool,
     floor: f32,
 ) -> Result<DeviceBuffer> {
@@ -749,12 +749,35 @@ pub fn token_coef(
         ptr(Some(s_b)),
         ptr(Some(&coef)),
         i32_of(tokens)?,
-        i32_of(batch)?,
+        Arg::F32(denom),
         Arg::I32(i32::from(token_weight)),
         Arg::F32(floor),
     ];
     dev.launch(&LOSS, "token_coef", blocks(tokens, 256)?, BLOCK, &args)?;
     Ok(coef)
+}
+
+/// `(batch, 3)` f32 per-sample sums over the valid tokens: `log c_t`, `w_t log c_t` and `w_t`
+/// (`w_t` as in [`token_coef`]).
+pub fn sample_sums(
+    dev: &Arc<Cuda>,
+    logp: &DeviceBuffer,
+    offsets: &DeviceBuffer,
+    batch: usize,
+    token_weight: bool,
+    floor: f32,
+) -> Result<DeviceBuffer> {
+    let sums = dev.alloc(4 * 3 * batch)?;
+    let args = [
+        ptr(Some(logp)),
+        ptr(Some(offsets)),
+        ptr(Some(&sums)),
+        i32_of(batch)?,
+        Arg::I32(i32::from(token_weight)),
+        Arg::F32(floor),
+    ];
+    dev.launch(&LOSS, "sample_sums", blocks(batch, 1)?, BLOCK, &args)?;
+    Ok(sums)
 }
 
 /// One fused AdamW step in place on f32 `master`, `m`, `v` from f32 `grad`; writes the bf16

@@ -53,36 +53,9 @@ pub struct Weakest {
 
 /// `min_i C_i` over windows of `cfg.window` valid tokens with stride 1 (valid-window semantics:
 /// no padding). With fewer tokens than a window, one window covers all of them; with none,
-/// there is no window (`None`).
+/// there is no window (`None`). The engine's weighing computes the same on a device.
 pub fn weakest_window(logprobs: &[f64], cfg: GroupConfig) -> Option<Weakest> {
-    let n = logprobs.len();
-    if n == 0 {
-        return None;
-    }
-    let g = cfg.window.clamp(1, n);
-    // The averaged quantity: c_t for the arithmetic mean, log c_t for the geometric one.
-    let value = |lp: f64| match cfg.mean {
-        GroupMean::Arithmetic => lp.exp(),
-        GroupMean::Geometric => lp,
-    };
-    let mut sum: f64 = logprobs[..g].iter().map(|&lp| value(lp)).sum();
-    let mut best = Weakest {
-        p_conf: sum,
-        start: 0,
-    };
-    for i in 1..=n - g {
-        // Slide by one: add the entering token, drop the leaving one.
-        sum += value(logprobs[i + g - 1]) - value(logprobs[i - 1]);
-        if sum < best.p_conf {
-            best = Weakest {
-                p_conf: sum,
-                start: i,
-            };
-        }
-    }
-    best.p_conf /= g as f64;
-    if cfg.mean == GroupMean::Geometric {
-        best.p_conf = best.p_conf.exp();
-    }
-    Some(best)
+    let geometric = cfg.mean == GroupMean::Geometric;
+    bft_engine::ops::weakest_window(logprobs, cfg.window, geometric)
+        .map(|(p_conf, start)| Weakest { p_conf, start })
 }

@@ -35,6 +35,25 @@ pub trait LossVariant: Send + Sync {
     fn name(&self) -> &str;
     /// Token weights (`logprobs.len()` of them) and the sample weight.
     fn weigh(&self, logprobs: &[f64]) -> SampleWeights;
+    /// The same weights in a form the engine computes where the log-probs are
+    /// (`Tensor::weigh_samples`), so that a training step on a GPU reads back no per-token
+    /// log-prob; `None` (the default): only `weigh` knows them, and the log-probs come back.
+    fn device_weights(&self) -> Option<DeviceWeights> {
+        None
+    }
+}
+
+/// A variant's weights as the engine computes them on a device: token weights
+/// `max(c_t, floor)` or 1, and sample weights `clamp(1 - p_conf^gamma, 0, 1)` or 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceWeights {
+    /// The group confidence the sample weight reads; `None` when the weights need none (the
+    /// analysis config's is used for the statistics).
+    pub group: Option<GroupConfig>,
+    /// BFT's exponent; `None`: every sample weighs 1.
+    pub gamma: Option<f64>,
+    /// The floor of the token weights `max(c_t, floor)`; `None`: every token weighs 1.
+    pub token_floor: Option<f64>,
 }
 
 /// What [`LossVariant::weigh`] returns for one sample.
@@ -97,6 +116,11 @@ pub struct LossOptions {
     pub reduction: Reduction,
     /// The group confidence reported per sample (whatever the variant).
     pub analysis: GroupConfig,
+    /// On a device (not the CPU), weigh where the hidden states are when the variant has
+    /// [`LossVariant::device_weights`]: the step then reads back per-sample numbers only, and
+    /// the statistics carry no per-token log-probs and no weakest-window start. Training sets
+    /// it; scoring, which reports the log-probs, does not.
+    pub weigh_on_device: bool,
 }
 
 /// Per-sample results, for logging, `bft score` and analysis.
@@ -188,15 +212,9 @@ fn layout(b: &LossBatch<'_>) -> Result<Layout, LossError> {
     Ok(out)
 }
 
-/// From the valid rows' log-probs: per-sample statistics and each row's coefficient
-/// `a_t = s_b w_t / (D (n_b + eps))`, so that `L = sum_t a_t l_t`.
-fn plan(
-    lay: &Layout,
-    logprobs: &[f64],
-    variant: &dyn LossVariant,
-    opts: LossOptions,
-) -> Result<(Vec<f64>, Vec<SampleStats>), LossError> {
-    let denom = match opts.reduction {
+/// `D`: the number of samples a micro-batch's terms are divided by.
+fn denominator(lay: &Layout, opts: LossOptions) -> Result<f64, LossError> {
+    Ok(match opts.reduction {
         Reduction::Exact { step_samples: None } => lay.batch,
         Reduction::Exact {
             step_samples: Some(n),
@@ -213,7 +231,18 @@ fn plan(
         Reduction::Reference { .. } => {
             return Err(LossError::Config("micro_batches must be at least 1".into()));
         }
-    } as f64;
+    } as f64)
+}
+
+/// From the valid rows' log-probs: per-sample statistics and each row's coefficient
+/// `a_t = s_b w_t / (D (n_b + eps))`, so that `L = sum_t a_t l_t`.
+fn plan(
+    lay: &Layout,
+    logprobs: &[f64],
+    variant: &dyn LossVariant,
+    opts: LossOptions,
+) -> Result<(Vec<f64>, Vec<SampleStats>), LossError> {
+    let denom = denominator(lay, opts)?;
     let mut coef = Vec::with_capacity(logprobs.len());
     let mut stats = Vec::with_capacity(lay.batch);
     for s in 0..lay.batch {
@@ -269,6 +298,13 @@ pub fn fused_loss(
     let flat = batch
         .hidden
         .reshape([lay.batch * batch.hidden.dims()[1], c])?;
+    if let (true, false, Some(dw)) = (
+        opts.weigh_on_device,
+        flat.device() == Device::Cpu,
+        variant.device_weights(),
+    ) {
+        return weighed_on_device(&flat, batch.head, &lay, dw, opts);
+    }
     let mut planned = None;
     let head = flat.lm_head_nll(batch.head, &lay.rows, &lay.targets, |lp| {
         match plan(&lay, lp, variant, opts) {
@@ -284,6 +320,65 @@ pub fn fused_loss(
     })?;
     let stats = planned.expect("the kernel calls weigh exactly once")?;
     Ok(output(head.loss, stats))
+}
+
+/// The fused loss with the variant's weights computed where the hidden states `flat (B*T, C)`
+/// are (`Tensor::weigh_samples`): the host reads back the loss and five numbers a sample.
+fn weighed_on_device(
+    flat: &Tensor,
+    head: &Tensor,
+    lay: &Layout,
+    dw: DeviceWeights,
+    opts: LossOptions,
+) -> Result<LossOutput, LossError> {
+    let denom = denominator(lay, opts)?;
+    let starts: Vec<u32> = lay.starts.iter().map(|&s| s as u32).collect();
+    let weighing = |g: GroupConfig, gamma, token_floor| bft_engine::ops::Weighing {
+        window: g.window,
+        geometric: g.mean == GroupMean::Geometric,
+        gamma,
+        token_floor,
+        denom,
+    };
+    let group = dw.group.unwrap_or(opts.analysis);
+    let mut weighed = None;
+    let loss = flat.lm_head_nll_weighed(head, &lay.rows, &lay.targets, |logp| {
+        let w = logp.weigh_samples(&starts, weighing(group, dw.gamma, dw.token_floor))?;
+        // The statistics report the group confidence under the analysis config.
+        let p_conf = if group == opts.analysis {
+            w.p_conf.clone()
+        } else {
+            logp.weigh_samples(&starts, weighing(opts.analysis, None, None))?
+                .p_conf
+        };
+        let coef = w.coef.clone();
+        weighed = Some((w, p_conf));
+        Ok(coef)
+    })?;
+    let (w, p_conf) = weighed.ok_or_else(|| LossError::Batch("the loss weighed nothing".into()))?;
+    let (s_b, p_conf, sums) = (
+        w.s_b.to_f64_vec()?,
+        p_conf.to_f64_vec()?,
+        w.sums.to_f64_vec()?,
+    );
+    let samples = (0..lay.batch)
+        .map(|b| {
+            let n = lay.starts[b + 1] - lay.starts[b];
+            let (lp, wlp, ws) = (sums[3 * b], sums[3 * b + 1], sums[3 * b + 2]);
+            let norm = n as f64 + EPS;
+            SampleStats {
+                logprobs: Vec::new(),
+                n_valid: n,
+                p_conf: (n > 0).then_some(p_conf[b]),
+                weakest_window_start: None,
+                s_b: s_b[b],
+                w_mean: if n == 0 { 0.0 } else { ws / n as f64 },
+                loss: s_b[b] * -wlp / norm,
+                ce: -lp / norm,
+            }
+        })
+        .collect();
+    Ok(output(loss, samples))
 }
 
 /// The same loss composed from plain engine ops over the full `(B*T, V)` logits: the

@@ -456,3 +456,99 @@ fn bad_batches_are_errors_that_say_where() {
         assert!(msg.contains("gamma"), "{msg}");
     }
 }
+
+/// Weights computed where the hidden states are (`weigh_on_device`) give the host's loss,
+/// gradients and per-sample statistics for every variant with a device form: on the CPU
+/// through the code a GPU runs (in f64, so to rounding), and on wgpu through `fused_loss`
+/// itself (in f32).
+#[test]
+fn weighing_on_the_device_equals_weighing_on_the_host() {
+    let configs = [
+        (Reduction::default(), GroupConfig::default()),
+        (
+            Reduction::Exact {
+                step_samples: Some(5),
+            },
+            GroupConfig {
+                window: 2,
+                mean: GroupMean::Geometric,
+            },
+        ),
+    ];
+    let near = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * (1.0 + a.abs());
+    let same_stats = |h: &[SampleStats], d: &[SampleStats], tol: f64, name: &str| {
+        assert_eq!(h.len(), d.len(), "{name}");
+        for (h, d) in h.iter().zip(d) {
+            assert_eq!(h.n_valid, d.n_valid, "{name}");
+            assert!(d.logprobs.is_empty() && d.weakest_window_start.is_none());
+            for (a, b) in [
+                (h.s_b, d.s_b),
+                (h.w_mean, d.w_mean),
+                (h.loss, d.loss),
+                (h.ce, d.ce),
+            ] {
+                assert!(near(a, b, tol), "{name}: {a} vs {b}");
+            }
+            match (h.p_conf, d.p_conf) {
+                (Some(a), Some(b)) => assert!(near(a, b, tol), "{name}: p_conf {a} vs {b}"),
+                (a, b) => assert_eq!(a, b, "{name}"),
+            }
+        }
+    };
+    let mut devices = 0;
+    for variant in variants() {
+        let name = variant.name().to_string();
+        let Some(dw) = variant.device_weights() else {
+            assert_eq!(name, "focal", "only focal has no device form");
+            continue;
+        };
+        devices += 1;
+        for (reduction, analysis) in configs {
+            let opts = LossOptions {
+                reduction,
+                analysis,
+                weigh_on_device: false,
+            };
+            let (lh, dxh, dwh, sh) = grads(|b| fused_loss(b, variant.as_ref(), opts).unwrap());
+            let (ld, dxd, dwd, sd) = grads(|b| {
+                let lay = layout(&b).unwrap();
+                let flat = b.hidden.reshape([18, C]).unwrap();
+                weighed_on_device(&flat, b.head, &lay, dw, opts).unwrap()
+            });
+            assert!(near(lh, ld, 1e-12), "{name}: loss {lh} vs {ld}");
+            assert!(
+                close(&dxh, &dxd, 1e-12) && close(&dwh, &dwd, 1e-12),
+                "{name}: gradients differ"
+            );
+            same_stats(&sh, &sd, 1e-12, &name);
+            if Device::wgpu_adapters().is_empty() {
+                continue;
+            }
+            let (x, w, y, m) = data();
+            let gpu = |t: Tensor| t.to_dtype(DType::F32).unwrap().to_device(&Device::Wgpu(0));
+            let (x, w) = (gpu(x).unwrap(), gpu(w).unwrap());
+            let batch = LossBatch {
+                hidden: &x,
+                head: &w,
+                targets: &y,
+                mask: &m,
+            };
+            let host = fused_loss(batch, variant.as_ref(), opts).unwrap();
+            let on_device = LossOptions {
+                weigh_on_device: true,
+                ..opts
+            };
+            let dev = fused_loss(batch, variant.as_ref(), on_device).unwrap();
+            let (a, b) = (
+                host.loss.to_scalar().unwrap(),
+                dev.loss.to_scalar().unwrap(),
+            );
+            assert!(near(a, b, 1e-5), "{name} on wgpu: loss {a} vs {b}");
+            same_stats(&host.samples, &dev.samples, 1e-5, &name);
+        }
+    }
+    assert_eq!(
+        devices, 6,
+        "sft, dft, bft, bft-no-token, bft-no-sample and the geometric BFT"
+    );
+}

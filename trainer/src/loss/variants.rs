@@ -1,7 +1,7 @@
 //! The built-in variants, each implemented through the public [`LossVariant`] trait.
 
 use super::group::{GroupConfig, GroupMean, weakest_window};
-use super::{LossError, LossVariant, SampleWeights};
+use super::{DeviceWeights, LossError, LossVariant, SampleWeights};
 
 /// Plain cross-entropy: every token and sample weighs 1.
 #[derive(Clone, Copy, Debug, Default)]
@@ -16,6 +16,13 @@ impl LossVariant for Sft {
             tokens: vec![1.0; logprobs.len()],
             sample: 1.0,
         }
+    }
+    fn device_weights(&self) -> Option<DeviceWeights> {
+        Some(DeviceWeights {
+            group: None,
+            gamma: None,
+            token_floor: None,
+        })
     }
 }
 
@@ -34,6 +41,13 @@ impl LossVariant for Dft {
             tokens: logprobs.iter().map(|lp| lp.exp().max(self.floor)).collect(),
             sample: 1.0,
         }
+    }
+    fn device_weights(&self) -> Option<DeviceWeights> {
+        Some(DeviceWeights {
+            group: None,
+            gamma: None,
+            token_floor: Some(self.floor),
+        })
     }
 }
 
@@ -84,6 +98,13 @@ impl LossVariant for Bft {
             tokens,
             sample: self.sample_weight(logprobs),
         }
+    }
+    fn device_weights(&self) -> Option<DeviceWeights> {
+        Some(DeviceWeights {
+            group: Some(self.group),
+            gamma: Some(self.gamma),
+            token_floor: self.token_weights.then_some(self.floor),
+        })
     }
 }
 

@@ -3,7 +3,6 @@ use crate::backend::Cpu;
 use crate::memory::Scratch;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
-use bft_kernels::cpu::Float;
 use bft_kernels::cpu::embedding::{gather, scatter_add};
 use bft_kernels::cpu::lm_head::{chunk_rows, lm_head_backward_head, lm_head_forward};
 
@@ -22,7 +21,7 @@ impl LmHeadKernel for Cpu {
         head: &Tensor,
         sel: Selection<'_>,
         want_dx: bool,
-    ) -> Result<(HeadSaved, Vec<f64>)> {
+    ) -> Result<(HeadSaved, Tensor)> {
         let (n, c, v) = (sel.rows.len(), sel.dims.hidden, sel.dims.vocab);
         float_dispatch!("lm_head_nll", x.dtype(), |T| {
             // (n, C): only the rows with a target.
@@ -56,17 +55,13 @@ impl LmHeadKernel for Cpu {
                 );
             }
             drop(z);
-            let logprobs = tl
-                .iter()
-                .zip(&lse)
-                .map(|(&t, &l)| Float::to_f64(t - l))
-                .collect();
+            let logprobs: Vec<T> = tl.iter().zip(&lse).map(|(&t, &l)| t - l).collect();
             let saved = HeadSaved {
                 xs: Tensor::from_cpu(xs, [n, c]),
                 unit: unit.map(|u| Tensor::from_cpu(u, [n, c])),
                 lse: Tensor::from_cpu(lse, [n]),
             };
-            Ok((saved, logprobs))
+            Ok((saved, Tensor::from_cpu(logprobs, [n])))
         })
     }
 
@@ -75,18 +70,18 @@ impl LmHeadKernel for Cpu {
         saved: &HeadSaved,
         head: &Tensor,
         sel: Selection<'_>,
-        coef: &[f64],
+        coef: &Tensor,
         (need_dx, need_dw): (bool, bool),
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (c, v) = (sel.dims.hidden, sel.dims.vocab);
         float_dispatch!("lm_head_nll backward", saved.xs.dtype(), |T| {
             let n = "lm_head_nll";
-            let coef: Vec<T> = coef.iter().map(|&a| T::from_f64(a)).collect();
+            let coef = coef.cpu::<T>(n)?;
             let dx = match (&saved.unit, need_dx) {
                 (Some(unit), true) => {
                     let mut dxs = unit.cpu::<T>(n)?.to_vec();
                     dxs.chunks_mut(c)
-                        .zip(&coef)
+                        .zip(coef)
                         .for_each(|(row, &a)| row.iter_mut().for_each(|e| *e *= a));
                     // Rows without a target get zero gradient.
                     let mut dx = vec![T::default(); sel.n_all * c];
@@ -100,7 +95,7 @@ impl LmHeadKernel for Cpu {
                 let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
                 let mut z = Scratch::<T>::new(chunk.min(sel.rows.len()) * v);
                 let inputs = (saved.xs.cpu::<T>(n)?, head.cpu::<T>(n)?, sel.targets);
-                let lse = (saved.lse.cpu::<T>(n)?, coef.as_slice());
+                let lse = (saved.lse.cpu::<T>(n)?, coef);
                 lm_head_backward_head(sel.dims, chunk, inputs, lse, &mut z.buf, &mut dw);
                 Some(Tensor::from_cpu(dw, [v, c]))
             } else {

@@ -9,7 +9,7 @@ use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::lm_head::chunk_rows;
 use bft_kernels::cpu::matmul::GemmDims;
 use bft_kernels::cuda::ops::{self, GemmTypes, Operand};
-use bft_kernels::cuda::typed::Float;
+use bft_kernels::cuda::typed::{self, Float};
 use bft_kernels::cuda::{Cuda as Device, DeviceBuffer};
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ impl LmHeadKernel for Cuda {
         head: &Tensor,
         sel: Selection<'_>,
         _want_dx: bool,
-    ) -> Result<(HeadSaved, Vec<f64>)> {
+    ) -> Result<(HeadSaved, Tensor)> {
         let (dev, i) = cuda_of(x)?;
         let (n, c, v) = (sel.rows.len(), sel.dims.hidden, sel.dims.vocab);
         let op = "lm_head_nll";
@@ -44,20 +44,14 @@ impl LmHeadKernel for Cuda {
             let z = logits(&dev, &xs, w, (r0, rows), (c, v))?;
             ops::head_lse(&dev, &z, &targets, (&lse, &tl), (rows, v, r0))?;
         }
-        let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
-            Ok(bytemuck::pod_collect_to_vec(&dev.read(b)?))
-        };
-        let logprobs = read(&tl)?
-            .iter()
-            .zip(&read(&lse)?)
-            .map(|(&t, &l)| f64::from(t - l))
-            .collect();
+        // 1: Sub in `kernels/cuda/elementwise.cu`.
+        let logp = typed::binary(&dev, Float::F32, 1, (&tl, &lse), n, n.max(1))?;
         let saved = HeadSaved {
             xs: Tensor::from_cuda(xs, DType::BF16, i, [n, c]),
             unit: None,
             lse: Tensor::from_cuda(lse, DType::F32, i, [n]),
         };
-        Ok((saved, logprobs))
+        Ok((saved, Tensor::from_cuda(logp, DType::F32, i, [n])))
     }
 
     fn head_backward(
@@ -65,7 +59,7 @@ impl LmHeadKernel for Cuda {
         saved: &HeadSaved,
         head: &Tensor,
         sel: Selection<'_>,
-        coef: &[f64],
+        coef: &Tensor,
         (need_dx, need_dw): (bool, bool),
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dev, i) = cuda_of(&saved.xs)?;
@@ -75,8 +69,7 @@ impl LmHeadKernel for Cuda {
         let w = cbuf(op, &wb, DType::BF16)?;
         let xs = cbuf(op, &saved.xs, DType::BF16)?;
         let lse = cbuf(op, &saved.lse, DType::F32)?;
-        let coef: Vec<f32> = coef.iter().map(|&a| a as f32).collect();
-        let coef = dev.upload(bytemuck::cast_slice(&coef))?;
+        let coef = cbuf(op, coef, DType::F32)?;
         let targets = dev.upload(bytemuck::cast_slice(sel.targets))?;
         // (n, C) f32 and (V, C) f32.
         let dxs = if need_dx {
@@ -93,7 +86,7 @@ impl LmHeadKernel for Cuda {
             let z = logits(&dev, xs, w, (r0, rows), (c, v))?;
             if let Some(dxs) = &dxs {
                 // dX = (coef softmax) W, then the target term -coef W[y] in f32.
-                let g = ops::head_grad(&dev, &z, &targets, (lse, &coef), (rows, v, r0), false)?;
+                let g = ops::head_grad(&dev, &z, &targets, (lse, coef), (rows, v, r0), false)?;
                 let dims = GemmDims {
                     batch: 1,
                     m: rows,
@@ -102,11 +95,11 @@ impl LmHeadKernel for Cuda {
                 };
                 let ab = (Operand::new(&g, false), (Operand::new(w, false), true));
                 ops::gemm_into(&dev, dims, ab, BF16_TO_F32, (dxs, r0 * c, false))?;
-                ops::head_target_term(&dev, (dxs, r0 * c), w, &targets, &coef, (rows, c, r0))?;
+                ops::head_target_term(&dev, (dxs, r0 * c), w, &targets, coef, (rows, c, r0))?;
             }
             if let Some(dw) = &dw {
                 // dW += G^T X over the chunk's rows, G = coef (softmax - onehot).
-                let g = ops::head_grad(&dev, &z, &targets, (lse, &coef), (rows, v, r0), true)?;
+                let g = ops::head_grad(&dev, &z, &targets, (lse, coef), (rows, v, r0), true)?;
                 let dims = GemmDims {
                     batch: 1,
                     m: v,

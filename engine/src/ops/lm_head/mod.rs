@@ -44,6 +44,20 @@ pub(crate) struct HeadSaved {
     pub lse: Tensor,
 }
 
+/// Coefficients from log-probs read back to the host.
+type HostWeigh<'a> = Box<dyn FnOnce(&[f64]) -> Vec<f64> + 'a>;
+/// Coefficients from log-probs left on their device.
+type DeviceWeigh<'a> = Box<dyn FnOnce(&Tensor) -> Result<Tensor> + 'a>;
+
+/// How a call turns its rows' target log-probs into their coefficients.
+enum Weigh<'a> {
+    /// On the host, from the log-probs read back (any loss variant).
+    Host(HostWeigh<'a>),
+    /// On the log-probs' device, as tensors (`Tensor::weigh_samples`): only what the closure
+    /// reads comes back.
+    Device(DeviceWeigh<'a>),
+}
+
 /// The fused loss kernels of a backend: two passes over the vocabulary a chunk of rows at a
 /// time (at most `CHUNK_BYTES` of logits), never the `(N, V)` logits.
 pub(crate) trait LmHeadKernel {
@@ -51,24 +65,26 @@ pub(crate) trait LmHeadKernel {
     /// otherwise 16-bit inputs are widened to f32 once per call.
     fn reads_bf16_head(&self, x: &Tensor, head: &Tensor) -> bool;
 
-    /// Pass 1: what the backward needs and each selected row's target log-prob.
+    /// Pass 1: what the backward needs, and each selected row's target log-prob `(n)` on the
+    /// device, in the type the backend computes the loss in.
     fn head_forward(
         &self,
         x: &Tensor,
         head: &Tensor,
         sel: Selection<'_>,
         want_dx: bool,
-    ) -> Result<(HeadSaved, Vec<f64>)>;
+    ) -> Result<(HeadSaved, Tensor)>;
 
-    /// `(dX (N, C), dW (V, C))`, each when asked for, from per-row coefficients that include
-    /// the upstream gradient; rows without a target get zero gradient. Their float type is the
-    /// backend's (the caller gives each its input's type).
+    /// `(dX (N, C), dW (V, C))`, each when asked for, from per-row coefficients `(n)` (of the
+    /// log-probs' type and device) that include the upstream gradient; rows without a target
+    /// get zero gradient. Their float type is the backend's (the caller gives each its input's
+    /// type).
     fn head_backward(
         &self,
         saved: &HeadSaved,
         head: &Tensor,
         sel: Selection<'_>,
-        coef: &[f64],
+        coef: &Tensor,
         needs: (bool, bool),
     ) -> Result<(Option<Tensor>, Option<Tensor>)>;
 }
@@ -90,6 +106,37 @@ impl Tensor {
         targets: &[u32],
         weigh: impl FnOnce(&[f64]) -> Vec<f64>,
     ) -> Result<HeadLoss> {
+        let (loss, logprobs) = self.head_loss(head, rows, targets, Weigh::Host(Box::new(weigh)))?;
+        Ok(HeadLoss {
+            loss,
+            // cannot fail: the host weighing always reads the log-probs.
+            logprobs: logprobs.expect("host weighing reads the log-probs"),
+        })
+    }
+
+    /// As [`Tensor::lm_head_nll`], with the coefficients computed where the hidden states are:
+    /// `weigh` maps the rows' target log-probs `(n)` (untracked, on the device) to their
+    /// coefficients `(n)`, say with [`Tensor::weigh_samples`], and no log-prob is read back.
+    /// Returns the loss `sum_i coef_i * l_i`.
+    pub fn lm_head_nll_weighed(
+        &self,
+        head: &Tensor,
+        rows: &[u32],
+        targets: &[u32],
+        weigh: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let device = Weigh::Device(Box::new(weigh));
+        Ok(self.head_loss(head, rows, targets, device)?.0)
+    }
+
+    /// The loss and, when weighed on the host, the log-probs it read.
+    fn head_loss(
+        &self,
+        head: &Tensor,
+        rows: &[u32],
+        targets: &[u32],
+        weigh: Weigh<'_>,
+    ) -> Result<(Tensor, Option<Vec<f64>>)> {
         let _profiled = crate::profile::scope(Op::LmHeadNll, crate::profile::Phase::Forward);
         // Autocast: a backend that reads a frozen bf16 head as stored does (its products round
         // the other operand to bf16 once). Other 16-bit cases compute on f32 copies made once
@@ -99,31 +146,47 @@ impl Tensor {
         let bf16_head = self.device() == head.device() && k.reads_bf16_head(self, head);
         if !bf16_head && (self.dtype().is_half() || head.dtype().is_half()) {
             let (x, w) = (self.to_dtype(DType::F32)?, head.to_dtype(DType::F32)?);
-            let out = x.lm_head_nll(&w, rows, targets, weigh)?;
+            let (loss, logprobs) = x.head_loss(&w, rows, targets, weigh)?;
             let to = promoted(&[self, head]);
-            return Ok(HeadLoss {
-                loss: out.loss.to_dtype(to)?,
-                ..out
-            });
+            return Ok((loss.to_dtype(to)?, logprobs));
         }
         if !bf16_head {
             same_kind("lm_head_nll", self, head)?;
         }
         let sel = selection(self, head, rows, targets)?;
-        let (saved, logprobs) = k.head_forward(self, head, sel, self.is_tracked())?;
-        let coef = weigh(&logprobs);
-        if coef.len() != rows.len() {
-            return Err(Error::shape(
-                "lm_head_nll",
-                format!(
-                    "weigh returned {} coefficients for {} rows",
-                    coef.len(),
-                    rows.len()
-                ),
-            ));
-        }
-        let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
-        let loss = Tensor::full(loss, Vec::<usize>::new(), self.dtype(), &self.device())?;
+        let (saved, logp) = k.head_forward(self, head, sel, self.is_tracked())?;
+        let n = rows.len();
+        let (loss, coef, logprobs) = match weigh {
+            Weigh::Host(weigh) => {
+                let logprobs = logp.to_f64_vec()?;
+                let coef = weigh(&logprobs);
+                check_coefficients(coef.len(), n)?;
+                let loss: f64 = coef.iter().zip(&logprobs).map(|(a, lp)| -a * lp).sum();
+                let loss = Tensor::full(loss, Vec::<usize>::new(), logp.dtype(), &logp.device())?;
+                let coef = Tensor::from_vec(coef, [n], &crate::Device::Cpu)?
+                    .to_dtype(logp.dtype())?
+                    .to_device(&logp.device())?;
+                (loss, coef, Some(logprobs))
+            }
+            Weigh::Device(weigh) => {
+                let coef = weigh(&logp)?;
+                check_coefficients(coef.numel(), n)?;
+                if coef.device() != logp.device() || coef.is_tracked() {
+                    return Err(Error::shape(
+                        "lm_head_nll",
+                        format!(
+                            "weigh must return untracked coefficients on {}, got {:?} on {}",
+                            logp.device(),
+                            coef,
+                            coef.device()
+                        ),
+                    ));
+                }
+                let coef = coef.cast_untracked(logp.dtype())?.reshape([n])?;
+                let loss = coef.mul(&logp)?.sum_all()?.scale(-1.0)?;
+                (loss, coef, None)
+            }
+        };
         let loss = Tape::record(Op::LmHeadNll, &[self, head], loss, || LmHeadBackward {
             saved,
             head: head.stop_gradient(),
@@ -133,8 +196,19 @@ impl Tensor {
             n_all: sel.n_all,
             x_dtype: self.dtype(),
         })?;
-        Ok(HeadLoss { loss, logprobs })
+        Ok((loss, logprobs))
     }
+}
+
+/// `weigh` gives one coefficient per selected row.
+fn check_coefficients(got: usize, rows: usize) -> Result<()> {
+    if got == rows {
+        return Ok(());
+    }
+    Err(Error::shape(
+        "lm_head_nll",
+        format!("weigh returned {got} coefficients for {rows} rows"),
+    ))
 }
 
 /// Checks the shapes, rows and targets of a call.
@@ -191,8 +265,8 @@ struct LmHeadBackward {
     head: Tensor,
     rows: Vec<u32>,
     targets: Vec<u32>,
-    /// Each selected row's coefficient, as `weigh` returned it.
-    coef: Vec<f64>,
+    /// `(n)` each selected row's coefficient, as `weigh` returned it, on the log-probs' device.
+    coef: Tensor,
     n_all: usize,
     /// The hidden states' type, which their gradient takes.
     x_dtype: DType,
@@ -213,8 +287,7 @@ impl Backward for LmHeadBackward {
             },
             n_all: self.n_all,
         };
-        let upstream = g.to_scalar()?;
-        let coef: Vec<f64> = self.coef.iter().map(|a| a * upstream).collect();
+        let coef = self.coef.scale(g.to_scalar()?)?;
         let (dx, dw) = kernels(g.device()).head_backward(
             &self.saved,
             &self.head,

@@ -4,6 +4,7 @@
 use super::{CHUNK_BYTES, HeadSaved, LmHeadKernel, Selection};
 use crate::backend::{Wgpu, wbuf, wgpu_of};
 use crate::{DType, Result, Tensor};
+use bft_kernels::cpu::binary::BinaryKind;
 use bft_kernels::cpu::lm_head::chunk_rows;
 use bft_kernels::wgpu::ops as k;
 
@@ -19,7 +20,7 @@ impl LmHeadKernel for Wgpu {
         head: &Tensor,
         sel: Selection<'_>,
         want_dx: bool,
-    ) -> Result<(HeadSaved, Vec<f64>)> {
+    ) -> Result<(HeadSaved, Tensor)> {
         let (g, i) = wgpu_of(x)?;
         let (n, c) = ("lm_head_nll", sel.dims.hidden);
         let xs = k::gather(&g, wbuf(n, x)?, c, sel.rows)?;
@@ -31,23 +32,22 @@ impl LmHeadKernel for Wgpu {
             (&xs, wbuf(n, head)?, sel.targets),
             want_dx,
         )?;
-        let read = |b: &bft_kernels::wgpu::GpuBuffer| -> Result<Vec<f32>> {
-            Ok(bytemuck::pod_collect_to_vec(&g.read(b)?))
-        };
-        let (lse, tl) = (read(&f.lse)?, read(&f.target_logit)?);
-        let logprobs = tl
-            .iter()
-            .zip(&lse)
-            .map(|(&t, &l)| f64::from(t - l))
-            .collect();
         let rows = sel.rows.len();
+        let logp = k::binary(
+            &g,
+            BinaryKind::Sub,
+            &f.target_logit,
+            &f.lse,
+            rows,
+            rows.max(1),
+        )?;
         let w = |b, shape: Vec<usize>| Tensor::from_wgpu(b, DType::F32, i, shape);
         let saved = HeadSaved {
             xs: w(xs, vec![rows, c]),
             unit: f.unit.map(|u| w(u, vec![rows, c])),
             lse: w(f.lse, vec![rows]),
         };
-        Ok((saved, logprobs))
+        Ok((saved, Tensor::from_wgpu(logp, DType::F32, i, [rows])))
     }
 
     fn head_backward(
@@ -55,17 +55,16 @@ impl LmHeadKernel for Wgpu {
         saved: &HeadSaved,
         head: &Tensor,
         sel: Selection<'_>,
-        coef: &[f64],
+        coef: &Tensor,
         (need_dx, need_dw): (bool, bool),
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (gpu, i) = wgpu_of(&saved.xs)?;
         let (n, rows) = ("lm_head_nll", sel.rows.len());
         let (c, v) = (sel.dims.hidden, sel.dims.vocab);
-        let coef: Vec<f32> = coef.iter().map(|&a| a as f32).collect();
-        let coef = gpu.upload(bytemuck::cast_slice(&coef))?;
+        let coef = wbuf(n, coef)?;
         let dx = match (&saved.unit, need_dx) {
             (Some(unit), true) => {
-                let scaled = k::scale_rows(&gpu, wbuf(n, unit)?, &coef, rows * c, c)?;
+                let scaled = k::scale_rows(&gpu, wbuf(n, unit)?, coef, rows * c, c)?;
                 let dx = k::scatter_add(&gpu, &scaled, c, sel.rows, sel.n_all)?;
                 Some(Tensor::from_wgpu(dx, DType::F32, i, [sel.n_all, c]))
             }
@@ -74,7 +73,7 @@ impl LmHeadKernel for Wgpu {
         let dw = if need_dw {
             let chunk = chunk_rows(v, 4, CHUNK_BYTES);
             let inputs = (wbuf(n, &saved.xs)?, wbuf(n, head)?, sel.targets);
-            let lse = (wbuf(n, &saved.lse)?, &coef);
+            let lse = (wbuf(n, &saved.lse)?, coef);
             let dw = k::head_backward_weight(&gpu, sel.dims, chunk, inputs, lse)?;
             Some(Tensor::from_wgpu(dw, DType::F32, i, [v, c]))
         } else {
