@@ -31,6 +31,15 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }
 
+// The A fragment of one 16-wide k-step from two C tiles side by side (`lo` its first 8
+// columns, `hi` the next 8), rounded to bf16: how P and dS feed the next product.
+__device__ __forceinline__ void c_to_a(u32* a, const float* lo, const float* hi) {
+    a[0] = pack_bf16(lo[0], lo[1]);
+    a[1] = pack_bf16(lo[2], lo[3]);
+    a[2] = pack_bf16(hi[0], hi[1]);
+    a[3] = pack_bf16(hi[2], hi[3]);
+}
+
 // c += a . b on the tensor cores.
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, const u32* b) {
     asm volatile(
@@ -76,6 +85,40 @@ __device__ __forceinline__ void b_cols(u32* b, const bf16* tile, int ld, int k0,
     const bf16* p = tile + (k0 + 2 * c) * ld + n0 + g;
     b[0] = (u32)p[0] | ((u32)p[ld] << 16);
     b[1] = (u32)p[8 * ld] | ((u32)p[9 * ld] << 16);
+}
+
+// c = A . tile^T: the 16 x (NB * 8) products of this warp's 16 rows (A fragments over D) with
+// NB * 8 rows of a shared tile of D columns (scores against keys, or against queries).
+template <int D, int NB>
+__device__ __forceinline__ void tile_products(float (*c)[4], const u32 (*a)[4], const bf16* tile) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 bf[2];
+            b_rows(bf, tile, D + 8, nb * 8, kk * 16);
+            mma_bf16(c[nb], a[kk], bf);
+        }
+    }
+}
+
+// acc += C . tile: C is KS * 16 columns of C tiles (probabilities or dS, rounded to bf16 as A
+// fragments), the tile KS * 16 rows of D columns (V, K, dO or Q).
+template <int D, int KS>
+__device__ __forceinline__ void accumulate_tile(float (*acc)[4], const float (*c)[4],
+                                                const bf16* tile) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        u32 a[4];
+        c_to_a(a, c[2 * kk], c[2 * kk + 1]);
+#pragma unroll
+        for (int nb = 0; nb < D / 8; ++nb) {
+            u32 bf[2];
+            b_cols(bf, tile, D + 8, kk * 16, nb * 8);
+            mma_bf16(acc[nb], a, bf);
+        }
+    }
 }
 
 // Copies rows r0 .. r0 + rows of a (n, D) bf16 matrix into a shared tile of stride D + 8, 16
@@ -129,16 +172,7 @@ __device__ void flash_forward_t(const bf16* q, const bf16* k, const bf16* v, bf1
         __syncthreads();
         if (!active || k0 > q0 + 15 + off) continue; // wholly masked for this warp's rows
         float sc[FA_KEYS / 8][4];
-#pragma unroll
-        for (int nb = 0; nb < FA_KEYS / 8; ++nb) {
-            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                u32 bf[2];
-                b_rows(bf, ks, LD, nb * 8, kk * 16);
-                mma_bf16(sc[nb], qa[kk], bf);
-            }
-        }
+        tile_products<D, FA_KEYS / 8>(sc, qa, ks);
         float x0 = NEG_INF, x1 = NEG_INF;
 #pragma unroll
         for (int nb = 0; nb < FA_KEYS / 8; ++nb) {
@@ -177,20 +211,7 @@ __device__ void flash_forward_t(const bf16* q, const bf16* k, const bf16* v, bf1
                 l1 += sc[nb][2 + e];
             }
         }
-        // O += P V over the tile's keys, 16 at a time.
-#pragma unroll
-        for (int kk = 0; kk < FA_KEYS / 16; ++kk) {
-            const u32 pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
-                               pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                               pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                               pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                u32 bf[2];
-                b_cols(bf, vs, LD, kk * 16, nb * 8);
-                mma_bf16(acc[nb], pa, bf);
-            }
-        }
+        accumulate_tile<D, FA_KEYS / 16>(acc, sc, vs); // O += P V
     }
     if (!active) return;
     l0 = quad_sum(l0);
@@ -239,19 +260,8 @@ __device__ void flash_dq_t(const bf16* q, const bf16* k, const bf16* v, const bf
         __syncthreads();
         if (!active || k0 > q0 + 15 + off) continue;
         float sc[KB][4], dp[KB][4];
-#pragma unroll
-        for (int nb = 0; nb < KB; ++nb) {
-            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
-            dp[nb][0] = dp[nb][1] = dp[nb][2] = dp[nb][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                u32 bf[2];
-                b_rows(bf, ks, LD, nb * 8, kk * 16);
-                mma_bf16(sc[nb], qa[kk], bf); // S = Q K^T
-                b_rows(bf, vs, LD, nb * 8, kk * 16);
-                mma_bf16(dp[nb], da[kk], bf); // dP = dO V^T
-            }
-        }
+        tile_products<D, KB>(sc, qa, ks); // S = Q K^T
+        tile_products<D, KB>(dp, da, vs); // dP = dO V^T
         // dS = P (dP - D), P = exp(scale s - lse), zero past each row's limit.
 #pragma unroll
         for (int nb = 0; nb < KB; ++nb) {
@@ -264,20 +274,7 @@ __device__ void flash_dq_t(const bf16* q, const bf16* k, const bf16* v, const bf
                 sc[nb][2 + e] = p1 * (dp[nb][2 + e] - d1);
             }
         }
-        // dQ += dS K over the tile's keys, 16 at a time.
-#pragma unroll
-        for (int kk = 0; kk < FA_DQ_KEYS / 16; ++kk) {
-            const u32 pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
-                               pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                               pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                               pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-#pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                u32 bf[2];
-                b_cols(bf, ks, LD, kk * 16, nb * 8);
-                mma_bf16(acc[nb], pa, bf);
-            }
-        }
+        accumulate_tile<D, FA_DQ_KEYS / 16>(acc, sc, ks); // dQ += dS K
     }
     if (!active) return;
 #pragma unroll
@@ -336,19 +333,8 @@ __device__ void flash_dkv_t(const bf16* q, const bf16* k, const bf16* v, const b
             u32 va[D / 16][4];
             load_a<D>(va, vb, j0, s);
             float st[QB][4], dpt[QB][4]; // S^T and dP^T: 16 keys by the tile's queries
-#pragma unroll
-            for (int nb = 0; nb < QB; ++nb) {
-                st[nb][0] = st[nb][1] = st[nb][2] = st[nb][3] = 0.0f;
-                dpt[nb][0] = dpt[nb][1] = dpt[nb][2] = dpt[nb][3] = 0.0f;
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    u32 bf[2];
-                    b_rows(bf, qs, LD, nb * 8, kk * 16);
-                    mma_bf16(st[nb], ka[kk], bf);
-                    b_rows(bf, dos, LD, nb * 8, kk * 16);
-                    mma_bf16(dpt[nb], va[kk], bf);
-                }
-            }
+            tile_products<D, QB>(st, ka, qs);   // S^T = K Q^T
+            tile_products<D, QB>(dpt, va, dos); // dP^T = V dO^T
             // P^T and dS^T = P^T (dP^T - D), zero where the key is past the query's limit or
             // the query is past T.
 #pragma unroll
@@ -366,26 +352,8 @@ __device__ void flash_dkv_t(const bf16* q, const bf16* k, const bf16* v, const b
                     dpt[nb][2 + e] = p1 * (dpt[nb][2 + e] - dd);
                 }
             }
-            // dV += P^T dO and dK += dS^T Q over the tile's queries, 16 at a time.
-#pragma unroll
-            for (int kk = 0; kk < FA_DKV_ROWS / 16; ++kk) {
-                const u32 pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]),
-                                   pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                                   pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                   pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                const u32 sa[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
-                                   pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                   pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                   pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
-                    u32 bf[2];
-                    b_cols(bf, dos, LD, kk * 16, nb * 8);
-                    mma_bf16(dva[nb], pa, bf);
-                    b_cols(bf, qs, LD, kk * 16, nb * 8);
-                    mma_bf16(dka[nb], sa, bf);
-                }
-            }
+            accumulate_tile<D, FA_DKV_ROWS / 16>(dva, st, dos); // dV += P^T dO
+            accumulate_tile<D, FA_DKV_ROWS / 16>(dka, dpt, qs); // dK += dS^T Q
         }
     }
     if (!active) return;

@@ -1,7 +1,7 @@
-use super::{Gemm, MatMulKernel, autocast_operand};
+use super::{Gemm, MatMulKernel, widened_product};
 use crate::backend::Cpu;
 use crate::dtype::Elem;
-use crate::ops::{float_dispatch, same_kind};
+use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
 
@@ -18,23 +18,10 @@ impl MatMulKernel for Cpu {
     /// The AVX512-BF16 kernel where the CPU has it; otherwise the operands are widened (an f32
     /// one after rounding to the 16-bit type) and multiplied in f32.
     fn matmul_mixed(&self, a: &Tensor, b: &Tensor, g: &Gemm, out: DType) -> Result<Tensor> {
-        let product = match bf16_product(a, b, g)? {
-            Some(p) => p,
-            None => {
-                let half = [a, b]
-                    .iter()
-                    .map(|t| t.dtype())
-                    .find(|d| d.is_half())
-                    .unwrap_or(DType::BF16);
-                let (a, b) = (autocast_operand(a, half)?, autocast_operand(b, half)?);
-                same_kind("matmul", &a, &b)?;
-                self.matmul(&a, &b, g)?
-            }
-        };
-        if out == DType::F32 {
-            Ok(product)
-        } else {
-            product.cast_untracked(out)
+        match bf16_product(a, b, g)? {
+            Some(p) if out == DType::F32 => Ok(p),
+            Some(p) => p.cast_untracked(out),
+            None => widened_product(self, (a, b), g, out),
         }
     }
 

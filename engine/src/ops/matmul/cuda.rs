@@ -2,9 +2,8 @@
 //! product with a bf16 operand multiplies bf16 by bf16 (an f32 operand, such as a LoRA master,
 //! is rounded to a bf16 copy first), writing f32 or bf16 as the result type asks.
 
-use super::{Gemm, MatMulKernel, autocast_operand};
+use super::{Gemm, MatMulKernel, widened_product};
 use crate::backend::{Cuda, bf16_input, cbuf, cuda_of, typed_output};
-use crate::ops::same_kind;
 use crate::{DType, Error, Result, Tensor};
 use bft_kernels::cuda::ops::{GemmTypes, Operand, gemm_into};
 use bft_kernels::cuda::typed::Float;
@@ -28,17 +27,7 @@ impl MatMulKernel for Cuda {
     fn matmul_mixed(&self, a: &Tensor, b: &Tensor, g: &Gemm, out: DType) -> Result<Tensor> {
         if [a, b].iter().any(|t| t.dtype() == DType::F16) {
             // f16 computes in f32 on CUDA (`Backend::compute_dtype`).
-            let (a, b) = (
-                autocast_operand(a, DType::F16)?,
-                autocast_operand(b, DType::F16)?,
-            );
-            same_kind("matmul", &a, &b)?;
-            let p = product(&a, &b, g, Float::F32, Float::F32)?;
-            return if out == DType::F32 {
-                Ok(p)
-            } else {
-                p.cast_untracked(out)
-            };
+            return widened_product(self, (a, b), g, out);
         }
         let (a, b) = (bf16_input(a)?, bf16_input(b)?);
         let out = if out == DType::F32 {

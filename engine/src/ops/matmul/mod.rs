@@ -208,6 +208,29 @@ fn gemm(ad: &[usize], bd: &[usize], ta: bool, tb: bool) -> Result<Gemm> {
     })
 }
 
+/// `op(a) . op(b)` by `matmul` on the operands widened to f32 (each through
+/// [`autocast_operand`]), in type `out`: how a backend without 16-bit products autocasts.
+pub(super) fn widened_product(
+    k: &dyn MatMulKernel,
+    (a, b): (&Tensor, &Tensor),
+    g: &Gemm,
+    out: DType,
+) -> Result<Tensor> {
+    let half = [a, b]
+        .iter()
+        .map(|t| t.dtype())
+        .find(|d| d.is_half())
+        .unwrap_or(DType::BF16);
+    let (a, b) = (autocast_operand(a, half)?, autocast_operand(b, half)?);
+    same_kind("matmul", &a, &b)?;
+    let product = k.matmul(&a, &b, g)?;
+    if out == DType::F32 {
+        Ok(product)
+    } else {
+        product.cast_untracked(out)
+    }
+}
+
 /// The f32 values a product with a 16-bit operand reads, as an untracked tensor: a 16-bit
 /// operand widened; an f32 operand rounded to the 16-bit type `half` first (autocast rounds the
 /// activation it feeds a 16-bit weight), then widened; anything else as it is.

@@ -1,6 +1,5 @@
-use super::{Gemm, MatMulKernel, autocast_operand};
+use super::{Gemm, MatMulKernel, widened_product};
 use crate::backend::{Wgpu, wbuf, wgpu_of};
-use crate::ops::same_kind;
 use crate::{DType, Result, Tensor};
 use bft_kernels::wgpu::ops::{DeviceOperand, matmul};
 
@@ -25,18 +24,6 @@ impl MatMulKernel for Wgpu {
     /// WGSL has no bf16 products: the operands are widened (an f32 one after rounding to the
     /// 16-bit type) and multiplied in f32.
     fn matmul_mixed(&self, a: &Tensor, b: &Tensor, g: &Gemm, out: DType) -> Result<Tensor> {
-        let half = [a, b]
-            .iter()
-            .map(|t| t.dtype())
-            .find(|d| d.is_half())
-            .unwrap_or(DType::BF16);
-        let (a, b) = (autocast_operand(a, half)?, autocast_operand(b, half)?);
-        same_kind("matmul", &a, &b)?;
-        let product = self.matmul(&a, &b, g)?;
-        if out == DType::F32 {
-            Ok(product)
-        } else {
-            product.cast_untracked(out)
-        }
+        widened_product(self, (a, b), g, out)
     }
 }
