@@ -7,7 +7,9 @@
 #   4 speed    `bft train` against HF transformers + PEFT (bf16, sdpa) at
 #              DeepSeek-R1-Distill-Qwen-1.5B's shapes: random init, sequence 2048, LoRA r=16 on
 #              all linear layers, BFT; tokens/s, MFU and peak memory, same GPU, same call
-# It prints one line per part and writes $OUT/check.json (and each part's log beside it).
+# It prints one line per part and writes $OUT/check.json (and each part's log beside it). Each
+# step has its own time limit (75 + 45 + 2 x 50 + 130 + 100 s, and the two random models), so
+# the call ends within 8 minutes whatever hangs.
 #
 #   bash benches/cuda/prepare.sh   # here, without a GPU: builds target/gpu (under 64 MiB)
 #   device tool: carry ["target/gpu"], command "bash target/gpu/check.sh", timeout_s 600
@@ -53,7 +55,8 @@ for t in cuda_diff backends; do
         part "$name" skip 0 '"no CUDA device in a dry run"'
         continue
     fi
-    timeout 150 "$here/$t" --test-threads 1 >"$out/$name.log" 2>&1
+    timeout "$([ "$t" = cuda_diff ] && echo 75 || echo 45)" "$here/$t" --test-threads 1 \
+        >"$out/$name.log" 2>&1
     rc=$?
     part "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(since "$t0")" "$(tests_json "$out/$name.log")"
 done
@@ -66,7 +69,7 @@ steps=(--data "$here/data-short.jsonl" --model "$work/tiny" --loss bft --dtype b
     --lora-dropout 0 --warmup-ratio 0 --lr 1e-3 --window 16)
 for k in 0 1; do
     d=$([ $k = 0 ] && echo cpu || echo "$dev")
-    timeout 120 "$here/bft" train "${steps[@]}" --device "$d" --output "$work/run-$k" \
+    timeout 50 "$here/bft" train "${steps[@]}" --device "$d" --output "$work/run-$k" \
         >>"$out/train.log" 2>&1
 done
 detail=$("$py" "$here/check_compare.py" train "$work/run-0" "$work/run-1" 2>>"$out/train.log")
@@ -83,7 +86,7 @@ if [ "$dev" = cuda ]; then
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$mem_log" 2>/dev/null &
     smi=$!
 fi
-timeout 210 "$here/bft" train --model "$work/big" --data "$here/data-long.jsonl" --loss bft \
+timeout 130 "$here/bft" train --model "$work/big" --data "$here/data-long.jsonl" --loss bft \
     --dtype bf16 --device "$dev" --cutoff-len "$seq" --batch-size "${BATCH:-4}" --max-steps 4 \
     --lora-rank 16 --lora-alpha 32 --lora-targets all --lora-dropout 0 --warmup-ratio 0 \
     --window 256 --checkpointing --output "$work/run-big" >>"$out/speed.log" 2>&1
@@ -96,7 +99,7 @@ fi
 bft_json='null'
 [ $bft_rc = 0 ] && bft_json=$("$py" "$here/check_compare.py" speed "$work/run-big" "$work/big" "$seq" "$peak" $peak_mib 2>>"$out/speed.log")
 if [ "$dev" = cuda ]; then
-    hf_json=$(timeout 180 "$py" "$here/torch_train.py" --seq 2048 --max-batch 8 --steps 4 \
+    hf_json=$(timeout 100 "$py" "$here/torch_train.py" --seq 2048 --max-batch 8 --steps 4 \
         --warmup 1 --peak-tflops "$peak" 2>>"$out/speed.log" | tail -1)
 else
     hf_json=$(timeout 180 "$py" "$here/torch_train.py" --smoke 2>>"$out/speed.log" | tail -1)
