@@ -37,16 +37,31 @@ def train(cpu, dev):
                       "grad_norm": [[x["grad_norm"], y["grad_norm"]] for x, y in zip(a, b)]}))
 
 
+def parameters(model_dir):
+    """The element count of every tensor in a model's safetensors files (one or sharded),
+    read from their headers."""
+    import glob
+    total = 0
+    for path in glob.glob(f"{model_dir}/*.safetensors"):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
 def speed(run, model_dir, seq, peak_tflops, peak_mib=None):
     rows = metrics(run)
     timed = rows[1:] or rows
     tps = sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed)
     cfg = json.load(open(f"{model_dir}/config.json"))
-    h, f, n, v = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
-                  cfg["vocab_size"])
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    per_layer = h * h * 2 + 2 * h * kv + 3 * h * f + 2 * kv + h
-    n_base = n * per_layer + 2 * v * h + h
+    h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
+    n_base = parameters(model_dir)
     # The same count as torch_train.py: forward 2N and backward 2N a token, plus attention.
     flops_per_token = 4 * n_base + 12 * n * seq * h
     print(json.dumps({"impl": "bft", "tokens_per_s": tps,

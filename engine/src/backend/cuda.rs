@@ -139,12 +139,11 @@ impl StorageKernel for Cuda {
     }
 
     fn download(&self, t: &Tensor) -> Result<Tensor> {
-        let (dev, _) = cuda_of(t)?;
         let buf = t.cuda().ok_or(Error::Unsupported {
             op: "download",
             device: t.device(),
         })?;
-        Ok(host_tensor(&dev.read(buf)?, t))
+        Ok(host_tensor(&buf.device().read(buf)?, t))
     }
 
     /// A new buffer from the elementwise add (f32 or bf16 gradients).

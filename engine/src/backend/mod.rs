@@ -80,22 +80,19 @@ pub(crate) fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
 /// A host tensor of `like`'s type and shape from the bytes a device read back (16-bit floats
 /// as their bits; a device may pad the buffer past the last element).
 pub(crate) fn host_tensor(bytes: &[u8], like: &Tensor) -> Tensor {
+    /// The first `n` elements of `bytes` read as `T`.
+    fn first<T: bytemuck::Pod>(bytes: &[u8], n: usize) -> Vec<T> {
+        let mut all: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
+        all.truncate(n);
+        all
+    }
     let n = like.numel();
-    let halves = || -> Vec<u16> {
-        let mut all: Vec<u16> = bytemuck::pod_collect_to_vec(bytes);
-        all.truncate(n);
-        all
-    };
-    let words = || -> Vec<u32> {
-        let mut all: Vec<u32> = bytemuck::pod_collect_to_vec(bytes);
-        all.truncate(n);
-        all
-    };
+    let halves = || first::<u16>(bytes, n).into_iter();
     let data = match like.dtype() {
-        DType::U32 => CpuData::U32(words()),
-        DType::F16 => CpuData::F16(halves().into_iter().map(f16::from_bits).collect()),
-        DType::BF16 => CpuData::BF16(halves().into_iter().map(bf16::from_bits).collect()),
-        _ => CpuData::F32(words().into_iter().map(f32::from_bits).collect()),
+        DType::U32 => CpuData::U32(first(bytes, n)),
+        DType::F16 => CpuData::F16(halves().map(f16::from_bits).collect()),
+        DType::BF16 => CpuData::BF16(halves().map(bf16::from_bits).collect()),
+        _ => CpuData::F32(first(bytes, n)),
     };
     Tensor::from_storage(
         Arc::new(Storage::Cpu(CpuStorage::new(data))),

@@ -61,12 +61,11 @@ impl StorageKernel for Wgpu {
     }
 
     fn download(&self, t: &Tensor) -> Result<Tensor> {
-        let (g, _) = wgpu_of(t)?;
         let buf = t.wgpu().ok_or(Error::Unsupported {
             op: "download",
             device: t.device(),
         })?;
-        Ok(host_tensor(&g.read(buf)?, t))
+        Ok(host_tensor(&buf.gpu().read(buf)?, t))
     }
 
     /// A new buffer: device tensors are not updated in place.
@@ -97,13 +96,12 @@ impl StorageKernel for Wgpu {
                 device: g.device(),
             });
         };
-        let bufs = (&pw.buf, grad, &mw.buf, &vw.buf);
         Ok(ops::adamw(
             pw.buf.gpu(),
-            bufs.0,
-            bufs.1,
-            bufs.2,
-            bufs.3,
+            &pw.buf,
+            grad,
+            &mw.buf,
+            &vw.buf,
             n,
             h,
         )?)

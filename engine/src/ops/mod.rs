@@ -159,6 +159,11 @@ pub(crate) fn same_kind(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> 
             rhs: b.dtype(),
         });
     }
+    same_device(op, a, b)
+}
+
+/// Checks that two operands live on one device (their types may differ: autocast).
+pub(crate) fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.device() != b.device() {
         return Err(Error::DeviceMismatch {
             op,

@@ -277,7 +277,7 @@ impl AttentionKernel {
     /// kernels everywhere (to bisect a difference between the two).
     pub fn for_head_dim(head_dim: usize) -> Self {
         let rows = std::env::var("BFT_CUDA_ATTENTION").is_ok_and(|v| v == "rows");
-        if !rows && flash_entry(head_dim, "forward").is_some() {
+        if !rows && flash_entries(head_dim).is_some() {
             AttentionKernel::Flash
         } else {
             AttentionKernel::Rows
@@ -285,17 +285,13 @@ impl AttentionKernel {
     }
 }
 
-/// The flash entry point of `stem` for a head size, if flash takes it.
-fn flash_entry(head_dim: usize, stem: &str) -> Option<&'static str> {
-    Some(match (head_dim, stem) {
-        (64, "forward") => "flash_forward_d64",
-        (128, "forward") => "flash_forward_d128",
-        (64, "dq") => "flash_dq_d64",
-        (128, "dq") => "flash_dq_d128",
-        (64, "dkv") => "flash_dkv_d64",
-        (128, "dkv") => "flash_dkv_d128",
-        _ => return None,
-    })
+/// The flash kernels' entry points for a head size (forward, dQ, dK/dV), if flash takes it.
+fn flash_entries(head_dim: usize) -> Option<[&'static str; 3]> {
+    match head_dim {
+        64 => Some(["flash_forward_d64", "flash_dq_d64", "flash_dkv_d64"]),
+        128 => Some(["flash_forward_d128", "flash_dq_d128", "flash_dkv_d128"]),
+        _ => None,
+    }
 }
 
 /// Threads of a flash block: 4 warps, 16 query rows (or keys) each.
@@ -376,8 +372,8 @@ pub fn attention_forward_by(
         ptr(Some(&o)),
         ptr(Some(&lse)),
     ];
-    let flash = flash_entry(dims.head_dim, "forward").filter(|_| kernel == AttentionKernel::Flash);
-    if let Some(entry) = flash {
+    let flash = flash_entries(dims.head_dim).filter(|_| kernel == AttentionKernel::Flash);
+    if let Some([entry, ..]) = flash {
         args.extend(flash_dims(dims, scale)?);
         let grid = flash_grid(dims.q_len, dims.batch * dims.q_heads)?;
         dev.launch_grid(&FLASH, entry, grid, FLASH_THREADS, &args)?;
@@ -426,8 +422,8 @@ pub fn attention_backward_by(
     if rows == 0 || kv_rows == 0 {
         return Ok((dq, dk, dv));
     }
-    let flash = (flash_entry(d, "dq"), flash_entry(d, "dkv"));
-    if let (Some(dq_entry), Some(dkv_entry), AttentionKernel::Flash) = (flash.0, flash.1, kernel) {
+    let flash = flash_entries(d).filter(|_| kernel == AttentionKernel::Flash);
+    if let Some([_, dq_entry, dkv_entry]) = flash {
         let args = [
             ptr(Some(o)),
             ptr(Some(dout)),

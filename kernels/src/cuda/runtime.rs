@@ -180,7 +180,7 @@ impl Cuda {
         };
         let slice = match reused {
             Some(s) => s,
-            None => self.fresh(class)?,
+            None => self.fresh(bytes, class)?,
         };
         Ok(DeviceBuffer {
             slice: Some(slice),
@@ -189,10 +189,10 @@ impl Cuda {
         })
     }
 
-    /// A new device allocation of `class` bytes. When the device is full, the pool's free
-    /// buffers go back to the driver and the allocation is tried once more; failing again it
-    /// is `OutOfMemory`, with what was asked and what the device has.
-    fn fresh(&self, class: usize) -> Result<CudaSlice<u8>> {
+    /// A new device allocation of `class` bytes for a buffer of `bytes`. When the device is
+    /// full, the pool's free buffers go back to the driver and the allocation is tried once
+    /// more; failing again it is `OutOfMemory`, with what was asked and what the device has.
+    fn fresh(&self, bytes: usize, class: usize) -> Result<CudaSlice<u8>> {
         use cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
         // SAFETY: the buffer is uninitialised device memory; every user writes before reading
         // (kernels fill their outputs, uploads copy in).
@@ -215,7 +215,7 @@ impl Cuda {
                 let (free, total) = self.memory().unwrap_or((0, 0));
                 Err(CudaError::OutOfMemory {
                     device: self.describe(),
-                    bytes: class,
+                    bytes,
                     free,
                     total,
                     released,

@@ -4,7 +4,7 @@ mod cpu;
 mod cuda;
 mod wgpu;
 
-use super::{Op, promoted, same_kind};
+use super::{Op, promoted, same_device, same_kind};
 use crate::DType;
 use crate::backend::kernels;
 use crate::tape::{Backward, Tape};
@@ -146,18 +146,6 @@ impl Tensor {
             tb,
         })
     }
-}
-
-/// Checks that two operands live on one device (their types may differ: autocast).
-fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
-    if a.device() != b.device() {
-        return Err(Error::DeviceMismatch {
-            op,
-            lhs: a.device(),
-            rhs: b.device(),
-        });
-    }
-    Ok(())
 }
 
 struct MatMulBackward {
