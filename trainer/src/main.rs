@@ -86,7 +86,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(Cli::parse_from(argv)) {
+    let cli = Cli::parse_from(argv);
+    if let Err(e) = rayon::scope(|_| run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
