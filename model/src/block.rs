@@ -314,6 +314,44 @@ impl Block {
             .matmul_t_add(&p.b, false, true, y)?)
     }
 
+    /// `linear` for projections that read the same input (q, k, v; gate, up). Their adapters'
+    /// down-projections are one product `x [A_1; A_2; ..]^T (B, T, r_1 + r_2 + ..)`: the input
+    /// is read, and its gradient `dA = du^T x` formed, once for the group instead of once per
+    /// projection (rank-16 products are bound by reading `x`, not by their flops). Projections
+    /// whose adapters differ in scale or draw dropout masks (each its own) go one by one.
+    fn linears<const N: usize>(
+        &self,
+        x: &Tensor,
+        ls: [Linear; N],
+        dropout_seed: Option<u64>,
+    ) -> Result<[Tensor; N]> {
+        let pairs: Vec<&LoraPair> = ls.iter().filter_map(|&l| self.lora(l)).collect();
+        let fused = pairs.len() == N
+            && N > 1
+            && pairs.iter().all(|p| p.scale == pairs[0].scale)
+            && (dropout_seed.is_none() || pairs.iter().all(|p| p.dropout == 0.0));
+        if !fused {
+            let ys = ls
+                .iter()
+                .map(|&l| self.linear(x, l, dropout_seed))
+                .collect::<Result<Vec<_>>>()?;
+            // cannot fail: one output per projection.
+            return Ok(ys.try_into().expect("one output a projection"));
+        }
+        let a = Tensor::cat(&pairs.iter().map(|p| p.a.clone()).collect::<Vec<_>>(), 0)?;
+        let ranks: Vec<usize> = pairs.iter().map(|p| p.a.dims()[0]).collect();
+        // (B, T, C) . (sum r, C)^T -> (B, T, sum r), scaled as in `linear`, then one (B, T, r)
+        // piece per projection.
+        let u = x.matmul_t(&a, false, true)?.scale(pairs[0].scale)?.split(-1, &ranks)?;
+        let mut ys = Vec::with_capacity(N);
+        for ((&l, p), u) in ls.iter().zip(&pairs).zip(u) {
+            let y = x.matmul_t(&self.tensors[l.weight_index()], false, true)?;
+            ys.push(u.matmul_t_add(&p.b, false, true, y)?);
+        }
+        // cannot fail: one output per projection.
+        Ok(ys.try_into().expect("one output a projection"))
+    }
+
     /// `x (B, T, C)` -> `(B, T, C)`; `cos, sin (T, head_dim / 2)` from `rope_tables`.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         self.forward_impl(x, cos, sin, None, None, None)
@@ -391,20 +429,17 @@ impl Block {
             }
         };
         let h = x.rms_norm(&w[0], c.rms_eps)?;
-        // (B, T, C) . (out, C)^T -> (B, T, out) -> (B, T, heads, D) -> (B, heads, T, D)
-        let proj = |l: Linear, bias: Option<usize>, heads: usize| -> Result<Tensor> {
-            let mut y = self.linear(&h, l, dropout_seed)?;
-            if let Some(bi) = bias {
-                y = y.add(&w[bi])?;
-            }
+        let [q, k, v] = self.linears(&h, [Linear::Q, Linear::K, Linear::V], dropout_seed)?;
+        // (B, T, out) -> (B, T, heads, D) -> (B, heads, T, D)
+        let heads = |y: Tensor, i: usize, heads: usize| -> Result<Tensor> {
+            let y = if c.qkv_bias { y.add(&w[9 + i])? } else { y };
             Ok(y.reshape([b, t, heads, c.head_dim])?.transpose(1, 2)?)
         };
-        let bias = |i: usize| c.qkv_bias.then_some(9 + i);
         // The projections are fresh tensors: a backend with an in-place kernel rotates them
         // where they are.
-        let q = proj(Linear::Q, bias(0), c.heads)?.rope_in_place(cos, sin)?;
-        let mut k = proj(Linear::K, bias(1), c.kv_heads)?.rope_in_place(cos, sin)?;
-        let mut v = proj(Linear::V, bias(2), c.kv_heads)?;
+        let q = heads(q, 0, c.heads)?.rope_in_place(cos, sin)?;
+        let mut k = heads(k, 1, c.kv_heads)?.rope_in_place(cos, sin)?;
+        let mut v = heads(v, 2, c.kv_heads)?;
         if let Some(cache) = cache {
             // (B, Hkv, S, D): earlier positions first; K is cached after RoPE.
             if let (Some(pk), Some(pv)) = (&cache.k, &cache.v) {
@@ -423,9 +458,8 @@ impl Block {
         // The residual add and the second norm: one pass where the backend fuses them.
         let (x, h) =
             x.add_rms_norm(&self.linear(&a, Linear::O, dropout_seed)?, &w[5], c.rms_eps)?;
-        let m = self
-            .linear(&h, Linear::Gate, dropout_seed)?
-            .swiglu(&self.linear(&h, Linear::Up, dropout_seed)?)?;
+        let [gate, up] = self.linears(&h, [Linear::Gate, Linear::Up], dropout_seed)?;
+        let m = gate.swiglu(&up)?;
         Ok(x.add(&self.linear(&m, Linear::Down, dropout_seed)?)?)
     }
 }
