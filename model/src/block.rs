@@ -342,7 +342,10 @@ impl Block {
         let ranks: Vec<usize> = pairs.iter().map(|p| p.a.dims()[0]).collect();
         // (B, T, C) . (sum r, C)^T -> (B, T, sum r), scaled as in `linear`, then one (B, T, r)
         // piece per projection.
-        let u = x.matmul_t(&a, false, true)?.scale(pairs[0].scale)?.split(-1, &ranks)?;
+        let u = x
+            .matmul_t(&a, false, true)?
+            .scale(pairs[0].scale)?
+            .split(-1, &ranks)?;
         let mut ys = Vec::with_capacity(N);
         for ((&l, p), u) in ls.iter().zip(&pairs).zip(u) {
             let y = x.matmul_t(&self.tensors[l.weight_index()], false, true)?;
