@@ -79,6 +79,7 @@ fn probabilities<T: Float>(
     }
 }
 
+super::simd! {
 /// Forward: writes `o` and `lse`.
 pub fn attention_forward<T: Float>(
     dims: AttnDims,
@@ -143,6 +144,7 @@ pub fn attention_forward<T: Float>(
         }
     });
 }
+}
 
 /// How the backward pass splits its work between tasks (no two tasks write the same row).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,6 +187,7 @@ pub fn attention_backward<T: Float>(
     attention_backward_split(dims, tiles, split, scale, qkv, saved, dq, dk, dv)
 }
 
+super::simd! {
 /// `attention_backward` with the work split chosen by the caller.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_split<T: Float>(
@@ -364,6 +367,7 @@ pub fn attention_backward_split<T: Float>(
             gemm_tile((rows, d, cols), ds, false, kt, false, dqt, true, sc);
         }
     });
+}
 }
 
 /// Reference attention that materialises the full score matrix, for tests and benchmarks.

@@ -23,6 +23,7 @@ impl BinaryKind {
     }
 }
 
+super::simd! {
 /// `out[r, j] = a[r, j] (op) b[j]` where `a` is `(rows, b.len())` row-major. `b.len() == a.len()`
 /// is plain elementwise. The match on `kind` sits outside the inner loop so each arm vectorises.
 pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
@@ -43,7 +44,9 @@ pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
             }
         });
 }
+}
 
+super::simd! {
 /// `a += b` elementwise, in parallel chunks: gradient accumulation, where a tensor used by
 /// several ops (a layer input feeding q, k, v and their adapters) sums its gradients.
 pub fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
@@ -52,6 +55,7 @@ pub fn add_assign<T: Float>(a: &mut [T], b: &[T]) {
     a.par_chunks_mut(CHUNK)
         .zip(b.par_chunks(CHUNK))
         .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, &y)| *x += y));
+}
 }
 
 /// `out[j] = sum_r a[r, j]`: the gradient of a broadcast operand. `a` is `(rows, out.len())`.

@@ -35,6 +35,7 @@ impl Float for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn exp_in_place(v: &mut [Self]) {
         v.iter_mut().for_each(|x| *x = exp_f32(*x));
     }
@@ -100,6 +101,7 @@ impl Float for f64 {
     fn to_f64(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn exp_in_place(v: &mut [Self]) {
         v.iter_mut().for_each(|x| *x = x.exp());
     }

@@ -58,6 +58,7 @@ fn logits_chunk<T: Float + WeightProduct<W>, W>(
     T::weight_product(g, xo, wo, &mut z[..n * dims.vocab], false);
 }
 
+super::simd! {
 /// Turns logits rows in place into `scale[i] * (softmax(z_i) - onehot(y_i))`.
 fn softmax_minus_onehot<T: Float>(
     z: &mut [T],
@@ -76,7 +77,9 @@ fn softmax_minus_onehot<T: Float>(
         row[targets[i] as usize] -= a;
     });
 }
+}
 
+super::simd! {
 /// Pass 1: `lse[i]` and `target_logit[i]` for every row, `chunk` rows at a time, and when
 /// `unit_grad` is given, `unit_grad (rows, C) = (softmax(Z) - onehot(y)) W`. `z` is the caller's
 /// scratch for one chunk of logits, at least `min(chunk, rows) * vocab` long: the only
@@ -137,6 +140,7 @@ pub fn lm_head_forward<T: Float + WeightProduct<W>, W>(
             T::weight_product(gd, go, wo, &mut u[r0 * c..(r0 + n) * c], false);
         }
     }
+}
 }
 
 /// Pass 2, for a trainable head: `dw += G^T X` with `G[i] = coef[i] * (softmax(z_i) - onehot(y_i))`

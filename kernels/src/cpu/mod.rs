@@ -2,6 +2,24 @@
 //! cache-friendly loops for the rest. Every kernel is generic over [`Float`] so the same code
 //! runs in f32 (training) and f64 (finite-difference gradient checks).
 
+/// Compiles each wrapped function once more for AVX-512 and once for AVX2+FMA, and calls the
+/// widest one the CPU has (checked once): the build targets baseline x86-64, where the
+/// compiler vectorises elementwise loops (exp, sigmoid, norms, the optimizer) 4 lanes wide;
+/// AVX-512 does 16. The clones compute the same values: Rust never contracts a multiply and an
+/// add into an FMA on its own or reorders a float sum, so only the instructions differ.
+macro_rules! simd {
+    ($($item:item)*) => {
+        $(
+            #[multiversion::multiversion(targets(
+                "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+                "x86_64+avx2+fma",
+            ))]
+            $item
+        )*
+    };
+}
+pub(crate) use simd;
+
 pub mod attention;
 pub mod bf16_gemm;
 pub mod binary;

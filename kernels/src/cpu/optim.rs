@@ -40,6 +40,7 @@ impl AdamWStep {
     }
 }
 
+super::simd! {
 /// `p`, `m`, `v` updated in place from `g` (all of one length). The moments are f32 (the
 /// specification); the arithmetic is f64, so f64 parameters match PyTorch's f64 AdamW.
 pub fn adamw<T: Float>(p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
@@ -54,6 +55,7 @@ pub fn adamw<T: Float>(p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], h: &A
         w -= h.lr * mh / (vh.sqrt() + h.eps);
         p[j] = T::from_f64(w);
     }
+}
 }
 
 /// `sum(x^2)` in f64.

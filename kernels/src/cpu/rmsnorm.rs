@@ -3,6 +3,7 @@
 use super::Float;
 use rayon::prelude::*;
 
+super::simd! {
 /// `x, y: (rows, cols)`, `w: (cols)`, `rstd: (rows)` saved for the backward pass.
 pub fn rmsnorm<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]) {
     let cols = w.len();
@@ -18,7 +19,9 @@ pub fn rmsnorm<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]
             }
         });
 }
+}
 
+super::simd! {
 /// With `g = dy * w`: `dx = rstd * g - x * rstd^3 * sum(g * x) / cols`, and
 /// `dw = sum_rows(dy * x * rstd)` (written only when `dw` is given: a frozen norm skips it).
 pub fn rmsnorm_backward<T: Float>(
@@ -57,4 +60,5 @@ pub fn rmsnorm_backward<T: Float>(
             }
         });
     }
+}
 }

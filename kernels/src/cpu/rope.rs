@@ -4,6 +4,7 @@
 use super::Float;
 use rayon::prelude::*;
 
+super::simd! {
 /// `x, out: (rows, t, d)`; `cos, sin: (t, d / 2)`. `inverse` applies the transpose rotation,
 /// which is the backward pass (a rotation's inverse is its transpose).
 pub fn rope<T: Float>(
@@ -29,6 +30,7 @@ pub fn rope<T: Float>(
             }
         }
     });
+}
 }
 
 /// Tables `(t, d / 2)` for positions `offset..offset + t`: `angle = pos * inv_freq[i]`.

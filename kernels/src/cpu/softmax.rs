@@ -3,6 +3,7 @@
 use super::{Float, max_of, sum_of};
 use rayon::prelude::*;
 
+super::simd! {
 /// `log(sum(exp(row)))`, shifted by the row max so it never overflows. Exponentials are taken
 /// in stack chunks so the vectorised `exp_in_place` applies without a heap buffer.
 pub fn logsumexp<T: Float>(row: &[T]) -> T {
@@ -20,7 +21,9 @@ pub fn logsumexp<T: Float>(row: &[T]) -> T {
     }
     m + s.ln()
 }
+}
 
+super::simd! {
 /// `y = softmax(x)` (or `log_softmax(x)` when `log`), rows of length `cols`. One `exp` per
 /// element: the shifted exponentials are written to `y` and normalised in place.
 pub fn softmax<T: Float>(x: &[T], cols: usize, log: bool, y: &mut [T]) {
@@ -38,7 +41,9 @@ pub fn softmax<T: Float>(x: &[T], cols: usize, log: bool, y: &mut [T]) {
         }
     });
 }
+}
 
+super::simd! {
 /// Backward from the forward output `y`:
 /// softmax `dx = y * (dy - sum(dy * y))`; log-softmax `dx = dy - exp(y) * sum(dy)`.
 pub fn softmax_backward<T: Float>(y: &[T], dy: &[T], cols: usize, log: bool, dx: &mut [T]) {
@@ -56,4 +61,5 @@ pub fn softmax_backward<T: Float>(y: &[T], dy: &[T], cols: usize, log: bool, dx:
             }
         }
     });
+}
 }

@@ -30,6 +30,7 @@ pub fn normal_cdf<T: Float>(x: T) -> T {
     half * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
 
+super::simd! {
 /// `out = f(x)`; a parallel map over fixed-size chunks.
 pub fn unary<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
     fn map<T: Float>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
@@ -46,7 +47,9 @@ pub fn unary<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
         UnaryKind::Gelu => map(x, out, |v| v * normal_cdf(v)),
     }
 }
+}
 
+super::simd! {
 /// `dx = dy * f'(x)`, given the forward input `x` and output `y` (whichever the derivative needs).
 pub fn unary_backward<T: Float>(kind: UnaryKind, x: &[T], y: &[T], dy: &[T], dx: &mut [T]) {
     fn zip3<T: Float>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], f: impl Fn(T, T, T) -> T + Sync) {
@@ -74,14 +77,18 @@ pub fn unary_backward<T: Float>(kind: UnaryKind, x: &[T], y: &[T], dy: &[T], dx:
         }),
     }
 }
+}
 
+super::simd! {
 /// `out = alpha * x`.
 pub fn scale<T: Float>(alpha: T, x: &[T], out: &mut [T]) {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = alpha * x));
 }
+}
 
+super::simd! {
 /// SwiGLU: `out = silu(gate) * up`, fused so the MLP stores one activation instead of three.
 pub fn swiglu<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
@@ -92,7 +99,9 @@ pub fn swiglu<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
         }
     });
 }
+}
 
+super::simd! {
 /// SwiGLU backward: `dgate = dy * up * silu'(gate)`, `dup = dy * silu(gate)`.
 pub fn swiglu_backward<T: Float>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T], dup: &mut [T]) {
     dgate
@@ -108,4 +117,5 @@ pub fn swiglu_backward<T: Float>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T]
                 du[i] = d * g * sg;
             }
         });
+}
 }
