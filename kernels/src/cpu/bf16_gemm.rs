@@ -103,7 +103,32 @@ pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
     if !available() {
         return false;
     }
-    super::matmul::counted(dims, || packed_gemm(dims, a, b, c, accumulate));
+    // SAFETY: `c` is a live slice of f32, readable and writable over its length.
+    super::matmul::counted(dims, || unsafe {
+        packed_gemm(dims, a, b, c.as_mut_ptr(), c.len(), accumulate)
+    });
+    true
+}
+
+/// `c = op(a) . op(b)` as `matmul_bf16` does without accumulating, into memory that need not
+/// be initialised (a `Vec`'s spare capacity): a fresh output is then not zero-filled first,
+/// which cost a pass over every frozen projection's output. Every one of the first
+/// `batch * m * n` elements is written. Returns false, writing nothing, when the CPU lacks
+/// AVX512-BF16.
+pub fn matmul_bf16_uninit<A: Bf16Source, B: Bf16Source>(
+    dims: GemmDims,
+    a: Operand<'_, A>,
+    b: Operand<'_, B>,
+    c: &mut [std::mem::MaybeUninit<f32>],
+) -> bool {
+    if !available() {
+        return false;
+    }
+    // SAFETY: `c` is writable over its length, and without accumulation the kernel only
+    // writes it.
+    super::matmul::counted(dims, || unsafe {
+        packed_gemm(dims, a, b, c.as_mut_ptr().cast(), c.len(), false)
+    });
     true
 }
 
@@ -197,16 +222,23 @@ impl WeightProduct<bf16> for f64 {
     }
 }
 
-fn packed_gemm<A: Bf16Source, B: Bf16Source>(
+/// The kernel behind `matmul_bf16` and `matmul_bf16_uninit`, writing `c (batch, m, n)`.
+///
+/// # Safety
+/// `c` must be valid for writes of `c_len` f32, and for reads too when `accumulate`; no other
+/// thread may touch it during the call. Without `accumulate` every element of the first
+/// `batch * m * n` is written before any is read.
+unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     dims: GemmDims,
     a: Operand<'_, A>,
     b: Operand<'_, B>,
-    c: &mut [f32],
+    c: *mut f32,
+    c_len: usize,
     accumulate: bool,
 ) {
     let GemmDims { batch, m, n, k } = dims;
     assert!(
-        c.len() >= batch * m * n,
+        c_len >= batch * m * n,
         "matmul_bf16: output buffer too short"
     );
     if batch == 0 || m == 0 || n == 0 {
@@ -214,6 +246,13 @@ fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     }
     assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k);
     assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
+    if k == 0 {
+        if !accumulate {
+            // SAFETY: the caller vouches for c_len >= batch * m * n writable elements.
+            unsafe { std::ptr::write_bytes(c, 0, batch * m * n) };
+        }
+        return;
+    }
     let kp = k.div_ceil(2);
     let (mb, nb) = (m.div_ceil(MR), n.div_ceil(NR));
     let per_task = panels_per_task(nb, rayon::current_num_threads());
@@ -222,9 +261,10 @@ fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     // B into a buffer of its own, so neither operand is ever packed whole (an LM head's B is
     // vocabulary-sized) and a task's panels go straight from memory into its cache.
     let mut apack = vec![0u32; mb * kc_max * MR];
-    for (i, ci) in c[..batch * m * n].chunks_mut(m * n).enumerate() {
+    for i in 0..batch {
         let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
-        let out = SharedOut(ci.as_mut_ptr());
+        // SAFETY: i * m * n < batch * m * n <= c_len, inside the caller's buffer.
+        let out = SharedOut(unsafe { c.add(i * m * n) });
         // k in blocks of at most KC pairs, so a task's panels of B stay in L2 at any k; the
         // blocks are of equal size (a short last block would pay a whole pass over C and
         // the parallel loop's start for little work).
@@ -628,6 +668,31 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Into uninitialised memory the kernel writes every element (spare capacity poisoned
+    /// with NaN comes back equal to the initialised path's output), an inner dimension of 0
+    /// included.
+    #[test]
+    fn the_uninitialised_output_is_written_whole() {
+        if !available() {
+            return;
+        }
+        for (batch, m, n, k) in [(2, 9, 70, 129), (1, 17, 33, 0)] {
+            let a = rand_bf16(batch * m * k, 11);
+            let b = rand_bf16(batch * k * n, 12);
+            let dims = GemmDims { batch, m, n, k };
+            let (ao, bo) = (op(&a[..], false, m * k), op(&b[..], true, k * n));
+            let mut want = vec![1.0f32; batch * m * n];
+            assert!(matmul_bf16(dims, ao, bo, &mut want, false));
+            let mut got: Vec<f32> = Vec::with_capacity(batch * m * n);
+            got.spare_capacity_mut()
+                .fill(std::mem::MaybeUninit::new(f32::NAN));
+            assert!(matmul_bf16_uninit(dims, ao, bo, got.spare_capacity_mut()));
+            // SAFETY: the kernel wrote all batch * m * n elements (NaN poison would show).
+            unsafe { got.set_len(batch * m * n) };
+            assert_eq!(got, want, "({batch},{m},{n},{k})");
         }
     }
 

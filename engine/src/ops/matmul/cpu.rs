@@ -66,20 +66,22 @@ fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
 /// Products of bf16 values are exact in f32, so this is the widened product of the rounded
 /// values up to summation order. `None` sends the caller to the widening path.
 fn bf16_product(a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Option<Tensor>> {
-    use bft_kernels::cpu::bf16_gemm::{Bf16Source, available, matmul_bf16};
+    use bft_kernels::cpu::bf16_gemm::{Bf16Source, available, matmul_bf16_uninit};
     use half::bf16;
+    use std::mem::MaybeUninit;
     let fits = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F32);
     if !(fits(a) && fits(b) && available()) {
         return Ok(None);
     }
     let GemmDims { batch, m, n, .. } = g.dims;
-    let mut c = vec![0f32; batch * m * n];
+    // Not zero-filled: the kernel writes every element.
+    let mut c: Vec<f32> = Vec::with_capacity(batch * m * n);
     /// The kernel on `a` read as `A` and `b` as `B`.
     fn run<A: Bf16Source + Elem, B: Bf16Source + Elem>(
         a: &Tensor,
         b: &Tensor,
         g: &Gemm,
-        c: &mut [f32],
+        c: &mut [MaybeUninit<f32>],
     ) -> Result<bool> {
         let GemmDims { m, n, k, .. } = g.dims;
         let (a, b) = (
@@ -94,13 +96,19 @@ fn bf16_product(a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Option<Tensor>> {
                 batch_stride: k * n,
             },
         );
-        Ok(matmul_bf16(g.dims, a, b, c, false))
+        Ok(matmul_bf16_uninit(g.dims, a, b, c))
     }
+    let out = &mut c.spare_capacity_mut()[..batch * m * n];
     let ran = match (a.dtype(), b.dtype()) {
-        (DType::BF16, DType::BF16) => run::<bf16, bf16>(a, b, g, &mut c)?,
-        (DType::F32, DType::BF16) => run::<f32, bf16>(a, b, g, &mut c)?,
-        (DType::BF16, DType::F32) => run::<bf16, f32>(a, b, g, &mut c)?,
+        (DType::BF16, DType::BF16) => run::<bf16, bf16>(a, b, g, out)?,
+        (DType::F32, DType::BF16) => run::<f32, bf16>(a, b, g, out)?,
+        (DType::BF16, DType::F32) => run::<bf16, f32>(a, b, g, out)?,
         _ => false,
     };
-    Ok(ran.then(|| Tensor::from_cpu(c, g.out_dims.clone())))
+    if !ran {
+        return Ok(None);
+    }
+    // SAFETY: the kernel ran and wrote all batch * m * n elements.
+    unsafe { c.set_len(batch * m * n) };
+    Ok(Some(Tensor::from_cpu(c, g.out_dims.clone())))
 }
