@@ -383,8 +383,8 @@ unsafe fn pack_lane_major<S: Bf16Source>(
         }
         let blocks = kp - kp % 8;
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller vouches for AVX2; blocks + 8 <= kp pairs of every row are read,
-        // and rows (p..p + 8) of the panel, lanes g..g + 8, are written (checked slices).
+        // SAFETY: the caller vouches for AVX2; the first `blocks <= kp` pairs of every row
+        // are read, and panel rows 0..blocks, lanes g..g + 8, written (checked slices).
         unsafe {
             transpose_blocks(&rows, blocks, panel, lanes, g)
         };
