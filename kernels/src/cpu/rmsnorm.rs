@@ -3,6 +3,17 @@
 use super::Float;
 use rayon::prelude::*;
 
+/// One row: `y = x * rstd * w`, returning `rstd`.
+#[inline(always)]
+fn norm_row<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T]) -> T {
+    let ms = super::dot(x, x).to_f64() / w.len() as f64;
+    let rs = T::from_f64(1.0 / (ms + eps).sqrt());
+    for ((yi, &xi), &wi) in y.iter_mut().zip(x).zip(w) {
+        *yi = xi * rs * wi;
+    }
+    rs
+}
+
 super::simd! {
 /// `x, y: (rows, cols)`, `w: (cols)`, `rstd: (rows)` saved for the backward pass.
 pub fn rmsnorm<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]) {
@@ -10,13 +21,32 @@ pub fn rmsnorm<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]
     y.par_chunks_mut(cols)
         .zip(rstd.par_iter_mut())
         .enumerate()
-        .for_each(|(r, (yr, rs))| {
-            let xr = &x[r * cols..(r + 1) * cols];
-            let ms = super::dot(xr, xr).to_f64() / cols as f64;
-            *rs = T::from_f64(1.0 / (ms + eps).sqrt());
-            for ((yi, &xi), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                *yi = xi * *rs * wi;
+        .for_each(|(r, (yr, rs))| *rs = norm_row(&x[r * cols..(r + 1) * cols], w, eps, yr));
+}
+}
+
+super::simd! {
+/// A block's residual add and the norm after it in one pass over each row: `h = x + delta`,
+/// then `rmsnorm(h)` into `y` and `rstd`, the values of the two kernels one after the other.
+pub fn add_rmsnorm<T: Float>(
+    (x, delta): (&[T], &[T]),
+    w: &[T],
+    eps: f64,
+    h: &mut [T],
+    y: &mut [T],
+    rstd: &mut [T],
+) {
+    let cols = w.len();
+    h.par_chunks_mut(cols)
+        .zip(y.par_chunks_mut(cols))
+        .zip(rstd.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, ((hr, yr), rs))| {
+            let row = r * cols..(r + 1) * cols;
+            for ((hi, &a), &b) in hr.iter_mut().zip(&x[row.clone()]).zip(&delta[row]) {
+                *hi = a + b;
             }
+            *rs = norm_row(hr, w, eps, yr);
         });
 }
 }

@@ -2,7 +2,7 @@ use super::{RmsNormBackward, RmsNormKernel};
 use crate::backend::Cpu;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
-use bft_kernels::cpu::rmsnorm::{rmsnorm, rmsnorm_backward};
+use bft_kernels::cpu::rmsnorm::{add_rmsnorm, rmsnorm, rmsnorm_backward};
 
 impl RmsNormKernel for Cpu {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
@@ -21,6 +21,39 @@ impl RmsNormKernel for Cpu {
                 Tensor::from_cpu(y, x.shape().clone()),
                 Tensor::from_cpu(r, [rows]),
             ))
+        })
+    }
+
+    /// One pass over the rows, for f32 and f64.
+    fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        delta: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        if x.dtype().is_half() {
+            return Ok(None);
+        }
+        let c = w.numel();
+        let rows = x.numel() / c.max(1);
+        let n = "add_rms_norm";
+        float_dispatch!(n, x.dtype(), |T| {
+            let (mut h, mut y) = (vec![T::default(); x.numel()], vec![T::default(); x.numel()]);
+            let mut r = vec![T::default(); rows];
+            add_rmsnorm(
+                (x.cpu::<T>(n)?, delta.cpu::<T>(n)?),
+                w.cpu::<T>(n)?,
+                eps,
+                &mut h,
+                &mut y,
+                &mut r,
+            );
+            Ok(Some((
+                Tensor::from_cpu(h, x.shape().clone()),
+                Tensor::from_cpu(y, x.shape().clone()),
+                Tensor::from_cpu(r, [rows]),
+            )))
         })
     }
 

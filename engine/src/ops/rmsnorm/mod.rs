@@ -67,25 +67,33 @@ impl Tensor {
 impl Tensor {
     /// `(h, rms_norm(h, w))` with `h = self + delta` of the same shape: a block's residual
     /// stream and its norm. Recorded as the Add and the RmsNorm it stands for, so gradients are
-    /// those of the two ops; a backend with a fused kernel (CUDA in bf16) writes both in one
-    /// pass over the rows.
+    /// those of the two ops; a backend with a fused kernel (CUDA in bf16, the CPU in f32 and
+    /// f64) writes both in one pass over the rows. A frozen 16-bit weight beside wider
+    /// activations is widened first, as the two-op path widens it.
     pub fn add_rms_norm(&self, delta: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         let _profiled = crate::profile::scope(Op::RmsNorm, crate::profile::Phase::Forward);
         let k = kernels(self.device());
         let alike = |t: &Tensor| t.dtype() == self.dtype() && t.device() == self.device();
+        // The weight may be a frozen 16-bit one beside wider activations (autocast), which a
+        // kernel widens as the two-op path would.
+        let weight_fits = w.device() == self.device()
+            && (w.dtype() == self.dtype() || (w.dtype().is_half() && !w.is_tracked()));
         let fusable = delta.shape() == self.shape()
             && alike(delta)
-            && alike(w)
+            && weight_fits
             && w.dims() == [self.shape().last()]
             && k.compute_dtype(self.dtype()) == self.dtype();
-        if fusable && let Some((h, y, rstd)) = k.add_rms_norm(self, delta, w, eps)? {
-            let h = super::binary::record_add(self, delta, h)?;
-            let y = Tape::record(Op::RmsNorm, &[&h, w], y, || RmsNormBackward {
-                x: h.stop_gradient(),
-                w: w.stop_gradient(),
-                rstd,
-            })?;
-            return Ok((h, y));
+        if fusable {
+            let wide = w.stop_gradient().to_dtype(self.dtype())?;
+            if let Some((h, y, rstd)) = k.add_rms_norm(self, delta, &wide, eps)? {
+                let h = super::binary::record_add(self, delta, h)?;
+                let y = Tape::record(Op::RmsNorm, &[&h, w], y, || RmsNormBackward {
+                    x: h.stop_gradient(),
+                    w: wide,
+                    rstd,
+                })?;
+                return Ok((h, y));
+            }
         }
         let h = self.add(delta)?;
         let y = h.rms_norm(w, eps)?;
@@ -158,12 +166,15 @@ mod tests {
             let x = Tensor::randn([3, 5, 8], 1.0, 1, DType::F32, &dev).unwrap();
             let d = Tensor::randn([3, 5, 8], 1.0, 2, DType::F32, &dev).unwrap();
             let w = Tensor::randn([8], 1.0, 3, DType::F32, &dev).unwrap();
-            let (h, y) = x.add_rms_norm(&d, &w, 1e-6).unwrap();
-            let h2 = x.add(&d).unwrap();
-            let y2 = h2.rms_norm(&w, 1e-6).unwrap();
-            let v = |t: &Tensor| t.to_vec::<f32>().unwrap();
-            assert_eq!(v(&h), v(&h2), "{dev}");
-            assert_eq!(v(&y), v(&y2), "{dev}");
+            // An f32 weight, and a frozen bf16 one beside f32 activations (autocast).
+            for w in [w.clone(), w.to_dtype(DType::BF16).unwrap()] {
+                let (h, y) = x.add_rms_norm(&d, &w, 1e-6).unwrap();
+                let h2 = x.add(&d).unwrap();
+                let y2 = h2.rms_norm(&w, 1e-6).unwrap();
+                let v = |t: &Tensor| t.to_vec::<f32>().unwrap();
+                assert_eq!(v(&h), v(&h2), "{dev} {:?}", w.dtype());
+                assert_eq!(v(&y), v(&y2), "{dev} {:?}", w.dtype());
+            }
         }
     }
 }
