@@ -293,9 +293,9 @@ impl Block {
     /// `x W^T`, plus `scale * (x A^T) B^T` when the projection has an adapter: the low-rank
     /// path never forms `B A`.
     fn linear(&self, x: &Tensor, l: Linear, dropout_seed: Option<u64>) -> Result<Tensor> {
-        let y = x.matmul_t(&self.tensors[l.weight_index()], false, true)?;
+        let w = &self.tensors[l.weight_index()];
         let Some(p) = &self.lora[l as usize] else {
-            return Ok(y);
+            return Ok(x.matmul_t(w, false, true)?);
         };
         let xd = match dropout_seed {
             Some(seed) if p.dropout > 0.0 => x.mul(&dropout_mask(
@@ -307,11 +307,10 @@ impl Block {
         };
         // The scale goes on the rank-sized `x A^T (B, T, r)`, not on the output-sized product:
         // the same math, r/out of the elementwise work and memory, forward and backward. The
-        // up-projection accumulates into the frozen product's buffer (no separate Add).
-        Ok(xd
-            .matmul_t(&p.a, false, true)?
-            .scale(p.scale)?
-            .matmul_t_add(&p.b, false, true, y)?)
+        // up-projection lands on the frozen product in the same pass over the output where
+        // the backend can (`linear_plus`), or accumulates into its buffer (no separate Add).
+        let u = xd.matmul_t(&p.a, false, true)?.scale(p.scale)?;
+        Ok(x.linear_plus(w, &u, &p.b)?)
     }
 
     /// `linear` for projections that read the same input (q, k, v; gate, up). Their adapters'
@@ -348,8 +347,7 @@ impl Block {
             .split(-1, &ranks)?;
         let mut ys = Vec::with_capacity(N);
         for ((&l, p), u) in ls.iter().zip(&pairs).zip(u) {
-            let y = x.matmul_t(&self.tensors[l.weight_index()], false, true)?;
-            ys.push(u.matmul_t_add(&p.b, false, true, y)?);
+            ys.push(x.linear_plus(&self.tensors[l.weight_index()], &u, &p.b)?);
         }
         // cannot fail: one output per projection.
         Ok(ys.try_into().expect("one output a projection"))

@@ -105,29 +105,47 @@ pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
     }
     // SAFETY: `c` is a live slice of f32, readable and writable over its length.
     super::matmul::counted(dims, || unsafe {
-        packed_gemm(dims, a, b, c.as_mut_ptr(), c.len(), accumulate)
+        packed_gemm(dims, a, b, None, c.as_mut_ptr(), c.len(), accumulate)
     });
     true
 }
 
-/// `c = op(a) . op(b)` as `matmul_bf16` does without accumulating, into memory that need not
-/// be initialised (a `Vec`'s spare capacity): a fresh output is then not zero-filled first,
-/// which cost a pass over every frozen projection's output. Every one of the first
-/// `batch * m * n` elements is written. Returns false, writing nothing, when the CPU lacks
-/// AVX512-BF16.
+/// A second product added to the first in f32 as the tiles are stored: `a (m, k) . b (n, k)^T`,
+/// both row-major f32, for a batch of one. A LoRA up-projection `u B^T` (k = the rank) lands
+/// on its frozen product in the same pass over the output, instead of a pass of its own that
+/// reads and writes the whole output again. Its values are not rounded.
+#[derive(Clone, Copy, Debug)]
+pub struct Extra<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub k: usize,
+}
+
+/// `c = op(a) . op(b)` (plus `extra`'s product) as `matmul_bf16` does without accumulating,
+/// into memory that need not be initialised (a `Vec`'s spare capacity): a fresh output is then
+/// not zero-filled first, which cost a pass over every frozen projection's output. Every one of
+/// the first `batch * m * n` elements is written. Returns false, writing nothing, when the CPU
+/// lacks AVX512-BF16. Panics if a buffer is too short, or if `extra` comes with a batch other
+/// than one or an inner dimension of 0.
 pub fn matmul_bf16_uninit<A: Bf16Source, B: Bf16Source>(
     dims: GemmDims,
     a: Operand<'_, A>,
     b: Operand<'_, B>,
+    extra: Option<Extra<'_>>,
     c: &mut [std::mem::MaybeUninit<f32>],
 ) -> bool {
     if !available() {
         return false;
     }
+    // Counted as one product over the joint inner dimension.
+    let counted_dims = GemmDims {
+        k: dims.k + extra.map_or(0, |e| e.k),
+        ..dims
+    };
     // SAFETY: `c` is writable over its length, and without accumulation the kernel only
     // writes it.
-    super::matmul::counted(dims, || unsafe {
-        packed_gemm(dims, a, b, c.as_mut_ptr().cast(), c.len(), false)
+    super::matmul::counted(counted_dims, || unsafe {
+        packed_gemm(dims, a, b, extra, c.as_mut_ptr().cast(), c.len(), false)
     });
     true
 }
@@ -232,6 +250,7 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     dims: GemmDims,
     a: Operand<'_, A>,
     b: Operand<'_, B>,
+    extra: Option<Extra<'_>>,
     c: *mut f32,
     c_len: usize,
     accumulate: bool,
@@ -246,6 +265,14 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     }
     assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k);
     assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
+    let k2 = extra.map_or(0, |e| e.k);
+    if let Some(e) = extra {
+        assert!(
+            batch == 1 && k > 0,
+            "matmul_bf16: an extra product needs batch 1 and k > 0"
+        );
+        assert!(e.a.len() >= m * k2 && e.b.len() >= n * k2);
+    }
     if k == 0 {
         if !accumulate {
             // SAFETY: the caller vouches for c_len >= batch * m * n writable elements.
@@ -261,6 +288,19 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     // B into a buffer of its own, so neither operand is ever packed whole (an LM head's B is
     // vocabulary-sized) and a task's panels go straight from memory into its cache.
     let mut apack = vec![0u32; mb * kc_max * MR];
+    // The extra product's left operand, packed once as f32 micro-panels (mb, k2, MR); rows past
+    // m stay zero.
+    let mut a2pack = vec![0f32; mb * k2 * MR];
+    if let Some(e) = extra {
+        for (blk, panel) in a2pack.chunks_mut(k2 * MR).enumerate() {
+            for r in 0..MR.min(m - blk * MR) {
+                let row = &e.a[(blk * MR + r) * k2..][..k2];
+                for (p, &v) in row.iter().enumerate() {
+                    panel[p * MR + r] = v;
+                }
+            }
+        }
+    }
     for i in 0..batch {
         let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
         // SAFETY: i * m * n < batch * m * n <= c_len, inside the caller's buffer.
@@ -288,11 +328,31 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
                         }
                     }
                 });
-            let (apack, out) = (&apack, &out);
+            let (apack, a2pack, out) = (&apack, &a2pack, &out);
+            // The extra product is added once, by the last k-block's tiles.
+            let extra = extra.filter(|_| p0 + kc == kp);
             (0..nb.div_ceil(per_task)).into_par_iter().for_each_init(
-                || vec![0u32; per_task * kc_max * NR],
-                |bpack, task| {
+                || {
+                    (
+                        vec![0u32; per_task * kc_max * NR],
+                        vec![0f32; per_task * k2 * NR],
+                    )
+                },
+                |(bpack, b2pack), task| {
                     let panels = task * per_task..nb.min((task + 1) * per_task);
+                    if let Some(e) = extra {
+                        // (k2, NR) f32 panels of the extra right operand; columns past n zero.
+                        for (slot, pj) in panels.clone().enumerate() {
+                            let panel = &mut b2pack[slot * k2 * NR..(slot + 1) * k2 * NR];
+                            panel.fill(0.0);
+                            for j in 0..NR.min(n - pj * NR) {
+                                let col = &e.b[(pj * NR + j) * k2..][..k2];
+                                for (p, &v) in col.iter().enumerate() {
+                                    panel[p * NR + j] = v;
+                                }
+                            }
+                        }
+                    }
                     for (slot, pj) in panels.clone().enumerate() {
                         let panel = &mut bpack[slot * kc * NR..(slot + 1) * kc * NR];
                         let (first, valid) = (pj * NR, NR.min(n - pj * NR));
@@ -309,10 +369,13 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
                     // the last-level cache).
                     for (slot, pj) in panels.enumerate() {
                         let bp = &bpack[slot * kc * NR..(slot + 1) * kc * NR];
+                        let b2 = &b2pack[slot * k2 * NR..(slot + 1) * k2 * NR];
                         let cols = NR.min(n - pj * NR);
                         for blk in 0..mb {
                             let ap = &apack[blk * kc * MR..(blk + 1) * kc * MR];
                             let rows = MR.min(m - blk * MR);
+                            let a2 = &a2pack[blk * k2 * MR..(blk + 1) * k2 * MR];
+                            let plus = extra.map(|_| (a2, b2, k2));
                             // SAFETY: `available()` said the CPU has AVX-512F and AVX512-BF16;
                             // the panels hold kc pairs of MR (NR) lanes; the tile at row
                             // blk * MR and column pj * NR, `rows x cols` with stride n, lies
@@ -321,7 +384,7 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
                             #[cfg(target_arch = "x86_64")]
                             unsafe {
                                 let tile = out.0.add(blk * MR * n + pj * NR);
-                                tile_kernel(kc, ap, bp, tile, n, rows, cols, acc)
+                                tile_kernel(kc, ap, bp, plus, tile, n, rows, cols, acc)
                             }
                         }
                     }
@@ -492,7 +555,8 @@ unsafe fn pack_k_major<S: Bf16Source>(
     }
 }
 
-/// One `rows x cols` (at most `MR x NR`) tile of C from packed panels.
+/// One `rows x cols` (at most `MR x NR`) tile of C from packed panels, plus, with `plus`,
+/// the f32 product of a `(k2, MR)` and a `(k2, NR)` panel.
 ///
 /// # Safety
 /// The CPU must have AVX-512F and AVX512-BF16; `ap` holds `kp * MR` and `bp` `kp * NR` pairs;
@@ -504,6 +568,7 @@ unsafe fn tile_kernel(
     kp: usize,
     ap: &[u32],
     bp: &[u32],
+    plus: Option<(&[f32], &[f32], usize)>,
     c: *mut f32,
     ldc: usize,
     rows: usize,
@@ -530,6 +595,23 @@ unsafe fn tile_kernel(
                 ));
                 acc_r[0] = _mm512_dpbf16_ps(acc_r[0], a, b0);
                 acc_r[1] = _mm512_dpbf16_ps(acc_r[1], a, b1);
+            }
+        }
+    }
+    if let Some((a2, b2, k2)) = plus {
+        assert!(a2.len() >= k2 * MR && b2.len() >= k2 * NR);
+        for p in 0..k2 {
+            // SAFETY: p < k2, so both 16-lane loads lie inside b2's p-th row of NR values.
+            let (b0, b1) = unsafe {
+                (
+                    _mm512_loadu_ps(b2.as_ptr().add(p * NR)),
+                    _mm512_loadu_ps(b2.as_ptr().add(p * NR + 16)),
+                )
+            };
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(a2[p * MR + r]);
+                acc_r[0] = _mm512_fmadd_ps(a, b0, acc_r[0]);
+                acc_r[1] = _mm512_fmadd_ps(a, b1, acc_r[1]);
             }
         }
     }
@@ -689,10 +771,77 @@ mod tests {
             let mut got: Vec<f32> = Vec::with_capacity(batch * m * n);
             got.spare_capacity_mut()
                 .fill(std::mem::MaybeUninit::new(f32::NAN));
-            assert!(matmul_bf16_uninit(dims, ao, bo, got.spare_capacity_mut()));
+            assert!(matmul_bf16_uninit(
+                dims,
+                ao,
+                bo,
+                None,
+                got.spare_capacity_mut()
+            ));
             // SAFETY: the kernel wrote all batch * m * n elements (NaN poison would show).
             unsafe { got.set_len(batch * m * n) };
             assert_eq!(got, want, "({batch},{m},{n},{k})");
+        }
+    }
+
+    /// An extra f32 product lands once on the output, with every edge: partial tiles, one or
+    /// several k-blocks, an f32 or bf16 activation; against the f64 sum of both products.
+    #[test]
+    fn an_extra_product_is_added_once() {
+        if !available() {
+            return;
+        }
+        for (m, n, k, k2) in [
+            (9, 70, 129, 16),
+            (17, 33, 2 * KC + 77, 3),
+            (64, 576, 576, 48),
+        ] {
+            let a: Vec<f32> = rand_bf16(m * k, 21).iter().map(|v| v.to_f32()).collect();
+            let b = rand_bf16(n * k, 22);
+            let a2: Vec<f32> = (0..m * k2)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let b2: Vec<f32> = (0..n * k2)
+                .map(|i| ((i * 53) % 89) as f32 / 44.0 - 1.0)
+                .collect();
+            let dims = GemmDims { batch: 1, m, n, k };
+            let mut got: Vec<f32> = Vec::with_capacity(m * n);
+            got.spare_capacity_mut()
+                .fill(std::mem::MaybeUninit::new(f32::NAN));
+            let extra = Extra {
+                a: &a2,
+                b: &b2,
+                k: k2,
+            };
+            assert!(matmul_bf16_uninit(
+                dims,
+                op(&a[..], false, 0),
+                op(&b[..], true, 0),
+                Some(extra),
+                got.spare_capacity_mut()
+            ));
+            // SAFETY: the kernel wrote all m * n elements (NaN poison would show).
+            unsafe { got.set_len(m * n) };
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut mag) = (0f64, 1f64);
+                    for p in 0..k {
+                        let x = a[i * k + p] as f64 * b[j * k + p].to_f64();
+                        want += x;
+                        mag += x.abs();
+                    }
+                    for p in 0..k2 {
+                        let x = a2[i * k2 + p] as f64 * b2[j * k2 + p] as f64;
+                        want += x;
+                        mag += x.abs();
+                    }
+                    let g = got[i * n + j] as f64;
+                    assert!(
+                        (g - want).abs() <= 2e-6 * ((k + k2) as f64).sqrt() * mag,
+                        "({m},{n},{k},{k2}) [{i},{j}]: {g} vs {want}"
+                    );
+                }
+            }
         }
     }
 

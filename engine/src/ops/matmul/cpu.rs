@@ -25,6 +25,55 @@ impl MatMulKernel for Cpu {
         }
     }
 
+    /// The bf16 kernel with the f32 `u . b^T` added as each tile is stored, for an f32 `a`
+    /// beside a bf16 `w` on a CPU with AVX512-BF16.
+    fn matmul_plus(
+        &self,
+        a: &Tensor,
+        w: &Tensor,
+        (u, b): (&Tensor, &Tensor),
+        g: &Gemm,
+    ) -> Result<Option<Tensor>> {
+        use bft_kernels::cpu::bf16_gemm::{Extra, available, matmul_bf16_uninit};
+        let f32s = [a, u, b].iter().all(|t| t.dtype() == DType::F32);
+        if !(f32s && w.dtype() == DType::BF16 && g.dims.k > 0 && available()) {
+            return Ok(None);
+        }
+        let GemmDims { m, n, k, .. } = g.dims;
+        let n_ = "linear_plus";
+        let (a, w) = (
+            Operand {
+                data: a.cpu::<f32>(n_)?,
+                trans: false,
+                batch_stride: m * k,
+            },
+            Operand {
+                data: w.cpu::<half::bf16>(n_)?,
+                trans: true,
+                batch_stride: k * n,
+            },
+        );
+        let extra = Extra {
+            a: u.cpu::<f32>(n_)?,
+            b: b.cpu::<f32>(n_)?,
+            k: u.dims()[1],
+        };
+        // Not zero-filled: the kernel writes every element.
+        let mut c: Vec<f32> = Vec::with_capacity(m * n);
+        if !matmul_bf16_uninit(
+            g.dims,
+            a,
+            w,
+            Some(extra),
+            &mut c.spare_capacity_mut()[..m * n],
+        ) {
+            return Ok(None);
+        }
+        // SAFETY: the kernel ran and wrote all m * n elements.
+        unsafe { c.set_len(m * n) };
+        Ok(Some(Tensor::from_cpu(c, g.out_dims.clone())))
+    }
+
     /// Accumulates into `c`'s buffer, taken in place when no other tensor shares it.
     fn matmul_add(&self, a: &Tensor, b: &Tensor, g: &Gemm, c: &mut Tensor) -> Result<Tensor> {
         float_dispatch!("matmul", a.dtype(), |T| {
@@ -96,7 +145,7 @@ fn bf16_product(a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Option<Tensor>> {
                 batch_stride: k * n,
             },
         );
-        Ok(matmul_bf16_uninit(g.dims, a, b, c))
+        Ok(matmul_bf16_uninit(g.dims, a, b, None, c))
     }
     let out = &mut c.spare_capacity_mut()[..batch * m * n];
     let ran = match (a.dtype(), b.dtype()) {

@@ -38,6 +38,19 @@ pub(crate) trait MatMulKernel {
     fn matmul_add(&self, a: &Tensor, b: &Tensor, g: &Gemm, c: &mut Tensor) -> Result<Tensor> {
         c.stop_gradient().add(&self.matmul(a, b, g)?)
     }
+
+    /// `a . w^T + u . b^T` for 2-D operands (`g` describes the first product) in one pass over
+    /// the output, where the backend has a kernel for these types; untracked. `None` (the
+    /// default) sends the caller to the two products.
+    fn matmul_plus(
+        &self,
+        _a: &Tensor,
+        _w: &Tensor,
+        (_u, _b): (&Tensor, &Tensor),
+        _g: &Gemm,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 impl Tensor {
@@ -145,6 +158,68 @@ impl Tensor {
             ta,
             tb,
         })
+    }
+}
+
+impl Tensor {
+    /// `self . w^T + u . b^T` for `self (..., K)`, `w (N, K)`, `u (..., R)`, `b (N, R)`: a linear
+    /// layer plus its LoRA up-projection (`u` the scaled rank-sized activation). Where the
+    /// backend has a kernel for it (the CPU's bf16 one, for an f32 `self` beside a bf16 `w`,
+    /// adds the f32 `u . b^T` as it stores each tile) the output is written in one pass;
+    /// elsewhere, and for shapes that do not fit, it is
+    /// `u.matmul_t_add(b, false, true, self.matmul_t(w, false, true)?)`. Either way the
+    /// gradients are those of the two products.
+    pub fn linear_plus(&self, w: &Tensor, u: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let composed = || u.matmul_t_add(b, false, true, self.matmul_t(w, false, true)?);
+        let (xd, ud, wd, bd) = (self.dims(), u.dims(), w.dims(), b.dims());
+        let r = xd.len();
+        let fits = r >= 2
+            && ud.len() == r
+            && xd[..r - 1] == ud[..r - 1]
+            && wd.len() == 2
+            && bd.len() == 2
+            && wd[1] == xd[r - 1]
+            && bd[1] == ud[r - 1]
+            && wd[0] == bd[0]
+            && [w, u, b].iter().all(|t| t.device() == self.device());
+        if !fits {
+            return composed();
+        }
+        let _profiled = crate::profile::scope(Op::MatMul, crate::profile::Phase::Forward);
+        let (k, rank) = (xd[r - 1], ud[r - 1]);
+        let rows = self.numel() / k.max(1);
+        let (x2, u2) = (self.reshape([rows, k])?, u.reshape([rows, rank])?);
+        let g = gemm(x2.dims(), wd, false, true)?;
+        let Some(out) = kernels(self.device()).matmul_plus(&x2, w, (&u2, b), &g)? else {
+            return composed();
+        };
+        let product = |a: &Tensor, b: &Tensor| MatMulBackward {
+            a: a.stop_gradient(),
+            b: b.stop_gradient(),
+            ta: false,
+            tb: true,
+        };
+        let out = Tape::record(Op::MatMul, &[&x2, w, &u2, b], out, || MatMulPlusBackward {
+            first: product(&x2, w),
+            second: product(&u2, b),
+        })?;
+        let mut dims = xd[..r - 1].to_vec();
+        dims.push(wd[0]);
+        out.reshape(dims)
+    }
+}
+
+/// `linear_plus`'s two products, each with its own gradients.
+struct MatMulPlusBackward {
+    first: MatMulBackward,
+    second: MatMulBackward,
+}
+
+impl Backward for MatMulPlusBackward {
+    fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let mut grads = self.first.backward(g, &needs[..2])?;
+        grads.extend(self.second.backward(g, &needs[2..])?);
+        Ok(grads)
     }
 }
 
@@ -338,8 +413,65 @@ mod tests {
         )
     }
 
+    /// `x . W^T + u . B^T` over a batched `x`.
+    fn linear_plus_case() -> Case {
+        let strategy = (size(), size(), size(), size())
+            .prop_flat_map(|(m, n, k, r)| {
+                (
+                    tensor(vec![2, m, k]),
+                    tensor(vec![n, k]),
+                    tensor(vec![2, m, r]),
+                    tensor(vec![n, r]),
+                )
+                    .prop_map(|(x, w, u, b)| {
+                        instance(vec![x, w, u, b], |t| t[0].linear_plus(&t[1], &t[2], &t[3]))
+                    })
+            })
+            .boxed();
+        Case::new("linear_plus", &[Op::MatMul, Op::Reshape], strategy)
+    }
+
     pub(crate) fn cases() -> Vec<Case> {
-        vec![case(), shared_rhs_case(), accumulate_case()]
+        vec![
+            case(),
+            shared_rhs_case(),
+            accumulate_case(),
+            linear_plus_case(),
+        ]
+    }
+
+    /// The one-pass `linear_plus` of an f32 activation and a frozen bf16 weight (the bf16
+    /// kernel with the LoRA product added in its tiles, where the CPU has AVX512-BF16) gives
+    /// the two products' values up to summation order, and the same gradients.
+    #[test]
+    fn linear_plus_equals_the_two_products() {
+        use crate::{DType, Device, Tape, Tensor};
+        let dev = Device::Cpu;
+        let x = Tensor::randn([2, 5, 64], 1.0, 1, DType::F32, &dev).unwrap();
+        let w = Tensor::randn([70, 64], 0.1, 2, DType::BF16, &dev).unwrap();
+        let u = Tensor::randn([2, 5, 16], 1.0, 3, DType::F32, &dev).unwrap();
+        let b = Tensor::randn([70, 16], 0.1, 4, DType::F32, &dev).unwrap();
+        let c = Tensor::randn([2, 5, 70], 1.0, 5, DType::F32, &dev).unwrap();
+        let run = |fused: bool| {
+            let tape = Tape::new();
+            let (x, u, b) = (tape.track(&x), tape.track(&u), tape.track(&b));
+            let y = if fused {
+                x.linear_plus(&w, &u, &b)
+            } else {
+                u.matmul_t_add(&b, false, true, x.matmul_t(&w, false, true).unwrap())
+            }
+            .unwrap();
+            let loss = y.mul(&c).unwrap().sum_all().unwrap();
+            let grads = tape.backward(&loss).unwrap();
+            let g = |t: &Tensor| grads.get(t).unwrap().to_f64_vec().unwrap();
+            (y.to_f64_vec().unwrap(), [g(&x), g(&u), g(&b)])
+        };
+        let ((y1, g1), (y2, g2)) = (run(true), run(false));
+        assert_eq!(y1.len(), 2 * 5 * 70);
+        for (a, b) in y1.iter().zip(&y2) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        assert_eq!(g1, g2);
     }
 
     #[test]
