@@ -71,7 +71,26 @@ pub fn kernels_picked() -> String {
         "unavailable on this CPU (no AVX512-BF16): products with a bf16 weight widen both \
          operands to f32, the activation rounded to bf16 first"
     };
-    format!("f32 GEMM `gemm` crate ({}); bf16 GEMM {bf16}", f32_isa())
+    format!(
+        "f32 GEMM `gemm` crate ({}); bf16 GEMM {bf16}; elementwise and row kernels {}",
+        f32_isa(),
+        simd_isa()
+    )
+}
+
+/// The clone of the `simd!` kernels this CPU runs (the macro's targets, widest first).
+fn simd_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx2") && has!("fma") {
+            return "AVX-512";
+        }
+        if has!("avx2") && has!("fma") {
+            return "AVX2+FMA";
+        }
+    }
+    "baseline"
 }
 
 /// The widest vector ISA the `gemm` crate dispatches to here.
