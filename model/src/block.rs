@@ -329,26 +329,25 @@ impl Block {
             && N > 1
             && pairs.iter().all(|p| p.scale == pairs[0].scale)
             && (dropout_seed.is_none() || pairs.iter().all(|p| p.dropout == 0.0));
-        if !fused {
-            let ys = ls
-                .iter()
+        let ys = if fused {
+            let a = Tensor::cat(&pairs.iter().map(|p| p.a.clone()).collect::<Vec<_>>(), 0)?;
+            let ranks: Vec<usize> = pairs.iter().map(|p| p.a.dims()[0]).collect();
+            // (B, T, C) . (sum r, C)^T -> (B, T, sum r), scaled as in `linear`, then one
+            // (B, T, r) piece per projection.
+            let u = x
+                .matmul_t(&a, false, true)?
+                .scale(pairs[0].scale)?
+                .split(-1, &ranks)?;
+            ls.iter()
+                .zip(&pairs)
+                .zip(u)
+                .map(|((&l, p), u)| Ok(x.linear_plus(&self.tensors[l.weight_index()], &u, &p.b)?))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            ls.iter()
                 .map(|&l| self.linear(x, l, dropout_seed))
-                .collect::<Result<Vec<_>>>()?;
-            // cannot fail: one output per projection.
-            return Ok(ys.try_into().expect("one output a projection"));
-        }
-        let a = Tensor::cat(&pairs.iter().map(|p| p.a.clone()).collect::<Vec<_>>(), 0)?;
-        let ranks: Vec<usize> = pairs.iter().map(|p| p.a.dims()[0]).collect();
-        // (B, T, C) . (sum r, C)^T -> (B, T, sum r), scaled as in `linear`, then one (B, T, r)
-        // piece per projection.
-        let u = x
-            .matmul_t(&a, false, true)?
-            .scale(pairs[0].scale)?
-            .split(-1, &ranks)?;
-        let mut ys = Vec::with_capacity(N);
-        for ((&l, p), u) in ls.iter().zip(&pairs).zip(u) {
-            ys.push(x.linear_plus(&self.tensors[l.weight_index()], &u, &p.b)?);
-        }
+                .collect::<Result<Vec<_>>>()?
+        };
         // cannot fail: one output per projection.
         Ok(ys.try_into().expect("one output a projection"))
     }

@@ -18,7 +18,7 @@ impl MatMulKernel for Cpu {
     /// The AVX512-BF16 kernel where the CPU has it; otherwise the operands are widened (an f32
     /// one after rounding to the 16-bit type) and multiplied in f32.
     fn matmul_mixed(&self, a: &Tensor, b: &Tensor, g: &Gemm, out: DType) -> Result<Tensor> {
-        match bf16_product(a, b, g)? {
+        match bf16_product(a, b, g, None)? {
             Some(p) if out == DType::F32 => Ok(p),
             Some(p) => p.cast_untracked(out),
             None => widened_product(self, (a, b), g, out),
@@ -34,44 +34,17 @@ impl MatMulKernel for Cpu {
         (u, b): (&Tensor, &Tensor),
         g: &Gemm,
     ) -> Result<Option<Tensor>> {
-        use bft_kernels::cpu::bf16_gemm::{Extra, available, matmul_bf16_uninit};
         let f32s = [a, u, b].iter().all(|t| t.dtype() == DType::F32);
-        if !(f32s && w.dtype() == DType::BF16 && g.dims.k > 0 && available()) {
+        if !(f32s && w.dtype() == DType::BF16 && g.dims.k > 0) {
             return Ok(None);
         }
-        let GemmDims { m, n, k, .. } = g.dims;
-        let n_ = "linear_plus";
-        let (a, w) = (
-            Operand {
-                data: a.cpu::<f32>(n_)?,
-                trans: false,
-                batch_stride: m * k,
-            },
-            Operand {
-                data: w.cpu::<half::bf16>(n_)?,
-                trans: true,
-                batch_stride: k * n,
-            },
-        );
-        let extra = Extra {
-            a: u.cpu::<f32>(n_)?,
-            b: b.cpu::<f32>(n_)?,
+        let n = "linear_plus";
+        let extra = bft_kernels::cpu::bf16_gemm::Extra {
+            a: u.cpu::<f32>(n)?,
+            b: b.cpu::<f32>(n)?,
             k: u.dims()[1],
         };
-        // Not zero-filled: the kernel writes every element.
-        let mut c: Vec<f32> = Vec::with_capacity(m * n);
-        if !matmul_bf16_uninit(
-            g.dims,
-            a,
-            w,
-            Some(extra),
-            &mut c.spare_capacity_mut()[..m * n],
-        ) {
-            return Ok(None);
-        }
-        // SAFETY: the kernel ran and wrote all m * n elements.
-        unsafe { c.set_len(m * n) };
-        Ok(Some(Tensor::from_cpu(c, g.out_dims.clone())))
+        bf16_product(a, w, g, Some(extra))
     }
 
     /// Accumulates into `c`'s buffer, taken in place when no other tensor shares it.
@@ -113,9 +86,15 @@ fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
 /// `op(a) . op(b)` in f32 through the AVX512-BF16 kernel, when one operand is bf16 and the
 /// other bf16 or f32 (rounded to bf16 as it is packed) and the CPU has the instructions.
 /// Products of bf16 values are exact in f32, so this is the widened product of the rounded
-/// values up to summation order. `None` sends the caller to the widening path.
-fn bf16_product(a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Option<Tensor>> {
-    use bft_kernels::cpu::bf16_gemm::{Bf16Source, available, matmul_bf16_uninit};
+/// values up to summation order. With `extra` (a batch of one) its f32 product is added as
+/// the tiles are stored. `None` sends the caller to the widening path.
+fn bf16_product(
+    a: &Tensor,
+    b: &Tensor,
+    g: &Gemm,
+    extra: Option<bft_kernels::cpu::bf16_gemm::Extra<'_>>,
+) -> Result<Option<Tensor>> {
+    use bft_kernels::cpu::bf16_gemm::{Bf16Source, Extra, available, matmul_bf16_uninit};
     use half::bf16;
     use std::mem::MaybeUninit;
     let fits = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F32);
@@ -130,6 +109,7 @@ fn bf16_product(a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Option<Tensor>> {
         a: &Tensor,
         b: &Tensor,
         g: &Gemm,
+        extra: Option<Extra<'_>>,
         c: &mut [MaybeUninit<f32>],
     ) -> Result<bool> {
         let GemmDims { m, n, k, .. } = g.dims;
@@ -145,13 +125,13 @@ fn bf16_product(a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Option<Tensor>> {
                 batch_stride: k * n,
             },
         );
-        Ok(matmul_bf16_uninit(g.dims, a, b, None, c))
+        Ok(matmul_bf16_uninit(g.dims, a, b, extra, c))
     }
     let out = &mut c.spare_capacity_mut()[..batch * m * n];
     let ran = match (a.dtype(), b.dtype()) {
-        (DType::BF16, DType::BF16) => run::<bf16, bf16>(a, b, g, out)?,
-        (DType::F32, DType::BF16) => run::<f32, bf16>(a, b, g, out)?,
-        (DType::BF16, DType::F32) => run::<bf16, f32>(a, b, g, out)?,
+        (DType::BF16, DType::BF16) => run::<bf16, bf16>(a, b, g, extra, out)?,
+        (DType::F32, DType::BF16) => run::<f32, bf16>(a, b, g, extra, out)?,
+        (DType::BF16, DType::F32) => run::<bf16, f32>(a, b, g, extra, out)?,
         _ => false,
     };
     if !ran {
