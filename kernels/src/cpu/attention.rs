@@ -9,7 +9,7 @@
 //! backward pass recomputes each probability `p = exp(q·k·scale - lse)` from that saved lse.
 
 use super::matmul::gemm_tile;
-use super::{Float, dot};
+use super::{Float, dot, max_of, sum_of};
 use rayon::prelude::*;
 
 /// Shape of one attention call.
@@ -79,7 +79,6 @@ fn probabilities<T: Float>(
     }
 }
 
-super::simd! {
 /// Forward: writes `o` and `lse`.
 pub fn attention_forward<T: Float>(
     dims: AttnDims,
@@ -90,7 +89,7 @@ pub fn attention_forward<T: Float>(
     lse: &mut [T],
 ) {
     dims.check();
-    let (t, d, br, bc, off) = (dims.q_len, dims.head_dim, tiles.br, tiles.bc, dims.offset());
+    let (t, d, br) = (dims.q_len, dims.head_dim, tiles.br);
     let scale = T::from_f64(scale);
     // One task per (batch, head, query block); blocks near the diagonal do less work, and
     // rayon's work stealing evens that out.
@@ -100,13 +99,34 @@ pub fn attention_forward<T: Float>(
             tasks.push((bh, qb, obr, lbr));
         }
     }
-    tasks.into_par_iter().for_each(|(bh, qb, ot, lt)| {
+    tasks
+        .into_par_iter()
+        .for_each(|(bh, qb, ot, lt)| forward_task(dims, tiles, scale, (q, k, v), (bh, qb), ot, lt));
+}
+
+super::simd! {
+/// One forward task: query block `qb` of (batch, head) `bh`, writing its rows of `o` and `lse`.
+/// A function of its own rather than the closure's body: `simd!` compiles this one for the
+/// CPU's vector width, while a closure handed to rayon is compiled for baseline x86-64.
+#[allow(clippy::too_many_arguments)]
+fn forward_task<T: Float>(
+    dims: AttnDims,
+    tiles: Tiles,
+    scale: T,
+    (q, k, v): (&[T], &[T], &[T]),
+    (bh, qb): (usize, usize),
+    ot: &mut [T],
+    lt: &mut [T],
+) {
+    let (d, br, bc, off) = (dims.head_dim, tiles.br, tiles.bc, dims.offset());
+    {
         let (b, h) = (bh / dims.q_heads, bh % dims.q_heads);
         let hk = h / dims.group();
         let (rows, i0) = (lt.len(), qb * br);
         let qt = &q[dims.q_row(b, h, i0) * d..][..rows * d];
         // Running row max and sum of exponentials; `ot` accumulates unnormalised P.V.
         let mut m = vec![T::neg_infinity(); rows];
+        let mut m_new = vec![T::neg_infinity(); rows];
         let mut l = vec![T::zero(); rows];
         let mut s = vec![T::zero(); rows * bc];
         ot.fill(T::zero());
@@ -119,19 +139,20 @@ pub fn attention_forward<T: Float>(
             // (rows, D) . (cols, D)^T -> (rows, cols), already scaled.
             gemm_tile((rows, cols, d), qt, false, kt, true, s, false, scale);
             let visible = |r: usize| (i0 + r + off + 1).saturating_sub(j0);
-            let mut m_new = m.clone();
+            // Row maxima and sums over 16 lanes (`max_of`, `sum_of`): a running max or sum
+            // along a row is a chain of dependent instructions, and those chains, not the two
+            // products, were most of this loop's time.
             for (r, row) in s.chunks(cols).enumerate() {
-                let vis = visible(r).min(cols);
-                m_new[r] = row[..vis].iter().copied().fold(m[r], T::max);
+                m_new[r] = m[r].max(max_of(&row[..visible(r).min(cols)]));
             }
             probabilities(s, cols, visible, |r| m_new[r]);
-            for r in 0..rows {
+            for (r, row) in s.chunks(cols).enumerate() {
                 // Rescale what was accumulated under the old max (exp(-inf) = 0 on the first tile).
                 let alpha = (m[r] - m_new[r]).exp();
                 if alpha != T::one() {
                     ot[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
                 }
-                l[r] = l[r] * alpha + s[r * cols..(r + 1) * cols].iter().copied().sum();
+                l[r] = l[r] * alpha + sum_of(row);
                 m[r] = m_new[r];
             }
             // (rows, cols) . (cols, D) accumulated into the output tile.
@@ -142,7 +163,7 @@ pub fn attention_forward<T: Float>(
             ot[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
             lt[r] = m[r] + l[r].ln();
         }
-    });
+    }
 }
 }
 
@@ -187,7 +208,6 @@ pub fn attention_backward<T: Float>(
     attention_backward_split(dims, tiles, split, scale, qkv, saved, dq, dk, dv)
 }
 
-super::simd! {
 /// `attention_backward` with the work split chosen by the caller.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_split<T: Float>(
@@ -202,52 +222,22 @@ pub fn attention_backward_split<T: Float>(
     dv: &mut [T],
 ) {
     dims.check();
-    let (t, sl, d, br, bc, off) = (
-        dims.q_len,
-        dims.kv_len,
-        dims.head_dim,
-        tiles.br,
-        tiles.bc,
-        dims.offset(),
-    );
-    let sc = T::from_f64(scale);
+    let (t, sl, d, bc) = (dims.q_len, dims.kv_len, dims.head_dim, tiles.bc);
     // delta_i = rowsum(dO_i * O_i) = sum_j p_ij dp_ij, the softmax-backward correction.
     let delta: Vec<T> = (0..dims.batch * dims.q_heads * t)
         .into_par_iter()
         .map(|r| dot(&dout[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]))
         .collect();
-
-    // Recomputes, for query rows i0.. of head h and keys j0.., the probabilities P into `p`
-    // and dS = P * (dO V^T - delta) into `ds`; both (rows, cols).
-    let tile = |b: usize,
-                h: usize,
-                i0: usize,
-                rows: usize,
-                j0: usize,
-                cols: usize,
-                p: &mut [T],
-                ds: &mut [T]| {
-        let hk = h / dims.group();
-        let qi = dims.q_row(b, h, i0);
-        let (qt, dot_) = (&q[qi * d..][..rows * d], &dout[qi * d..][..rows * d]);
-        let (kt, vt) = (
-            &k[dims.kv_row(b, hk, j0) * d..][..cols * d],
-            &v[dims.kv_row(b, hk, j0) * d..][..cols * d],
-        );
-        gemm_tile((rows, cols, d), qt, false, kt, true, p, false, sc);
-        probabilities(
-            p,
-            cols,
-            |r| (i0 + r + off + 1).saturating_sub(j0),
-            |r| lse[qi + r],
-        );
-        gemm_tile((rows, cols, d), dot_, false, vt, true, ds, false, T::one());
-        for r in 0..rows {
-            let dl = delta[qi + r];
-            for c in 0..cols {
-                ds[r * cols + c] = p[r * cols + c] * (ds[r * cols + c] - dl);
-            }
-        }
+    let bw = Backward {
+        dims,
+        tiles,
+        sc: T::from_f64(scale),
+        q,
+        k,
+        v,
+        lse,
+        dout,
+        delta: &delta,
     };
 
     if split == BackwardSplit::PerKvHead {
@@ -257,39 +247,9 @@ pub fn attention_backward_split<T: Float>(
             .zip(dk.chunks_mut(sl * d).zip(dv.chunks_mut(sl * d)))
             .enumerate()
             .collect();
-        tasks.into_par_iter().for_each(|(bh, (dqg, (dkh, dvh)))| {
-            let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
-            dqg.fill(T::zero());
-            dkh.fill(T::zero());
-            dvh.fill(T::zero());
-            let (mut p, mut ds) = (vec![T::zero(); br * bc], vec![T::zero(); br * bc]);
-            for j0 in (0..sl).step_by(bc) {
-                let cols = bc.min(sl - j0);
-                let kt = &k[dims.kv_row(b, hk, j0) * d..][..cols * d];
-                let (dkt, dvt) = (
-                    &mut dkh[j0 * d..(j0 + cols) * d],
-                    &mut dvh[j0 * d..(j0 + cols) * d],
-                );
-                // The first query row that sees key j0, and the block holding it.
-                let first_block = j0.saturating_sub(off) / br;
-                for (gh, dqh) in dqg.chunks_mut(t * d).enumerate() {
-                    let h = hk * g + gh;
-                    for i0 in (first_block * br..t).step_by(br) {
-                        let rows = br.min(t - i0);
-                        let qi = dims.q_row(b, h, i0);
-                        let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
-                        tile(b, h, i0, rows, j0, cols, p, ds);
-                        let (qt, dot_) = (&q[qi * d..][..rows * d], &dout[qi * d..][..rows * d]);
-                        // dV += P^T dO; dK += scale * dS^T Q, both (cols, D); dQ += scale * dS K,
-                        // (rows, D).
-                        gemm_tile((cols, d, rows), p, true, dot_, false, dvt, true, T::one());
-                        gemm_tile((cols, d, rows), ds, true, qt, false, dkt, true, sc);
-                        let dqt = &mut dqh[i0 * d..(i0 + rows) * d];
-                        gemm_tile((rows, d, cols), ds, false, kt, false, dqt, true, sc);
-                    }
-                }
-            }
-        });
+        tasks
+            .into_par_iter()
+            .for_each(|(bh, (dqg, (dkh, dvh)))| kv_head(&bw, bh, dqg, dkh, dvh));
         return;
     }
 
@@ -304,69 +264,187 @@ pub fn attention_backward_split<T: Float>(
             tasks.push((bh, kb, dkt, dvt));
         }
     }
-    tasks.into_par_iter().for_each(|(bh, kb, dkt, dvt)| {
-        let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
-        let (j0, cols) = (kb * bc, dkt.len() / d);
-        dkt.fill(T::zero());
-        dvt.fill(T::zero());
-        let (mut p, mut ds) = (vec![T::zero(); br * cols], vec![T::zero(); br * cols]);
-        // The first query row that sees key j0, and the block holding it.
-        let first_block = j0.saturating_sub(off) / br;
-        for h in hk * dims.group()..(hk + 1) * dims.group() {
-            for i0 in (first_block * br..t).step_by(br) {
-                let rows = br.min(t - i0);
-                let qi = dims.q_row(b, h, i0);
-                let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
-                tile(b, h, i0, rows, j0, cols, p, ds);
-                // dV += P^T dO; dK += scale * dS^T Q. Both (cols, D).
-                gemm_tile(
-                    (cols, d, rows),
-                    p,
-                    true,
-                    &dout[qi * d..][..rows * d],
-                    false,
-                    dvt,
-                    true,
-                    T::one(),
-                );
-                gemm_tile(
-                    (cols, d, rows),
-                    ds,
-                    true,
-                    &q[qi * d..][..rows * d],
-                    false,
-                    dkt,
-                    true,
-                    sc,
-                );
-            }
-        }
-    });
+    tasks
+        .into_par_iter()
+        .for_each(|(bh, kb, dkt, dvt)| key_block(&bw, bh, kb, dkt, dvt));
 
     // Pass 2: dQ per (batch, query head, query block). Blocks are cut per head so a block
     // never straddles two heads when T is not a multiple of Br.
     let mut tasks: Vec<(usize, usize, &mut [T])> = Vec::new();
     for (bh, dqh) in dq.chunks_mut(t * d).enumerate() {
-        for (qb, dqt) in dqh.chunks_mut(br * d).enumerate() {
+        for (qb, dqt) in dqh.chunks_mut(tiles.br * d).enumerate() {
             tasks.push((bh, qb, dqt));
         }
     }
-    tasks.into_par_iter().for_each(|(bh, qb, dqt)| {
-        let (b, h) = (bh / dims.q_heads, bh % dims.q_heads);
+    tasks
+        .into_par_iter()
+        .for_each(|(bh, qb, dqt)| query_block(&bw, bh, qb, dqt));
+}
+
+/// What every backward task reads. The task bodies (`kv_head`, `key_block`, `query_block`) are
+/// `simd!` functions of their own: a closure handed to rayon is compiled for baseline x86-64
+/// (4 lanes), whatever the function around it was compiled for.
+struct Backward<'a, T> {
+    dims: AttnDims,
+    tiles: Tiles,
+    sc: T,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    lse: &'a [T],
+    dout: &'a [T],
+    delta: &'a [T],
+}
+
+impl<T: Float> Backward<'_, T> {
+    /// Recomputes, for query rows i0.. of head h and keys j0.., the probabilities P into `p`
+    /// and dS = P * (dO V^T - delta) into `ds`; both (rows, cols).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        &self,
+        (b, h): (usize, usize),
+        (i0, rows): (usize, usize),
+        (j0, cols): (usize, usize),
+        p: &mut [T],
+        ds: &mut [T],
+    ) {
+        let (dims, d) = (&self.dims, self.dims.head_dim);
         let hk = h / dims.group();
-        let (i0, rows) = (qb * br, dqt.len() / d);
-        dqt.fill(T::zero());
-        let (mut p, mut ds) = (vec![T::zero(); rows * bc], vec![T::zero(); rows * bc]);
-        let key_end = (i0 + rows + off).min(sl);
-        for j0 in (0..key_end).step_by(bc) {
-            let cols = bc.min(key_end - j0);
-            let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
-            tile(b, h, i0, rows, j0, cols, p, ds);
-            // dQ += scale * dS K: (rows, cols) . (cols, D)
-            let kt = &k[dims.kv_row(b, hk, j0) * d..][..cols * d];
-            gemm_tile((rows, d, cols), ds, false, kt, false, dqt, true, sc);
+        let qi = dims.q_row(b, h, i0);
+        let (qt, dot_) = (
+            &self.q[qi * d..][..rows * d],
+            &self.dout[qi * d..][..rows * d],
+        );
+        let (kt, vt) = (
+            &self.k[dims.kv_row(b, hk, j0) * d..][..cols * d],
+            &self.v[dims.kv_row(b, hk, j0) * d..][..cols * d],
+        );
+        let off = dims.offset();
+        gemm_tile((rows, cols, d), qt, false, kt, true, p, false, self.sc);
+        probabilities(
+            p,
+            cols,
+            |r| (i0 + r + off + 1).saturating_sub(j0),
+            |r| self.lse[qi + r],
+        );
+        gemm_tile((rows, cols, d), dot_, false, vt, true, ds, false, T::one());
+        for ((dsr, pr), &dl) in ds
+            .chunks_mut(cols)
+            .zip(p.chunks(cols))
+            .zip(&self.delta[qi..])
+        {
+            for (x, &pv) in dsr.iter_mut().zip(pr) {
+                *x = pv * (*x - dl);
+            }
         }
-    });
+    }
+}
+
+super::simd! {
+/// `BackwardSplit::PerKvHead`: dK and dV of (batch, K/V head) `bh` and dQ of its query
+/// heads, each probability tile formed once.
+fn kv_head<T: Float>(bw: &Backward<'_, T>, bh: usize, dqg: &mut [T], dkh: &mut [T], dvh: &mut [T]) {
+    let (dims, tiles, sc) = (&bw.dims, &bw.tiles, bw.sc);
+    let (t, sl, d, br, bc, off) = (
+        dims.q_len,
+        dims.kv_len,
+        dims.head_dim,
+        tiles.br,
+        tiles.bc,
+        dims.offset(),
+    );
+    let (q, k, dout) = (bw.q, bw.k, bw.dout);
+    let g = dims.group();
+    let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
+    dqg.fill(T::zero());
+    dkh.fill(T::zero());
+    dvh.fill(T::zero());
+    let (mut p, mut ds) = (vec![T::zero(); br * bc], vec![T::zero(); br * bc]);
+    for j0 in (0..sl).step_by(bc) {
+        let cols = bc.min(sl - j0);
+        let kt = &k[dims.kv_row(b, hk, j0) * d..][..cols * d];
+        let (dkt, dvt) = (
+            &mut dkh[j0 * d..(j0 + cols) * d],
+            &mut dvh[j0 * d..(j0 + cols) * d],
+        );
+        // The first query row that sees key j0, and the block holding it.
+        let first_block = j0.saturating_sub(off) / br;
+        for (gh, dqh) in dqg.chunks_mut(t * d).enumerate() {
+            let h = hk * g + gh;
+            for i0 in (first_block * br..t).step_by(br) {
+                let rows = br.min(t - i0);
+                let qi = dims.q_row(b, h, i0);
+                let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+                bw.tile((b, h), (i0, rows), (j0, cols), p, ds);
+                let (qt, dot_) = (&q[qi * d..][..rows * d], &dout[qi * d..][..rows * d]);
+                // dV += P^T dO; dK += scale * dS^T Q, both (cols, D); dQ += scale * dS K,
+                // (rows, D).
+                gemm_tile((cols, d, rows), p, true, dot_, false, dvt, true, T::one());
+                gemm_tile((cols, d, rows), ds, true, qt, false, dkt, true, sc);
+                let dqt = &mut dqh[i0 * d..(i0 + rows) * d];
+                gemm_tile((rows, d, cols), ds, false, kt, false, dqt, true, sc);
+            }
+        }
+    }
+}
+
+/// `BackwardSplit::TwoPasses`, pass 1: dK and dV of key block `kb` of (batch, K/V head)
+/// `bh`.
+fn key_block<T: Float>(bw: &Backward<'_, T>, bh: usize, kb: usize, dkt: &mut [T], dvt: &mut [T]) {
+    let (dims, tiles, sc) = (&bw.dims, &bw.tiles, bw.sc);
+    let (t, d, br, bc, off) = (
+        dims.q_len,
+        dims.head_dim,
+        tiles.br,
+        tiles.bc,
+        dims.offset(),
+    );
+    let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
+    let (j0, cols) = (kb * bc, dkt.len() / d);
+    dkt.fill(T::zero());
+    dvt.fill(T::zero());
+    let (mut p, mut ds) = (vec![T::zero(); br * cols], vec![T::zero(); br * cols]);
+    // The first query row that sees key j0, and the block holding it.
+    let first_block = j0.saturating_sub(off) / br;
+    for h in hk * dims.group()..(hk + 1) * dims.group() {
+        for i0 in (first_block * br..t).step_by(br) {
+            let rows = br.min(t - i0);
+            let qi = dims.q_row(b, h, i0);
+            let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+            bw.tile((b, h), (i0, rows), (j0, cols), p, ds);
+            // dV += P^T dO; dK += scale * dS^T Q. Both (cols, D).
+            let (dot_, qt) = (&bw.dout[qi * d..][..rows * d], &bw.q[qi * d..][..rows * d]);
+            gemm_tile((cols, d, rows), p, true, dot_, false, dvt, true, T::one());
+            gemm_tile((cols, d, rows), ds, true, qt, false, dkt, true, sc);
+        }
+    }
+}
+
+/// `BackwardSplit::TwoPasses`, pass 2: dQ of query block `qb` of (batch, query head) `bh`.
+fn query_block<T: Float>(bw: &Backward<'_, T>, bh: usize, qb: usize, dqt: &mut [T]) {
+    let (dims, tiles, sc) = (&bw.dims, &bw.tiles, bw.sc);
+    let (sl, d, br, bc, off) = (
+        dims.kv_len,
+        dims.head_dim,
+        tiles.br,
+        tiles.bc,
+        dims.offset(),
+    );
+    let (b, h) = (bh / dims.q_heads, bh % dims.q_heads);
+    let hk = h / dims.group();
+    let (i0, rows) = (qb * br, dqt.len() / d);
+    dqt.fill(T::zero());
+    let (mut p, mut ds) = (vec![T::zero(); rows * bc], vec![T::zero(); rows * bc]);
+    let key_end = (i0 + rows + off).min(sl);
+    for j0 in (0..key_end).step_by(bc) {
+        let cols = bc.min(key_end - j0);
+        let (p, ds) = (&mut p[..rows * cols], &mut ds[..rows * cols]);
+        bw.tile((b, h), (i0, rows), (j0, cols), p, ds);
+        // dQ += scale * dS K: (rows, cols) . (cols, D)
+        let kt = &bw.k[dims.kv_row(b, hk, j0) * d..][..cols * d];
+        gemm_tile((rows, d, cols), ds, false, kt, false, dqt, true, sc);
+    }
 }
 }
 

@@ -58,7 +58,6 @@ fn logits_chunk<T: Float + WeightProduct<W>, W>(
     T::weight_product(g, xo, wo, &mut z[..n * dims.vocab], false);
 }
 
-super::simd! {
 /// Turns logits rows in place into `scale[i] * (softmax(z_i) - onehot(y_i))`.
 fn softmax_minus_onehot<T: Float>(
     z: &mut [T],
@@ -67,19 +66,24 @@ fn softmax_minus_onehot<T: Float>(
     targets: &[u32],
     scale: impl Fn(usize) -> T + Sync,
 ) {
-    z.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-        let (a, s) = (scale(i), lse[i]);
-        row.iter_mut().for_each(|e| *e -= s);
-        T::exp_in_place(row);
-        row.iter_mut().for_each(|e| *e *= a);
-        // The target term is subtracted on its own so its precision is not lost in the
-        // (tiny) probability it is combined with.
-        row[targets[i] as usize] -= a;
-    });
-}
+    z.par_chunks_mut(v)
+        .enumerate()
+        .for_each(|(i, row)| softmax_minus_onehot_row(row, lse[i], scale(i), targets[i] as usize));
 }
 
 super::simd! {
+/// One row of `softmax_minus_onehot`, on the calling thread (see `binary::binary_rows` for
+/// why).
+fn softmax_minus_onehot_row<T: Float>(row: &mut [T], lse: T, a: T, target: usize) {
+    row.iter_mut().for_each(|e| *e -= lse);
+    T::exp_in_place(row);
+    row.iter_mut().for_each(|e| *e *= a);
+    // The target term is subtracted on its own so its precision is not lost in the (tiny)
+    // probability it is combined with.
+    row[target] -= a;
+}
+}
+
 /// Pass 1: `lse[i]` and `target_logit[i]` for every row, `chunk` rows at a time, and when
 /// `unit_grad` is given, `unit_grad (rows, C) = (softmax(Z) - onehot(y)) W`. `z` is the caller's
 /// scratch for one chunk of logits, at least `min(chunk, rows) * vocab` long: the only
@@ -140,7 +144,6 @@ pub fn lm_head_forward<T: Float + WeightProduct<W>, W>(
             T::weight_product(gd, go, wo, &mut u[r0 * c..(r0 + n) * c], false);
         }
     }
-}
 }
 
 /// Pass 2, for a trainable head: `dw += G^T X` with `G[i] = coef[i] * (softmax(z_i) - onehot(y_i))`

@@ -4,7 +4,6 @@
 use super::Float;
 use rayon::prelude::*;
 
-super::simd! {
 /// `x, out: (rows, t, d)`; `cos, sin: (t, d / 2)`. `inverse` applies the transpose rotation,
 /// which is the backward pass (a rotation's inverse is its transpose).
 pub fn rope<T: Float>(
@@ -16,20 +15,31 @@ pub fn rope<T: Float>(
     inverse: bool,
     out: &mut [T],
 ) {
-    let h = d / 2;
     let sign = if inverse { -T::one() } else { T::one() };
-    out.par_chunks_mut(t * d).enumerate().for_each(|(r, o)| {
-        let xr = &x[r * t * d..(r + 1) * t * d];
-        for p in 0..t {
-            let (c, s) = (&cos[p * h..(p + 1) * h], &sin[p * h..(p + 1) * h]);
-            let (xv, ov) = (&xr[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
-            for i in 0..h {
-                let (x1, x2, si) = (xv[i], xv[i + h], sign * s[i]);
-                ov[i] = x1 * c[i] - x2 * si;
-                ov[i + h] = x2 * c[i] + x1 * si;
-            }
+    out.par_chunks_mut(t * d)
+        .zip(x.par_chunks(t * d))
+        .for_each(|(o, xr)| rope_row((cos, sin), d, sign, xr, o));
+}
+
+super::simd! {
+/// `rope` on one `(t, d)` row, on the calling thread (see `binary::binary_rows` for why).
+fn rope_row<T: Float>((cos, sin): (&[T], &[T]), d: usize, sign: T, x: &[T], out: &mut [T]) {
+    let h = d / 2;
+    for ((xv, ov), (c, s)) in x
+        .chunks(d)
+        .zip(out.chunks_mut(d))
+        .zip(cos.chunks(h).zip(sin.chunks(h)))
+    {
+        let (x1, x2) = xv.split_at(h);
+        let (o1, o2) = ov.split_at_mut(h);
+        // Zipped, so no index is bounds-checked and the loop vectorises.
+        let halves = o1.iter_mut().zip(o2).zip(x1.iter().zip(x2));
+        for (((o1, o2), (&a, &b)), (&c, &s)) in halves.zip(c.iter().zip(s)) {
+            let si = sign * s;
+            *o1 = a * c - b * si;
+            *o2 = b * c + a * si;
         }
-    });
+    }
 }
 }
 

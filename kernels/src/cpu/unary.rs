@@ -30,13 +30,20 @@ pub fn normal_cdf<T: Float>(x: T) -> T {
     half * (T::one() + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
 
-super::simd! {
 /// `out = f(x)`; a parallel map over fixed-size chunks.
 pub fn unary<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
-    fn map<T: Float>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| unary_chunk(kind, x, o));
+}
+
+super::simd! {
+/// `unary` on one chunk, on the calling thread (see `binary::binary_rows` for why the loops
+/// of every parallel kernel live in `simd!` functions of their own).
+fn unary_chunk<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
+    #[inline(always)]
+    fn map<T: Float>(x: &[T], out: &mut [T], f: impl Fn(T) -> T) {
+        out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
     }
     match kind {
         UnaryKind::Exp => map(x, out, |v| v.exp()),
@@ -49,16 +56,25 @@ pub fn unary<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
 }
 }
 
-super::simd! {
 /// `dx = dy * f'(x)`, given the forward input `x` and output `y` (whichever the derivative needs).
 pub fn unary_backward<T: Float>(kind: UnaryKind, x: &[T], y: &[T], dy: &[T], dx: &mut [T]) {
-    fn zip3<T: Float>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], f: impl Fn(T, T, T) -> T + Sync) {
-        dx.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            let s = c * CHUNK;
-            for (i, o) in o.iter_mut().enumerate() {
-                *o = f(x[s + i], y[s + i], dy[s + i]);
-            }
-        });
+    dx.par_chunks_mut(CHUNK)
+        .zip(
+            x.par_chunks(CHUNK)
+                .zip(y.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK)),
+        )
+        .for_each(|(dx, ((x, y), dy))| unary_backward_chunk(kind, x, y, dy, dx));
+}
+
+super::simd! {
+/// `unary_backward` on one chunk, on the calling thread.
+fn unary_backward_chunk<T: Float>(kind: UnaryKind, x: &[T], y: &[T], dy: &[T], dx: &mut [T]) {
+    #[inline(always)]
+    fn zip3<T: Float>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], f: impl Fn(T, T, T) -> T) {
+        for (((o, &x), &y), &g) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+            *o = f(x, y, g);
+        }
     }
     match kind {
         UnaryKind::Exp => zip3(x, y, dy, dx, |_, y, g| g * y),
@@ -79,43 +95,58 @@ pub fn unary_backward<T: Float>(kind: UnaryKind, x: &[T], y: &[T], dy: &[T], dx:
 }
 }
 
-super::simd! {
 /// `out = alpha * x`.
 pub fn scale<T: Float>(alpha: T, x: &[T], out: &mut [T]) {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = alpha * x));
-}
+        .for_each(|(o, x)| scale_chunk(alpha, x, o));
 }
 
 super::simd! {
+fn scale_chunk<T: Float>(alpha: T, x: &[T], out: &mut [T]) {
+    out.iter_mut().zip(x).for_each(|(o, &x)| *o = alpha * x);
+}
+}
+
 /// SwiGLU: `out = silu(gate) * up`, fused so the MLP stores one activation instead of three.
 pub fn swiglu<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-        let s = c * CHUNK;
-        for (i, o) in o.iter_mut().enumerate() {
-            let g = gate[s + i];
-            *o = g * sigmoid(g) * up[s + i];
-        }
-    });
-}
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| swiglu_chunk(g, u, o));
 }
 
 super::simd! {
+/// `swiglu` on one chunk, on the calling thread.
+fn swiglu_chunk<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+}
+
 /// SwiGLU backward: `dgate = dy * up * silu'(gate)`, `dup = dy * silu(gate)`.
 pub fn swiglu_backward<T: Float>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T], dup: &mut [T]) {
     dgate
         .par_chunks_mut(CHUNK)
         .zip(dup.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, (dg, du))| {
-            let s = c * CHUNK;
-            for i in 0..dg.len() {
-                let (g, u, d) = (gate[s + i], up[s + i], dy[s + i]);
-                let sg = sigmoid(g);
-                dg[i] = d * u * sg * (T::one() + g * (T::one() - sg));
-                du[i] = d * g * sg;
-            }
-        });
+        .zip(
+            gate.par_chunks(CHUNK)
+                .zip(up.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK)),
+        )
+        .for_each(|((dg, du), ((g, u), d))| swiglu_backward_chunk((g, u, d), dg, du));
+}
+
+super::simd! {
+/// `swiglu_backward` on one chunk, on the calling thread.
+fn swiglu_backward_chunk<T: Float>((gate, up, dy): (&[T], &[T], &[T]), dgate: &mut [T], dup: &mut [T]) {
+    let n = dgate.len();
+    let (dup, gate, up, dy) = (&mut dup[..n], &gate[..n], &up[..n], &dy[..n]);
+    for i in 0..n {
+        let (g, u, d) = (gate[i], up[i], dy[i]);
+        let sg = sigmoid(g);
+        dgate[i] = d * u * sg * (T::one() + g * (T::one() - sg));
+        dup[i] = d * g * sg;
+    }
 }
 }
