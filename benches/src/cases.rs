@@ -211,6 +211,14 @@ pub fn all(quick: bool) -> Vec<Case> {
             true,
         ));
     }
+    // The two input gradients of a LoRA up-projection `u B^T` (rank 16) of the widest
+    // projection (gate/up): one pass over the upstream gradient, and the two f32 GEMMs it
+    // replaces.
+    for m in models {
+        for fused in [true, false] {
+            v.push(thin_grads(m, tokens, 16, fused));
+        }
+    }
     for m in models {
         for t in if quick {
             vec![512]
@@ -317,6 +325,78 @@ fn sampled_error(
 /// As `gemm`, with a bf16 weight B and an f32 result through `bf16_gemm`. A is bf16 too, or
 /// with `f32_a` an f32 activation the kernel rounds to bf16 as it packs it (`--dtype bf16`'s
 /// autocast). Validated against the f64 product of the bf16 values the kernel reads.
+/// `du = g . b` and `db = g^T . u` for `g (tokens, ffn)`, `b (ffn, r)`, `u (tokens, r)`: by
+/// `cpu::thin` in one pass over `g` (`fused`), or as the two GEMMs the engine ran before it.
+fn thin_grads(model: &Model, tokens: usize, r: usize, fused: bool) -> Case {
+    let n = model.ffn;
+    let body = move |budget: f64| {
+        let m = tokens;
+        let (g, b, u) = (data(m * n, 1), data(n * r, 2), data(m * r, 3));
+        let (mut du, mut db) = (vec![0f32; m * r], vec![0f32; n * r]);
+        fn op(data: &[f32], trans: bool) -> Operand<'_, f32> {
+            Operand {
+                data,
+                trans,
+                batch_stride: 0,
+            }
+        }
+        let run = |du: &mut [f32], db: &mut [f32]| {
+            if fused {
+                bft_kernels::cpu::thin::thin_product_grads((m, n, r), &g, &b, &u, du, db);
+            } else {
+                let (dd, dbd) = (
+                    GemmDims {
+                        batch: 1,
+                        m,
+                        n: r,
+                        k: n,
+                    },
+                    GemmDims {
+                        batch: 1,
+                        m: n,
+                        n: r,
+                        k: m,
+                    },
+                );
+                matmul(dd, op(&g, false), op(&b, false), du, false);
+                matmul(dbd, op(&g, true), op(&u, false), db, false);
+            }
+        };
+        run(&mut du, &mut db);
+        let (mut want_du, mut want_db) = (vec![0f64; m * r], vec![0f64; n * r]);
+        for i in 0..m {
+            for j in 0..n {
+                let x = g[i * n + j] as f64;
+                for t in 0..r {
+                    want_du[i * r + t] += x * b[j * r + t] as f64;
+                    want_db[j * r + t] += x * u[i * r + t] as f64;
+                }
+            }
+        }
+        let err = rel_err(&du, &want_du).max(rel_err(&db, &want_db));
+        let time_us = median_us(budget, || run(&mut du, &mut db));
+        Ok(Measured {
+            err,
+            time_us,
+            peak_bytes: None,
+        })
+    };
+    Case {
+        name: format!(
+            "lora grads {} up_proj r={r}, {}",
+            model.name,
+            if fused { "one pass" } else { "two GEMMs" }
+        ),
+        shape: format!("g {tokens}x{n}, B {n}x{r}"),
+        flops: 4.0 * (tokens * n * r) as f64,
+        bytes: 4.0 * (tokens * n + 2 * (tokens + n) * r) as f64,
+        bound: Bound::Compute,
+        backend: "cpu",
+        dtype: "f32",
+        body: Box::new(body),
+    }
+}
+
 fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool, f32_a: bool) -> Case {
     use bft_kernels::cpu::bf16_gemm::matmul_bf16;
     use half::bf16;

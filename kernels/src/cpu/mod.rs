@@ -36,6 +36,7 @@ pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
+pub mod thin;
 pub mod unary;
 pub mod weights;
 

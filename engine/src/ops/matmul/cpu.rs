@@ -4,6 +4,11 @@ use crate::dtype::Elem;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
+use bft_kernels::cpu::thin::thin_product_grads;
+
+/// The largest rank `thin_grads` takes: beyond it two GEMMs use the FMA units better than one
+/// pass that reads the upstream gradient once.
+const MAX_THIN: usize = 64;
 
 impl MatMulKernel for Cpu {
     fn matmul(&self, a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Tensor> {
@@ -45,6 +50,36 @@ impl MatMulKernel for Cpu {
             k: u.dims()[1],
         };
         bf16_product(a, w, g, Some(extra))
+    }
+
+    /// The one-pass kernel (`cpu::thin`) for f32 or f64 operands of one type and a rank of at
+    /// most `MAX_THIN`.
+    fn thin_grads(&self, g: &Tensor, a: &Tensor, b: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let (&[m, r], &[n, rb], &[gm, gn]) = (a.dims(), b.dims(), g.dims()) else {
+            return Ok(None);
+        };
+        let floats = matches!(g.dtype(), DType::F32 | DType::F64)
+            && a.dtype() == g.dtype()
+            && b.dtype() == g.dtype();
+        if !(floats && rb == r && (gm, gn) == (m, n) && (1..=MAX_THIN).contains(&r)) {
+            return Ok(None);
+        }
+        float_dispatch!("matmul", g.dtype(), |T| {
+            let (mut du, mut db) = (vec![T::default(); m * r], vec![T::default(); n * r]);
+            let n_ = "matmul";
+            thin_product_grads(
+                (m, n, r),
+                g.cpu::<T>(n_)?,
+                b.cpu::<T>(n_)?,
+                a.cpu::<T>(n_)?,
+                &mut du,
+                &mut db,
+            );
+            Ok(Some((
+                Tensor::from_cpu(du, vec![m, r]),
+                Tensor::from_cpu(db, vec![n, r]),
+            )))
+        })
     }
 
     /// Accumulates into `c`'s buffer, taken in place when no other tensor shares it.

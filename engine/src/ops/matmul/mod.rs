@@ -51,6 +51,19 @@ pub(crate) trait MatMulKernel {
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    /// Both gradients of `a . b^T` for 2-D `a (m, r)`, `b (n, r)` with a thin `r` (a LoRA
+    /// up-projection), from the upstream `g (m, n)`: `(g . b, g^T . a)`, in one pass over `g`
+    /// where the backend has a kernel for these types and sizes; untracked. `None` (the
+    /// default) sends the caller to the two products.
+    fn thin_grads(
+        &self,
+        _g: &Tensor,
+        _a: &Tensor,
+        _b: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
 }
 
 impl Tensor {
@@ -313,15 +326,14 @@ impl Backward for MatMulBackward {
     /// weight gets an f32 gradient, a bf16 one a bf16 gradient.
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let (a, b, ta, tb) = (&self.a, &self.b, self.ta, self.tb);
-        let da = match (needs[0], ta) {
-            (false, _) => None,
-            (true, false) => Some(g.matmul_t(b, false, !tb)?),
-            (true, true) => Some(b.matmul_t(g, tb, true)?),
+        let fused = if needs[0] && needs[1] && !ta && tb && g.device() == a.device() {
+            kernels(g.device()).thin_grads(g, a, b)?
+        } else {
+            None
         };
-        let db = match (needs[1], tb) {
-            (false, _) => None,
-            (true, false) => Some(a.matmul_t(g, !ta, false)?),
-            (true, true) => Some(g.matmul_t(a, true, ta)?),
+        let (da, db) = match fused {
+            Some((da, db)) => (Some(da), Some(db)),
+            None => self.two_products(g, needs)?,
         };
         let typed = |d: Option<Tensor>, of: &Tensor| match d {
             Some(d) if d.dtype() != of.dtype() => d.cast_untracked(of.dtype()).map(Some),
@@ -333,6 +345,24 @@ impl Backward for MatMulBackward {
             grads.push(needs[2].then(|| g.clone()));
         }
         Ok(grads)
+    }
+}
+
+impl MatMulBackward {
+    /// `dA` and `dB` (those that `needs` asks for) as one product each.
+    fn two_products(&self, g: &Tensor, needs: &[bool]) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (a, b, ta, tb) = (&self.a, &self.b, self.ta, self.tb);
+        let da = match (needs[0], ta) {
+            (false, _) => None,
+            (true, false) => Some(g.matmul_t(b, false, !tb)?),
+            (true, true) => Some(b.matmul_t(g, tb, true)?),
+        };
+        let db = match (needs[1], tb) {
+            (false, _) => None,
+            (true, false) => Some(a.matmul_t(g, !ta, false)?),
+            (true, true) => Some(g.matmul_t(a, true, ta)?),
+        };
+        Ok((da, db))
     }
 }
 
