@@ -577,6 +577,20 @@ unsafe fn tile_kernel(
 ) {
     use std::arch::x86_64::*;
     debug_assert!(ap.len() >= kp * MR && bp.len() >= kp * NR);
+    // Ask for the tile's lines of C now: they are written (and read, when accumulating) only
+    // after the k loop, by which time they are in cache. Each row of a tile lies on its own
+    // page when C is wide (an LM head's logits), so without this every store of the tile
+    // missed and waited for its line.
+    for r in 0..rows {
+        // SAFETY: a prefetch never faults; the address is inside the tile (r < rows).
+        unsafe {
+            let row = c.add(r * ldc);
+            _mm_prefetch::<_MM_HINT_T0>(row.cast());
+            if cols > 16 {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(16).cast());
+            }
+        }
+    }
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kp {
         // SAFETY: p < kp, so both 16-lane loads lie inside bp's p-th row of NR pairs, and

@@ -107,23 +107,23 @@ pub fn lm_head_forward<T: Float + WeightProduct<W>, W>(
     for r0 in (0..dims.rows).step_by(chunk) {
         let n = chunk.min(dims.rows - r0);
         logits_chunk(dims, x, w, r0, n, z);
-        lse[r0..r0 + n]
-            .par_iter_mut()
+        let grad = unit_grad.is_some();
+        // Each row's log-sum-exp, its target logit, and (for the gradient) the row turned
+        // into softmax - onehot, in one task: the row (V floats) is still in this core's L2
+        // for the second pass, where a pass over the whole chunk would read it from memory.
+        z[..n * v]
+            .par_chunks_mut(v)
+            .zip(lse[r0..r0 + n].par_iter_mut())
             .zip(target_logit[r0..r0 + n].par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (l, t))| {
-                let row = &z[i * v..(i + 1) * v];
+            .zip(&targets[r0..r0 + n])
+            .for_each(|(((row, l), t), &y)| {
                 *l = logsumexp(row);
-                *t = row[targets[r0 + i] as usize];
+                *t = row[y as usize];
+                if grad {
+                    softmax_minus_onehot_row(row, *l, T::one(), y as usize);
+                }
             });
         if let Some(u) = unit_grad.as_deref_mut() {
-            softmax_minus_onehot(
-                &mut z[..n * v],
-                v,
-                &lse[r0..r0 + n],
-                &targets[r0..r0 + n],
-                |_| T::one(),
-            );
             // (n, V) . (V, C) -> (n, C)
             let gd = GemmDims {
                 batch: 1,
