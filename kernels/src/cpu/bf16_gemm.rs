@@ -47,12 +47,21 @@ pub trait Bf16Source: Copy + Send + Sync {
             *d = s.bf16_bits() as u16;
         }
     }
+    /// The bf16 bits as they are stored, when no rounding is needed (a bf16 source).
+    #[inline(always)]
+    fn stored_bits(_src: &[Self]) -> Option<&[u16]> {
+        None
+    }
 }
 
 impl Bf16Source for bf16 {
     #[inline(always)]
     fn bf16_bits(self) -> u32 {
         self.to_bits() as u32
+    }
+    #[inline(always)]
+    fn stored_bits(src: &[Self]) -> Option<&[u16]> {
+        Some(bytemuck::cast_slice(src))
     }
 }
 
@@ -539,6 +548,19 @@ unsafe fn pack_k_major<S: Bf16Source>(
     // The two k rows of a pair, rounded in vectorised passes (lanes is at most NR).
     let (mut lo, mut hi) = ([0u16; NR], [0u16; NR]);
     for (p, out) in panel.chunks_exact_mut(lanes).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if lanes == NR && valid == NR && 2 * p + 1 < k {
+            let (l, h) = (2 * p * stride, (2 * p + 1) * stride);
+            if let (Some(lo), Some(hi)) = (
+                S::stored_bits(&src[l..l + NR]),
+                S::stored_bits(&src[h..h + NR]),
+            ) {
+                // SAFETY: the caller vouches for AVX-512F and BW; both rows hold NR = 32
+                // values and `out` NR pairs.
+                unsafe { interleave_32(lo, hi, out) };
+                continue;
+            }
+        }
         S::bits_into(
             &src[2 * p * stride..2 * p * stride + valid],
             &mut lo[..valid],
@@ -552,6 +574,51 @@ unsafe fn pack_k_major<S: Bf16Source>(
         for ((o, &x), &y) in out.iter_mut().zip(&lo[..valid]).zip(&hi[..valid]) {
             *o = x as u32 | ((y as u32) << 16);
         }
+    }
+}
+
+/// `out[i] = lo[i] | hi[i] << 16` for 32 lanes of bf16 bits: two rows of a bf16 weight made
+/// into k-pairs with two `vpermt2w` instead of a copy of each row and a scalar loop.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX-512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn interleave_32(lo: &[u16], hi: &[u16], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    /// Lane i of the result takes lo[i / 2] for even i and hi[i / 2] for odd i; the second
+    /// vector continues from pair 16. Indices 32 and up pick from `hi`.
+    const FIRST: [u16; 32] = {
+        let mut t = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = (i / 2) as u16 + if i % 2 == 1 { 32 } else { 0 };
+            i += 1;
+        }
+        t
+    };
+    const SECOND: [u16; 32] = {
+        let mut t = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = FIRST[i] + 16;
+            i += 1;
+        }
+        t
+    };
+    let (lo, hi, out) = (&lo[..32], &hi[..32], &mut out[..32]);
+    // SAFETY: every load reads 32 u16 (64 bytes) inside a checked slice of that length, and
+    // each store writes 16 u32 inside `out`'s 32.
+    unsafe {
+        let a = _mm512_loadu_si512(lo.as_ptr().cast());
+        let b = _mm512_loadu_si512(hi.as_ptr().cast());
+        let i0 = _mm512_loadu_si512(FIRST.as_ptr().cast());
+        let i1 = _mm512_loadu_si512(SECOND.as_ptr().cast());
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), _mm512_permutex2var_epi16(a, i0, b));
+        _mm512_storeu_si512(
+            out.as_mut_ptr().add(16).cast(),
+            _mm512_permutex2var_epi16(a, i1, b),
+        );
     }
 }
 
