@@ -297,6 +297,12 @@ struct Backward<'a, T> {
 }
 
 impl<T: Float> Backward<'_, T> {
+    /// `(T, S, D, Br, Bc, S - T)`: the sizes every task reads.
+    fn sizes(&self) -> (usize, usize, usize, usize, usize, usize) {
+        let (d, t) = (&self.dims, &self.tiles);
+        (d.q_len, d.kv_len, d.head_dim, t.br, t.bc, d.offset())
+    }
+
     /// Recomputes, for query rows i0.. of head h and keys j0.., the probabilities P into `p`
     /// and dS = P * (dO V^T - delta) into `ds`; both (rows, cols).
     #[inline(always)]
@@ -345,15 +351,8 @@ super::simd! {
 /// `BackwardSplit::PerKvHead`: dK and dV of (batch, K/V head) `bh` and dQ of its query
 /// heads, each probability tile formed once.
 fn kv_head<T: Float>(bw: &Backward<'_, T>, bh: usize, dqg: &mut [T], dkh: &mut [T], dvh: &mut [T]) {
-    let (dims, tiles, sc) = (&bw.dims, &bw.tiles, bw.sc);
-    let (t, sl, d, br, bc, off) = (
-        dims.q_len,
-        dims.kv_len,
-        dims.head_dim,
-        tiles.br,
-        tiles.bc,
-        dims.offset(),
-    );
+    let (dims, sc) = (&bw.dims, bw.sc);
+    let (t, sl, d, br, bc, off) = bw.sizes();
     let (q, k, dout) = (bw.q, bw.k, bw.dout);
     let g = dims.group();
     let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
@@ -392,14 +391,8 @@ fn kv_head<T: Float>(bw: &Backward<'_, T>, bh: usize, dqg: &mut [T], dkh: &mut [
 /// `BackwardSplit::TwoPasses`, pass 1: dK and dV of key block `kb` of (batch, K/V head)
 /// `bh`.
 fn key_block<T: Float>(bw: &Backward<'_, T>, bh: usize, kb: usize, dkt: &mut [T], dvt: &mut [T]) {
-    let (dims, tiles, sc) = (&bw.dims, &bw.tiles, bw.sc);
-    let (t, d, br, bc, off) = (
-        dims.q_len,
-        dims.head_dim,
-        tiles.br,
-        tiles.bc,
-        dims.offset(),
-    );
+    let (dims, sc) = (&bw.dims, bw.sc);
+    let (t, _, d, br, bc, off) = bw.sizes();
     let (b, hk) = (bh / dims.kv_heads, bh % dims.kv_heads);
     let (j0, cols) = (kb * bc, dkt.len() / d);
     dkt.fill(T::zero());
@@ -423,14 +416,8 @@ fn key_block<T: Float>(bw: &Backward<'_, T>, bh: usize, kb: usize, dkt: &mut [T]
 
 /// `BackwardSplit::TwoPasses`, pass 2: dQ of query block `qb` of (batch, query head) `bh`.
 fn query_block<T: Float>(bw: &Backward<'_, T>, bh: usize, qb: usize, dqt: &mut [T]) {
-    let (dims, tiles, sc) = (&bw.dims, &bw.tiles, bw.sc);
-    let (sl, d, br, bc, off) = (
-        dims.kv_len,
-        dims.head_dim,
-        tiles.br,
-        tiles.bc,
-        dims.offset(),
-    );
+    let (dims, sc) = (&bw.dims, bw.sc);
+    let (_, sl, d, br, bc, off) = bw.sizes();
     let (b, h) = (bh / dims.q_heads, bh % dims.q_heads);
     let hk = h / dims.group();
     let (i0, rows) = (qb * br, dqt.len() / d);

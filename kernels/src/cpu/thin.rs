@@ -43,14 +43,12 @@ pub fn thin_product_grads<T: Float>(
         n,
         k: 2 * r,
     };
-    counted(dims, || grads((m, n, r), g, b, u, du, db))
+    counted(dims, || grads((m, n, r), (g, b, u), du, db))
 }
 
 fn grads<T: Float>(
     (m, n, r): (usize, usize, usize),
-    g: &[T],
-    b: &[T],
-    u: &[T],
+    (g, b, u): (&[T], &[T], &[T]),
     du: &mut [T],
     db: &mut [T],
 ) {
