@@ -68,7 +68,8 @@ fn gguf_converts_to_an_hf_directory_that_loads_back_identically() {
     use bft_engine::{Device, Tensor};
     let path = bft_tests::smollm2_gguf();
     let from_gguf = bft_model::load_model(&path, DType::F32).unwrap();
-    let dir = std::env::temp_dir().join(format!("bft-convert-{}", std::process::id()));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bft-convert-{}", std::process::id()));
     let hf_config = GgufFile::open(&path).unwrap().hf_config().unwrap();
     bft_model::save_hf_dir(&from_gguf, &hf_config, &dir, DType::F32).unwrap();
     let from_dir = bft_model::load_model(&dir, DType::F32).unwrap();

@@ -23,8 +23,11 @@ fn succeeded(out: &std::process::Output) {
     );
 }
 
+/// A fresh path for one test's file or directory, under the scratch directory Cargo gives
+/// integration tests (`target/tmp`), so runs leave nothing in the system's temp dir.
 fn tmp(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("bft-cli-{}-{name}", std::process::id()));
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bft-cli-{}-{name}", std::process::id()));
     std::fs::remove_dir_all(&p).ok();
     p
 }
