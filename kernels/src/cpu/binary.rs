@@ -39,9 +39,8 @@ pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
 }
 
 super::simd! {
-/// `binary` on whole rows of `a`, on the calling thread. Every parallel kernel here hands its
-/// loop to a `simd!` function like this one: a closure given to rayon is compiled for baseline
-/// x86-64 (4 lanes) even inside a `simd!` function, which made the closures' loops 3x slower.
+/// `binary` on whole rows of `a`, on the calling thread (a `simd!` function of its own: see
+/// the macro for why the loop is not in the closure).
 fn binary_rows<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
     for (orow, xrow) in out.chunks_mut(b.len()).zip(a.chunks(b.len())) {
         for ((oi, &xi), &yi) in orow.iter_mut().zip(xrow).zip(b) {

@@ -72,8 +72,7 @@ fn softmax_minus_onehot<T: Float>(
 }
 
 super::simd! {
-/// One row of `softmax_minus_onehot`, on the calling thread (see `binary::binary_rows` for
-/// why).
+/// One row of `softmax_minus_onehot`, on the calling thread (see `simd!` for why).
 fn softmax_minus_onehot_row<T: Float>(row: &mut [T], lse: T, a: T, target: usize) {
     row.iter_mut().for_each(|e| *e -= lse);
     T::exp_in_place(row);

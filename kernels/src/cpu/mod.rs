@@ -7,6 +7,11 @@
 /// compiler vectorises elementwise loops (exp, sigmoid, norms, the optimizer) 4 lanes wide;
 /// AVX-512 does 16. The clones compute the same values: Rust never contracts a multiply and an
 /// add into an FMA on its own or reorders a float sum, so only the instructions differ.
+///
+/// Only code inlined into the wrapped function gets the wider instructions. A closure handed
+/// to rayon is a function of its own, compiled for baseline x86-64 wherever it is written (so
+/// SwiGLU's loop ran 3x slower inside a `simd!` function). A parallel kernel is therefore a
+/// plain function whose closures call a `simd!` function with the loop: a chunk, rows or a task.
 macro_rules! simd {
     ($($item:item)*) => {
         $(

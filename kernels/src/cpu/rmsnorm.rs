@@ -24,7 +24,7 @@ pub fn rmsnorm<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]
 }
 
 super::simd! {
-/// `rmsnorm` of whole rows, on the calling thread (see `binary::binary_rows` for why).
+/// `rmsnorm` of whole rows, on the calling thread (see `simd!` for why).
 fn rmsnorm_rows<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]) {
     let cols = w.len();
     for ((xr, yr), rs) in x.chunks(cols).zip(y.chunks_mut(cols)).zip(rstd) {
@@ -104,7 +104,7 @@ pub fn rmsnorm_backward<T: Float>(
 }
 
 super::simd! {
-/// `dx` of whole rows, on the calling thread (see `binary::binary_rows` for why).
+/// `dx` of whole rows, on the calling thread (see `simd!` for why).
 fn rmsnorm_backward_rows<T: Float>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut [T]) {
     let cols = w.len();
     let rows = x.chunks(cols).zip(dy.chunks(cols)).zip(dx.chunks_mut(cols));

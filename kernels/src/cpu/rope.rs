@@ -22,7 +22,7 @@ pub fn rope<T: Float>(
 }
 
 super::simd! {
-/// `rope` on one `(t, d)` row, on the calling thread (see `binary::binary_rows` for why).
+/// `rope` on one `(t, d)` row, on the calling thread (see `simd!` for why).
 fn rope_row<T: Float>((cos, sin): (&[T], &[T]), d: usize, sign: T, x: &[T], out: &mut [T]) {
     let h = d / 2;
     for ((xv, ov), (c, s)) in x

@@ -32,7 +32,7 @@ pub fn softmax<T: Float>(x: &[T], cols: usize, log: bool, y: &mut [T]) {
 }
 
 super::simd! {
-/// `softmax` of one row, on the calling thread (see `binary::binary_rows` for why).
+/// `softmax` of one row, on the calling thread (see `simd!` for why).
 fn softmax_row<T: Float>(xr: &[T], log: bool, yr: &mut [T]) {
     if log {
         let lse = logsumexp(xr);

@@ -38,8 +38,7 @@ pub fn unary<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
 }
 
 super::simd! {
-/// `unary` on one chunk, on the calling thread (see `binary::binary_rows` for why the loops
-/// of every parallel kernel live in `simd!` functions of their own).
+/// `unary` on one chunk, on the calling thread (see `simd!` for why).
 fn unary_chunk<T: Float>(kind: UnaryKind, x: &[T], out: &mut [T]) {
     #[inline(always)]
     fn map<T: Float>(x: &[T], out: &mut [T], f: impl Fn(T) -> T) {

@@ -66,12 +66,12 @@ impl MatMulKernel for Cpu {
         }
         float_dispatch!("matmul", g.dtype(), |T| {
             let (mut du, mut db) = (vec![T::default(); m * r], vec![T::default(); n * r]);
-            let n_ = "matmul";
+            let op = "matmul";
             thin_product_grads(
                 (m, n, r),
-                g.cpu::<T>(n_)?,
-                b.cpu::<T>(n_)?,
-                a.cpu::<T>(n_)?,
+                g.cpu::<T>(op)?,
+                b.cpu::<T>(op)?,
+                a.cpu::<T>(op)?,
                 &mut du,
                 &mut db,
             );

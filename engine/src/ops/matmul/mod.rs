@@ -470,6 +470,45 @@ mod tests {
         ]
     }
 
+    /// Operands that do not fit together are refused with an error naming their shapes, never
+    /// a panic, whether or not the one-pass kernel would have taken them.
+    #[test]
+    fn linear_plus_refuses_mismatched_shapes() {
+        use crate::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let t = |dims: &[usize], dt| Tensor::randn(dims.to_vec(), 1.0, 1, dt, &dev).unwrap();
+        let x = t(&[2, 5, 64], DType::F32);
+        for (w, u, b) in [
+            // B's rows differ from W's.
+            (
+                t(&[70, 64], DType::BF16),
+                t(&[2, 5, 16], DType::F32),
+                t(&[71, 16], DType::F32),
+            ),
+            // B's rank differs from u's.
+            (
+                t(&[70, 64], DType::BF16),
+                t(&[2, 5, 16], DType::F32),
+                t(&[70, 8], DType::F32),
+            ),
+            // W's inner size differs from x's.
+            (
+                t(&[70, 63], DType::F32),
+                t(&[2, 5, 16], DType::F32),
+                t(&[70, 16], DType::F32),
+            ),
+            // u's rows differ from x's.
+            (
+                t(&[70, 64], DType::BF16),
+                t(&[2, 4, 16], DType::F32),
+                t(&[70, 16], DType::F32),
+            ),
+        ] {
+            let err = x.linear_plus(&w, &u, &b).unwrap_err().to_string();
+            assert!(err.contains('['), "no shapes in: {err}");
+        }
+    }
+
     /// The one-pass `linear_plus` of an f32 activation and a frozen bf16 weight (the bf16
     /// kernel with the LoRA product added in its tiles, where the CPU has AVX512-BF16) gives
     /// the two products' values up to summation order, and the same gradients.
