@@ -18,6 +18,8 @@ use super::Float;
 use super::matmul::{GemmDims, Operand, matmul};
 use half::bf16;
 use rayon::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::thread::LocalKey;
 
 /// Rows of a micro-tile.
 const MR: usize = 8;
@@ -29,6 +31,32 @@ const NR: usize = 32;
 /// Qwen2-1.5B up-projection's) is one pass instead of two, 83% -> 93% of the bf16 peak (Zen 5).
 const PANELS_PER_TASK: usize = 4;
 const KC: usize = 1024;
+
+thread_local! {
+    /// This thread's packed k-blocks of A (on the calling thread) and panels of B (on each
+    /// task's thread), kept from call to call rather than allocated, zero-filled and freed
+    /// by every product.
+    static A_PACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static B_PACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` elements of this thread's buffer `slot`, grown as needed. The elements
+/// hold whatever an earlier call left: every caller writes all it reads. Taken out of the slot
+/// for the call, so a nested call on the same thread (rayon may run another product's task
+/// while this one waits) gets a buffer of its own rather than a panic.
+fn with_buffer<R>(
+    slot: &'static LocalKey<Cell<Vec<u32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    let mut buf = slot.take();
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let r = f(&mut buf[..len]);
+    slot.set(buf);
+    r
+}
 
 /// The output of one batch item, written by several tasks at disjoint tiles.
 struct SharedOut(*mut f32);
@@ -296,111 +324,114 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     // One k-block of A, (mb, kc, MR), shared by every task; each task packs its own panels of
     // B into a buffer of its own, so neither operand is ever packed whole (an LM head's B is
     // vocabulary-sized) and a task's panels go straight from memory into its cache.
-    let mut apack = vec![0u32; mb * kc_max * MR];
-    // The extra product's left operand, packed once as f32 micro-panels (mb, k2, MR); rows past
-    // m stay zero.
-    let mut a2pack = vec![0f32; mb * k2 * MR];
-    if let Some(e) = extra {
-        for (blk, panel) in a2pack.chunks_mut(k2 * MR).enumerate() {
-            for r in 0..MR.min(m - blk * MR) {
-                let row = &e.a[(blk * MR + r) * k2..][..k2];
-                for (p, &v) in row.iter().enumerate() {
-                    panel[p * MR + r] = v;
+    with_buffer(&A_PACK, mb * kc_max * MR, |apack| {
+        // The extra product's left operand, packed once as f32 micro-panels (mb, k2, MR); rows past
+        // m stay zero.
+        let mut a2pack = vec![0f32; mb * k2 * MR];
+        if let Some(e) = extra {
+            for (blk, panel) in a2pack.chunks_mut(k2 * MR).enumerate() {
+                for r in 0..MR.min(m - blk * MR) {
+                    let row = &e.a[(blk * MR + r) * k2..][..k2];
+                    for (p, &v) in row.iter().enumerate() {
+                        panel[p * MR + r] = v;
+                    }
                 }
             }
         }
-    }
-    for i in 0..batch {
-        let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
-        // SAFETY: i * m * n < batch * m * n <= c_len, inside the caller's buffer.
-        let out = SharedOut(unsafe { c.add(i * m * n) });
-        // k in blocks of at most KC pairs, so a task's panels of B stay in L2 at any k; the
-        // blocks are of equal size (a short last block would pay a whole pass over C and
-        // the parallel loop's start for little work).
-        for p0 in (0..kp).step_by(kc_max) {
-            let kc = kc_max.min(kp - p0);
-            // This block's k values: k0..k0 + len (k0 even, so pairs stay aligned).
-            let (k0, len) = (2 * p0, (2 * kc).min(k - 2 * p0));
-            let acc = accumulate || p0 > 0;
-            // Lanes past m (n) and the pad past an odd k stay zero.
-            apack[..mb * kc * MR]
-                .par_chunks_mut(kc * MR)
-                .enumerate()
-                .for_each(|(blk, panel)| {
-                    let (first, valid) = (blk * MR, MR.min(m - blk * MR));
-                    // SAFETY: `available()` found AVX2, AVX-512F and AVX-512BW.
-                    unsafe {
-                        if a.trans {
-                            pack_k_major(panel, MR, &ad[k0 * m + first..], m, valid, len);
-                        } else {
-                            pack_lane_major(panel, MR, &ad[first * k + k0..], k, len, valid);
+        for i in 0..batch {
+            let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
+            // SAFETY: i * m * n < batch * m * n <= c_len, inside the caller's buffer.
+            let out = SharedOut(unsafe { c.add(i * m * n) });
+            // k in blocks of at most KC pairs, so a task's panels of B stay in L2 at any k; the
+            // blocks are of equal size (a short last block would pay a whole pass over C and
+            // the parallel loop's start for little work).
+            for p0 in (0..kp).step_by(kc_max) {
+                let kc = kc_max.min(kp - p0);
+                // This block's k values: k0..k0 + len (k0 even, so pairs stay aligned).
+                let (k0, len) = (2 * p0, (2 * kc).min(k - 2 * p0));
+                let acc = accumulate || p0 > 0;
+                // Lanes past m (n) and the pad past an odd k stay zero.
+                apack[..mb * kc * MR]
+                    .par_chunks_mut(kc * MR)
+                    .enumerate()
+                    .for_each(|(blk, panel)| {
+                        let (first, valid) = (blk * MR, MR.min(m - blk * MR));
+                        // SAFETY: `available()` found AVX2, AVX-512F and AVX-512BW.
+                        unsafe {
+                            if a.trans {
+                                pack_k_major(panel, MR, &ad[k0 * m + first..], m, valid, len);
+                            } else {
+                                pack_lane_major(panel, MR, &ad[first * k + k0..], k, len, valid);
+                            }
                         }
-                    }
-                });
-            let (apack, a2pack, out) = (&apack, &a2pack, &out);
-            // The extra product is added once, by the last k-block's tiles.
-            let extra = extra.filter(|_| p0 + kc == kp);
-            (0..nb.div_ceil(per_task)).into_par_iter().for_each_init(
-                || {
-                    (
-                        vec![0u32; per_task * kc_max * NR],
-                        vec![0f32; per_task * k2 * NR],
-                    )
-                },
-                |(bpack, b2pack), task| {
-                    let panels = task * per_task..nb.min((task + 1) * per_task);
-                    if let Some(e) = extra {
-                        // (k2, NR) f32 panels of the extra right operand; columns past n zero.
-                        for (slot, pj) in panels.clone().enumerate() {
-                            let panel = &mut b2pack[slot * k2 * NR..(slot + 1) * k2 * NR];
-                            panel.fill(0.0);
-                            for j in 0..NR.min(n - pj * NR) {
-                                let col = &e.b[(pj * NR + j) * k2..][..k2];
-                                for (p, &v) in col.iter().enumerate() {
-                                    panel[p * NR + j] = v;
+                    });
+                let (apack, a2pack, out) = (&apack, &a2pack, &out);
+                // The extra product is added once, by the last k-block's tiles.
+                let extra = extra.filter(|_| p0 + kc == kp);
+                (0..nb.div_ceil(per_task)).into_par_iter().for_each(|task| {
+                    with_buffer(&B_PACK, per_task * kc_max * NR, |bpack| {
+                        let mut b2pack = vec![0f32; per_task * k2 * NR];
+                        let panels = task * per_task..nb.min((task + 1) * per_task);
+                        if let Some(e) = extra {
+                            // (k2, NR) f32 panels of the extra right operand; columns past n zero.
+                            for (slot, pj) in panels.clone().enumerate() {
+                                let panel = &mut b2pack[slot * k2 * NR..(slot + 1) * k2 * NR];
+                                panel.fill(0.0);
+                                for j in 0..NR.min(n - pj * NR) {
+                                    let col = &e.b[(pj * NR + j) * k2..][..k2];
+                                    for (p, &v) in col.iter().enumerate() {
+                                        panel[p * NR + j] = v;
+                                    }
                                 }
                             }
                         }
-                    }
-                    for (slot, pj) in panels.clone().enumerate() {
-                        let panel = &mut bpack[slot * kc * NR..(slot + 1) * kc * NR];
-                        let (first, valid) = (pj * NR, NR.min(n - pj * NR));
-                        // SAFETY: `available()` found AVX2, AVX-512F and AVX-512BW.
-                        unsafe {
-                            if b.trans {
-                                pack_lane_major(panel, NR, &bd[first * k + k0..], k, len, valid);
-                            } else {
-                                pack_k_major(panel, NR, &bd[k0 * n + first..], n, valid, len);
-                            }
-                        }
-                    }
-                    // Each of the task's panels (in L2) meets every micro-panel of A (from
-                    // the last-level cache).
-                    for (slot, pj) in panels.enumerate() {
-                        let bp = &bpack[slot * kc * NR..(slot + 1) * kc * NR];
-                        let b2 = &b2pack[slot * k2 * NR..(slot + 1) * k2 * NR];
-                        let cols = NR.min(n - pj * NR);
-                        for blk in 0..mb {
-                            let ap = &apack[blk * kc * MR..(blk + 1) * kc * MR];
-                            let rows = MR.min(m - blk * MR);
-                            let a2 = &a2pack[blk * k2 * MR..(blk + 1) * k2 * MR];
-                            let plus = extra.map(|_| (a2, b2, k2));
-                            // SAFETY: `available()` said the CPU has AVX-512F and AVX512-BF16;
-                            // the panels hold kc pairs of MR (NR) lanes; the tile at row
-                            // blk * MR and column pj * NR, `rows x cols` with stride n, lies
-                            // inside this batch item's m * n outputs, and no other task writes
-                            // it (tasks own disjoint panels, so disjoint columns).
-                            #[cfg(target_arch = "x86_64")]
+                        for (slot, pj) in panels.clone().enumerate() {
+                            let panel = &mut bpack[slot * kc * NR..(slot + 1) * kc * NR];
+                            let (first, valid) = (pj * NR, NR.min(n - pj * NR));
+                            // SAFETY: `available()` found AVX2, AVX-512F and AVX-512BW.
                             unsafe {
-                                let tile = out.0.add(blk * MR * n + pj * NR);
-                                tile_kernel(kc, ap, bp, plus, tile, n, rows, cols, acc)
+                                if b.trans {
+                                    pack_lane_major(
+                                        panel,
+                                        NR,
+                                        &bd[first * k + k0..],
+                                        k,
+                                        len,
+                                        valid,
+                                    );
+                                } else {
+                                    pack_k_major(panel, NR, &bd[k0 * n + first..], n, valid, len);
+                                }
                             }
                         }
-                    }
-                },
-            );
+                        // Each of the task's panels (in L2) meets every micro-panel of A (from
+                        // the last-level cache).
+                        for (slot, pj) in panels.enumerate() {
+                            let bp = &bpack[slot * kc * NR..(slot + 1) * kc * NR];
+                            let b2 = &b2pack[slot * k2 * NR..(slot + 1) * k2 * NR];
+                            let cols = NR.min(n - pj * NR);
+                            for blk in 0..mb {
+                                let ap = &apack[blk * kc * MR..(blk + 1) * kc * MR];
+                                let rows = MR.min(m - blk * MR);
+                                let a2 = &a2pack[blk * k2 * MR..(blk + 1) * k2 * MR];
+                                let plus = extra.map(|_| (a2, b2, k2));
+                                // SAFETY: `available()` said the CPU has AVX-512F and AVX512-BF16;
+                                // the panels hold kc pairs of MR (NR) lanes; the tile at row
+                                // blk * MR and column pj * NR, `rows x cols` with stride n, lies
+                                // inside this batch item's m * n outputs, and no other task writes
+                                // it (tasks own disjoint panels, so disjoint columns).
+                                #[cfg(target_arch = "x86_64")]
+                                unsafe {
+                                    let tile = out.0.add(blk * MR * n + pj * NR);
+                                    tile_kernel(kc, ap, bp, plus, tile, n, rows, cols, acc)
+                                }
+                            }
+                        }
+                    })
+                });
+            }
         }
-    }
+    })
 }
 
 /// How many of `nb` column panels one task takes: as many as PANELS_PER_TASK allows without
@@ -420,10 +451,13 @@ fn panels_per_task(nb: usize, threads: usize) -> usize {
 /// `l * stride`) into `panel (len / 2 rounded up, lanes)`; other lanes and the pad past an odd
 /// `len` are zero. `lanes` is a multiple of 8.
 ///
-/// Eight lanes at a time: their rows are rounded into a buffer in one vectorised pass each
-/// (pair p of row r is the u32 `rows[r][p]`), then written out transposed in blocks of eight
-/// pairs by eight lanes, eight vector stores a block. The element-at-a-time scatter this
-/// replaces cost a fifth of a 1024 x 576 x 576 product.
+/// Eight lanes at a time: their rows are copied (bf16) or rounded (f32) into this thread's row
+/// buffer in one vectorised pass each, then written out transposed in blocks of eight pairs by
+/// eight lanes, eight vector stores a block. The element-at-a-time scatter this replaces cost
+/// a fifth of a 1024 x 576 x 576 product. The row buffer is kept from call to call: a 32 KiB
+/// buffer zero-filled per call cost 4-15% of the SmolLM2 products (Zen 5). Reading bf16 rows
+/// in place instead of copying them was no faster for small weights and 10% slower for an LM
+/// head's, which comes from memory (eight interleaved streams, not one sequential one).
 ///
 /// # Safety
 /// The CPU must have AVX2, AVX-512F and AVX-512BW (`available()` checks them).
@@ -439,49 +473,58 @@ unsafe fn pack_lane_major<S: Bf16Source>(
     len: usize,
     valid: usize,
 ) {
+    /// Where a lane past `valid` reads its (zero) pairs.
+    static ZERO: [u16; 2 * KC] = [0; 2 * KC];
+    thread_local! {
+        /// Eight lanes' rows as bf16 bits.
+        static ROWS: RefCell<[[u16; 2 * KC]; 8]> = const { RefCell::new([[0; 2 * KC]; 8]) };
+    }
     let kp = len.div_ceil(2);
     assert!(kp <= KC && lanes.is_multiple_of(8) && panel.len() >= kp * lanes);
-    let mut rows = [[0u32; KC]; 8];
-    for g in (0..lanes).step_by(8) {
-        for (r, row) in rows.iter_mut().enumerate() {
-            let bits: &mut [u16] = bytemuck::cast_slice_mut(&mut row[..kp]);
-            let l = g + r;
-            if l < valid {
-                S::bits_into(&src[l * stride..l * stride + len], &mut bits[..len]);
-                bits[len..].fill(0);
+    // Pairs whose both halves lie inside the rows, in whole blocks of eight; the rest (and an
+    // odd `len`'s zero pad) are written one at a time.
+    let blocks = (len / 2) - (len / 2) % 8;
+    ROWS.with_borrow_mut(|buf| {
+        for g in (0..lanes).step_by(8) {
+            let mut rows: [&[u16]; 8] = [&ZERO[..len]; 8];
+            for (r, (row, scratch)) in rows.iter_mut().zip(buf.iter_mut()).enumerate() {
+                let l = g + r;
+                if l < valid {
+                    let s = &src[l * stride..l * stride + len];
+                    S::bits_into(s, &mut scratch[..len]);
+                    *row = &scratch[..len];
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the caller vouches for AVX2; every row holds `len >= 2 * blocks` values,
+            // and panel rows 0..blocks, lanes g..g + 8, are written (checked slices).
+            unsafe {
+                transpose_blocks(&rows, blocks, panel, lanes, g)
+            };
+            let scalar_from = if cfg!(target_arch = "x86_64") {
+                blocks
             } else {
-                bits.fill(0);
+                0
+            };
+            for p in scalar_from..kp {
+                for (r, row) in rows.iter().enumerate() {
+                    let hi = row.get(2 * p + 1).copied().unwrap_or(0);
+                    panel[p * lanes + g + r] = row[2 * p] as u32 | (hi as u32) << 16;
+                }
             }
         }
-        let blocks = kp - kp % 8;
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller vouches for AVX2; the first `blocks <= kp` pairs of every row
-        // are read, and panel rows 0..blocks, lanes g..g + 8, written (checked slices).
-        unsafe {
-            transpose_blocks(&rows, blocks, panel, lanes, g)
-        };
-        let scalar_from = if cfg!(target_arch = "x86_64") {
-            blocks
-        } else {
-            0
-        };
-        for p in scalar_from..kp {
-            for (r, row) in rows.iter().enumerate() {
-                panel[p * lanes + g + r] = row[p];
-            }
-        }
-    }
+    });
 }
 
-/// `panel[(p + i) * lanes + g + r] = rows[r][p + i]` for p < `blocks` (a multiple of 8): 8 x 8
-/// transposes of u32 pairs in AVX2 registers.
+/// `panel[p * lanes + g + r]` = pair p of `rows[r]` (bf16 values 2p and 2p + 1, as one u32)
+/// for p < `blocks` (a multiple of 8): 8 x 8 transposes of u32 pairs in AVX2 registers.
 ///
 /// # Safety
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn transpose_blocks(
-    rows: &[[u32; KC]; 8],
+    rows: &[&[u16]; 8],
     blocks: usize,
     panel: &mut [u32],
     lanes: usize,
@@ -489,10 +532,12 @@ unsafe fn transpose_blocks(
 ) {
     use std::arch::x86_64::*;
     for p in (0..blocks).step_by(8) {
-        // SAFETY: p + 8 <= blocks <= KC, so each load reads eight u32 inside its row.
+        // SAFETY: p + 8 <= blocks, so each load reads eight pairs (16 u16) inside its row,
+        // which holds at least 2 * blocks values.
         let r: [__m256i; 8] = std::array::from_fn(|i| unsafe {
-            _mm256_loadu_si256(rows[i][p..p + 8].as_ptr().cast())
+            _mm256_loadu_si256(rows[i][2 * p..2 * p + 16].as_ptr().cast())
         });
+
         // (r0[0], r1[0], r0[1], r1[1] | r0[4], r1[4], r0[5], r1[5]) and so on per pair of rows.
         let t = [
             _mm256_unpacklo_epi32(r[0], r[1]),
@@ -544,7 +589,6 @@ unsafe fn pack_k_major<S: Bf16Source>(
     valid: usize,
     k: usize,
 ) {
-    panel.fill(0);
     // The two k rows of a pair, rounded in vectorised passes (lanes is at most NR).
     let (mut lo, mut hi) = ([0u16; NR], [0u16; NR]);
     for (p, out) in panel.chunks_exact_mut(lanes).enumerate() {
@@ -574,6 +618,7 @@ unsafe fn pack_k_major<S: Bf16Source>(
         for ((o, &x), &y) in out.iter_mut().zip(&lo[..valid]).zip(&hi[..valid]) {
             *o = x as u32 | ((y as u32) << 16);
         }
+        out[valid..].fill(0);
     }
 }
 
@@ -862,6 +907,65 @@ mod tests {
             // SAFETY: the kernel wrote all batch * m * n elements (NaN poison would show).
             unsafe { got.set_len(batch * m * n) };
             assert_eq!(got, want, "({batch},{m},{n},{k})");
+        }
+    }
+
+    /// The packing buffers are kept from product to product and not cleared: a small product
+    /// with partial panels and an odd k, after a large one filled the buffers with other
+    /// values, gives the same bits as on fresh buffers (computed first, on another thread).
+    #[test]
+    fn kept_packing_buffers_leave_no_trace() {
+        if !available() {
+            return;
+        }
+        let (m, n, k) = (5, 37, 13);
+        let a = rand_bf16(m * k, 31);
+        let b32: Vec<f32> = rand_bf16(k * n, 32).iter().map(|v| v.to_f32()).collect();
+        let run = |ta, tb| {
+            let mut c = vec![0f32; m * n];
+            let (ao, bo) = (op(&a[..], ta, 0), op(&b32[..], tb, 0));
+            assert!(matmul_bf16(
+                GemmDims { batch: 1, m, n, k },
+                ao,
+                bo,
+                &mut c,
+                false
+            ));
+            c
+        };
+        let cases = [(false, false), (false, true), (true, false), (true, true)];
+        let fresh: Vec<Vec<f32>> = std::thread::scope(|s| {
+            s.spawn(|| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap();
+                pool.install(|| cases.map(|(ta, tb)| run(ta, tb)).to_vec())
+            })
+            .join()
+            .unwrap()
+        });
+        // Fill this thread's buffers (and the pool's) with a large product of other values.
+        let (bm, bn, bk) = (64, 256, 2 * KC + 3);
+        let (ba, bb) = (rand_bf16(bm * bk, 33), rand_bf16(bk * bn, 34));
+        for (ta, tb) in cases {
+            let mut c = vec![0f32; bm * bn];
+            let dims = GemmDims {
+                batch: 1,
+                m: bm,
+                n: bn,
+                k: bk,
+            };
+            assert!(matmul_bf16(
+                dims,
+                op(&ba[..], ta, 0),
+                op(&bb[..], tb, 0),
+                &mut c,
+                false
+            ));
+        }
+        for ((ta, tb), want) in cases.into_iter().zip(&fresh) {
+            assert_eq!(&run(ta, tb), want, "ta {ta} tb {tb}");
         }
     }
 
