@@ -6,13 +6,18 @@
 # the CPU model, the kernels each side picked, tokens/s, seconds a step, peak RSS, and bft's
 # ratio to PyTorch at the same precision.
 #
-#   benches/train_throughput/run.sh            # STEPS=6 THREADS=2 PYTHON=python3 by default
+# The four rows are measured REPEATS times, interleaved (HF f32, HF bf16, bft f32, bft bf16, then
+# again), and each row reports its median with the range: on a shared VM one PyTorch run has read
+# anywhere from 394 to 604 tokens/s, so a single run of each says little about their ratio.
+#
+#   benches/train_throughput/run.sh     # STEPS=6 REPEATS=3 THREADS=2 PYTHON=python3 by default
 #
 # PyTorch is taken from $PYTHON if it imports torch, transformers and peft; otherwise a venv
 # with the CPU wheels is made once under target/bench-venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS=${STEPS:-6}
+REPEATS=${REPEATS:-3}
 THREADS=${THREADS:-2}
 work=target/bench-train
 mkdir -p "$work"
@@ -65,23 +70,39 @@ hf_row() {
         --data "$work/data.jsonl" --steps "$STEPS" --threads "$THREADS" --autocast "$1"
 }
 
-hf32=$(hf_row none)
-hf16=$(hf_row bf16)
-bft32=$(bft_row f32)
-bft16=$(bft_row bf16)
+# One JSON line per run, in files that gather each row's repeats.
+runs="$work/runs"
+rm -rf "$runs"
+mkdir -p "$runs"
+for r in $(seq "$REPEATS"); do
+    echo "== repeat $r of $REPEATS" >&2
+    hf_row none >> "$runs/hf32"
+    hf_row bf16 >> "$runs/hf16"
+    bft_row f32 >> "$runs/bft32"
+    bft_row bf16 >> "$runs/bft16"
+done
 torch_isa=$("$py" -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
 
 echo "CPU: $("$bft" info 2>/dev/null | sed -n 's/^cpu: //p')"
 echo "bft kernels: $("$bft" info 2>/dev/null | sed -n 's/^cpu kernels: //p')"
-python3 - "$hf32" "$hf16" "$bft32" "$bft16" "$torch_isa" <<'PY'
-import json, sys
-hf32, hf16, b32, b16 = (json.loads(a) for a in sys.argv[1:5])
-print(f"torch {hf32['torch']}: CPU capability {sys.argv[5]}")
-print(f"{'run':34} {'tokens/s':>9} {'s/step':>7} {'peak RSS':>9}  ratio")
+python3 - "$runs" "$torch_isa" <<'PY'
+import json, statistics, sys
+def load(name):
+    return [json.loads(l) for l in open(f"{sys.argv[1]}/{name}") if l.strip()]
+hf32, hf16, b32, b16 = (load(n) for n in ("hf32", "hf16", "bft32", "bft16"))
+tps = lambda runs: statistics.median(r["tokens_per_s"] for r in runs)
+print(f"torch {hf32[0]['torch']}: CPU capability {sys.argv[2]}")
+print(f"{len(hf32)} runs of each row, interleaved; tokens/s is the median (min-max)")
+print(f"{'run':26} {'tokens/s':>9} {'(min-max)':>15} {'s/step':>7} {'peak RSS':>9}  ratio of medians")
 rows = [("HF + PEFT f32", hf32, ""), ("HF + PEFT bf16 autocast", hf16, ""),
-        ("bft train (f32)", b32, f"{b32['tokens_per_s'] / hf32['tokens_per_s']:.2f}x HF f32"),
-        ("bft train --dtype bf16", b16,
-         f"{b16['tokens_per_s'] / hf16['tokens_per_s']:.2f}x HF bf16 autocast")]
-for name, r, ratio in rows:
-    print(f"{name:34} {r['tokens_per_s']:9.1f} {r['step_time_s']:7.2f} {r['peak_rss_mb']:6.0f} MB  {ratio}")
+        ("bft train (f32)", b32, f"{tps(b32) / tps(hf32):.2f}x HF f32"),
+        ("bft train --dtype bf16", b16, f"{tps(b16) / tps(hf16):.2f}x HF bf16 autocast")]
+for name, runs, ratio in rows:
+    t = [r["tokens_per_s"] for r in runs]
+    step = statistics.median(r["step_time_s"] for r in runs)
+    rss = max(r["peak_rss_mb"] for r in runs)
+    print(f"{name:26} {tps(runs):9.1f} {f'({min(t):.0f}-{max(t):.0f})':>15} {step:7.2f} {rss:6.0f} MB  {ratio}")
+lo = min(r["tokens_per_s"] for r in b16) / max(r["tokens_per_s"] for r in hf16)
+hi = max(r["tokens_per_s"] for r in b16) / min(r["tokens_per_s"] for r in hf16)
+print(f"bf16 ratio over every pairing of runs: {lo:.2f}x to {hi:.2f}x")
 PY

@@ -486,7 +486,8 @@ mod tests {
                 .add(&Tensor::full(0.1, t.dims().to_vec(), DType::F64, &Device::Cpu).unwrap())
                 .unwrap();
         }
-        let dir = std::env::temp_dir().join(format!("bft-peft-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         m.save_peft(&cfg, "tiny", &dir).unwrap();
         let mut fresh = model();
         let loaded = fresh.load_peft(&dir).unwrap();
@@ -498,7 +499,6 @@ mod tests {
                 .zip(&logits(&m))
                 .all(|(a, b)| (a - b).abs() < 1e-6)
         );
-        std::fs::remove_dir_all(&dir).unwrap();
         // A training step's view: adapters tracked, base frozen.
         let tape = bft_engine::Tape::new();
         for t in m.lora_tensors_mut() {
@@ -528,7 +528,8 @@ mod tests {
         };
         let mut m = model();
         m.attach_lora(&cfg, 2).unwrap();
-        let dir = std::env::temp_dir().join(format!("bft-peft-bad-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let edit_config = |f: &dyn Fn(&mut serde_json::Value)| {
             m.save_peft(&cfg, "tiny", &dir).unwrap();
             let p = dir.join("adapter_config.json");
@@ -618,6 +619,5 @@ mod tests {
             err.contains("layers.2.self_attn.q_proj.lora_A") && err.contains("2-layer"),
             "{err}"
         );
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

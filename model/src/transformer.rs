@@ -355,9 +355,8 @@ mod tests {
         for tied in [true, false] {
             let m = Transformer::random(config(tied), 3, DType::F32).unwrap();
             let want = m.logits(&ids()).unwrap().to_vec::<f32>().unwrap();
-            let dir =
-                std::env::temp_dir().join(format!("bft-roundtrip-{tied}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().to_path_buf();
             // Single file.
             write_safetensors(&dir.join("model.safetensors"), &m.named_tensors()).unwrap();
             let loaded = Transformer::load(
@@ -405,7 +404,6 @@ mod tests {
                 .zip(&want)
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(err < 0.2, "bf16 round trip drifted by {err}");
-            std::fs::remove_dir_all(&dir).unwrap();
         }
     }
 
@@ -491,8 +489,8 @@ mod tests {
     #[test]
     fn truncated_missing_and_misshapen_weights_are_errors_naming_file_and_tensor() {
         let m = Transformer::random(config(true), 3, DType::F32).unwrap();
-        let dir = std::env::temp_dir().join(format!("bft-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let path = dir.join("model.safetensors");
         write_safetensors(&path, &m.named_tensors()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -538,6 +536,7 @@ mod tests {
             e.contains("model.norm.weight") && e.contains("[12]") && e.contains("[3]"),
             "{e}"
         );
+        // A directory that is gone.
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(open_err(&dir).contains("no model.safetensors"));
     }

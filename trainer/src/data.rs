@@ -304,10 +304,15 @@ pub fn count_targets(encoded: &[Encoded]) -> usize {
 mod tests {
     use super::*;
 
-    fn write(name: &str, body: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("bft-data-{}-{name}.jsonl", std::process::id()));
-        std::fs::write(&p, body).unwrap();
-        p
+    /// A file holding `body`, removed when the returned path is dropped.
+    fn write(name: &str, body: &str) -> tempfile::TempPath {
+        let f = tempfile::Builder::new()
+            .prefix(&format!("bft-data-{name}-"))
+            .suffix(".jsonl")
+            .tempfile()
+            .unwrap();
+        std::fs::write(f.path(), body).unwrap();
+        f.into_temp_path()
     }
 
     #[test]

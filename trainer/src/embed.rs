@@ -438,8 +438,8 @@ mod tests {
 
     #[test]
     fn description_cache_reuses_only_its_setting_and_survives_a_torn_line() {
-        let dir = std::env::temp_dir().join(format!("bft-desc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let path = dir.join("d.jsonl");
         let mut c = DescriptionCache::open(&path, "a".into()).unwrap();
         c.add(vec![("TP53".into(), "tumour suppressor".into())])
@@ -459,7 +459,6 @@ mod tests {
         again.add(vec![("BRCA1".into(), "repair".into())]).unwrap();
         let last = DescriptionCache::open(&path, "a".into()).unwrap();
         assert_eq!(last.texts["BRCA1"], "repair");
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -180,7 +180,8 @@ mod tests {
     /// 1e300, a single point) draw a chart promptly instead of failing or hanging.
     #[test]
     fn any_metrics_file_draws_promptly() {
-        let dir = std::env::temp_dir().join(format!("bft-plot-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let cases = [
             "garbage\n{\"step\": 1, \"loss\": \"NaN\"}\n",
             "{\"step\": 1, \"loss\": 0.5, \"ce\": 1.0}\n",
@@ -202,6 +203,5 @@ mod tests {
                     .contains("<svg")
             );
         }
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -770,8 +770,8 @@ mod tests {
     #[test]
     fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         let (d, bft) = (data(), Bft::default());
-        let dir = std::env::temp_dir().join(format!("bft-resume-{}", std::process::id()));
-        std::fs::remove_dir_all(&dir).ok();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let adapter = |m: &Transformer| -> Vec<Vec<f32>> {
             m.lora_tensors()
                 .iter()
@@ -805,7 +805,6 @@ mod tests {
             adapter(&whole),
             "final adapters must be bit-identical"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A checkpoint with a non-finite optimizer moment is refused on resume, naming the
@@ -813,8 +812,8 @@ mod tests {
     #[test]
     fn corrupt_checkpoints_are_refused_on_resume() {
         let (d, bft) = (data(), Bft::default());
-        let dir = std::env::temp_dir().join(format!("bft-corrupt-ckpt-{}", std::process::id()));
-        std::fs::remove_dir_all(&dir).ok();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let mut m = model();
         let mut t = Trainer::new(&mut m, &d, config(3), &bft, lora()).unwrap();
         t.train_step().unwrap();
@@ -841,14 +840,13 @@ mod tests {
             err.contains("checkpoint-1") && err.contains("optimizer m.0 holds NaN at index 2"),
             "{err}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn checkpoints_are_pruned_and_latest_names_a_complete_one() {
         let (mut m, d, bft) = (model(), data(), Bft::default());
-        let dir = std::env::temp_dir().join(format!("bft-ckpt-{}", std::process::id()));
-        std::fs::remove_dir_all(&dir).ok();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let mut t = Trainer::new(&mut m, &d, config(4), &bft, lora()).unwrap();
         for _ in 0..4 {
             t.train_step().unwrap();
@@ -872,7 +870,6 @@ mod tests {
         ] {
             assert!(dir.join("checkpoint-4").join(f).exists(), "{f}");
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The model of `model()` in f64 with dropout-free adapters: the same run however it is

@@ -482,8 +482,8 @@ mod tests {
 
     #[test]
     fn garbage_and_truncated_files_are_errors_naming_the_file() {
-        let dir = std::env::temp_dir().join(format!("bft-gguf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let p = dir.join("bad.gguf");
         let err = |bytes: &[u8]| {
             std::fs::write(&p, bytes).unwrap();
@@ -504,6 +504,5 @@ mod tests {
         );
         let e = err(&hdr[..10]);
         assert!(e.contains("truncated"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

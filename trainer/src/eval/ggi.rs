@@ -450,8 +450,8 @@ mod tests {
 
     #[test]
     fn embeddings_round_trip_and_bad_files_are_named() {
-        let dir = std::env::temp_dir().join(format!("bft-ggi-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let path = dir.join("e.safetensors");
         let emb = GeneEmbeddings {
             genes: vec!["TP53".into(), "BRCA1".into()],
@@ -478,6 +478,5 @@ mod tests {
             err.contains("e.safetensors") && err.contains("1 gene symbols for 2"),
             "{err}"
         );
-        std::fs::remove_dir_all(&dir).ok();
     }
 }
