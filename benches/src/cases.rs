@@ -233,7 +233,14 @@ pub fn all(quick: bool) -> Vec<Case> {
     } else {
         vec![512, 1024, 2048]
     } {
-        v.push(attention_fwd_bwd(&SMOLLM2_135M, t));
+        v.push(attention_fwd_bwd(&SMOLLM2_135M, t, false));
+    }
+    // The same under bf16 autocast (`causal_attention_autocast`: the AVX512-BF16 kernels where
+    // the CPU has them, else the f32 ones), at the training benchmark's shape and one longer.
+    if bft_kernels::cpu::bf16_gemm::available() {
+        for t in [256, 1024] {
+            v.push(attention_fwd_bwd(&SMOLLM2_135M, t, true));
+        }
     }
     let head = if quick {
         (SMOLLM2_135M, 512)
@@ -539,7 +546,7 @@ fn attention_fwd(m: &Model, t: usize) -> Case {
 }
 
 /// Forward and backward through the engine on a tape, with the engine's peak tensor memory.
-fn attention_fwd_bwd(m: &Model, t: usize) -> Case {
+fn attention_fwd_bwd(m: &Model, t: usize, autocast: bool) -> Case {
     let m = *m;
     let dims = attn_dims(&m, t);
     let body = move |budget: f64| {
@@ -556,7 +563,9 @@ fn attention_fwd_bwd(m: &Model, t: usize) -> Case {
                     tape.track(&mk(m.kv_heads, 2, dt)?),
                     tape.track(&mk(m.kv_heads, 3, dt)?),
                 );
-                let o = if fused {
+                let o = if fused && autocast {
+                    q.causal_attention_autocast(&k, &v, None)?
+                } else if fused {
                     q.causal_attention(&k, &v, None)?
                 } else {
                     composed_attention(&q, &k, &v)?
@@ -584,7 +593,12 @@ fn attention_fwd_bwd(m: &Model, t: usize) -> Case {
             let run = || -> bft_engine::Result<()> {
                 let tape = Tape::new();
                 let (qt, kt, vt) = (tape.track(&q), tape.track(&k), tape.track(&v));
-                let loss = qt.causal_attention(&kt, &vt, None)?.sum_all()?;
+                let o = if autocast {
+                    qt.causal_attention_autocast(&kt, &vt, None)?
+                } else {
+                    qt.causal_attention(&kt, &vt, None)?
+                };
+                let loss = o.sum_all()?;
                 tape.backward(&loss).map(drop)
             };
             if let Err(e) = run() {
@@ -602,14 +616,19 @@ fn attention_fwd_bwd(m: &Model, t: usize) -> Case {
         })
     };
     Case {
-        name: format!("attention_fwd_bwd {}", m.name),
+        name: format!(
+            "attention_fwd_bwd{} {}",
+            if autocast { " bf16" } else { "" },
+            m.name
+        ),
         shape: format!("T={t} H={}/{} D={}", m.heads, m.kv_heads, m.head_dim),
         // FlashAttention's convention: backward = 2.5x forward FLOPs.
         flops: 3.5 * 4.0 * causal_pairs(&dims) * m.head_dim as f64,
         bytes: 4.0 * 2.0 * (2 * m.heads + 2 * m.kv_heads) as f64 * (t * m.head_dim) as f64,
         bound: Bound::Compute,
         backend: "cpu",
-        dtype: "f32",
+        // Rated against the bf16 peak, and validated at bf16's tolerance.
+        dtype: if autocast { "bf16" } else { "f32" },
         body: Box::new(body),
     }
 }

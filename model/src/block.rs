@@ -452,6 +452,9 @@ impl Block {
         // (B, heads, T, D) -> (B, T, heads * D)
         let a = match pad {
             Some(pad) if pad.iter().any(|&p| p > 0) => padded_attention(&q, &k, &v, pad)?,
+            // Under autocast (16-bit frozen weights, whose products run bf16 x bf16 -> f32), the
+            // attention products run in bf16 too where the backend has them, as in PyTorch.
+            _ if w[1].dtype() == DType::BF16 => q.causal_attention_autocast(&k, &v, None)?,
             _ => q.causal_attention(&k, &v, None)?,
         };
         let a = a.transpose(1, 2)?.reshape([b, t, c.heads * c.head_dim])?;

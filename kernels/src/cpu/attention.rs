@@ -42,10 +42,10 @@ impl Default for Tiles {
 }
 
 impl AttnDims {
-    fn group(&self) -> usize {
+    pub(crate) fn group(&self) -> usize {
         self.q_heads / self.kv_heads
     }
-    fn offset(&self) -> usize {
+    pub(crate) fn offset(&self) -> usize {
         self.kv_len - self.q_len
     }
     /// Index of row `i` of query head `h` in batch `b`, in units of rows of length D.
@@ -56,7 +56,7 @@ impl AttnDims {
         (b * self.kv_heads + hk) * self.kv_len + j
     }
     /// Panics on inconsistent sizes; the engine validates user shapes before calling.
-    fn check(&self) {
+    pub(crate) fn check(&self) {
         assert!(self.kv_heads > 0 && self.q_heads.is_multiple_of(self.kv_heads));
         assert!(self.kv_len >= self.q_len);
     }

@@ -22,9 +22,9 @@ use std::cell::{Cell, RefCell};
 use std::thread::LocalKey;
 
 /// Rows of a micro-tile.
-const MR: usize = 8;
+pub(crate) const MR: usize = 8;
 /// Columns of a micro-tile: two zmm vectors of 16 f32.
-const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Panels of B per task (at most), and k-pairs per pass over them: 4 x 32 columns x 1024
 /// pairs is 512 KiB of B, which stays in L2 (1-2 MiB on Zen 4/5 and Sapphire Rapids on) while
 /// the task streams the matching slices of A. 1024 rather than 512 pairs: a k of 1536 (a
@@ -465,7 +465,7 @@ fn panels_per_task(nb: usize, threads: usize) -> usize {
     target_arch = "x86_64",
     target_feature(enable = "avx2,avx512f,avx512bw")
 )]
-unsafe fn pack_lane_major<S: Bf16Source>(
+pub(crate) unsafe fn pack_lane_major<S: Bf16Source>(
     panel: &mut [u32],
     lanes: usize,
     src: &[S],
@@ -581,7 +581,7 @@ unsafe fn transpose_blocks(
     target_arch = "x86_64",
     target_feature(enable = "avx2,avx512f,avx512bw")
 )]
-unsafe fn pack_k_major<S: Bf16Source>(
+pub(crate) unsafe fn pack_k_major<S: Bf16Source>(
     panel: &mut [u32],
     lanes: usize,
     src: &[S],
@@ -676,7 +676,7 @@ unsafe fn interleave_32(lo: &[u16], hi: &[u16], out: &mut [u32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_kernel(
+pub(crate) unsafe fn tile_kernel(
     kp: usize,
     ap: &[u32],
     bp: &[u32],

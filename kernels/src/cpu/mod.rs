@@ -26,6 +26,7 @@ macro_rules! simd {
 pub(crate) use simd;
 
 pub mod attention;
+pub mod attention_bf16;
 pub mod bf16_gemm;
 pub mod binary;
 pub mod cast;

@@ -1,8 +1,16 @@
 use super::AttentionKernel;
 use crate::backend::Cpu;
 use crate::ops::float_dispatch;
-use crate::{Result, Tensor};
+use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_backward, attention_forward};
+use bft_kernels::cpu::attention_bf16::{attention_backward_bf16, attention_forward_bf16};
+use bft_kernels::cpu::bf16_gemm;
+
+/// Whether these f32 operands take the bf16 kernels: under autocast, on a CPU with
+/// AVX512-BF16. f64 (the gradient checks' exact reference) never does.
+fn takes_bf16(autocast: bool, dtype: DType) -> bool {
+    autocast && dtype == DType::F32 && bf16_gemm::available()
+}
 
 impl AttentionKernel for Cpu {
     fn attention(
@@ -10,12 +18,23 @@ impl AttentionKernel for Cpu {
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        autocast: bool,
     ) -> Result<(Tensor, Tensor)> {
         let rows = dims.batch * dims.q_heads * dims.q_len;
+        let n = "attention";
+        if takes_bf16(autocast, q.dtype()) && rows > 0 {
+            let (mut o, mut l) = (vec![0f32; q.numel()], vec![0f32; rows]);
+            let qkv = (q.cpu::<f32>(n)?, k.cpu::<f32>(n)?, v.cpu::<f32>(n)?);
+            if attention_forward_bf16(dims, scale, qkv, &mut o, &mut l) {
+                return Ok((
+                    Tensor::from_cpu(o, q.shape().clone()),
+                    Tensor::from_cpu(l, [rows]),
+                ));
+            }
+        }
         float_dispatch!("attention", q.dtype(), |T| {
             let (mut o, mut l) = (vec![T::default(); q.numel()], vec![T::default(); rows]);
             if rows > 0 {
-                let n = "attention";
                 let qkv = (q.cpu::<T>(n)?, k.cpu::<T>(n)?, v.cpu::<T>(n)?);
                 attention_forward(dims, Tiles::default(), scale, qkv, &mut o, &mut l);
             }
@@ -32,13 +51,34 @@ impl AttentionKernel for Cpu {
         (o, lse, g): (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        autocast: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let n = "attention";
+        if takes_bf16(autocast, g.dtype()) && q.numel() > 0 {
+            let mut dq = vec![0f32; q.numel()];
+            let mut dk = vec![0f32; k.numel()];
+            let mut dv = vec![0f32; v.numel()];
+            if attention_backward_bf16(
+                dims,
+                scale,
+                (q.cpu::<f32>(n)?, k.cpu::<f32>(n)?, v.cpu::<f32>(n)?),
+                (o.cpu::<f32>(n)?, lse.cpu::<f32>(n)?, g.cpu::<f32>(n)?),
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            ) {
+                return Ok((
+                    Tensor::from_cpu(dq, q.shape().clone()),
+                    Tensor::from_cpu(dk, k.shape().clone()),
+                    Tensor::from_cpu(dv, v.shape().clone()),
+                ));
+            }
+        }
         float_dispatch!("attention backward", g.dtype(), |T| {
             let mut dq = vec![T::default(); q.numel()];
             let mut dk = vec![T::default(); k.numel()];
             let mut dv = vec![T::default(); v.numel()];
             if !dq.is_empty() {
-                let n = "attention";
                 attention_backward(
                     dims,
                     Tiles::default(),

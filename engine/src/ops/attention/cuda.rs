@@ -13,6 +13,7 @@ impl AttentionKernel for Cuda {
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        _autocast: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (dev, i) = cuda_of(q)?;
         if !ops::attention_supports(dims.head_dim) {
@@ -42,6 +43,7 @@ impl AttentionKernel for Cuda {
         (o, lse, g): (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        _autocast: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (dev, i) = cuda_of(g)?;
         let n = "attention";

@@ -15,11 +15,14 @@ use bft_kernels::cpu::attention::AttnDims;
 /// scaled scores (in whatever float type the backend keeps it), which is all the backward
 /// needs besides the inputs: it recomputes the probabilities.
 pub(crate) trait AttentionKernel {
+    /// With `autocast` the backend may run the products in bf16 (see
+    /// [`Tensor::causal_attention_autocast`]); the backward gets the forward's setting.
     fn attention(
         &self,
         qkv: (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        autocast: bool,
     ) -> Result<(Tensor, Tensor)>;
     /// `(dq, dk, dv)` from the inputs, the forward's `(o, lse)` and the upstream `dout`.
     fn attention_backward(
@@ -28,6 +31,7 @@ pub(crate) trait AttentionKernel {
         saved: (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        autocast: bool,
     ) -> Result<(Tensor, Tensor, Tensor)>;
 }
 
@@ -40,9 +44,34 @@ impl Tensor {
     /// Memory is linear in T: only the output and one log-sum-exp per row are saved; the
     /// backward pass recomputes the probabilities tile by tile.
     pub fn causal_attention(&self, k: &Tensor, v: &Tensor, scale: Option<f64>) -> Result<Tensor> {
+        self.attention_impl(k, v, scale, false)
+    }
+
+    /// As [`Tensor::causal_attention`] under bf16 autocast, as PyTorch's CPU autocast runs
+    /// attention on bf16 tensors: the backend may round q, k, v, the upstream gradient and each
+    /// tile of probabilities (and of their gradient) to bf16 for the products, which then
+    /// accumulate in f32; softmax and its statistics stay f32. The CPU does so where it has
+    /// AVX512-BF16, at twice the f32 products' rate (`bft_kernels::cpu::attention_bf16`);
+    /// elsewhere this computes exactly what `causal_attention` does.
+    pub fn causal_attention_autocast(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        scale: Option<f64>,
+    ) -> Result<Tensor> {
+        self.attention_impl(k, v, scale, true)
+    }
+
+    fn attention_impl(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        scale: Option<f64>,
+        autocast: bool,
+    ) -> Result<Tensor> {
         let _profiled = crate::profile::scope(Op::Attention, crate::profile::Phase::Forward);
         if let Some(out) = in_compute_dtype(&[self, k, v], |t| {
-            t[0].causal_attention(&t[1], &t[2], scale)
+            t[0].attention_impl(&t[1], &t[2], scale, autocast)
         })? {
             return Ok(out);
         }
@@ -50,7 +79,7 @@ impl Tensor {
         same_kind("attention", self, v)?;
         let dims = attn_dims(self, k, v)?;
         let scale = scale.unwrap_or(1.0 / (dims.head_dim as f64).sqrt());
-        let (out, lse) = kernels(self.device()).attention((self, k, v), dims, scale)?;
+        let (out, lse) = kernels(self.device()).attention((self, k, v), dims, scale, autocast)?;
         Tape::record(Op::Attention, &[self, k, v], out.clone(), || {
             AttentionBackward {
                 q: self.stop_gradient(),
@@ -60,6 +89,7 @@ impl Tensor {
                 lse,
                 dims,
                 scale,
+                autocast,
             }
         })
     }
@@ -109,6 +139,7 @@ struct AttentionBackward {
     lse: Tensor,
     dims: AttnDims,
     scale: f64,
+    autocast: bool,
 }
 
 impl Backward for AttentionBackward {
@@ -118,6 +149,7 @@ impl Backward for AttentionBackward {
             (&self.o, &self.lse, g),
             self.dims,
             self.scale,
+            self.autocast,
         )?;
         Ok(vec![Some(dq), Some(dk), Some(dv)])
     }
@@ -154,6 +186,54 @@ mod tests {
     #[test]
     fn gradcheck() {
         cases().iter().for_each(|c| gradcheck_case(c, 12));
+    }
+
+    /// Under autocast the output and the gradients are those of f32 attention to bf16
+    /// accuracy (the kernels themselves are checked tile by tile in `bft_kernels`), and
+    /// exactly those on a CPU without AVX512-BF16, where the f32 kernels run.
+    #[test]
+    fn autocast_attention_is_f32_attention_to_bf16_accuracy() {
+        use crate::{DType, Tape};
+        let dev = Device::Cpu;
+        let run = |autocast: bool| {
+            let tape = Tape::new();
+            let mk = |h, t, seed| Tensor::randn([2, h, t, 64], 1.0, seed, DType::F32, &dev);
+            let (q, k, v) = (
+                tape.track(&mk(6, 70, 1).unwrap()),
+                tape.track(&mk(2, 75, 2).unwrap()),
+                tape.track(&mk(2, 75, 3).unwrap()),
+            );
+            let o = if autocast {
+                q.causal_attention_autocast(&k, &v, None)
+            } else {
+                q.causal_attention(&k, &v, None)
+            }
+            .unwrap();
+            let w = Tensor::randn(o.dims().to_vec(), 1.0, 4, DType::F32, &dev).unwrap();
+            let g = tape
+                .backward(&o.mul(&w).unwrap().sum_all().unwrap())
+                .unwrap();
+            let mut all = vec![o.to_vec::<f32>().unwrap()];
+            for x in [&q, &k, &v] {
+                all.push(g.get(x).unwrap().to_vec::<f32>().unwrap());
+            }
+            all
+        };
+        let (lowp, full) = (run(true), run(false));
+        let exact = !bft_kernels::cpu::bf16_gemm::available();
+        for (name, (a, b)) in ["o", "dq", "dk", "dv"].iter().zip(lowp.iter().zip(&full)) {
+            let big = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            if exact {
+                assert_eq!(worst, 0.0, "{name}");
+            } else {
+                assert!(
+                    worst <= 2e-2 * big,
+                    "{name}: off by {worst} (largest {big})"
+                );
+                assert!(worst > 0.0, "{name}: the bf16 kernels did not run");
+            }
+        }
     }
 
     /// Composes attention from unfused ops (materialising the scores) and compares values.

@@ -10,6 +10,7 @@ impl AttentionKernel for Wgpu {
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        _autocast: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (g, i) = wgpu_of(q)?;
         if !ops::attention_supports(dims.head_dim) {
@@ -34,6 +35,7 @@ impl AttentionKernel for Wgpu {
         (o, lse, g): (&Tensor, &Tensor, &Tensor),
         dims: AttnDims,
         scale: f64,
+        _autocast: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (gpu, i) = wgpu_of(g)?;
         let n = "attention";
