@@ -25,7 +25,8 @@
 
 use super::attention::AttnDims;
 use super::bf16_gemm::{Bf16Source, MR, NR, available, pack_k_major, pack_lane_major, tile_kernel};
-use super::{Float, dot, max_of, sum_of};
+use super::float::exp_f32;
+use super::{dot, max_of, sum_of};
 use rayon::prelude::*;
 
 /// Query rows per tile.
@@ -205,6 +206,26 @@ unsafe fn pack_columns(s: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
     }
 }
 
+/// `row[i] = exp(row[i] * scale - shift)`, returning their sum: one pass, the sum over 16
+/// lanes (as `sum_of`), where scaling, shifting, exponentiating and summing were four.
+#[inline(always)]
+fn exp_scaled_sum(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for c in chunks.by_ref() {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = exp_f32(*x * scale - shift);
+            *a += *x;
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp_f32(*x * scale - shift);
+        tail += *x;
+    }
+    sum_of(&acc) + tail
+}
+
 /// Forward under autocast: writes `o` and `lse` as `attention::attention_forward` does, the
 /// products in bf16. Returns false, writing nothing, when the CPU lacks AVX512-BF16.
 pub fn attention_forward_bf16(
@@ -288,17 +309,16 @@ unsafe fn forward_task(
         for r in 0..rows {
             let vis = (i0 + r + off + 1).saturating_sub(j0).min(cols);
             let row = &mut s[r * BC..r * BC + cols];
-            row[..vis].iter_mut().for_each(|x| *x *= scale);
-            let m_new = m[r].max(max_of(&row[..vis]));
-            row[..vis].iter_mut().for_each(|x| *x -= m_new);
-            <f32 as Float>::exp_in_place(&mut row[..vis]);
+            // The scale is positive: the max of the scaled scores is the scaled max.
+            let m_new = m[r].max(max_of(&row[..vis]) * scale);
+            let sum = exp_scaled_sum(&mut row[..vis], scale, m_new);
             row[vis..].fill(0.0);
             // Rescale what was accumulated under the old max (exp(-inf) = 0 on the first tile).
             let alpha = (m[r] - m_new).exp();
             if alpha != 1.0 {
                 ot[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
             }
-            l[r] = l[r] * alpha + sum_of(row);
+            l[r] = l[r] * alpha + sum;
             m[r] = m_new;
         }
         // O += P V: P rounded to bf16 as it is packed; V's pairs of keys from j0.
@@ -461,8 +481,7 @@ unsafe fn kv_head_task(
                         &mut ds[r * BC..r * BC + cols],
                     );
                     let (l, dl) = (ops.lse[qi + r], ops.delta[qi + r]);
-                    pr[..vis].iter_mut().for_each(|x| *x = *x * scale - l);
-                    <f32 as Float>::exp_in_place(&mut pr[..vis]);
+                    exp_scaled_sum(&mut pr[..vis], scale, l);
                     pr[vis..].fill(0.0);
                     for (x, &pv) in dsr.iter_mut().zip(pr.iter()) {
                         *x = pv * (*x - dl) * scale;
