@@ -164,6 +164,28 @@ fn forward_task<T: Float>(
 }
 }
 
+/// `delta_i = rowsum(dO_i * O_i) = sum_j p_ij dp_ij`, the softmax-backward correction of every
+/// row of length `d`, in tasks of rows whose loop is a `simd!` function (a closure's would run
+/// at baseline width).
+pub(crate) fn softmax_corrections<T: Float>(dout: &[T], o: &[T], d: usize) -> Vec<T> {
+    let mut delta = vec![T::zero(); dout.len() / d.max(1)];
+    let rows = super::rows_per_task(delta.len(), d);
+    delta
+        .par_chunks_mut(rows)
+        .enumerate()
+        .for_each(|(i, out)| row_dots(&dout[i * rows * d..], &o[i * rows * d..], d, out));
+    delta
+}
+
+super::simd! {
+/// `out[r]` = the dot of row r of `a` and of `b` (rows of length `d`).
+fn row_dots<T: Float>(a: &[T], b: &[T], d: usize, out: &mut [T]) {
+    for (r, x) in out.iter_mut().enumerate() {
+        *x = dot(&a[r * d..(r + 1) * d], &b[r * d..(r + 1) * d]);
+    }
+}
+}
+
 /// How the backward pass splits its work between tasks (no two tasks write the same row).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackwardSplit {
@@ -220,11 +242,7 @@ pub fn attention_backward_split<T: Float>(
 ) {
     dims.check();
     let (t, sl, d, bc) = (dims.q_len, dims.kv_len, dims.head_dim, tiles.bc);
-    // delta_i = rowsum(dO_i * O_i) = sum_j p_ij dp_ij, the softmax-backward correction.
-    let delta: Vec<T> = (0..dims.batch * dims.q_heads * t)
-        .into_par_iter()
-        .map(|r| dot(&dout[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]))
-        .collect();
+    let delta = softmax_corrections(dout, o, d);
     let bw = Backward {
         dims,
         tiles,

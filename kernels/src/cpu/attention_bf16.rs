@@ -23,10 +23,10 @@
 //!   columns of D, `(32 pairs of rows, 32)` each; the right operand of a product over rows
 //!   (`P V`, `P^T dO`, `dS^T Q`, `dS K`).
 
-use super::attention::AttnDims;
+use super::attention::{AttnDims, softmax_corrections};
 use super::bf16_gemm::{Bf16Source, MR, NR, available, pack_k_major, pack_lane_major, tile_kernel};
 use super::float::exp_f32;
-use super::{dot, max_of, sum_of};
+use super::{max_of, sum_of};
 use rayon::prelude::*;
 
 /// Query rows per tile.
@@ -363,11 +363,8 @@ pub fn attention_backward_bf16(
     dims.check();
     let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
     let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
-    // delta_i = rowsum(dO_i * O_i), the softmax-backward correction, in f32.
-    let delta: Vec<f32> = (0..bq * t)
-        .into_par_iter()
-        .map(|r| dot(&dout[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]))
-        .collect();
+    // The softmax-backward correction, in f32.
+    let delta = softmax_corrections(dout, o, d);
     let ops = BackwardOperands {
         qa: rows_over_d(q, bq, t, d),
         doa: rows_over_d(dout, bq, t, d),
