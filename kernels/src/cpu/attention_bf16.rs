@@ -151,6 +151,62 @@ unsafe fn product(
     }
 }
 
+/// The `(rows, cols)` tile (row stride `BC`) of a product over D: rows `i0..` of `a` packed
+/// "rows over D" times rows `j0..` of `b` packed "lanes over D" (`S = Q Kᵀ`, `dP = dO Vᵀ`).
+///
+/// # Safety
+/// `available()` must hold; `out` holds `BR * BC` values.
+unsafe fn tile_over_d(
+    (a, i0, rows): (&[u32], usize, usize),
+    (b, j0, cols): (&[u32], usize, usize),
+    dp: usize,
+    out: &mut [f32],
+) {
+    assert!(out.len() >= BR * BC);
+    let (a, b) = (&a[i0 / MR * dp * MR..], &b[j0 / NR * dp * NR..]);
+    // SAFETY: the caller vouches for the CPU; out holds the rows x cols tile at stride BC.
+    unsafe {
+        product(
+            (rows, cols, dp),
+            a,
+            dp * MR,
+            b,
+            dp * NR,
+            out.as_mut_ptr(),
+            BC,
+            false,
+        )
+    }
+}
+
+/// `c (m, D) +=` a packed tile (`m` rows as micro-panels of `kp` pairs at stride `a_stride`)
+/// times a block of 64 rows packed "D over rows" (`P V`, `Pᵀ dO`, `dSᵀ Q`, `dS K`).
+///
+/// # Safety
+/// `available()` must hold.
+unsafe fn accumulate_over_rows(
+    (m, kp): (usize, usize),
+    (a, a_stride): (&[u32], usize),
+    b: &[u32],
+    d: usize,
+    c: &mut [f32],
+) {
+    assert!(c.len() >= m * d);
+    // SAFETY: the caller vouches for the CPU; c holds m x d.
+    unsafe {
+        product(
+            (m, d, kp),
+            a,
+            a_stride,
+            b,
+            BC / 2 * NR,
+            c.as_mut_ptr(),
+            d,
+            true,
+        )
+    }
+}
+
 /// Packs the `(rows, cols)` f32 tile `s` (row stride `BC`) as the left operand of a product
 /// over its columns: micro-panels of 8 rows, `ceil(cols / 2)` pairs each, at stride
 /// `BC / 2 * 8` in `out`.
@@ -292,20 +348,9 @@ unsafe fn forward_task(
     let key_end = (i0 + rows + off).min(dims.kv_len);
     for j0 in (0..key_end).step_by(BC) {
         let cols = BC.min(key_end - j0);
-        // S = Q K^T: (rows, cols) over D, micro-panels of Q from row i0, panels of K from j0.
-        // SAFETY: `available()` holds; s holds BR x BC.
-        unsafe {
-            product(
-                (rows, cols, dp),
-                &qa[i0 / MR * dp * MR..],
-                dp * MR,
-                &kb[j0 / NR * dp * NR..],
-                dp * NR,
-                s.as_mut_ptr(),
-                BC,
-                false,
-            )
-        };
+        // S = Q K^T: (rows, cols) over D.
+        // SAFETY: `available()` holds.
+        unsafe { tile_over_d((qa, i0, rows), (kb, j0, cols), dp, &mut s) };
         for r in 0..rows {
             let vis = (i0 + r + off + 1).saturating_sub(j0).min(cols);
             let row = &mut s[r * BC..r * BC + cols];
@@ -322,19 +367,11 @@ unsafe fn forward_task(
             m[r] = m_new;
         }
         // O += P V: P rounded to bf16 as it is packed; V's pairs of keys from j0.
-        // SAFETY: `available()` holds; ot holds rows x D.
+        // SAFETY: `available()` holds.
         unsafe {
             pack_rows(&s, rows, cols, &mut pa);
-            product(
-                (rows, d, cols.div_ceil(2)),
-                &pa,
-                BC / 2 * MR,
-                &vr[j0 / BC * dpanels * slot..],
-                slot,
-                ot.as_mut_ptr(),
-                d,
-                true,
-            )
+            let v_block = &vr[j0 / BC * dpanels * slot..];
+            accumulate_over_rows((rows, cols.div_ceil(2)), (&pa, BC / 2 * MR), v_block, d, ot)
         };
     }
     for r in 0..rows {
@@ -448,26 +485,8 @@ unsafe fn kv_head_task(
                 // dK and dV tiles cols x D, the dQ tile rows x D.
                 unsafe {
                     // S = Q K^T and dP = dO V^T, both (rows, cols) over D.
-                    product(
-                        (rows, cols, dp),
-                        &qa[i0 / MR * dp * MR..],
-                        dp * MR,
-                        &kb[j0 / NR * dp * NR..],
-                        dp * NR,
-                        p.as_mut_ptr(),
-                        BC,
-                        false,
-                    );
-                    product(
-                        (rows, cols, dp),
-                        &doa[i0 / MR * dp * MR..],
-                        dp * MR,
-                        &vb[j0 / NR * dp * NR..],
-                        dp * NR,
-                        ds.as_mut_ptr(),
-                        BC,
-                        false,
-                    );
+                    tile_over_d((qa, i0, rows), (kb, j0, cols), dp, &mut p);
+                    tile_over_d((doa, i0, rows), (vb, j0, cols), dp, &mut ds);
                 }
                 // P = exp(S * scale - lse), 0 where masked; dS = P (dP - delta) * scale (the
                 // scale of both dK and dQ, applied once here).
@@ -495,38 +514,18 @@ unsafe fn kv_head_task(
                     pack_columns(&p, rows, cols, &mut pt);
                     pack_columns(&ds, rows, cols, &mut dst);
                     let kp = rows.div_ceil(2);
-                    product(
-                        (cols, d, kp),
-                        &pt,
-                        BR / 2 * MR,
-                        &dor[qblock..],
-                        slot,
-                        dvt.as_mut_ptr(),
-                        d,
-                        true,
-                    );
-                    product(
-                        (cols, d, kp),
-                        &dst,
-                        BR / 2 * MR,
-                        &qr[qblock..],
-                        slot,
-                        dkt.as_mut_ptr(),
-                        d,
-                        true,
-                    );
+                    accumulate_over_rows((cols, kp), (&pt, BR / 2 * MR), &dor[qblock..], d, dvt);
+                    accumulate_over_rows((cols, kp), (&dst, BR / 2 * MR), &qr[qblock..], d, dkt);
                     // dQ += dS K: (rows, D) over the tile's keys.
                     pack_rows(&ds, rows, cols, &mut dsa);
                     let dqt = &mut dqh[i0 * d..(i0 + rows) * d];
-                    product(
-                        (rows, d, cols.div_ceil(2)),
-                        &dsa,
-                        BC / 2 * MR,
-                        &kr[j0 / BC * dpanels * slot..],
-                        slot,
-                        dqt.as_mut_ptr(),
+                    let k_block = &kr[j0 / BC * dpanels * slot..];
+                    accumulate_over_rows(
+                        (rows, cols.div_ceil(2)),
+                        (&dsa, BC / 2 * MR),
+                        k_block,
                         d,
-                        true,
+                        dqt,
                     );
                 }
             }
