@@ -65,7 +65,7 @@ fn panels_over_d(x: &[f32], heads: usize, n: usize, d: usize, lanes: usize) -> P
         .for_each(|(i, panel)| {
             let (h, blk) = (i / blocks, i % blocks);
             let first = blk * lanes;
-            // SAFETY: the callers checked `available()` (AVX2, AVX-512F/BW, AVX512-BF16).
+            // SAFETY: the callers checked `available()`, which covers the packers' features.
             unsafe {
                 pack_lane_major(
                     panel,
@@ -237,7 +237,7 @@ unsafe fn pack_rows(s: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
 /// `pack_k_major` (eight lanes, pair by pair) made this the backward's largest cost.
 ///
 /// # Safety
-/// The CPU must have AVX-512F and BW (the callers run under `available()`).
+/// The CPU must have the features this is compiled with (`available()` checks them).
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 unsafe fn pack_columns(s: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
     const ZERO: [f32; BC] = [0.0; BC];
@@ -308,7 +308,7 @@ pub fn attention_forward_bf16(
         }
     }
     tasks.into_par_iter().for_each(|(bh, qb, ot, lt)| {
-        // SAFETY: `available()` said the CPU has AVX-512F/BW and AVX512-BF16.
+        // SAFETY: `available()` found every feature the task is compiled with.
         unsafe { forward_task(dims, scale as f32, &packed, (bh, qb), ot, lt) }
     });
     true
@@ -420,7 +420,7 @@ pub fn attention_backward_bf16(
         .enumerate()
         .collect();
     tasks.into_par_iter().for_each(|(bh, (dqg, (dkh, dvh)))| {
-        // SAFETY: `available()` said the CPU has AVX-512F/BW and AVX512-BF16.
+        // SAFETY: `available()` found every feature the task is compiled with.
         unsafe { kv_head_task(dims, scale as f32, &ops, bh, dqg, dkh, dvh) }
     });
     true

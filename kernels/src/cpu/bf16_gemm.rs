@@ -114,11 +114,17 @@ impl Bf16Source for f32 {
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        use std::arch::is_x86_feature_detected as has;
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // Every CPU with AVX512-BF16 has the rest; they are checked because the kernels
+        // (packing, the bf16 attention's tasks) are compiled with all of them enabled.
         *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512bf16")
+            has!("avx512bf16")
+                && has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vl")
+                && has!("avx2")
+                && has!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
