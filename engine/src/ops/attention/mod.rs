@@ -180,7 +180,26 @@ mod tests {
                     })
             })
             .boxed();
-        vec![Case::new("attention", &[Op::Attention], strategy)]
+        // The autocast entry point, through the same checks: in f64 (the gradient check) and
+        // on backends without bf16 products it is the same computation.
+        let autocast = (1usize..6, 1usize..3, 1usize..4)
+            .prop_flat_map(|(t, hkv, d)| {
+                (
+                    tensor(vec![1, 2 * hkv, t, d]),
+                    tensor(vec![1, hkv, t, d]),
+                    tensor(vec![1, hkv, t, d]),
+                )
+                    .prop_map(|(q, k, v)| {
+                        instance(vec![q, k, v], |x| {
+                            x[0].causal_attention_autocast(&x[1], &x[2], None)
+                        })
+                    })
+            })
+            .boxed();
+        vec![
+            Case::new("attention", &[Op::Attention], strategy),
+            Case::new("attention (autocast)", &[Op::Attention], autocast),
+        ]
     }
 
     #[test]
