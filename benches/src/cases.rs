@@ -625,9 +625,13 @@ fn attention_fwd_bwd(m: &Model, t: usize, autocast: bool) -> Case {
         // FlashAttention's convention: backward = 2.5x forward FLOPs.
         flops: 3.5 * 4.0 * causal_pairs(&dims) * m.head_dim as f64,
         bytes: 4.0 * 2.0 * (2 * m.heads + 2 * m.kv_heads) as f64 * (t * m.head_dim) as f64,
-        bound: Bound::Compute,
+        // Under autocast: rated against the bf16 peak, and validated at bf16's tolerance.
+        bound: if autocast {
+            Bound::ComputeBf16
+        } else {
+            Bound::Compute
+        },
         backend: "cpu",
-        // Rated against the bf16 peak, and validated at bf16's tolerance.
         dtype: if autocast { "bf16" } else { "f32" },
         body: Box::new(body),
     }
