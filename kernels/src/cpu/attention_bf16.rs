@@ -11,7 +11,8 @@
 //! Tiles are `BR = 64` query rows by `BC = 64` keys, the micro-kernel's 8 x 32 blocks inside.
 //! The forward runs a task per (batch, head, query block), as the f32 forward does; the
 //! backward a task per (batch, K/V head), which owns dK and dV of that head and dQ of its query
-//! heads (the f32 kernel's `PerKvHead` split), so no two tasks write the same row.
+//! heads (the f32 kernel's `PerKvHead` split), so no two tasks write the same row. With fewer
+//! such tasks than threads it declines, and the caller runs the f32 backward's finer split.
 //!
 //! Layouts, with `dp = ceil(D / 2)` pairs along the head dimension (u32 bf16 pairs, as
 //! `bf16_gemm` packs them):
@@ -383,7 +384,10 @@ unsafe fn forward_task(
 
 /// Backward under autocast: `dq`, `dk`, `dv` (overwritten) as `attention::attention_backward`
 /// writes them, the products in bf16 and the probabilities recomputed from `lse`. Returns
-/// false, writing nothing, when the CPU lacks AVX512-BF16.
+/// false, writing nothing, when the CPU lacks AVX512-BF16, or when there are fewer
+/// (batch, K/V head) tasks than threads (one sequence with few K/V heads on many cores): the
+/// f32 kernel's two-pass split then keeps every core busy, and it recomputes the
+/// probabilities from the same saved statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_bf16(
     dims: AttnDims,
@@ -394,12 +398,12 @@ pub fn attention_backward_bf16(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> bool {
-    if !available() {
+    let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
+    if !available() || bkv < rayon::current_num_threads() {
         return false;
     }
     dims.check();
     let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
-    let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
     // The softmax-backward correction, in f32.
     let delta = softmax_corrections(dout, o, d);
     let ops = BackwardOperands {
@@ -648,7 +652,12 @@ mod tests {
                     (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
                 let saved = (&o[..], &lse[..], &dout[..]);
                 if bf16 {
-                    assert!(attention_backward_bf16(
+                    // On one thread, so that every shape has enough (batch, K/V head) tasks.
+                    let one = rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .build()
+                        .unwrap();
+                    assert!(one.install(|| attention_backward_bf16(
                         dims,
                         scale,
                         (&q, &k, &v),
@@ -656,7 +665,7 @@ mod tests {
                         &mut dq,
                         &mut dk,
                         &mut dv
-                    ));
+                    )));
                 } else {
                     attention_backward(
                         dims,
@@ -684,5 +693,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// With fewer (batch, K/V head) tasks than threads the backward declines, writing
+    /// nothing, so the engine runs the f32 kernel's finer split.
+    #[test]
+    fn the_backward_declines_when_tasks_are_fewer_than_threads() {
+        if !available() {
+            return;
+        }
+        let dims = dims_of((1, 2, 1, 9, 9, 16));
+        let (nq, nk) = (2 * 9 * 16, 9 * 16);
+        let (q, k, v, dout) = (
+            data(nq, 0.0, 1.0),
+            data(nk, 1.0, 1.0),
+            data(nk, 2.0, 1.0),
+            data(nq, 3.0, 1.0),
+        );
+        let (mut o, mut lse) = (vec![0f32; nq], vec![0f32; 18]);
+        attention_forward(dims, Tiles::default(), 0.25, (&q, &k, &v), &mut o, &mut lse);
+        let (mut dq, mut dk, mut dv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+        let two = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let ran = two.install(|| {
+            attention_backward_bf16(
+                dims,
+                0.25,
+                (&q, &k, &v),
+                (&o, &lse, &dout),
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )
+        });
+        assert!(!ran);
+        assert!(dq.iter().chain(&dk).chain(&dv).all(|x| x.is_nan()));
     }
 }
