@@ -571,6 +571,66 @@ mod tests {
         }
     }
 
+    /// A shape's inputs (q, k, v, dO) and the forward's f32 output and row statistics.
+    struct Inputs {
+        dims: AttnDims,
+        scale: f64,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        dout: Vec<f32>,
+        o: Vec<f32>,
+        lse: Vec<f32>,
+    }
+
+    fn inputs(shape: (usize, usize, usize, usize, usize, usize)) -> Inputs {
+        let dims = dims_of(shape);
+        let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
+        let nq = dims.batch * dims.q_heads * t * d;
+        let nk = dims.batch * dims.kv_heads * s * d;
+        let (q, k, v) = (data(nq, 0.0, 1.5), data(nk, 1.0, 1.5), data(nk, 2.0, 1.0));
+        let scale = 1.0 / (d as f64).sqrt();
+        let (mut o, mut lse) = (vec![0f32; nq], vec![0f32; dims.batch * dims.q_heads * t]);
+        attention_forward(
+            dims,
+            Tiles::default(),
+            scale,
+            (&q, &k, &v),
+            &mut o,
+            &mut lse,
+        );
+        let dout = data(nq, 3.0, 1.0);
+        Inputs {
+            dims,
+            scale,
+            q,
+            k,
+            v,
+            dout,
+            o,
+            lse,
+        }
+    }
+
+    /// The bf16 backward of `x` into fresh NaN-filled gradients, and whether it ran.
+    fn bf16_backward(x: &Inputs) -> (bool, [Vec<f32>; 3]) {
+        let (mut dq, mut dk, mut dv) = (
+            vec![f32::NAN; x.q.len()],
+            vec![f32::NAN; x.k.len()],
+            vec![f32::NAN; x.v.len()],
+        );
+        let ran = attention_backward_bf16(
+            x.dims,
+            x.scale,
+            (&x.q, &x.k, &x.v),
+            (&x.o, &x.lse, &x.dout),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        (ran, [dq, dk, dv])
+    }
+
     /// The forward against the f64 reference: within what rounding q, k, v and P to bf16
     /// (8 significant bits) allows, about 1e-2 on outputs of size 1.
     #[test]
@@ -580,32 +640,19 @@ mod tests {
             return;
         }
         for shape in SHAPES {
-            let dims = dims_of(shape);
-            let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
-            let nq = dims.batch * dims.q_heads * t * d;
-            let nk = dims.batch * dims.kv_heads * s * d;
-            let (q, k, v) = (data(nq, 0.0, 1.5), data(nk, 1.0, 1.5), data(nk, 2.0, 1.0));
-            let scale = 1.0 / (d as f64).sqrt();
-            let rows = dims.batch * dims.q_heads * t;
-            let (mut o, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; rows]);
+            let x = inputs(shape);
+            let (mut o, mut lse) = (vec![f32::NAN; x.o.len()], vec![f32::NAN; x.lse.len()]);
+            let qkv = (&x.q[..], &x.k[..], &x.v[..]);
             assert!(attention_forward_bf16(
-                dims,
-                scale,
-                (&q, &k, &v),
-                &mut o,
-                &mut lse
+                x.dims, x.scale, qkv, &mut o, &mut lse
             ));
-            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-            let mut want = vec![0f64; nq];
-            attention_reference(dims, scale, (&wide(&q), &wide(&k), &wide(&v)), &mut want);
-            let (mut o32, mut lse32) = (vec![0f32; nq], vec![0f32; rows]);
-            attention_forward(
-                dims,
-                Tiles::default(),
-                scale,
-                (&q, &k, &v),
-                &mut o32,
-                &mut lse32,
+            let wide = |v: &[f32]| v.iter().map(|&e| e as f64).collect::<Vec<_>>();
+            let mut want = vec![0f64; x.o.len()];
+            attention_reference(
+                x.dims,
+                x.scale,
+                (&wide(&x.q), &wide(&x.k), &wide(&x.v)),
+                &mut want,
             );
             let worst = o
                 .iter()
@@ -615,7 +662,7 @@ mod tests {
             assert!(worst < 2e-2, "{shape:?}: output off by {worst}");
             let worst_lse = lse
                 .iter()
-                .zip(&lse32)
+                .zip(&x.lse)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(worst_lse < 2e-2, "{shape:?}: lse off by {worst_lse}");
@@ -629,55 +676,34 @@ mod tests {
         if !available() {
             return;
         }
+        // On one thread, so that every shape has enough (batch, K/V head) tasks.
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         for shape in SHAPES {
-            let dims = dims_of(shape);
-            let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
-            let nq = dims.batch * dims.q_heads * t * d;
-            let nk = dims.batch * dims.kv_heads * s * d;
-            let (q, k, v) = (data(nq, 0.0, 1.5), data(nk, 1.0, 1.5), data(nk, 2.0, 1.0));
-            let dout = data(nq, 3.0, 1.0);
-            let scale = 1.0 / (d as f64).sqrt();
-            let rows = dims.batch * dims.q_heads * t;
-            let (mut o, mut lse) = (vec![0f32; nq], vec![0f32; rows]);
-            attention_forward(
-                dims,
-                Tiles::default(),
-                scale,
-                (&q, &k, &v),
-                &mut o,
-                &mut lse,
-            );
+            let x = inputs(shape);
             let grads = |bf16: bool| {
-                let (mut dq, mut dk, mut dv) =
-                    (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
-                let saved = (&o[..], &lse[..], &dout[..]);
                 if bf16 {
-                    // On one thread, so that every shape has enough (batch, K/V head) tasks.
-                    let one = rayon::ThreadPoolBuilder::new()
-                        .num_threads(1)
-                        .build()
-                        .unwrap();
-                    assert!(one.install(|| attention_backward_bf16(
-                        dims,
-                        scale,
-                        (&q, &k, &v),
-                        saved,
-                        &mut dq,
-                        &mut dk,
-                        &mut dv
-                    )));
-                } else {
-                    attention_backward(
-                        dims,
-                        Tiles::default(),
-                        scale,
-                        (&q, &k, &v),
-                        saved,
-                        &mut dq,
-                        &mut dk,
-                        &mut dv,
-                    );
+                    let (ran, g) = one.install(|| bf16_backward(&x));
+                    assert!(ran, "{shape:?}");
+                    return g;
                 }
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; x.q.len()],
+                    vec![0f32; x.k.len()],
+                    vec![0f32; x.v.len()],
+                );
+                attention_backward(
+                    x.dims,
+                    Tiles::default(),
+                    x.scale,
+                    (&x.q, &x.k, &x.v),
+                    (&x.o, &x.lse, &x.dout),
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                );
                 [dq, dk, dv]
             };
             let (got, want) = (grads(true), grads(false));
@@ -702,32 +728,12 @@ mod tests {
         if !available() {
             return;
         }
-        let dims = dims_of((1, 2, 1, 9, 9, 16));
-        let (nq, nk) = (2 * 9 * 16, 9 * 16);
-        let (q, k, v, dout) = (
-            data(nq, 0.0, 1.0),
-            data(nk, 1.0, 1.0),
-            data(nk, 2.0, 1.0),
-            data(nq, 3.0, 1.0),
-        );
-        let (mut o, mut lse) = (vec![0f32; nq], vec![0f32; 18]);
-        attention_forward(dims, Tiles::default(), 0.25, (&q, &k, &v), &mut o, &mut lse);
-        let (mut dq, mut dk, mut dv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+        let x = inputs((1, 2, 1, 9, 9, 16));
         let two = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
             .unwrap();
-        let ran = two.install(|| {
-            attention_backward_bf16(
-                dims,
-                0.25,
-                (&q, &k, &v),
-                (&o, &lse, &dout),
-                &mut dq,
-                &mut dk,
-                &mut dv,
-            )
-        });
+        let (ran, [dq, dk, dv]) = two.install(|| bf16_backward(&x));
         assert!(!ran);
         assert!(dq.iter().chain(&dk).chain(&dv).all(|x| x.is_nan()));
     }
