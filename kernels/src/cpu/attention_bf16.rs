@@ -25,7 +25,9 @@
 //!   (`P V`, `P^T dO`, `dS^T Q`, `dS K`).
 
 use super::attention::{AttnDims, softmax_corrections};
-use super::bf16_gemm::{Bf16Source, MR, NR, available, pack_k_major, pack_lane_major, tile_kernel};
+use super::bf16_gemm::{
+    Bf16Source, KC, MR, NR, available, pack_k_major, pack_lane_major, tile_kernel,
+};
 use super::float::exp_f32;
 use super::{max_of, sum_of};
 use rayon::prelude::*;
@@ -34,6 +36,23 @@ use rayon::prelude::*;
 const BR: usize = 64;
 /// Keys per tile.
 const BC: usize = 64;
+// Blocks of 64 query rows packed "D over rows" (`d_over_rows`, by BC) are read per query
+// tile (by BR): the two must agree.
+const _: () = assert!(BR == BC);
+
+/// Whether the forward kernel takes these shapes here: the CPU has AVX512-BF16 and a head's
+/// pairs fit one packed k-block (D <= 2048; the f32 kernel has no such bound).
+pub fn forward_applies(dims: &AttnDims) -> bool {
+    available() && dims.head_dim.div_ceil(2) <= KC
+}
+
+/// Whether the backward kernel takes these shapes here: as the forward, and with at least as
+/// many (batch, K/V head) tasks as threads. With fewer (one sequence with few K/V heads on
+/// many cores) the f32 kernel's two-pass split keeps every core busy, recomputing the
+/// probabilities from the same saved statistics.
+pub fn backward_applies(dims: &AttnDims) -> bool {
+    forward_applies(dims) && dims.batch * dims.kv_heads >= rayon::current_num_threads()
+}
 
 /// One tensor packed for the products, `(heads, per_head)` u32 with the layout's geometry.
 struct Packed {
@@ -243,8 +262,9 @@ unsafe fn pack_rows(s: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
 unsafe fn pack_columns(s: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
     const ZERO: [f32; BC] = [0.0; BC];
     let stride = BR / 2 * MR;
-    // Columns in whole micro-panels; lanes past `cols` hold zeros (any value would do: their
-    // outputs are never stored).
+    // Columns in whole micro-panels: lanes past `cols` carry whatever the tile buffer holds
+    // there (values of earlier tiles); they are keys past the tile, whose outputs are never
+    // stored.
     let width = cols.next_multiple_of(MR);
     let mut pairs = [0u32; BC];
     for p in 0..rows.div_ceil(2) {
@@ -284,7 +304,7 @@ fn exp_scaled_sum(row: &mut [f32], scale: f32, shift: f32) -> f32 {
 }
 
 /// Forward under autocast: writes `o` and `lse` as `attention::attention_forward` does, the
-/// products in bf16. Returns false, writing nothing, when the CPU lacks AVX512-BF16.
+/// products in bf16. Returns false, writing nothing, where `forward_applies` is false.
 pub fn attention_forward_bf16(
     dims: AttnDims,
     scale: f64,
@@ -292,7 +312,7 @@ pub fn attention_forward_bf16(
     o: &mut [f32],
     lse: &mut [f32],
 ) -> bool {
-    if !available() {
+    if !forward_applies(&dims) {
         return false;
     }
     dims.check();
@@ -384,10 +404,7 @@ unsafe fn forward_task(
 
 /// Backward under autocast: `dq`, `dk`, `dv` (overwritten) as `attention::attention_backward`
 /// writes them, the products in bf16 and the probabilities recomputed from `lse`. Returns
-/// false, writing nothing, when the CPU lacks AVX512-BF16, or when there are fewer
-/// (batch, K/V head) tasks than threads (one sequence with few K/V heads on many cores): the
-/// f32 kernel's two-pass split then keeps every core busy, and it recomputes the
-/// probabilities from the same saved statistics.
+/// false, writing nothing, where `backward_applies` is false.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_bf16(
     dims: AttnDims,
@@ -398,10 +415,10 @@ pub fn attention_backward_bf16(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> bool {
-    let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
-    if !available() || bkv < rayon::current_num_threads() {
+    if !backward_applies(&dims) {
         return false;
     }
+    let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
     dims.check();
     let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
     // The softmax-backward correction, in f32.
@@ -719,6 +736,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A head too wide for one packed k-block is left to the f32 kernels, not refused.
+    #[test]
+    fn a_head_wider_than_a_k_block_is_declined() {
+        let dims = dims_of((1, 1, 1, 2, 2, 2 * KC + 2));
+        assert!(!forward_applies(&dims) && !backward_applies(&dims));
+        let n = 2 * (2 * KC + 2);
+        let x = vec![0.5f32; n];
+        let (mut o, mut lse) = (vec![f32::NAN; n], vec![f32::NAN; 2]);
+        assert!(!attention_forward_bf16(
+            dims,
+            0.1,
+            (&x, &x, &x),
+            &mut o,
+            &mut lse
+        ));
+        assert!(o.iter().chain(&lse).all(|v| v.is_nan()));
     }
 
     /// With fewer (batch, K/V head) tasks than threads the backward declines, writing

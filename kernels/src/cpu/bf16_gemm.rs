@@ -30,12 +30,13 @@ pub(crate) const NR: usize = 32;
 /// the task streams the matching slices of A. 1024 rather than 512 pairs: a k of 1536 (a
 /// Qwen2-1.5B up-projection's) is one pass instead of two, 83% -> 93% of the bf16 peak (Zen 5).
 const PANELS_PER_TASK: usize = 4;
-const KC: usize = 1024;
+pub(crate) const KC: usize = 1024;
 
 thread_local! {
     /// This thread's packed k-blocks of A (on the calling thread) and panels of B (on each
     /// task's thread), kept from call to call rather than allocated, zero-filled and freed
-    /// by every product.
+    /// by every product. Each keeps the size of the largest product its thread has run (A:
+    /// rows x 1024 pairs x 4 bytes, 4 MiB for 1024 rows; B: at most 512 KiB).
     static A_PACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
     static B_PACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }

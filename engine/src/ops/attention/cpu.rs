@@ -3,13 +3,15 @@ use crate::backend::Cpu;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_backward, attention_forward};
-use bft_kernels::cpu::attention_bf16::{attention_backward_bf16, attention_forward_bf16};
-use bft_kernels::cpu::bf16_gemm;
+use bft_kernels::cpu::attention_bf16::{
+    attention_backward_bf16, attention_forward_bf16, backward_applies, forward_applies,
+};
 
-/// Whether these f32 operands take the bf16 kernels: under autocast, on a CPU with
-/// AVX512-BF16. f64 (the gradient checks' exact reference) never does.
-fn takes_bf16(autocast: bool, dtype: DType) -> bool {
-    autocast && dtype == DType::F32 && bf16_gemm::available()
+/// Whether these operands take the bf16 kernels: f32 under autocast, where `applies` (the
+/// kernel's own test of the CPU and the shapes) says so. f64, the gradient checks' exact
+/// reference, never does.
+fn takes_bf16(autocast: bool, dtype: DType, applies: bool) -> bool {
+    autocast && dtype == DType::F32 && applies
 }
 
 impl AttentionKernel for Cpu {
@@ -22,7 +24,7 @@ impl AttentionKernel for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         let rows = dims.batch * dims.q_heads * dims.q_len;
         let n = "attention";
-        if takes_bf16(autocast, q.dtype()) && rows > 0 {
+        if takes_bf16(autocast, q.dtype(), forward_applies(&dims)) && rows > 0 {
             let (mut o, mut l) = (vec![0f32; q.numel()], vec![0f32; rows]);
             let qkv = (q.cpu::<f32>(n)?, k.cpu::<f32>(n)?, v.cpu::<f32>(n)?);
             if attention_forward_bf16(dims, scale, qkv, &mut o, &mut l) {
@@ -54,7 +56,8 @@ impl AttentionKernel for Cpu {
         autocast: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let n = "attention";
-        if takes_bf16(autocast, g.dtype()) && q.numel() > 0 {
+        // Decided before the outputs are allocated: a declined call would allocate twice.
+        if takes_bf16(autocast, g.dtype(), backward_applies(&dims)) && q.numel() > 0 {
             let mut dq = vec![0f32; q.numel()];
             let mut dk = vec![0f32; k.numel()];
             let mut dv = vec![0f32; v.numel()];
