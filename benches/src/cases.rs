@@ -146,10 +146,11 @@ pub fn all(quick: bool) -> Vec<Case> {
         ));
     }
     // The frozen-weight GEMMs of `--dtype bf16`: the forward x . W^T and the input gradient
-    // dY . W, bf16 x bf16 -> f32, where the CPU has AVX512-BF16; then as training runs them
-    // under autocast, with the f32 activation rounded in packing, including the fused LM
+    // dY . W, bf16 x bf16 -> f32, where the CPU has AVX512-BF16 (rated against the bf16 peak)
+    // or AVX2 + FMA (widened as packed, rated against the f32 peak); then as training runs
+    // them under autocast, with the f32 activation rounded in packing, including the fused LM
     // head's two products over one chunk of rows (the engine's 64 MiB of f32 logits).
-    if bft_kernels::cpu::bf16_gemm::available() {
+    if bft_kernels::cpu::bf16_gemm::supported() {
         for m in models {
             v.push(gemm_bf16(
                 &format!("gemm bf16 {} up_proj", m.name),
@@ -453,7 +454,11 @@ fn gemm_bf16(name: &str, m: usize, n: usize, k: usize, tb: bool, f32_a: bool) ->
         bytes: (if f32_a { 4.0 } else { 2.0 }) * (m * k) as f64
             + 2.0 * (k * n) as f64
             + 4.0 * (m * n) as f64,
-        bound: Bound::ComputeBf16,
+        bound: if bft_kernels::cpu::bf16_gemm::available() {
+            Bound::ComputeBf16
+        } else {
+            Bound::Compute
+        },
         backend: "cpu",
         dtype: "bf16",
         body: Box::new(body),

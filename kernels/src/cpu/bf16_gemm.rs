@@ -60,15 +60,21 @@ fn with_buffer<R>(
 }
 
 /// The output of one batch item, written by several tasks at disjoint tiles.
-struct SharedOut(*mut f32);
-// SAFETY: tasks write only the tiles of the panels they own (disjoint columns); the pointer
-// outlives the parallel loop, which joins before `matmul_bf16` returns.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: tasks write only the tiles they own (disjoint columns, or disjoint rows of them);
+// the pointer outlives the parallel loops that share it, which join before the kernels
+// (`packed_gemm` here and in `fma_gemm`) return.
 unsafe impl Sync for SharedOut {}
 
 /// An element the kernel packs: bf16 as stored, f32 rounded to bf16.
 pub trait Bf16Source: Copy + Send + Sync {
+    /// Whether the element is stored as bf16 bits.
+    const BF16: bool;
     /// The bf16 bits, in the low half.
     fn bf16_bits(self) -> u32;
+    /// The value as f32: a bf16 widened (exactly), an f32 rounded to bf16 first when `round`
+    /// and left as it is otherwise.
+    fn widened(self, round: bool) -> f32;
     /// `dst[i]` = the bf16 bits of `src[i]`: one contiguous pass the compiler vectorises.
     #[inline(always)]
     fn bits_into(src: &[Self], dst: &mut [u16]) {
@@ -84,6 +90,11 @@ pub trait Bf16Source: Copy + Send + Sync {
 }
 
 impl Bf16Source for bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn widened(self, _round: bool) -> f32 {
+        self.to_f32()
+    }
     #[inline(always)]
     fn bf16_bits(self) -> u32 {
         self.to_bits() as u32
@@ -95,6 +106,15 @@ impl Bf16Source for bf16 {
 }
 
 impl Bf16Source for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn widened(self, round: bool) -> f32 {
+        if round {
+            f32::from_bits(self.bf16_bits() << 16)
+        } else {
+            self
+        }
+    }
     /// Rounded to nearest, ties to even, from the f32 bits without a branch (a select for NaN,
     /// which stays a quiet NaN), so packing loops stay cheap: `half`'s conversion, branchy per
     /// element, cost a fifth of a 1024 x 576 x 576 product. The same bits as `half`'s.
@@ -134,9 +154,27 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether `matmul_bf16` runs on this CPU: the AVX512-BF16 kernel, or where the CPU lacks it,
+/// the AVX2 + FMA kernel of `fma_gemm` (the same rounded values, multiplied in f32 after being
+/// widened in its packing). Without either the caller widens whole operands itself.
+pub fn supported() -> bool {
+    available() || fma_available()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fma_available() -> bool {
+    super::fma_gemm::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_available() -> bool {
+    false
+}
+
 /// `c = op(a) . op(b)`, or `c += op(a) . op(b)` when `accumulate`, with the conventions of
 /// `matmul::matmul` (`c` contiguous `(batch, m, n)`). Returns false, writing nothing, when the
-/// CPU lacks AVX512-BF16: the caller then takes the f32 path. Panics if a buffer is too short.
+/// CPU has neither AVX512-BF16 nor AVX2 and FMA (`supported()`): the caller then takes the f32
+/// path. Panics if a buffer is too short.
 pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
     dims: GemmDims,
     a: Operand<'_, A>,
@@ -144,14 +182,43 @@ pub fn matmul_bf16<A: Bf16Source, B: Bf16Source>(
     c: &mut [f32],
     accumulate: bool,
 ) -> bool {
-    if !available() {
-        return false;
-    }
     // SAFETY: `c` is a live slice of f32, readable and writable over its length.
-    super::matmul::counted(dims, || unsafe {
-        packed_gemm(dims, a, b, None, c.as_mut_ptr(), c.len(), accumulate)
-    });
-    true
+    unsafe { either_kernel(dims, a, b, None, c.as_mut_ptr(), c.len(), accumulate) }
+}
+
+/// The AVX512-BF16 kernel where the CPU has it, else the AVX2 + FMA one, counted as one product
+/// over the joint inner dimension (with `extra`'s). False, writing nothing, without either.
+///
+/// # Safety
+/// As `packed_gemm`.
+unsafe fn either_kernel<A: Bf16Source, B: Bf16Source>(
+    dims: GemmDims,
+    a: Operand<'_, A>,
+    b: Operand<'_, B>,
+    extra: Option<Extra<'_>>,
+    c: *mut f32,
+    c_len: usize,
+    accumulate: bool,
+) -> bool {
+    let counted_dims = GemmDims {
+        k: dims.k + extra.map_or(0, |e| e.k),
+        ..dims
+    };
+    if available() {
+        // SAFETY: the caller's contract is `packed_gemm`'s.
+        super::matmul::counted(counted_dims, || unsafe {
+            packed_gemm(dims, a, b, extra, c, c_len, accumulate)
+        });
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::fma_gemm::available() {
+        // SAFETY: as above; the two kernels share their contract.
+        return super::matmul::counted(counted_dims, || unsafe {
+            super::fma_gemm::packed_gemm(dims, a, b, true, extra, c, c_len, accumulate)
+        });
+    }
+    false
 }
 
 /// A second product added to the first in f32 as the tiles are stored: `a (m, k) . b (n, k)^T`,
@@ -168,8 +235,8 @@ pub struct Extra<'a> {
 /// `c = op(a) . op(b)` (plus `extra`'s product) as `matmul_bf16` does without accumulating,
 /// into memory that need not be initialised (a `Vec`'s spare capacity): a fresh output is then
 /// not zero-filled first, which cost a pass over every frozen projection's output. Every one of
-/// the first `batch * m * n` elements is written. Returns false, writing nothing, when the CPU
-/// lacks AVX512-BF16. Panics if a buffer is too short, or if `extra` comes with a batch other
+/// the first `batch * m * n` elements is written. Returns false, writing nothing, without
+/// `supported()`. Panics if a buffer is too short, or if `extra` comes with a batch other
 /// than one or an inner dimension of 0.
 pub fn matmul_bf16_uninit<A: Bf16Source, B: Bf16Source>(
     dims: GemmDims,
@@ -178,20 +245,9 @@ pub fn matmul_bf16_uninit<A: Bf16Source, B: Bf16Source>(
     extra: Option<Extra<'_>>,
     c: &mut [std::mem::MaybeUninit<f32>],
 ) -> bool {
-    if !available() {
-        return false;
-    }
-    // Counted as one product over the joint inner dimension.
-    let counted_dims = GemmDims {
-        k: dims.k + extra.map_or(0, |e| e.k),
-        ..dims
-    };
-    // SAFETY: `c` is writable over its length, and without accumulation the kernel only
-    // writes it.
-    super::matmul::counted(counted_dims, || unsafe {
-        packed_gemm(dims, a, b, extra, c.as_mut_ptr().cast(), c.len(), false)
-    });
-    true
+    // SAFETY: `c` is writable over its length, and without accumulation the kernels only
+    // write it.
+    unsafe { either_kernel(dims, a, b, extra, c.as_mut_ptr().cast(), c.len(), false) }
 }
 
 /// `c = op(a) . op(b)` for an activation `a` of type `Self` and a weight `b` stored as `W`: the
@@ -446,7 +502,7 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
 /// `ceil(tasks / threads) * per_task` panels; the smallest such load wins, the larger count on
 /// ties. A 576-column product has 18 panels: in 9 tasks of 2, one of 2 threads does 10 panels
 /// while the other does 8 (a tenth of the product lost); in 6 tasks of 3 both do 9.
-fn panels_per_task(nb: usize, threads: usize) -> usize {
+pub(crate) fn panels_per_task(nb: usize, threads: usize) -> usize {
     let load = |per: usize| nb.div_ceil(per).div_ceil(threads.max(1)) * per;
     (1..=PANELS_PER_TASK)
         .rev()
@@ -806,8 +862,8 @@ mod tests {
     /// accumulation of k exact products, 2e-6 * sqrt(k) relative to the sum of |products|.
     #[test]
     fn matches_the_f64_reference_on_every_edge() {
-        if !available() {
-            eprintln!("AVX512-BF16 not on this CPU: the kernel declines (tested below)");
+        if !supported() {
+            eprintln!("neither AVX512-BF16 nor AVX2 + FMA on this CPU: the kernel declines");
             let z = [bf16::ZERO; 4];
             let op = Operand {
                 data: &z[..],
@@ -891,7 +947,7 @@ mod tests {
     /// included.
     #[test]
     fn the_uninitialised_output_is_written_whole() {
-        if !available() {
+        if !supported() {
             return;
         }
         for (batch, m, n, k) in [(2, 9, 70, 129), (1, 17, 33, 0)] {
@@ -922,7 +978,7 @@ mod tests {
     /// values, gives the same bits as on fresh buffers (computed first, on another thread).
     #[test]
     fn kept_packing_buffers_leave_no_trace() {
-        if !available() {
+        if !supported() {
             return;
         }
         let (m, n, k) = (5, 37, 13);
@@ -980,7 +1036,7 @@ mod tests {
     /// several k-blocks, an f32 or bf16 activation; against the f64 sum of both products.
     #[test]
     fn an_extra_product_is_added_once() {
-        if !available() {
+        if !supported() {
             return;
         }
         for (m, n, k, k2) in [
@@ -1062,8 +1118,8 @@ mod tests {
     /// the pre-rounded bf16 operand, on either side and in either orientation.
     #[test]
     fn an_f32_operand_is_rounded_once_in_packing() {
-        if !available() {
-            eprintln!("AVX512-BF16 not on this CPU: nothing to compare");
+        if !supported() {
+            eprintln!("neither AVX512-BF16 nor AVX2 + FMA on this CPU: nothing to compare");
             return;
         }
         let (m, n, k) = (19, 45, 67);

@@ -31,6 +31,8 @@ pub mod bf16_gemm;
 pub mod binary;
 pub mod cast;
 pub mod embedding;
+#[cfg(target_arch = "x86_64")]
+pub mod fma_gemm;
 pub mod layernorm;
 pub mod layout;
 pub mod lm_head;
@@ -74,9 +76,12 @@ pub fn cpu_model() -> String {
 pub fn kernels_picked() -> String {
     let bf16 = if bf16_gemm::available() {
         "hand-written AVX512-BF16 (vdpbf16ps)"
+    } else if bf16_gemm::supported() {
+        "hand-written AVX2+FMA (no AVX512-BF16 here: bf16 widened to f32 as it is packed, the \
+         activation rounded to bf16 first)"
     } else {
-        "unavailable on this CPU (no AVX512-BF16): products with a bf16 weight widen both \
-         operands to f32, the activation rounded to bf16 first"
+        "unavailable on this CPU (neither AVX512-BF16 nor AVX2+FMA): products with a bf16 \
+         weight widen both operands to f32, the activation rounded to bf16 first"
     };
     format!(
         "f32 GEMM `gemm` crate ({}); bf16 GEMM {bf16}; elementwise and row kernels {}",

@@ -7,12 +7,13 @@ use bft_kernels::cpu::embedding::{gather, scatter_add};
 use bft_kernels::cpu::lm_head::{chunk_rows, lm_head_backward_head, lm_head_forward};
 
 impl LmHeadKernel for Cpu {
-    /// f32 hidden states read a frozen bf16 head as stored where the CPU has AVX512-BF16.
+    /// f32 hidden states read a frozen bf16 head as stored where a bf16 kernel runs
+    /// (AVX512-BF16, or AVX2 + FMA widening the head as it packs it).
     fn reads_bf16_head(&self, x: &Tensor, head: &Tensor) -> bool {
         x.dtype() == DType::F32
             && head.dtype() == DType::BF16
             && !head.is_tracked()
-            && bft_kernels::cpu::bf16_gemm::available()
+            && bft_kernels::cpu::bf16_gemm::supported()
     }
 
     fn head_forward(

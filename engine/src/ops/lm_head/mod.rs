@@ -334,7 +334,7 @@ mod tests {
         vec![Case::new("lm_head_nll", &[Op::LmHeadNll], strategy)]
     }
 
-    /// Autocast: f32 hidden states with a frozen bf16 head on the CPU. With AVX512-BF16 the
+    /// Autocast: f32 hidden states with a frozen bf16 head on the CPU. With a bf16 kernel the
     /// loss and log-probs are the f64 ones of the bf16-rounded hidden states (the logits
     /// accumulate in f32); elsewhere the head is widened once and the hidden states are read
     /// as they are. The hidden states' gradient is f32, within bf16 rounding of the
@@ -357,7 +357,7 @@ mod tests {
         };
         let (loss, logprobs, dx) = run(&x, &head);
         assert_eq!((loss.dtype(), dx.dtype()), (DType::F32, DType::F32));
-        let read = if bft_kernels::cpu::bf16_gemm::available() {
+        let read = if bft_kernels::cpu::bf16_gemm::supported() {
             x.to_dtype(DType::BF16).unwrap()
         } else {
             x.clone()

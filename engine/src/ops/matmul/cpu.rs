@@ -20,8 +20,9 @@ impl MatMulKernel for Cpu {
         })
     }
 
-    /// The AVX512-BF16 kernel where the CPU has it; otherwise the operands are widened (an f32
-    /// one after rounding to the 16-bit type) and multiplied in f32.
+    /// The AVX512-BF16 kernel where the CPU has it, else the AVX2 + FMA one (which widens bf16
+    /// as it packs); on CPUs with neither, the operands are widened (an f32 one after rounding
+    /// to the 16-bit type) and multiplied in f32.
     fn matmul_mixed(&self, a: &Tensor, b: &Tensor, g: &Gemm, out: DType) -> Result<Tensor> {
         match bf16_product(a, b, g, None)? {
             Some(p) if out == DType::F32 => Ok(p),
@@ -31,7 +32,7 @@ impl MatMulKernel for Cpu {
     }
 
     /// The bf16 kernel with the f32 `u . b^T` added as each tile is stored, for an f32 `a`
-    /// beside a bf16 `w` on a CPU with AVX512-BF16.
+    /// beside a bf16 `w` on a CPU with AVX512-BF16 or AVX2 + FMA.
     fn matmul_plus(
         &self,
         a: &Tensor,
@@ -118,8 +119,9 @@ fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
     Ok(())
 }
 
-/// `op(a) . op(b)` in f32 through the AVX512-BF16 kernel, when one operand is bf16 and the
-/// other bf16 or f32 (rounded to bf16 as it is packed) and the CPU has the instructions.
+/// `op(a) . op(b)` in f32 through the AVX512-BF16 kernel (or the AVX2 + FMA one where the CPU
+/// lacks it), when one operand is bf16 and the other bf16 or f32 (rounded to bf16 as it is
+/// packed) and the CPU has either's instructions.
 /// Products of bf16 values are exact in f32, so this is the widened product of the rounded
 /// values up to summation order. With `extra` (a batch of one) its f32 product is added as
 /// the tiles are stored. `None` sends the caller to the widening path.
@@ -129,11 +131,11 @@ fn bf16_product(
     g: &Gemm,
     extra: Option<bft_kernels::cpu::bf16_gemm::Extra<'_>>,
 ) -> Result<Option<Tensor>> {
-    use bft_kernels::cpu::bf16_gemm::{Bf16Source, Extra, available, matmul_bf16_uninit};
+    use bft_kernels::cpu::bf16_gemm::{Bf16Source, Extra, matmul_bf16_uninit, supported};
     use half::bf16;
     use std::mem::MaybeUninit;
     let fits = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F32);
-    if !(fits(a) && fits(b) && available()) {
+    if !(fits(a) && fits(b) && supported()) {
         return Ok(None);
     }
     let GemmDims { batch, m, n, .. } = g.dims;

@@ -510,7 +510,7 @@ mod tests {
     }
 
     /// The one-pass `linear_plus` of an f32 activation and a frozen bf16 weight (the bf16
-    /// kernel with the LoRA product added in its tiles, where the CPU has AVX512-BF16) gives
+    /// kernel with the LoRA product added in its tiles, where the CPU has AVX512-BF16 or AVX2) gives
     /// the two products' values up to summation order, and the same gradients.
     #[test]
     fn linear_plus_equals_the_two_products() {
@@ -550,8 +550,8 @@ mod tests {
 
     /// All-bf16 products (the forward x . W^T and the input gradient dY . W of a frozen bf16
     /// weight, batched and transposed operands too) give the widened f32 GEMM's values up to
-    /// the one bf16 rounding both end in: on an AVX512-BF16 CPU they run the bf16 kernel,
-    /// elsewhere the widening path, and the two must agree.
+    /// the one bf16 rounding both end in: on an AVX512-BF16 or AVX2 CPU they run a bf16
+    /// kernel, elsewhere the widening path, and the two must agree.
     #[test]
     fn all_bf16_products_equal_the_widened_product() {
         use crate::{DType, Device, Tape, Tensor};
@@ -655,7 +655,7 @@ mod tests {
             }
         };
         close(&z.to_f64_vec().unwrap(), &z_ref);
-        // The path of CPUs without AVX512-BF16 reads the same values.
+        // The path of CPUs without the bf16 kernels reads the same values.
         let fallback = super::autocast_operand(&x32, DType::BF16)
             .unwrap()
             .matmul_t(
