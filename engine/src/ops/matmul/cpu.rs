@@ -32,7 +32,8 @@ impl MatMulKernel for Cpu {
     }
 
     /// The bf16 kernel with the f32 `u . b^T` added as each tile is stored, for an f32 `a`
-    /// beside a bf16 `w` on a CPU with AVX512-BF16 or AVX2 + FMA.
+    /// beside a bf16 `w` on a CPU with AVX512-BF16 or AVX2 + FMA; for an f32 `w`, the same in
+    /// f32 where the hand-written AVX2 kernel is the f32 GEMM (`prefers_fma_kernel`).
     fn matmul_plus(
         &self,
         a: &Tensor,
@@ -41,7 +42,7 @@ impl MatMulKernel for Cpu {
         g: &Gemm,
     ) -> Result<Option<Tensor>> {
         let f32s = [a, u, b].iter().all(|t| t.dtype() == DType::F32);
-        if !(f32s && w.dtype() == DType::BF16 && g.dims.k > 0) {
+        if !(f32s && g.dims.k > 0) {
             return Ok(None);
         }
         let n = "linear_plus";
@@ -50,7 +51,39 @@ impl MatMulKernel for Cpu {
             b: b.cpu::<f32>(n)?,
             k: u.dims()[1],
         };
-        bf16_product(a, w, g, Some(extra))
+        match w.dtype() {
+            DType::BF16 => bf16_product(a, w, g, Some(extra)),
+            DType::F32 => {
+                let GemmDims {
+                    batch,
+                    m,
+                    n: cols,
+                    k,
+                } = g.dims;
+                let (a, w) = (
+                    Operand {
+                        data: a.cpu::<f32>(n)?,
+                        trans: g.ta,
+                        batch_stride: m * k,
+                    },
+                    Operand {
+                        data: w.cpu::<f32>(n)?,
+                        trans: g.tb,
+                        batch_stride: k * cols,
+                    },
+                );
+                // Not zero-filled: the kernel writes every element.
+                let mut c: Vec<f32> = Vec::with_capacity(batch * m * cols);
+                let out = &mut c.spare_capacity_mut()[..batch * m * cols];
+                if !bft_kernels::cpu::matmul::matmul_plus_f32(g.dims, a, w, extra, out) {
+                    return Ok(None);
+                }
+                // SAFETY: the kernel ran and wrote all batch * m * cols elements.
+                unsafe { c.set_len(batch * m * cols) };
+                Ok(Some(Tensor::from_cpu(c, g.out_dims.clone())))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The one-pass kernel (`cpu::thin`) for f32 or f64 operands of one type and a rank of at
