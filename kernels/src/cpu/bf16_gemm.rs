@@ -45,14 +45,14 @@ thread_local! {
 /// hold whatever an earlier call left: every caller writes all it reads. Taken out of the slot
 /// for the call, so a nested call on the same thread (rayon may run another product's task
 /// while this one waits) gets a buffer of its own rather than a panic.
-fn with_buffer<R>(
-    slot: &'static LocalKey<Cell<Vec<u32>>>,
+pub(crate) fn with_buffer<T: Copy + Default, R>(
+    slot: &'static LocalKey<Cell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [u32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     let mut buf = slot.take();
     if buf.len() < len {
-        buf.resize(len, 0);
+        buf.resize(len, T::default());
     }
     let r = f(&mut buf[..len]);
     slot.set(buf);
@@ -276,7 +276,8 @@ impl<T: Float> WeightProduct<T> for T {
 
 impl WeightProduct<bf16> for f32 {
     /// Autocast: `a` is rounded to bf16 once and the product accumulates in f32, through the
-    /// AVX512-BF16 kernel or, on other CPUs, the f32 GEMM of the rounded, widened operands
+    /// AVX512-BF16 kernel, the AVX2 + FMA one (`supported()`) or, on other CPUs, the f32 GEMM of
+    /// the rounded, widened operands
     /// (the same values, summed in another order).
     fn weight_product(
         dims: GemmDims,
@@ -355,31 +356,12 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     c_len: usize,
     accumulate: bool,
 ) {
+    // SAFETY: the caller's contract is `prologue`'s.
+    if !unsafe { prologue(dims, &a, &b, extra, c, c_len, accumulate) } {
+        return;
+    }
     let GemmDims { batch, m, n, k } = dims;
-    assert!(
-        c_len >= batch * m * n,
-        "matmul_bf16: output buffer too short"
-    );
-    if batch == 0 || m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k);
-    assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
     let k2 = extra.map_or(0, |e| e.k);
-    if let Some(e) = extra {
-        assert!(
-            batch == 1 && k > 0,
-            "matmul_bf16: an extra product needs batch 1 and k > 0"
-        );
-        assert!(e.a.len() >= m * k2 && e.b.len() >= n * k2);
-    }
-    if k == 0 {
-        if !accumulate {
-            // SAFETY: the caller vouches for c_len >= batch * m * n writable elements.
-            unsafe { std::ptr::write_bytes(c, 0, batch * m * n) };
-        }
-        return;
-    }
     let kp = k.div_ceil(2);
     let (mb, nb) = (m.div_ceil(MR), n.div_ceil(NR));
     let per_task = panels_per_task(nb, rayon::current_num_threads());
@@ -388,19 +370,7 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     // B into a buffer of its own, so neither operand is ever packed whole (an LM head's B is
     // vocabulary-sized) and a task's panels go straight from memory into its cache.
     with_buffer(&A_PACK, mb * kc_max * MR, |apack| {
-        // The extra product's left operand, packed once as f32 micro-panels (mb, k2, MR); rows past
-        // m stay zero.
-        let mut a2pack = vec![0f32; mb * k2 * MR];
-        if let Some(e) = extra {
-            for (blk, panel) in a2pack.chunks_mut(k2 * MR).enumerate() {
-                for r in 0..MR.min(m - blk * MR) {
-                    let row = &e.a[(blk * MR + r) * k2..][..k2];
-                    for (p, &v) in row.iter().enumerate() {
-                        panel[p * MR + r] = v;
-                    }
-                }
-            }
-        }
+        let a2pack = extra_micro_panels(extra, m, MR);
         for i in 0..batch {
             let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
             // SAFETY: i * m * n < batch * m * n <= c_len, inside the caller's buffer.
@@ -495,6 +465,68 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
             }
         }
     })
+}
+
+/// What both packed kernels (this one and `fma_gemm`'s) check and settle before packing:
+/// buffer lengths (panicking if one is short), an `extra` only with a batch of one and k > 0,
+/// and the empty cases. Returns whether there is a product left to compute; for k = 0 it has
+/// written the zeros (unless accumulating).
+///
+/// # Safety
+/// `c` must be valid for writes of `c_len` f32.
+pub(crate) unsafe fn prologue<A, B>(
+    dims: GemmDims,
+    a: &Operand<'_, A>,
+    b: &Operand<'_, B>,
+    extra: Option<Extra<'_>>,
+    c: *mut f32,
+    c_len: usize,
+    accumulate: bool,
+) -> bool {
+    let GemmDims { batch, m, n, k } = dims;
+    assert!(
+        c_len >= batch * m * n,
+        "packed GEMM: output buffer too short"
+    );
+    if batch == 0 || m == 0 || n == 0 {
+        return false;
+    }
+    assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k);
+    assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
+    if let Some(e) = extra {
+        assert!(
+            batch == 1 && k > 0,
+            "packed GEMM: an extra product needs batch 1 and k > 0"
+        );
+        assert!(e.a.len() >= m * e.k && e.b.len() >= n * e.k);
+    }
+    if k == 0 {
+        if !accumulate {
+            // SAFETY: the caller vouches for c_len >= batch * m * n writable elements.
+            unsafe { std::ptr::write_bytes(c, 0, batch * m * n) };
+        }
+        return false;
+    }
+    true
+}
+
+/// The extra product's left operand `(m, k2)` as f32 micro-panels `(m / mr rounded up, k2,
+/// mr)`, packed once per call; rows past m are zero. Empty without `extra`.
+pub(crate) fn extra_micro_panels(extra: Option<Extra<'_>>, m: usize, mr: usize) -> Vec<f32> {
+    let Some(e) = extra else {
+        return Vec::new();
+    };
+    let k2 = e.k;
+    let mut packed = vec![0f32; m.div_ceil(mr) * k2 * mr];
+    for (blk, panel) in packed.chunks_mut(k2 * mr).enumerate() {
+        for r in 0..mr.min(m - blk * mr) {
+            let row = &e.a[(blk * mr + r) * k2..][..k2];
+            for (p, &v) in row.iter().enumerate() {
+                panel[p * mr + r] = v;
+            }
+        }
+    }
+    packed
 }
 
 /// How many of `nb` column panels one task takes: as many as PANELS_PER_TASK allows without

@@ -1,7 +1,9 @@
 //! Packed f32 GEMM on CPUs with AVX2 and FMA: what multiplies 16-bit weights where the CPU has
 //! no AVX512-BF16 (AMD Zen 2/3, Intel before Cooper Lake). There the weights were widened to
 //! f32 copies every product and handed to the `gemm` crate, together with a rounded copy of
-//! the activation; on a Zen 3 machine that made `--dtype bf16` 1.5x slower than f32.
+//! the activation; on a Zen 3 machine that made `--dtype bf16` 1.5x slower than f32. Where
+//! the CPU has AVX2 but no AVX-512 it is also the f32 GEMM of large products
+//! (`matmul::prefers_fma_kernel`).
 //!
 //! BLIS's layout: A in micro-panels of `MR` = 6 rows, B in panels of `NR` = 16 columns, both
 //! f32, k in blocks of at most `KC`; a 6 x 16 tile of C lives in 12 ymm registers, and per k
@@ -13,7 +15,10 @@
 //! that of the rounded values accumulated in f32: what the AVX512-BF16 kernel computes, in
 //! another summation order.
 
-use super::bf16_gemm::{Bf16Source as Source, Extra, SharedOut, panels_per_task};
+use super::bf16_gemm::{
+    Bf16Source as Source, Extra, SharedOut, extra_micro_panels, panels_per_task, prologue,
+    with_buffer,
+};
 use super::matmul::{GemmDims, Operand};
 use core::arch::x86_64::*;
 use rayon::prelude::*;
@@ -33,7 +38,7 @@ const MC_PANELS: usize = 24;
 
 /// A cache line of f32: packing buffers are made of these, so every panel starts 64-byte
 /// aligned and no vector load of B splits a line.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
@@ -46,26 +51,18 @@ thread_local! {
     static B_PACK: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
 
-/// Runs `f` on `len` f32 of this thread's buffer `slot`, grown as needed; what an earlier call
-/// left is still there (every caller writes all it reads). Taken out of the slot for the call,
-/// so a nested call on the same thread (rayon may run another product's task while this one
-/// waits) gets a buffer of its own.
-fn with_buffer<R>(
+/// Runs `f` on `len` f32 of this thread's buffer `slot` (`bf16_gemm::with_buffer`, in whole
+/// lines).
+fn with_floats<R>(
     slot: &'static LocalKey<Cell<Vec<Line>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
-    let mut buf = slot.take();
-    let lines = len.div_ceil(16);
-    if buf.len() < lines {
-        buf.resize(lines, Line([0.0; 16]));
-    }
-    // SAFETY: `Line` is 16 f32 with no padding (repr(C), size 64), so `lines` of them are
-    // `16 * lines >= len` initialised f32, borrowed mutably through `buf` for the call.
-    let floats = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<f32>(), len) };
-    let r = f(floats);
-    slot.set(buf);
-    r
+    with_buffer(slot, len.div_ceil(16), |lines| {
+        // SAFETY: `Line` is 16 f32 with no padding (repr(C), size 64), so the lines are at
+        // least `len` initialised f32, borrowed mutably for the call.
+        f(unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), len) })
+    })
 }
 
 /// Whether this CPU runs the kernel: AVX2 and FMA (checked once).
@@ -101,28 +98,12 @@ pub(crate) unsafe fn packed_gemm<A: Source, B: Source>(
     if !available() {
         return false;
     }
+    // SAFETY: the caller's contract is `prologue`'s.
+    if !unsafe { prologue(dims, &a, &b, extra, c, c_len, accumulate) } {
+        return true;
+    }
     let GemmDims { batch, m, n, k } = dims;
-    assert!(c_len >= batch * m * n, "fma_gemm: output buffer too short");
-    if batch == 0 || m == 0 || n == 0 {
-        return true;
-    }
-    assert!(a.data.len() >= (batch - 1) * a.batch_stride + m * k);
-    assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
     let k2 = extra.map_or(0, |e| e.k);
-    if let Some(e) = extra {
-        assert!(
-            batch == 1 && k > 0,
-            "fma_gemm: an extra product needs batch 1 and k > 0"
-        );
-        assert!(e.a.len() >= m * k2 && e.b.len() >= n * k2);
-    }
-    if k == 0 {
-        if !accumulate {
-            // SAFETY: the caller vouches for c_len >= batch * m * n writable elements.
-            unsafe { std::ptr::write_bytes(c, 0, batch * m * n) };
-        }
-        return true;
-    }
     let (mb, nb) = (m.div_ceil(MR), n.div_ceil(NR));
     let threads = rayon::current_num_threads();
     let per_task = panels_per_task(nb, threads);
@@ -133,19 +114,8 @@ pub(crate) unsafe fn packed_gemm<A: Source, B: Source>(
     let row_splits = threads.div_ceil(groups).min(row_blocks).max(1);
     let blocks_per_split = row_blocks.div_ceil(row_splits);
     let kc_max = k.div_ceil(k.div_ceil(KC));
-    with_buffer(&A_PACK, mb * kc_max * MR, |apack| {
-        // The extra product's left operand as f32 micro-panels (mb, k2, MR); rows past m zero.
-        let mut a2pack = vec![0f32; mb * k2 * MR];
-        if let Some(e) = extra {
-            for (blk, panel) in a2pack.chunks_mut(k2 * MR).enumerate() {
-                for r in 0..MR.min(m - blk * MR) {
-                    let row = &e.a[(blk * MR + r) * k2..][..k2];
-                    for (p, &v) in row.iter().enumerate() {
-                        panel[p * MR + r] = v;
-                    }
-                }
-            }
-        }
+    with_floats(&A_PACK, mb * kc_max * MR, |apack| {
+        let a2pack = extra_micro_panels(extra, m, MR);
         for i in 0..batch {
             let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
             // SAFETY: i * m * n < batch * m * n <= c_len, inside the caller's buffer.
@@ -176,7 +146,7 @@ pub(crate) unsafe fn packed_gemm<A: Source, B: Source>(
                     let panels = group * per_task..nb.min((group + 1) * per_task);
                     let rows = (split * blocks_per_split * MC_PANELS).min(mb)
                         ..((split + 1) * blocks_per_split * MC_PANELS).min(mb);
-                    with_buffer(&B_PACK, per_task * (kc_max + k2) * NR, |bpack| {
+                    with_floats(&B_PACK, per_task * (kc_max + k2) * NR, |bpack| {
                         let (bpack, b2pack) = bpack.split_at_mut(per_task * kc_max * NR);
                         for (slot, pj) in panels.clone().enumerate() {
                             let panel = &mut bpack[slot * kc * NR..(slot + 1) * kc * NR];

@@ -83,9 +83,14 @@ pub fn kernels_picked() -> String {
         "unavailable on this CPU (neither AVX512-BF16 nor AVX2+FMA): products with a bf16 \
          weight widen both operands to f32, the activation rounded to bf16 first"
     };
+    let f32 = if matmul::prefers_fma_kernel() {
+        "hand-written AVX2+FMA (6x16 tiles; the `gemm` crate for products narrower than 64)"
+            .to_string()
+    } else {
+        format!("`gemm` crate ({})", f32_isa())
+    };
     format!(
-        "f32 GEMM `gemm` crate ({}); bf16 GEMM {bf16}; elementwise and row kernels {}",
-        f32_isa(),
+        "f32 GEMM {f32}; bf16 GEMM {bf16}; elementwise and row kernels {}",
         simd_isa()
     )
 }
