@@ -862,6 +862,22 @@ pub(crate) unsafe fn tile_kernel(
     }
 }
 
+/// f32 bit patterns that probe a rounding to bf16: `spread` values scattered over all bits,
+/// then ties either way, just past ties, subnormals, the largest finite values (rounding to
+/// infinity), infinities and NaNs of both signs.
+#[cfg(test)]
+pub(crate) fn rounding_probes(spread: u32) -> Vec<u32> {
+    let mut bits: Vec<u32> = (0..spread).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+    for hi in [
+        0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x7f80, 0x7fc0, 0x8001, 0xff80,
+    ] {
+        for lo in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
+            bits.push(hi << 16 | lo);
+        }
+    }
+    bits
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1212,17 +1228,7 @@ mod tests {
     /// and NaNs of both signs.
     #[test]
     fn the_packing_rounds_f32_as_half_does() {
-        let mut bits: Vec<u32> = (0..1u32 << 20)
-            .map(|i| i.wrapping_mul(0x9E37_79B9))
-            .collect();
-        for hi in [
-            0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x7f80, 0x7fc0, 0x8001, 0xff80,
-        ] {
-            for lo in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
-                bits.push(hi << 16 | lo);
-            }
-        }
-        for b in bits {
+        for b in rounding_probes(1 << 20) {
             let x = f32::from_bits(b);
             assert_eq!(
                 x.bf16_bits(),

@@ -691,16 +691,7 @@ mod tests {
         if !available() {
             return;
         }
-        let mut bits: Vec<u32> = (0..1u32 << 16)
-            .map(|i| i.wrapping_mul(0x9E37_79B9))
-            .collect();
-        for hi in [
-            0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x7f80, 0x7fc0, 0x8001, 0xff80,
-        ] {
-            for lo in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
-                bits.push(hi << 16 | lo);
-            }
-        }
+        let mut bits = crate::cpu::bf16_gemm::rounding_probes(1 << 16);
         bits.resize(bits.len().next_multiple_of(8), 0);
         for chunk in bits.chunks_exact(8) {
             let x: Vec<f32> = chunk.iter().map(|&b| f32::from_bits(b)).collect();
