@@ -29,12 +29,15 @@ use std::thread::LocalKey;
 const MR: usize = 6;
 /// Columns of a micro-tile: two ymm vectors of 8 f32.
 const NR: usize = 16;
-/// k values per block: a panel of B (KC x NR f32, 16 KiB) stays in L1 while the micro-panels
-/// of a row block of A pass it.
-const KC: usize = 256;
-/// Micro-panels of A per row block: 24 x 6 rows x 256 k x 4 bytes = 144 KiB, which stays in L2
-/// (512 KiB on Zen 2/3) beside a task's panels of B while they take their turns in L1.
-const MC_PANELS: usize = 24;
+/// k values per block. Every block past the first reads and writes all of C again (megabytes:
+/// from L3 or memory), so fewer, longer blocks win even though a panel of B (768 x 16 f32,
+/// 48 KiB) then streams from L2 rather than staying in L1: measured on Zen 3, 768 against 256
+/// made the SmolLM2 products 3-12% faster (its 576-deep ones run in one block, the 1536-deep
+/// in two) and the LM head's 12%.
+const KC: usize = 768;
+/// Micro-panels of A per row block: 12 x 6 rows x 768 k x 4 bytes = 216 KiB, which stays in L2
+/// (512 KiB on Zen 2/3) beside the task's panel of B that its tiles pass.
+const MC_PANELS: usize = 12;
 
 /// A cache line of f32: packing buffers are made of these, so every panel starts 64-byte
 /// aligned and no vector load of B splits a line.
@@ -45,8 +48,8 @@ struct Line([f32; 16]);
 thread_local! {
     /// This thread's packed k-block of A (on the calling thread) and panels of B (on each
     /// task's thread), kept from call to call rather than allocated for every product. Each
-    /// keeps the size of the largest product its thread has run (A: rows x 256 x 4 bytes, 1 MiB
-    /// for 1024 rows; B: at most 64 KiB).
+    /// keeps the size of the largest product its thread has run (A: rows x 768 x 4 bytes, 3 MiB
+    /// for 1024 rows; B: at most 4 panels of (768 + rank) x 16 f32, about 200 KiB).
     static A_PACK: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
     static B_PACK: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
@@ -289,10 +292,14 @@ unsafe fn pack_lanes<S: Source>(
             let cols = transpose8(r);
             for (j, col) in cols.into_iter().enumerate() {
                 let o = (p + j) * lanes + g;
-                // SAFETY: `width` values from o lie inside the panel (p + j < len, g + width
-                // <= lanes).
+                // A six-lane row is stored eight wide where the two extra values land in the
+                // next row, which a later store (rows go in order) or the tail loop overwrites:
+                // masked stores made packing A a third slower on Zen 3. Only the panel's last
+                // row is masked.
+                // SAFETY: the first `width` values from o lie inside the panel (p + j < len,
+                // g + width <= lanes), and all eight where o + 8 <= len * lanes.
                 unsafe {
-                    if width == 8 {
+                    if width == 8 || o + 8 <= len * lanes {
                         _mm256_storeu_ps(panel.as_mut_ptr().add(o), col);
                     } else {
                         _mm256_maskstore_ps(panel.as_mut_ptr().add(o), mask, col);
