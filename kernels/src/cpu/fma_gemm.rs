@@ -26,9 +26,9 @@ use std::cell::Cell;
 use std::thread::LocalKey;
 
 /// Rows of a micro-tile.
-const MR: usize = 6;
+pub(super) const MR: usize = 6;
 /// Columns of a micro-tile: two ymm vectors of 8 f32.
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 /// k values per block. Every block past the first reads and writes all of C again (megabytes:
 /// from L3 or memory), so fewer, longer blocks win even though a panel of B (768 x 16 f32,
 /// 48 KiB) then streams from L2 rather than staying in L1: measured on Zen 3, 768 against 256
@@ -43,7 +43,7 @@ const MC_PANELS: usize = 12;
 /// aligned and no vector load of B splits a line.
 #[derive(Clone, Copy, Default)]
 #[repr(C, align(64))]
-struct Line([f32; 16]);
+pub(super) struct Line([f32; 16]);
 
 thread_local! {
     /// This thread's packed k-block of A (on the calling thread) and panels of B (on each
@@ -56,7 +56,7 @@ thread_local! {
 
 /// Runs `f` on `len` f32 of this thread's buffer `slot` (`bf16_gemm::with_buffer`, in whole
 /// lines).
-fn with_floats<R>(
+pub(super) fn with_floats<R>(
     slot: &'static LocalKey<Cell<Vec<Line>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
@@ -326,7 +326,7 @@ unsafe fn pack_lanes<S: Source>(
 /// The CPU must have AVX.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn lane_mask(width: usize) -> __m256i {
+pub(super) unsafe fn lane_mask(width: usize) -> __m256i {
     const ONES: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
     // SAFETY: 8 - min(width, 8) + 8 <= 16: the load stays inside ONES.
     unsafe { _mm256_loadu_si256(ONES.as_ptr().add(8 - width.min(8)).cast()) }
@@ -335,7 +335,7 @@ unsafe fn lane_mask(width: usize) -> __m256i {
 /// `out[j]` = lane j of every `r[i]`: an 8 x 8 transpose of f32.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+pub(super) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     // (r0[0], r1[0], r0[1], r1[1] | r0[4], r1[4], r0[5], r1[5]) and the high halves.
     let t: [__m256; 8] = std::array::from_fn(|i| {
         let (x, y) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);

@@ -282,6 +282,9 @@ pub fn gemm_tile<T: Float>(
         }
         return;
     }
+    if tile_f32((m, n, k), (a, ta), (b, tb), c, accumulate, beta) {
+        return;
+    }
     let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
     // SAFETY: the assert above guarantees the three buffers hold the m*k, k*n and m*n elements
@@ -308,6 +311,40 @@ pub fn gemm_tile<T: Float>(
             false,
             Parallelism::None,
         )
+    }
+}
+
+/// `gemm_tile` by `fma_tile` for f32 operands on a CPU that prefers the hand-written kernels
+/// (`prefers_fma_kernel`); false (nothing written) otherwise.
+fn tile_f32<T: Float>(
+    dims: (usize, usize, usize),
+    (a, ta): (&[T], bool),
+    (b, tb): (&[T], bool),
+    c: &mut [T],
+    accumulate: bool,
+    beta: T,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::any::TypeId;
+        if TypeId::of::<T>() != TypeId::of::<f32>() || !prefers_fma_kernel() {
+            return false;
+        }
+        // SAFETY: T is f32 (the same TypeId): the slices are read and written as what they are.
+        let (a, b, c, beta) = unsafe {
+            (
+                std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len()),
+                std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), b.len()),
+                std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()),
+                beta.to_f64() as f32,
+            )
+        };
+        super::fma_tile::tile_product(dims, a, ta, b, tb, c, accumulate, beta)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dims, a, ta, b, tb, c, accumulate, beta);
+        false
     }
 }
 

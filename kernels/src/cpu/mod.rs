@@ -33,6 +33,8 @@ pub mod cast;
 pub mod embedding;
 #[cfg(target_arch = "x86_64")]
 pub mod fma_gemm;
+#[cfg(target_arch = "x86_64")]
+mod fma_tile;
 pub mod layernorm;
 pub mod layout;
 pub mod lm_head;
@@ -84,7 +86,8 @@ pub fn kernels_picked() -> String {
          weight widen both operands to f32, the activation rounded to bf16 first"
     };
     let f32 = if matmul::prefers_fma_kernel() {
-        "hand-written AVX2+FMA (6x16 tiles; the `gemm` crate for products narrower than 64)"
+        "hand-written AVX2+FMA (6x16 tiles, attention's tiles too; the `gemm` crate for other \
+         products narrower than 64)"
             .to_string()
     } else {
         format!("`gemm` crate ({})", f32_isa())
