@@ -87,7 +87,7 @@ pub fn kernels_picked() -> String {
     };
     let f32 = if matmul::prefers_fma_kernel() {
         "hand-written AVX2+FMA (6x16 tiles, attention's tiles too; the `gemm` crate for other \
-         products narrower than 64)"
+         products with n or k under 64 or m under 16)"
             .to_string()
     } else {
         format!("`gemm` crate ({})", f32_isa())
