@@ -113,6 +113,13 @@ fn grads<T: Float>(
         .for_each(|(band, out)| add_partials(&partials, band * BAND, (r, rp), out));
 }
 
+/// Whether the one pass is the faster way on this CPU. Not where `matmul::prefers_fma_kernel()`
+/// (AVX2 without AVX-512): on a Zen 3 EPYC `bft-bench`'s `lora grads` rows measured it 8-23%
+/// slower than the two products, even at `ROWS_AVX2` rows a step.
+pub fn preferred() -> bool {
+    !super::matmul::prefers_fma_kernel()
+}
+
 /// Whether 16 f32 fit one vector register (AVX-512F, checked once).
 fn wide_vectors() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -87,7 +87,7 @@ impl MatMulKernel for Cpu {
     }
 
     /// The one-pass kernel (`cpu::thin`) for f32 or f64 operands of one type and a rank of at
-    /// most `MAX_THIN`.
+    /// most `MAX_THIN`, on CPUs where it beats the two products (`thin::preferred`).
     fn thin_grads(&self, g: &Tensor, a: &Tensor, b: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
         let (&[m, r], &[n, rb], &[gm, gn]) = (a.dims(), b.dims(), g.dims()) else {
             return Ok(None);
@@ -95,7 +95,8 @@ impl MatMulKernel for Cpu {
         let floats = matches!(g.dtype(), DType::F32 | DType::F64)
             && a.dtype() == g.dtype()
             && b.dtype() == g.dtype();
-        if !(floats && rb == r && (gm, gn) == (m, n) && (1..=MAX_THIN).contains(&r)) {
+        let fits = floats && rb == r && (gm, gn) == (m, n) && (1..=MAX_THIN).contains(&r);
+        if !(fits && bft_kernels::cpu::thin::preferred()) {
             return Ok(None);
         }
         float_dispatch!("matmul", g.dtype(), |T| {
