@@ -36,14 +36,15 @@ for r in $(seq "$REPEATS"); do
         echo "== pair $r.$swap: HF on CPU $hf_cpu, bft on CPU $bft_cpu" >&2
         OMP_NUM_THREADS=1 taskset -c "$hf_cpu" "$py" benches/train_throughput/hf_train.py \
             --model "$work/hf" --data "$work/data.jsonl" --steps 6 --threads 1 --autocast none \
-            > "$out/hf.json" &
+            > "$out/hf.json" 2> "$out/hf.log" &
         hf_pid=$!
         # Eight steps: about as long as PyTorch's six, so neither side runs alone for long.
         RAYON_NUM_THREADS=1 taskset -c "$bft_cpu" "$bft" train --model "$work/hf" \
             --data "$work/data.jsonl" --output "$out/bft" --max-steps 8 --batch-size 4 \
             --cutoff-len 256 --lora-rank 16 --lora-alpha 32 --lora-targets all --loss sft \
-            --warmup-ratio 0 --dtype "$DTYPE" > /dev/null
-        wait "$hf_pid"
+            --warmup-ratio 0 --dtype "$DTYPE" > /dev/null 2> "$out/bft.log" \
+            || { cat "$out/bft.log" >&2; exit 1; }
+        wait "$hf_pid" || { cat "$out/hf.log" >&2; exit 1; }
         python3 - "$out/hf.json" "$out/bft/metrics.jsonl" "$hf_cpu" "$bft_cpu" >> "$out/pairs" <<'PY'
 import json, statistics, sys
 hf = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["tokens_per_s"]
