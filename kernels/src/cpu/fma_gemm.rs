@@ -440,12 +440,38 @@ unsafe fn tile_kernel(
         // SAFETY: as above, for k2 rows; b2 is a 64-byte aligned slice of panels too.
         unsafe { steps(&mut acc, a2.as_ptr(), b2.as_ptr(), k2) };
     }
+    // SAFETY: the caller's contract on `c` is `store_tile`'s.
+    unsafe { store_tile(&acc, c, ldc, (rows, cols), accumulate, 1.0) };
+}
+
+/// Writes the first `rows x cols` of a tile's accumulators at `c` (rows `ldc` apart), times
+/// `scale`, added to what is there when `accumulate`; lanes past `cols` are left alone.
+///
+/// # Safety
+/// The CPU must have AVX2; `c` points at `(rows - 1) * ldc + cols` writable elements (readable
+/// too when `accumulate`) no other thread touches.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn store_tile(
+    acc: &[[__m256; 2]; MR],
+    c: *mut f32,
+    ldc: usize,
+    (rows, cols): (usize, usize),
+    accumulate: bool,
+    scale: f32,
+) {
+    let factor = _mm256_set1_ps(scale);
     for (r, acc_r) in acc.iter().enumerate().take(rows) {
         for (h, &v) in acc_r.iter().enumerate() {
             let lanes = cols.saturating_sub(h * 8).min(8);
             if lanes == 0 {
                 continue;
             }
+            let v = if scale == 1.0 {
+                v
+            } else {
+                _mm256_mul_ps(v, factor)
+            };
             // SAFETY: the loads and stores touch only the first `lanes` elements from
             // r * ldc + h * 8, inside the tile (r < rows, h * 8 + lanes <= cols).
             unsafe {

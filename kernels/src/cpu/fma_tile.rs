@@ -9,7 +9,7 @@
 //! `Q.K^T`: one 8 x 8 register transpose per 64 values). The 6 x 16 tile of C lives in 12 ymm
 //! registers, as in `fma_gemm`.
 
-use super::fma_gemm::{MR, NR, available, lane_mask, transpose8, with_floats};
+use super::fma_gemm::{MR, NR, available, store_tile, transpose8, with_floats};
 use core::arch::x86_64::*;
 use std::cell::Cell;
 
@@ -135,7 +135,6 @@ unsafe fn tiles<const TA: bool>(
     beta: f32,
 ) {
     let (a, b, c) = (a.as_ptr(), rows.as_ptr(), c.as_mut_ptr());
-    let scale = _mm256_set1_ps(beta);
     for r0 in (0..m).step_by(MR) {
         let live = MR.min(m - r0);
         // Where row r's k values start (rows past m repeat the last one; they are not
@@ -160,30 +159,12 @@ unsafe fn tiles<const TA: bool>(
                     }
                 }
             }
-            let cols = NR.min(n - j0);
-            for (r, acc_r) in acc.iter().enumerate().take(live) {
-                for (h, &v) in acc_r.iter().enumerate() {
-                    let lanes = cols.saturating_sub(h * 8).min(8);
-                    if lanes == 0 {
-                        continue;
-                    }
-                    // SAFETY: the first `lanes` values from (r0 + r) * n + j0 + h * 8 lie in
-                    // row r0 + r < m of c, before column n.
-                    unsafe {
-                        let dst = c.add((r0 + r) * n + j0 + h * 8);
-                        let mask = lane_mask(lanes);
-                        let mut v = _mm256_mul_ps(v, scale);
-                        if accumulate {
-                            v = _mm256_add_ps(v, _mm256_maskload_ps(dst, mask));
-                        }
-                        if lanes == 8 {
-                            _mm256_storeu_ps(dst, v);
-                        } else {
-                            _mm256_maskstore_ps(dst, mask, v);
-                        }
-                    }
-                }
-            }
+            // SAFETY: the tile at row r0, column j0 (live x min(16, n - j0)) lies inside c
+            // (m x n, row stride n), which this call alone writes.
+            unsafe {
+                let tile = c.add(r0 * n + j0);
+                store_tile(&acc, tile, n, (live, NR.min(n - j0)), accumulate, beta)
+            };
         }
     }
 }
