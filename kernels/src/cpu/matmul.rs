@@ -171,6 +171,24 @@ fn fma_shape(dims: GemmDims) -> bool {
     dims.m >= 16 && dims.n >= 64 && dims.k >= 64
 }
 
+/// `s` as what it is when `T` is f32; None for other types.
+#[cfg(target_arch = "x86_64")]
+fn f32s<T: Float>(s: &[T]) -> Option<&[f32]> {
+    use std::any::TypeId;
+    // SAFETY: T is f32 (the same TypeId): the slice is read as what it is.
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) })
+}
+
+/// `f32s` for a slice written too.
+#[cfg(target_arch = "x86_64")]
+fn f32s_mut<T: Float>(s: &mut [T]) -> Option<&mut [f32]> {
+    use std::any::TypeId;
+    // SAFETY: T is f32 (the same TypeId): the slice is read and written as what it is.
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) })
+}
+
 /// `matmul` through `fma_gemm` for f32 operands of a large enough product on a CPU that
 /// prefers it; false (nothing written) otherwise.
 fn fma_f32<T: Float>(
@@ -182,27 +200,26 @@ fn fma_f32<T: Float>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::any::TypeId;
-        if TypeId::of::<T>() != TypeId::of::<f32>() || !fma_shape(dims) || !prefers_fma_kernel() {
+        let (Some(ad), Some(bd), Some(c)) = (f32s(a.data), f32s(b.data), f32s_mut(c)) else {
+            return false;
+        };
+        if !fma_shape(dims) || !prefers_fma_kernel() {
             return false;
         }
-        let f32s = |o: Operand<'_, T>| Operand {
-            // SAFETY: T is f32 (the same TypeId), so this reads the slice as what it is.
-            data: unsafe {
-                std::slice::from_raw_parts(o.data.as_ptr().cast::<f32>(), o.data.len())
-            },
+        let op = |o: Operand<'_, T>, data| Operand {
+            data,
             trans: o.trans,
             batch_stride: o.batch_stride,
         };
-        // SAFETY: `c` is a live slice of T = f32, readable and writable over its length.
+        // SAFETY: `c` is a live f32 slice, readable and writable over its length.
         unsafe {
             super::fma_gemm::packed_gemm(
                 dims,
-                f32s(a),
-                f32s(b),
+                op(a, ad),
+                op(b, bd),
                 false,
                 None,
-                c.as_mut_ptr().cast(),
+                c.as_mut_ptr(),
                 c.len(),
                 accumulate,
             )
@@ -328,20 +345,12 @@ fn tile_f32<T: Float>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::any::TypeId;
-        if TypeId::of::<T>() != TypeId::of::<f32>() || !prefers_fma_kernel() {
+        let (Some(a), Some(b), Some(c)) = (f32s(a), f32s(b), f32s_mut(c)) else {
             return false;
-        }
-        // SAFETY: T is f32 (the same TypeId): the slices are read and written as what they are.
-        let (a, b, c, beta) = unsafe {
-            (
-                std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len()),
-                std::slice::from_raw_parts(b.as_ptr().cast::<f32>(), b.len()),
-                std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()),
-                beta.to_f64() as f32,
-            )
         };
-        super::fma_tile::tile_product(dims, a, ta, b, tb, c, accumulate, beta)
+        let beta = beta.to_f64() as f32;
+        prefers_fma_kernel()
+            && super::fma_tile::tile_product(dims, a, ta, b, tb, c, accumulate, beta)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

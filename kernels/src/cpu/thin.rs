@@ -19,13 +19,9 @@ use rayon::prelude::*;
 
 /// Lanes of one vector of the rank dimension.
 const L: usize = 16;
-/// Rows of `g` the inner loop takes at a time with AVX-512, where a 16-lane vector is one
-/// register (eight made LLVM keep the accumulators in memory: 12x slower).
+/// Rows of `g` the inner loop takes at a time (eight made LLVM keep the accumulators in memory:
+/// 12x slower).
 const ROWS: usize = 4;
-/// The same with AVX2 only, where a 16-lane vector takes two registers: four rows' accumulators
-/// and `u` values (16 registers) plus `b[j]` and `db[j]` spilled past the 16 ymm registers, and
-/// the one pass ran at 37% of the FMA peak on Zen 3, slower than the two GEMMs it replaces.
-const ROWS_AVX2: usize = 2;
 /// Row blocks (tasks), each with a partial `db` to add up: a fixed count, so the sum's order
 /// does not depend on the thread count, and a small one, so adding the partials stays cheap.
 const BLOCKS: usize = 8;
@@ -47,16 +43,14 @@ pub fn thin_product_grads<T: Float>(
         n,
         k: 2 * r,
     };
-    counted(dims, || grads((m, n, r), (g, b, u), du, db, wide_vectors()))
+    counted(dims, || grads((m, n, r), (g, b, u), du, db))
 }
 
-/// `thin_product_grads`, taking `ROWS` rows of `g` at a time when `wide`, else `ROWS_AVX2`.
 fn grads<T: Float>(
     (m, n, r): (usize, usize, usize),
     (g, b, u): (&[T], &[T], &[T]),
     du: &mut [T],
     db: &mut [T],
-    wide: bool,
 ) {
     assert!(
         g.len() >= m * n
@@ -93,16 +87,14 @@ fn grads<T: Float>(
         .map(|(blk, du)| {
             let rows = blk * block..(blk * block + block).min(m);
             let mut dbp = vec![T::zero(); n * rp];
-            let (g, up) = (
+            thin_rows(
+                (n, r, rp),
                 &g[rows.start * n..rows.end * n],
+                &bp,
                 &up[rows.start * rp..rows.end * rp],
+                du,
+                &mut dbp,
             );
-            // Either way each db[j] adds its rows one after another: the same sums.
-            if wide {
-                thin_rows::<T, ROWS>((n, r, rp), g, &bp, up, du, &mut dbp);
-            } else {
-                thin_rows::<T, ROWS_AVX2>((n, r, rp), g, &bp, up, du, &mut dbp);
-            }
             dbp
         })
         .collect();
@@ -114,23 +106,11 @@ fn grads<T: Float>(
 }
 
 /// Whether the one pass is the faster way on this CPU. Not where `matmul::prefers_fma_kernel()`
-/// (AVX2 without AVX-512): on a Zen 3 EPYC `bft-bench`'s `lora grads` rows measured it 8-23%
-/// slower than the two products, even at `ROWS_AVX2` rows a step.
+/// (AVX2 without AVX-512), where a 16-lane vector takes two registers and the four rows' values
+/// spill: on a Zen 3 EPYC `bft-bench`'s `lora grads` rows measured it at 1,413 µs against 949
+/// for the two products (two rows a step, tried, still came out 8-23% slower than the two).
 pub fn preferred() -> bool {
     !super::matmul::prefers_fma_kernel()
-}
-
-/// Whether 16 f32 fit one vector register (AVX-512F, checked once).
-fn wide_vectors() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 super::simd! {
@@ -151,7 +131,7 @@ fn add_partials<T: Float>(partials: &[Vec<T>], j0: usize, (r, rp): (usize, usize
 super::simd! {
 /// One block of rows: `du (rows, r)` written, `dbp (n, rp)` accumulated; `g (rows, n)`,
 /// `up (rows, rp)`, `bp (n, rp)`.
-fn thin_rows<T: Float, const R: usize>(
+fn thin_rows<T: Float>(
     (n, r, rp): (usize, usize, usize),
     g: &[T],
     bp: &[T],
@@ -162,12 +142,12 @@ fn thin_rows<T: Float, const R: usize>(
     let rows = up.len() / rp;
     let mut i = 0;
     while i < rows {
-        let q = (rows - i).min(R);
+        let q = (rows - i).min(ROWS);
         for c in (0..rp).step_by(L) {
-            let acc = if q == R {
-                rows_chunk::<T, R>(n, &g[i * n..], bp, &up[i * rp..], rp, c, dbp)
+            let acc = if q == ROWS {
+                rows_chunk::<T, ROWS>(n, &g[i * n..], bp, &up[i * rp..], rp, c, dbp)
             } else {
-                let mut acc = [[T::zero(); L]; R];
+                let mut acc = [[T::zero(); L]; ROWS];
                 for qq in 0..q {
                     let a = rows_chunk::<T, 1>(n, &g[(i + qq) * n..], bp, &up[(i + qq) * rp..], rp, c, dbp);
                     acc[qq] = a[0];
@@ -185,7 +165,8 @@ fn thin_rows<T: Float, const R: usize>(
 }
 }
 
-/// Lanes `c..c + L` of `du` for `Q` rows of `g` (each `n` long, rows `n` apart);
+/// Lanes `c..c + L` of `du` for `Q` rows of `g` (each `n` long, rows `n` apart), returned in
+/// the first `Q` of `ROWS` slots;
 /// `dbp[j][c..c + L] += sum_q g[q, j] u[q][c..c + L]` for every j. Inlined into the `simd!`
 /// caller, so its fixed-size loops compile to vector registers.
 #[inline(always)]
@@ -197,8 +178,8 @@ fn rows_chunk<T: Float, const Q: usize>(
     rp: usize,
     c: usize,
     dbp: &mut [T],
-) -> [[T; L]; Q] {
-    let mut acc = [[T::zero(); L]; Q];
+) -> [[T; L]; ROWS] {
+    let mut acc = [[T::zero(); L]; ROWS];
     let mut uq = [[T::zero(); L]; Q];
     for (q, uq) in uq.iter_mut().enumerate() {
         uq.copy_from_slice(&up[q * rp + c..][..L]);
@@ -264,37 +245,29 @@ mod tests {
                     }
                 }
             }
-            // Both row counts, whichever this CPU picks.
-            for wide in [true, false] {
-                let (mut du, mut db) = (vec![f64::NAN; m * r], vec![f64::NAN; n * r]);
-                grads((m, n, r), (&g, &b, &u), &mut du, &mut db, wide);
-                for (got, want) in [(&du, &want_du), (&db, &want_db)] {
-                    for (x, y) in got.iter().zip(want.iter()) {
-                        assert!(
-                            (x - y).abs() <= 1e-12 * (1.0 + y.abs()),
-                            "{m}x{n}x{r} wide {wide}: {x} vs {y}"
-                        );
-                    }
+            let (mut du, mut db) = (vec![f64::NAN; m * r], vec![f64::NAN; n * r]);
+            thin_product_grads((m, n, r), &g, &b, &u, &mut du, &mut db);
+            for (got, want) in [(&du, &want_du), (&db, &want_db)] {
+                for (x, y) in got.iter().zip(want.iter()) {
+                    assert!(
+                        (x - y).abs() <= 1e-12 * (1.0 + y.abs()),
+                        "{m}x{n}x{r}: {x} vs {y}"
+                    );
                 }
-                let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-                let (mut du32, mut db32) = (vec![f32::NAN; m * r], vec![f32::NAN; n * r]);
-                let (g, b, u) = (f(&g), f(&b), f(&u));
-                grads((m, n, r), (&g, &b, &u), &mut du32, &mut db32, wide);
-                for (got, want) in [(&du32, &want_du), (&db32, &want_db)] {
-                    for (&x, &y) in got.iter().zip(want.iter()) {
-                        let tol = 1e-5 * (n.max(m) as f64) * (1.0 + y.abs());
-                        assert!(
-                            (x as f64 - y).abs() <= tol,
-                            "f32 {m}x{n}x{r} wide {wide}: {x} vs {y}"
-                        );
-                    }
+            }
+            let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let (mut du32, mut db32) = (vec![f32::NAN; m * r], vec![f32::NAN; n * r]);
+            thin_product_grads((m, n, r), &f(&g), &f(&b), &f(&u), &mut du32, &mut db32);
+            for (got, want) in [(&du32, &want_du), (&db32, &want_db)] {
+                for (&x, &y) in got.iter().zip(want.iter()) {
+                    let tol = 1e-5 * (n.max(m) as f64) * (1.0 + y.abs());
+                    assert!((x as f64 - y).abs() <= tol, "f32 {m}x{n}x{r}: {x} vs {y}");
                 }
             }
         }
     }
 
-    /// The row blocks' partial sums are added in block order, whatever the thread count, and each
-    /// sum adds its rows in order, whatever the rows a step.
+    /// The row blocks' partial sums are added in block order, whatever the thread count.
     #[test]
     fn the_result_does_not_depend_on_the_thread_count() {
         let (m, n, r) = (300, 23, 16);
@@ -313,12 +286,5 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
-        // Nor on how many rows the inner loop takes at a time.
-        let picked = |wide: bool| {
-            let (mut du, mut db) = (vec![0f32; m * r], vec![0f32; n * r]);
-            grads((m, n, r), (&g, &b, &u), &mut du, &mut db, wide);
-            (du, db)
-        };
-        assert_eq!(picked(true), picked(false));
     }
 }
