@@ -6,6 +6,7 @@
 use super::Float;
 use gemm::Parallelism;
 use std::cell::Cell;
+use std::mem::MaybeUninit;
 use std::time::Instant;
 
 /// One matrix operand: a buffer holding `batch` matrices laid out row-major, either as stored
@@ -48,7 +49,50 @@ pub fn matmul<T: Float>(
     c: &mut [T],
     accumulate: bool,
 ) {
-    counted(dims, || matmul_untimed(dims, a, b, c, accumulate))
+    let out = Out(c.as_mut_ptr());
+    // SAFETY: `c` is a live slice, readable and writable over its length, borrowed mutably
+    // for the call.
+    counted(dims, || unsafe {
+        matmul_raw(dims, a, b, out, c.len(), accumulate)
+    })
+}
+
+/// `c = op(a) . op(b)` into memory that need not be initialised: every element of the first
+/// `batch * m * n` is written and none is read, so an output buffer is not zero-filled first
+/// (a serial pass over up to megabytes, per product, that the kernel would overwrite).
+pub fn matmul_uninit<T: Float>(
+    dims: GemmDims,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    c: &mut [MaybeUninit<T>],
+) {
+    let out = Out(c.as_mut_ptr().cast::<T>());
+    // SAFETY: `c` is writable over its length; without accumulation no path reads it (the
+    // `gemm` crate with `read_dst` false, `fma_gemm`, and the fill of a k = 0 product only
+    // write).
+    counted(dims, || unsafe {
+        matmul_raw(dims, a, b, out, c.len(), false)
+    })
+}
+
+/// An output pointer shared by the tasks of one product, each writing its own matrices.
+#[derive(Clone, Copy)]
+struct Out<T>(*mut T);
+// SAFETY: tasks write disjoint matrices of the batch; the pointer outlives the parallel loop,
+// which joins before `matmul_raw` returns.
+unsafe impl<T> Send for Out<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    /// The element `offset` past the start (a method, so that closures capture the `Out`).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the caller's buffer.
+    unsafe fn at(self, offset: usize) -> *mut T {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
 }
 
 /// Runs a GEMM of `dims`, adding its time and flops to this thread's counters while they are
@@ -66,15 +110,21 @@ pub(crate) fn counted<R>(dims: GemmDims, gemm: impl FnOnce() -> R) -> R {
     out
 }
 
-fn matmul_untimed<T: Float>(
+/// `matmul` on an output given as a pointer.
+///
+/// # Safety
+/// `c` must be valid for writes of `c_len` elements, and for reads too when `accumulate`; no
+/// other thread may touch them during the call.
+unsafe fn matmul_raw<T: Float>(
     dims: GemmDims,
     a: Operand<'_, T>,
     b: Operand<'_, T>,
-    c: &mut [T],
+    c: Out<T>,
+    c_len: usize,
     accumulate: bool,
 ) {
     let GemmDims { batch, m, n, k } = dims;
-    assert!(c.len() >= batch * m * n, "matmul: output buffer too short");
+    assert!(c_len >= batch * m * n, "matmul: output buffer too short");
     if batch == 0 || m == 0 || n == 0 {
         return;
     }
@@ -82,11 +132,13 @@ fn matmul_untimed<T: Float>(
     assert!(b.data.len() >= (batch - 1) * b.batch_stride + k * n);
     if k == 0 {
         if !accumulate {
-            c[..batch * m * n].fill(T::zero());
+            // SAFETY: the caller's contract covers batch * m * n <= c_len writes.
+            unsafe { std::ptr::write_bytes(c.0, 0, batch * m * n) };
         }
         return;
     }
-    if fma_f32(dims, a, b, c, accumulate) {
+    // SAFETY: the caller's contract is `fma_f32`'s.
+    if unsafe { fma_f32(dims, a, b, c.0, c_len, accumulate) } {
         return;
     }
     // Stored A is (m, k), or (k, m) when transposed; (row stride, col stride) of op(A).
@@ -102,17 +154,19 @@ fn matmul_untimed<T: Float>(
     };
     // Big products parallelise inside gemm; many small ones parallelise over the batch.
     let big = m * n * k >= 64 * 64 * 64;
-    let one = |i: usize, ci: &mut [T], par: Parallelism| {
+    let one = |i: usize, par: Parallelism| {
         let ap = a.data[i * a.batch_stride..].as_ptr();
         let bp = b.data[i * b.batch_stride..].as_ptr();
         // SAFETY: the asserts above guarantee each operand holds m*k (resp. k*n) elements at
-        // its batch offset, and `ci` holds m*n elements; strides stay inside those ranges.
+        // its batch offset, and the caller's `c` holds batch*m*n elements, so matrix i's m*n
+        // lie inside it; strides stay inside those ranges. Without `accumulate` (`read_dst`
+        // false) the crate only writes the output.
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                ci.as_mut_ptr(),
+                c.at(i * m * n),
                 1,
                 n as isize,
                 accumulate,
@@ -131,16 +185,13 @@ fn matmul_untimed<T: Float>(
             )
         }
     };
-    let c = &mut c[..batch * m * n];
     if big || batch == 1 {
-        for (i, ci) in c.chunks_mut(m * n).enumerate() {
-            one(i, ci, Parallelism::Rayon(0));
-        }
+        (0..batch).for_each(|i| one(i, Parallelism::Rayon(0)));
     } else {
         use rayon::prelude::*;
-        c.par_chunks_mut(m * n)
-            .enumerate()
-            .for_each(|(i, ci)| one(i, ci, Parallelism::None));
+        (0..batch)
+            .into_par_iter()
+            .for_each(|i| one(i, Parallelism::None));
     }
 }
 
@@ -191,16 +242,20 @@ fn f32s_mut<T: Float>(s: &mut [T]) -> Option<&mut [f32]> {
 
 /// `matmul` through `fma_gemm` for f32 operands of a large enough product on a CPU that
 /// prefers it; false (nothing written) otherwise.
-fn fma_f32<T: Float>(
+///
+/// # Safety
+/// As `matmul_raw`'s.
+unsafe fn fma_f32<T: Float>(
     dims: GemmDims,
     a: Operand<'_, T>,
     b: Operand<'_, T>,
-    c: &mut [T],
+    c: *mut T,
+    c_len: usize,
     accumulate: bool,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let (Some(ad), Some(bd), Some(c)) = (f32s(a.data), f32s(b.data), f32s_mut(c)) else {
+        let (Some(ad), Some(bd)) = (f32s(a.data), f32s(b.data)) else {
             return false;
         };
         if !fma_shape(dims) || !prefers_fma_kernel() {
@@ -211,7 +266,9 @@ fn fma_f32<T: Float>(
             trans: o.trans,
             batch_stride: o.batch_stride,
         };
-        // SAFETY: `c` is a live f32 slice, readable and writable over its length.
+        // SAFETY: T is f32 (`f32s` read both operands as f32), and the caller's contract on
+        // `c` is `packed_gemm`'s, which writes every element before reading any without
+        // `accumulate`.
         unsafe {
             super::fma_gemm::packed_gemm(
                 dims,
@@ -219,15 +276,15 @@ fn fma_f32<T: Float>(
                 op(b, bd),
                 false,
                 None,
-                c.as_mut_ptr(),
-                c.len(),
+                c.cast::<f32>(),
+                c_len,
                 accumulate,
             )
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dims, a, b, c, accumulate);
+        let _ = (dims, a, b, c, c_len, accumulate);
         false
     }
 }
@@ -417,6 +474,43 @@ mod tests {
                 false,
             );
             assert_eq!(c, [7.0]);
+        }
+    }
+
+    /// Into uninitialised memory every element is written, on every route: the `gemm` crate
+    /// (one big product, a batch of small ones), the hand-written kernel where the CPU takes
+    /// it (f32, m >= 16, n and k >= 64), and k = 0. Spare capacity poisoned with NaN comes back
+    /// equal, bit for bit, to what `matmul` writes over ones.
+    #[test]
+    fn the_uninitialised_output_is_written_whole() {
+        for (batch, m, n, k, ta, tb) in [
+            (1, 70, 90, 80, false, true),
+            (1, 33, 130, 100, true, false),
+            (3, 5, 7, 3, false, false),
+            (1, 64, 70, 70, true, true),
+            (2, 9, 11, 0, false, false),
+        ] {
+            let a: Vec<f32> = (0..batch * m * k)
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect();
+            let b: Vec<f32> = (0..batch * k * n)
+                .map(|i| (i as f32 * 0.91).cos())
+                .collect();
+            let dims = GemmDims { batch, m, n, k };
+            let op = |data, trans, batch_stride| Operand {
+                data,
+                trans,
+                batch_stride,
+            };
+            let (ao, bo) = (op(&a[..], ta, m * k), op(&b[..], tb, k * n));
+            let mut want = vec![1.0f32; batch * m * n];
+            matmul(dims, ao, bo, &mut want, false);
+            let mut got: Vec<f32> = Vec::with_capacity(batch * m * n);
+            got.spare_capacity_mut().fill(MaybeUninit::new(f32::NAN));
+            matmul_uninit(dims, ao, bo, got.spare_capacity_mut());
+            // SAFETY: the kernel wrote all batch * m * n elements (NaN poison would show).
+            unsafe { got.set_len(batch * m * n) };
+            assert_eq!(got, want, "({batch},{m},{n},{k}) ta={ta} tb={tb}");
         }
     }
 

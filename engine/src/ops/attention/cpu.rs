@@ -1,5 +1,6 @@
 use super::AttentionKernel;
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_backward, attention_forward};
@@ -35,7 +36,7 @@ impl AttentionKernel for Cpu {
             }
         }
         float_dispatch!("attention", q.dtype(), |T| {
-            let (mut o, mut l) = (vec![T::default(); q.numel()], vec![T::default(); rows]);
+            let (mut o, mut l) = (zeroed::<T>(q.numel()), zeroed::<T>(rows));
             if rows > 0 {
                 let qkv = (q.cpu::<T>(n)?, k.cpu::<T>(n)?, v.cpu::<T>(n)?);
                 attention_forward(dims, Tiles::default(), scale, qkv, &mut o, &mut l);
@@ -78,9 +79,9 @@ impl AttentionKernel for Cpu {
             }
         }
         float_dispatch!("attention backward", g.dtype(), |T| {
-            let mut dq = vec![T::default(); q.numel()];
-            let mut dk = vec![T::default(); k.numel()];
-            let mut dv = vec![T::default(); v.numel()];
+            let mut dq = zeroed::<T>(q.numel());
+            let mut dk = zeroed::<T>(k.numel());
+            let mut dv = zeroed::<T>(v.numel());
             if !dq.is_empty() {
                 attention_backward(
                     dims,

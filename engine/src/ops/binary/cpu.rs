@@ -1,5 +1,6 @@
 use super::BinaryKernel;
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Shape, Tensor};
 use bft_kernels::cpu::binary::{BinaryKind, binary, sum_rows};
@@ -8,7 +9,7 @@ use bft_kernels::cpu::unary::scale;
 impl BinaryKernel for Cpu {
     fn binary(&self, kind: BinaryKind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         float_dispatch!("binary", a.dtype(), |T| {
-            let mut o = vec![T::default(); a.numel()];
+            let mut o = zeroed::<T>(a.numel());
             if !o.is_empty() {
                 binary(kind, a.cpu::<T>("binary")?, b.cpu::<T>("binary")?, &mut o);
             }
@@ -18,7 +19,7 @@ impl BinaryKernel for Cpu {
 
     fn scale(&self, x: &Tensor, alpha: f64) -> Result<Tensor> {
         float_dispatch!("scale", x.dtype(), |T| {
-            let mut o = vec![T::default(); x.numel()];
+            let mut o = zeroed::<T>(x.numel());
             let alpha = <T as bft_kernels::cpu::Float>::from_f64(alpha);
             scale(alpha, x.cpu::<T>("scale")?, &mut o);
             Ok(Tensor::from_cpu(o, x.shape().clone()))
@@ -27,7 +28,7 @@ impl BinaryKernel for Cpu {
 
     fn sum_to(&self, x: &Tensor, shape: &Shape) -> Result<Tensor> {
         float_dispatch!("sum_to", x.dtype(), |T| {
-            let mut o = vec![T::default(); shape.numel()];
+            let mut o = zeroed::<T>(shape.numel());
             sum_rows(x.cpu::<T>("sum_to")?, &mut o);
             Ok(Tensor::from_cpu(o, shape.clone()))
         })

@@ -1,5 +1,6 @@
 use super::EmbeddingKernel;
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::dtype::Elem;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
@@ -12,7 +13,7 @@ impl EmbeddingKernel for Cpu {
 
     fn embedding(&self, table: &Tensor, ids: &[u32], dims: Vec<usize>) -> Result<Tensor> {
         fn rows<T: Elem + Default>(t: &Tensor, dim: usize, ids: &[u32]) -> Result<Vec<T>> {
-            let mut o = vec![T::default(); ids.len() * dim];
+            let mut o = zeroed::<T>(ids.len() * dim);
             gather(t.cpu::<T>("embedding")?, dim, ids, &mut o);
             Ok(o)
         }
@@ -36,7 +37,7 @@ impl EmbeddingKernel for Cpu {
             dy.clone()
         };
         let dt = float_dispatch!("embedding backward", wide.dtype(), |T| {
-            let mut dt = vec![T::default(); vocab * dim];
+            let mut dt = zeroed::<T>(vocab * dim);
             scatter_add(wide.cpu::<T>("embedding")?, dim, ids, &mut dt);
             Ok(Tensor::from_cpu(dt, [vocab, dim]))
         })?;

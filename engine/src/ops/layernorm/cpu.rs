@@ -1,5 +1,6 @@
 use super::{LayerNormBackward, LayerNormKernel};
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::layernorm::{layernorm, layernorm_backward};
@@ -14,8 +15,8 @@ impl LayerNormKernel for Cpu {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let rows = x.numel() / w.numel().max(1);
         float_dispatch!("layer_norm", x.dtype(), |T| {
-            let mut y = vec![T::default(); x.numel()];
-            let (mut m, mut r) = (vec![T::default(); rows], vec![T::default(); rows]);
+            let mut y = zeroed::<T>(x.numel());
+            let (mut m, mut r) = (zeroed::<T>(rows), zeroed::<T>(rows));
             layernorm(
                 x.cpu::<T>("layer_norm")?,
                 w.cpu::<T>("layer_norm")?,
@@ -41,9 +42,9 @@ impl LayerNormKernel for Cpu {
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let c = s.w.numel();
         float_dispatch!("layer_norm backward", dy.dtype(), |T| {
-            let mut dx = vec![T::default(); dy.numel()];
-            let mut dw = need_params.then(|| vec![T::default(); c]);
-            let mut db = need_params.then(|| vec![T::default(); c]);
+            let mut dx = zeroed::<T>(dy.numel());
+            let mut dw = need_params.then(|| zeroed::<T>(c));
+            let mut db = need_params.then(|| zeroed::<T>(c));
             layernorm_backward(
                 s.x.cpu::<T>("layer_norm")?,
                 s.w.cpu::<T>("layer_norm")?,

@@ -1,5 +1,6 @@
 use super::{CHUNK_BYTES, HeadSaved, LmHeadKernel, Selection};
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::memory::Scratch;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
@@ -26,13 +27,13 @@ impl LmHeadKernel for Cpu {
         let (n, c, v) = (sel.rows.len(), sel.dims.hidden, sel.dims.vocab);
         float_dispatch!("lm_head_nll", x.dtype(), |T| {
             // (n, C): only the rows with a target.
-            let mut xs = vec![T::default(); n * c];
+            let mut xs = zeroed::<T>(n * c);
             gather(x.cpu::<T>("lm_head_nll")?, c, sel.rows, &mut xs);
-            let (mut lse, mut tl) = (vec![T::default(); n], vec![T::default(); n]);
+            let (mut lse, mut tl) = (zeroed::<T>(n), zeroed::<T>(n));
             let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
             // The one vocabulary-sized buffer: a chunk of logits, counted as engine memory.
             let mut z = Scratch::<T>::new(chunk.min(n) * v);
-            let mut unit = want_dx.then(|| vec![T::default(); n * c]);
+            let mut unit = want_dx.then(|| zeroed::<T>(n * c));
             let (op, xr) = ("lm_head_nll", xs.as_slice());
             if head.dtype() == DType::BF16 {
                 lm_head_forward(
@@ -85,14 +86,14 @@ impl LmHeadKernel for Cpu {
                         .zip(coef)
                         .for_each(|(row, &a)| row.iter_mut().for_each(|e| *e *= a));
                     // Rows without a target get zero gradient.
-                    let mut dx = vec![T::default(); sel.n_all * c];
+                    let mut dx = zeroed::<T>(sel.n_all * c);
                     scatter_add(&dxs, c, sel.rows, &mut dx);
                     Some(Tensor::from_cpu(dx, [sel.n_all, c]))
                 }
                 _ => None,
             };
             let dw = if need_dw {
-                let mut dw = vec![T::default(); v * c];
+                let mut dw = zeroed::<T>(v * c);
                 let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
                 let mut z = Scratch::<T>::new(chunk.min(sel.rows.len()) * v);
                 let inputs = (saved.xs.cpu::<T>(n)?, head.cpu::<T>(n)?, sel.targets);

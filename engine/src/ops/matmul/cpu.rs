@@ -1,9 +1,10 @@
 use super::{Gemm, MatMulKernel, widened_product};
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::dtype::Elem;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
-use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul};
+use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul, matmul_uninit};
 use bft_kernels::cpu::thin::thin_product_grads;
 
 /// The largest rank `thin_grads` takes: beyond it two GEMMs use the FMA units better than one
@@ -13,9 +14,14 @@ const MAX_THIN: usize = 64;
 impl MatMulKernel for Cpu {
     fn matmul(&self, a: &Tensor, b: &Tensor, g: &Gemm) -> Result<Tensor> {
         let GemmDims { batch, m, n, .. } = g.dims;
+        let len = batch * m * n;
         float_dispatch!("matmul", a.dtype(), |T| {
-            let mut c = vec![T::default(); batch * m * n];
-            gemm_into(a, b, g, &mut c, false)?;
+            let (a, b) = operands::<T>(a, b, g)?;
+            // Not zero-filled: the kernel writes every element.
+            let mut c: Vec<T> = Vec::with_capacity(len);
+            matmul_uninit(g.dims, a, b, &mut c.spare_capacity_mut()[..len]);
+            // SAFETY: `matmul_uninit` wrote all `len` elements.
+            unsafe { c.set_len(len) };
             Ok(Tensor::from_cpu(c, g.out_dims.clone()))
         })
     }
@@ -100,7 +106,7 @@ impl MatMulKernel for Cpu {
             return Ok(None);
         }
         float_dispatch!("matmul", g.dtype(), |T| {
-            let (mut du, mut db) = (vec![T::default(); m * r], vec![T::default(); n * r]);
+            let (mut du, mut db) = (zeroed::<T>(m * r), zeroed::<T>(n * r));
             let op = "matmul";
             thin_product_grads(
                 (m, n, r),
@@ -138,6 +144,17 @@ fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
     c: &mut [T],
     accumulate: bool,
 ) -> Result<()> {
+    let (a, b) = operands::<T>(a, b, g)?;
+    matmul(g.dims, a, b, c, accumulate);
+    Ok(())
+}
+
+/// `a` and `b` as the kernel's operands of type `T`, read as `g` says.
+fn operands<'a, T: Elem>(
+    a: &'a Tensor,
+    b: &'a Tensor,
+    g: &Gemm,
+) -> Result<(Operand<'a, T>, Operand<'a, T>)> {
     let GemmDims { m, n, k, .. } = g.dims;
     let a = Operand {
         data: a.cpu::<T>("matmul")?,
@@ -149,8 +166,7 @@ fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
         trans: g.tb,
         batch_stride: k * n,
     };
-    matmul(g.dims, a, b, c, accumulate);
-    Ok(())
+    Ok((a, b))
 }
 
 /// `op(a) . op(b)` in f32 through the AVX512-BF16 kernel (or the AVX2 + FMA one where the CPU

@@ -1,5 +1,6 @@
 use super::{ReduceBackward, ReduceKernel};
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::reduce::{ReduceKind, reduce, reduce_backward};
@@ -15,7 +16,7 @@ impl ReduceKernel for Cpu {
         let max = kind == ReduceKind::Max;
         let mut argmax = vec![0u32; if max { n } else { 0 }];
         let out = float_dispatch!("reduce", x.dtype(), |T| {
-            let mut o = vec![T::default(); n];
+            let mut o = zeroed::<T>(n);
             reduce(kind, x.cpu::<T>("reduce")?, sizes, &mut o, &mut argmax);
             Ok(Tensor::from_cpu(o, [n]))
         })?;
@@ -29,7 +30,7 @@ impl ReduceKernel for Cpu {
             None => no_index,
         };
         float_dispatch!("reduce backward", dy.dtype(), |T| {
-            let mut dx = vec![T::default(); s.shape.numel()];
+            let mut dx = zeroed::<T>(s.shape.numel());
             reduce_backward(s.kind, dy.cpu::<T>("reduce")?, argmax, s.sizes, &mut dx);
             Ok(Tensor::from_cpu(dx, s.shape.clone()))
         })

@@ -1,5 +1,6 @@
 use super::{RmsNormBackward, RmsNormKernel};
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::rmsnorm::{add_rmsnorm, rmsnorm, rmsnorm_backward};
@@ -9,7 +10,7 @@ impl RmsNormKernel for Cpu {
         let c = w.numel();
         let rows = x.numel() / c.max(1);
         float_dispatch!("rms_norm", x.dtype(), |T| {
-            let (mut y, mut r) = (vec![T::default(); x.numel()], vec![T::default(); rows]);
+            let (mut y, mut r) = (zeroed::<T>(x.numel()), zeroed::<T>(rows));
             rmsnorm(
                 x.cpu::<T>("rms_norm")?,
                 w.cpu::<T>("rms_norm")?,
@@ -39,8 +40,8 @@ impl RmsNormKernel for Cpu {
         let rows = x.numel() / c.max(1);
         let n = "add_rms_norm";
         float_dispatch!(n, x.dtype(), |T| {
-            let (mut h, mut y) = (vec![T::default(); x.numel()], vec![T::default(); x.numel()]);
-            let mut r = vec![T::default(); rows];
+            let (mut h, mut y) = (zeroed::<T>(x.numel()), zeroed::<T>(x.numel()));
+            let mut r = zeroed::<T>(rows);
             add_rmsnorm(
                 (x.cpu::<T>(n)?, delta.cpu::<T>(n)?),
                 w.cpu::<T>(n)?,
@@ -65,8 +66,8 @@ impl RmsNormKernel for Cpu {
     ) -> Result<(Tensor, Option<Tensor>)> {
         float_dispatch!("rms_norm backward", dy.dtype(), |T| {
             let c = s.w.numel();
-            let mut dx = vec![T::default(); dy.numel()];
-            let mut dw = need_dw.then(|| vec![T::default(); c]);
+            let mut dx = zeroed::<T>(dy.numel());
+            let mut dw = need_dw.then(|| zeroed::<T>(c));
             rmsnorm_backward(
                 s.x.cpu::<T>("rms_norm")?,
                 s.w.cpu::<T>("rms_norm")?,

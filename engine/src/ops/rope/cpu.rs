@@ -1,5 +1,6 @@
 use super::RopeKernel;
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::rope::rope;
@@ -9,7 +10,7 @@ impl RopeKernel for Cpu {
         let r = x.rank();
         let (t, d) = (x.dims()[r - 2], x.dims()[r - 1]);
         float_dispatch!("rope", x.dtype(), |T| {
-            let mut o = vec![T::default(); x.numel()];
+            let mut o = zeroed::<T>(x.numel());
             if !o.is_empty() {
                 rope(
                     x.cpu::<T>("rope")?,

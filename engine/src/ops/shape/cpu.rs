@@ -2,6 +2,7 @@
 
 use super::{LayoutKernel, Slab};
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::storage::{CpuData, CpuStorage};
 use crate::{DType, Error, Result, Shape, Storage, Tensor};
 use bft_kernels::cpu::layout::{copy_slab, permute};
@@ -76,7 +77,7 @@ trait AnySlice {
 
 impl<T: crate::Elem + Default> AnySlice for Vec<T> {
     fn permute(&self, dims: &[usize], perm: &[usize]) -> CpuData {
-        let mut out = vec![T::default(); self.len()];
+        let mut out = zeroed::<T>(self.len());
         permute(self, dims, perm, &mut out);
         T::wrap(out)
     }
@@ -91,7 +92,7 @@ impl<T: crate::Elem + Default> AnySlice for Vec<T> {
     ) -> CpuData {
         let mut out = into
             .and_then(T::take)
-            .unwrap_or_else(|| vec![T::default(); sizes.0 * dst_dim * sizes.2]);
+            .unwrap_or_else(|| zeroed::<T>(sizes.0 * dst_dim * sizes.2));
         copy_slab(self, src_dim, src_at, &mut out, dst_dim, dst_at, sizes);
         T::wrap(out)
     }

@@ -1,5 +1,6 @@
 use super::SoftmaxKernel;
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::softmax::{softmax, softmax_backward};
@@ -8,7 +9,7 @@ impl SoftmaxKernel for Cpu {
     fn softmax(&self, x: &Tensor, log: bool) -> Result<Tensor> {
         let cols = x.shape().last();
         float_dispatch!("softmax", x.dtype(), |T| {
-            let mut y = vec![T::default(); x.numel()];
+            let mut y = zeroed::<T>(x.numel());
             if !y.is_empty() {
                 softmax(x.cpu::<T>("softmax")?, cols, log, &mut y);
             }
@@ -19,7 +20,7 @@ impl SoftmaxKernel for Cpu {
     fn softmax_backward(&self, y: &Tensor, dy: &Tensor, log: bool) -> Result<Tensor> {
         let cols = dy.shape().last();
         float_dispatch!("softmax backward", dy.dtype(), |T| {
-            let mut dx = vec![T::default(); dy.numel()];
+            let mut dx = zeroed::<T>(dy.numel());
             if !dx.is_empty() {
                 let (y, d) = (y.cpu::<T>("softmax")?, dy.cpu::<T>("softmax")?);
                 softmax_backward(y, d, cols, log, &mut dx);

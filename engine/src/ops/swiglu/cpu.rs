@@ -1,5 +1,6 @@
 use super::SwiGluKernel;
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::unary::{swiglu, swiglu_backward};
@@ -7,7 +8,7 @@ use bft_kernels::cpu::unary::{swiglu, swiglu_backward};
 impl SwiGluKernel for Cpu {
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         float_dispatch!("swiglu", gate.dtype(), |T| {
-            let mut o = vec![T::default(); gate.numel()];
+            let mut o = zeroed::<T>(gate.numel());
             swiglu(gate.cpu::<T>("swiglu")?, up.cpu::<T>("swiglu")?, &mut o);
             Ok(Tensor::from_cpu(o, gate.shape().clone()))
         })
@@ -16,7 +17,7 @@ impl SwiGluKernel for Cpu {
     fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         float_dispatch!("swiglu backward", dy.dtype(), |T| {
             let n = dy.numel();
-            let (mut dg, mut du) = (vec![T::default(); n], vec![T::default(); n]);
+            let (mut dg, mut du) = (zeroed::<T>(n), zeroed::<T>(n));
             swiglu_backward(
                 gate.cpu::<T>("swiglu")?,
                 up.cpu::<T>("swiglu")?,

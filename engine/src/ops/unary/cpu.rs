@@ -1,5 +1,6 @@
 use super::UnaryKernel;
 use crate::backend::Cpu;
+use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::unary::{UnaryKind, unary, unary_backward};
@@ -7,7 +8,7 @@ use bft_kernels::cpu::unary::{UnaryKind, unary, unary_backward};
 impl UnaryKernel for Cpu {
     fn unary(&self, kind: UnaryKind, x: &Tensor) -> Result<Tensor> {
         float_dispatch!("unary", x.dtype(), |T| {
-            let mut o = vec![T::default(); x.numel()];
+            let mut o = zeroed::<T>(x.numel());
             unary(kind, x.cpu::<T>("unary")?, &mut o);
             Ok(Tensor::from_cpu(o, x.shape().clone()))
         })
@@ -21,7 +22,7 @@ impl UnaryKernel for Cpu {
         dy: &Tensor,
     ) -> Result<Tensor> {
         float_dispatch!("unary backward", dy.dtype(), |T| {
-            let mut dx = vec![T::default(); dy.numel()];
+            let mut dx = zeroed::<T>(dy.numel());
             let (x, y, d) = (
                 x.cpu::<T>("unary")?,
                 y.cpu::<T>("unary")?,
