@@ -6,8 +6,6 @@ use crate::storage::CpuData;
 use crate::{DType, Device, Elem, Error, Result, Storage, Tensor};
 use bft_kernels::cpu::optim;
 
-pub(crate) use bft_kernels::cpu::zeroed;
-
 /// Host memory. f32 and f64 compute as they are; 16-bit tensors compute in f32, except the
 /// products with a bf16 weight, which the AVX512-BF16 kernel multiplies as stored where the CPU
 /// has it (`ops/matmul/cpu.rs`, `ops/lm_head/cpu.rs`).

@@ -4,7 +4,7 @@
 //! traits: `kernels` below is the one place that picks a backend from a device, and coercing a
 //! backend to `&dyn Kernels` there is what makes a missing kernel a compile error.
 
-pub(crate) mod cpu;
+mod cpu;
 mod cuda;
 mod wgpu;
 

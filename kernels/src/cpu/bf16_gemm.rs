@@ -59,12 +59,25 @@ pub(crate) fn with_buffer<T: Copy + Default, R>(
     r
 }
 
-/// The output of one batch item, written by several tasks at disjoint tiles.
-pub(crate) struct SharedOut(pub(crate) *mut f32);
-// SAFETY: tasks write only the tiles they own (disjoint columns, or disjoint rows of them);
-// the pointer outlives the parallel loops that share it, which join before the kernels
-// (`packed_gemm` here and in `fma_gemm`) return.
-unsafe impl Sync for SharedOut {}
+/// An output written by several tasks at disjoint parts: a batch item's tiles here and in
+/// `fma_gemm`, a batch's matrices in `matmul`.
+pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
+// SAFETY: tasks write only the parts they own (disjoint tiles or matrices); the pointer
+// outlives the parallel loops that share it, which join before the kernels (`packed_gemm` here
+// and in `fma_gemm`, `matmul::matmul_raw`) return.
+unsafe impl<T> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The element `offset` past the start (a method, so that a closure captures the whole
+    /// `SharedOut`, not its raw pointer field).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the caller's buffer.
+    pub(crate) unsafe fn at(&self, offset: usize) -> *mut T {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
+}
 
 /// An element the kernel packs: bf16 as stored, f32 rounded to bf16.
 pub trait Bf16Source: Copy + Send + Sync {

@@ -4,6 +4,7 @@
 //! operand is the same buffer read with swapped strides.
 
 use super::Float;
+use super::bf16_gemm::SharedOut;
 use gemm::Parallelism;
 use std::cell::Cell;
 use std::mem::MaybeUninit;
@@ -49,7 +50,7 @@ pub fn matmul<T: Float>(
     c: &mut [T],
     accumulate: bool,
 ) {
-    let out = Out(c.as_mut_ptr());
+    let out = SharedOut(c.as_mut_ptr());
     // SAFETY: `c` is a live slice, readable and writable over its length, borrowed mutably
     // for the call.
     counted(dims, || unsafe {
@@ -66,33 +67,13 @@ pub fn matmul_uninit<T: Float>(
     b: Operand<'_, T>,
     c: &mut [MaybeUninit<T>],
 ) {
-    let out = Out(c.as_mut_ptr().cast::<T>());
+    let out = SharedOut(c.as_mut_ptr().cast::<T>());
     // SAFETY: `c` is writable over its length; without accumulation no path reads it (the
     // `gemm` crate with `read_dst` false, `fma_gemm`, and the fill of a k = 0 product only
     // write).
     counted(dims, || unsafe {
         matmul_raw(dims, a, b, out, c.len(), false)
     })
-}
-
-/// An output pointer shared by the tasks of one product, each writing its own matrices.
-#[derive(Clone, Copy)]
-struct Out<T>(*mut T);
-// SAFETY: tasks write disjoint matrices of the batch; the pointer outlives the parallel loop,
-// which joins before `matmul_raw` returns.
-unsafe impl<T> Send for Out<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Out<T> {}
-
-impl<T> Out<T> {
-    /// The element `offset` past the start (a method, so that closures capture the `Out`).
-    ///
-    /// # Safety
-    /// `offset` must lie inside the caller's buffer.
-    unsafe fn at(self, offset: usize) -> *mut T {
-        // SAFETY: the caller's contract.
-        unsafe { self.0.add(offset) }
-    }
 }
 
 /// Runs a GEMM of `dims`, adding its time and flops to this thread's counters while they are
@@ -119,7 +100,7 @@ unsafe fn matmul_raw<T: Float>(
     dims: GemmDims,
     a: Operand<'_, T>,
     b: Operand<'_, T>,
-    c: Out<T>,
+    c: SharedOut<T>,
     c_len: usize,
     accumulate: bool,
 ) {

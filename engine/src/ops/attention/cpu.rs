@@ -1,12 +1,12 @@
 use super::AttentionKernel;
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::attention::{AttnDims, Tiles, attention_backward, attention_forward};
 use bft_kernels::cpu::attention_bf16::{
     attention_backward_bf16, attention_forward_bf16, backward_applies, forward_applies,
 };
+use bft_kernels::cpu::zeroed;
 
 /// Whether these operands take the bf16 kernels: f32 under autocast, where `applies` (the
 /// kernel's own test of the CPU and the shapes) says so. f64, the gradient checks' exact

@@ -1,10 +1,10 @@
 use super::BinaryKernel;
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Shape, Tensor};
 use bft_kernels::cpu::binary::{BinaryKind, binary, sum_rows};
 use bft_kernels::cpu::unary::scale;
+use bft_kernels::cpu::zeroed;
 
 impl BinaryKernel for Cpu {
     fn binary(&self, kind: BinaryKind, a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -1,10 +1,10 @@
 use super::EmbeddingKernel;
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::dtype::Elem;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::embedding::{gather, scatter_add};
+use bft_kernels::cpu::zeroed;
 
 impl EmbeddingKernel for Cpu {
     fn gathers(&self, dtype: DType) -> bool {

@@ -1,9 +1,9 @@
 use super::{LayerNormBackward, LayerNormKernel};
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::layernorm::{layernorm, layernorm_backward};
+use bft_kernels::cpu::zeroed;
 
 impl LayerNormKernel for Cpu {
     fn layer_norm(

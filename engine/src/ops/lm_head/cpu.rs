@@ -1,11 +1,11 @@
 use super::{CHUNK_BYTES, HeadSaved, LmHeadKernel, Selection};
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::memory::Scratch;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::embedding::{gather, scatter_add};
 use bft_kernels::cpu::lm_head::{chunk_rows, lm_head_backward_head, lm_head_forward};
+use bft_kernels::cpu::zeroed;
 
 impl LmHeadKernel for Cpu {
     /// f32 hidden states read a frozen bf16 head as stored where a bf16 kernel runs

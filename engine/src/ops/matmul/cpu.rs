@@ -1,11 +1,11 @@
 use super::{Gemm, MatMulKernel, widened_product};
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::dtype::Elem;
 use crate::ops::float_dispatch;
 use crate::{DType, Result, Tensor};
 use bft_kernels::cpu::matmul::{GemmDims, Operand, matmul, matmul_uninit};
 use bft_kernels::cpu::thin::thin_product_grads;
+use bft_kernels::cpu::zeroed;
 
 /// The largest rank `thin_grads` takes: beyond it two GEMMs use the FMA units better than one
 /// pass that reads the upstream gradient once.
@@ -130,23 +130,11 @@ impl MatMulKernel for Cpu {
                 Some(v) => v,
                 None => c.cpu::<T>("matmul")?.to_vec(),
             };
-            gemm_into(a, b, g, &mut acc, true)?;
+            let (a, b) = operands::<T>(a, b, g)?;
+            matmul(g.dims, a, b, &mut acc, true);
             Ok(Tensor::from_cpu(acc, g.out_dims.clone()))
         })
     }
-}
-
-/// `c = op(a) . op(b)`, or `c += ..` when `accumulate`, for host operands of type `T`.
-fn gemm_into<T: bft_kernels::cpu::Float + Elem>(
-    a: &Tensor,
-    b: &Tensor,
-    g: &Gemm,
-    c: &mut [T],
-    accumulate: bool,
-) -> Result<()> {
-    let (a, b) = operands::<T>(a, b, g)?;
-    matmul(g.dims, a, b, c, accumulate);
-    Ok(())
 }
 
 /// `a` and `b` as the kernel's operands of type `T`, read as `g` says.

@@ -1,9 +1,9 @@
 use super::{NllBackward, NllKernel};
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::nll::{nll, nll_backward};
+use bft_kernels::cpu::zeroed;
 
 impl NllKernel for Cpu {
     fn nll(&self, logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -1,9 +1,9 @@
 use super::{ReduceBackward, ReduceKernel};
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::reduce::{ReduceKind, reduce, reduce_backward};
+use bft_kernels::cpu::zeroed;
 
 impl ReduceKernel for Cpu {
     fn reduce(

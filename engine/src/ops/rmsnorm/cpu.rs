@@ -1,9 +1,9 @@
 use super::{RmsNormBackward, RmsNormKernel};
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::rmsnorm::{add_rmsnorm, rmsnorm, rmsnorm_backward};
+use bft_kernels::cpu::zeroed;
 
 impl RmsNormKernel for Cpu {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {

@@ -1,9 +1,9 @@
 use super::RopeKernel;
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::rope::rope;
+use bft_kernels::cpu::zeroed;
 
 impl RopeKernel for Cpu {
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {

@@ -2,10 +2,10 @@
 
 use super::{LayoutKernel, Slab};
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::storage::{CpuData, CpuStorage};
 use crate::{DType, Error, Result, Shape, Storage, Tensor};
 use bft_kernels::cpu::layout::{copy_slab, permute};
+use bft_kernels::cpu::zeroed;
 use std::sync::Arc;
 
 impl LayoutKernel for Cpu {

@@ -1,9 +1,9 @@
 use super::SoftmaxKernel;
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::softmax::{softmax, softmax_backward};
+use bft_kernels::cpu::zeroed;
 
 impl SoftmaxKernel for Cpu {
     fn softmax(&self, x: &Tensor, log: bool) -> Result<Tensor> {

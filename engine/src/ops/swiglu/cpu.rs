@@ -1,9 +1,9 @@
 use super::SwiGluKernel;
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::unary::{swiglu, swiglu_backward};
+use bft_kernels::cpu::zeroed;
 
 impl SwiGluKernel for Cpu {
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {

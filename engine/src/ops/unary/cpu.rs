@@ -1,9 +1,9 @@
 use super::UnaryKernel;
 use crate::backend::Cpu;
-use crate::backend::cpu::zeroed;
 use crate::ops::float_dispatch;
 use crate::{Result, Tensor};
 use bft_kernels::cpu::unary::{UnaryKind, unary, unary_backward};
+use bft_kernels::cpu::zeroed;
 
 impl UnaryKernel for Cpu {
     fn unary(&self, kind: UnaryKind, x: &Tensor) -> Result<Tensor> {
