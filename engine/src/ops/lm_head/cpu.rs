@@ -40,7 +40,7 @@ impl LmHeadKernel for Cpu {
                     sel.dims,
                     chunk,
                     (xr, head.cpu::<half::bf16>(op)?, sel.targets),
-                    &mut z.buf,
+                    z.buf(),
                     &mut lse,
                     &mut tl,
                     unit.as_deref_mut(),
@@ -50,7 +50,7 @@ impl LmHeadKernel for Cpu {
                     sel.dims,
                     chunk,
                     (xr, head.cpu::<T>(op)?, sel.targets),
-                    &mut z.buf,
+                    z.buf(),
                     &mut lse,
                     &mut tl,
                     unit.as_deref_mut(),
@@ -98,7 +98,7 @@ impl LmHeadKernel for Cpu {
                 let mut z = Scratch::<T>::new(chunk.min(sel.rows.len()) * v);
                 let inputs = (saved.xs.cpu::<T>(n)?, head.cpu::<T>(n)?, sel.targets);
                 let lse = (saved.lse.cpu::<T>(n)?, coef);
-                lm_head_backward_head(sel.dims, chunk, inputs, lse, &mut z.buf, &mut dw);
+                lm_head_backward_head(sel.dims, chunk, inputs, lse, z.buf(), &mut dw);
                 Some(Tensor::from_cpu(dw, [v, c]))
             } else {
                 None
