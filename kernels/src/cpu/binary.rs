@@ -1,6 +1,6 @@
 //! Elementwise binary ops with `b` broadcast over the leading dims of `a`.
 
-use super::Float;
+use super::{Float, Slot};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,8 +24,8 @@ impl BinaryKind {
 }
 
 /// `out[r, j] = a[r, j] (op) b[j]` where `a` is `(rows, b.len())` row-major. `b.len() == a.len()`
-/// is plain elementwise.
-pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
+/// is plain elementwise. Every element of `out` is written.
+pub fn binary<T: Float, O: Slot<T>>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [O]) {
     assert_eq!(a.len(), out.len());
     assert!(
         !b.is_empty() && a.len().is_multiple_of(b.len()),
@@ -41,10 +41,10 @@ pub fn binary<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
 super::simd! {
 /// `binary` on whole rows of `a`, on the calling thread (a `simd!` function of its own: see
 /// the macro for why the loop is not in the closure).
-fn binary_rows<T: Float>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [T]) {
+fn binary_rows<T: Float, O: Slot<T>>(kind: BinaryKind, a: &[T], b: &[T], out: &mut [O]) {
     for (orow, xrow) in out.chunks_mut(b.len()).zip(a.chunks(b.len())) {
         for ((oi, &xi), &yi) in orow.iter_mut().zip(xrow).zip(b) {
-            *oi = kind.apply(xi, yi);
+            oi.put(kind.apply(xi, yi));
         }
     }
 }

@@ -4,7 +4,12 @@ use rayon::prelude::*;
 
 /// Copies `x` (contiguous, shape `dims`) into `out` with axes permuted: `out` has shape
 /// `dims[perm[0]], dims[perm[1]], ...`. When the last axis stays last, whole rows are copied.
-pub fn permute<T: Copy + Send + Sync>(x: &[T], dims: &[usize], perm: &[usize], out: &mut [T]) {
+pub fn permute<T: Copy + Send + Sync, O: super::Slot<T>>(
+    x: &[T],
+    dims: &[usize],
+    perm: &[usize],
+    out: &mut [O],
+) {
     let rank = dims.len();
     assert_eq!(perm.len(), rank);
     assert_eq!(x.len(), out.len());
@@ -42,7 +47,9 @@ pub fn permute<T: Copy + Send + Sync>(x: &[T], dims: &[usize], perm: &[usize], o
                 rem /= out_dims[ax];
             }
             for o in o.chunks_mut(run) {
-                o.copy_from_slice(&x[src..src + run]);
+                o.iter_mut()
+                    .zip(&x[src..src + run])
+                    .for_each(|(o, &v)| o.put(v));
                 // Next run: the innermost outer axis steps, carrying into the ones above.
                 for ax in (0..outer_rank).rev() {
                     idx[ax] += 1;

@@ -1,22 +1,27 @@
 //! RMSNorm over the last axis: `y = x * rstd * w`, `rstd = 1 / sqrt(mean(x^2) + eps)`.
 
-use super::{Float, sum_of};
+use super::{Float, Slot, sum_of};
 use rayon::prelude::*;
 
 /// One row: `y = x * rstd * w`, returning `rstd`.
 #[inline(always)]
-fn norm_row<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T]) -> T {
+fn norm_row<T: Float, O: Slot<T>>(x: &[T], w: &[T], eps: f64, y: &mut [O]) -> T {
     let ms = super::dot(x, x).to_f64() / w.len() as f64;
     let rs = T::from_f64(1.0 / (ms + eps).sqrt());
     for ((yi, &xi), &wi) in y.iter_mut().zip(x).zip(w) {
-        *yi = xi * rs * wi;
+        yi.put(xi * rs * wi);
     }
     rs
 }
 
 /// `x, y: (rows, cols)`, `w: (cols)`, `rstd: (rows)` saved for the backward pass.
-pub fn rmsnorm<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]) {
+pub fn rmsnorm<T: Float, O: Slot<T>>(x: &[T], w: &[T], eps: f64, y: &mut [O], rstd: &mut [T]) {
     let cols = w.len();
+    // Whole rows: every element of `y` is written (the engine's fresh outputs rely on it).
+    assert!(
+        x.len() == y.len() && y.len() == rstd.len() * cols,
+        "rmsnorm: lengths differ"
+    );
     let rows = super::rows_per_task(rstd.len(), cols);
     y.par_chunks_mut(rows * cols)
         .zip(x.par_chunks(rows * cols).zip(rstd.par_chunks_mut(rows)))
@@ -25,7 +30,7 @@ pub fn rmsnorm<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]
 
 super::simd! {
 /// `rmsnorm` of whole rows, on the calling thread (see `simd!` for why).
-fn rmsnorm_rows<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T]) {
+fn rmsnorm_rows<T: Float, O: Slot<T>>(x: &[T], w: &[T], eps: f64, y: &mut [O], rstd: &mut [T]) {
     let cols = w.len();
     for ((xr, yr), rs) in x.chunks(cols).zip(y.chunks_mut(cols)).zip(rstd) {
         *rs = norm_row(xr, w, eps, yr);
@@ -35,15 +40,22 @@ fn rmsnorm_rows<T: Float>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T
 
 /// A block's residual add and the norm after it in one pass over each row: `h = x + delta`,
 /// then `rmsnorm(h)` into `y` and `rstd`, the values of the two kernels one after the other.
-pub fn add_rmsnorm<T: Float>(
+pub fn add_rmsnorm<T: Float, O: Slot<T>>(
     (x, delta): (&[T], &[T]),
     w: &[T],
     eps: f64,
     h: &mut [T],
-    y: &mut [T],
+    y: &mut [O],
     rstd: &mut [T],
 ) {
     let cols = w.len();
+    let len = rstd.len() * cols;
+    assert!(
+        [x.len(), delta.len(), h.len(), y.len()]
+            .iter()
+            .all(|&l| l == len),
+        "add_rmsnorm: lengths differ"
+    );
     let rows = super::rows_per_task(rstd.len(), cols);
     let n = rows * cols;
     h.par_chunks_mut(n)
@@ -55,12 +67,12 @@ pub fn add_rmsnorm<T: Float>(
 
 super::simd! {
 /// `add_rmsnorm` of whole rows, on the calling thread.
-fn add_rmsnorm_rows<T: Float>(
+fn add_rmsnorm_rows<T: Float, O: Slot<T>>(
     (x, delta): (&[T], &[T]),
     w: &[T],
     eps: f64,
     h: &mut [T],
-    y: &mut [T],
+    y: &mut [O],
     rstd: &mut [T],
 ) {
     let cols = w.len();
@@ -76,15 +88,20 @@ fn add_rmsnorm_rows<T: Float>(
 
 /// With `g = dy * w`: `dx = rstd * g - x * rstd^3 * sum(g * x) / cols`, and
 /// `dw = sum_rows(dy * x * rstd)` (written only when `dw` is given: a frozen norm skips it).
-pub fn rmsnorm_backward<T: Float>(
+pub fn rmsnorm_backward<T: Float, O: Slot<T>>(
     x: &[T],
     w: &[T],
     rstd: &[T],
     dy: &[T],
-    dx: &mut [T],
+    dx: &mut [O],
     dw: Option<&mut [T]>,
 ) {
     let cols = w.len();
+    let len = rstd.len() * cols;
+    assert!(
+        x.len() == len && dy.len() == len && dx.len() == len,
+        "rmsnorm_backward: lengths differ"
+    );
     let rows = super::rows_per_task(rstd.len(), cols);
     let n = rows * cols;
     dx.par_chunks_mut(n)
@@ -105,7 +122,7 @@ pub fn rmsnorm_backward<T: Float>(
 
 super::simd! {
 /// `dx` of whole rows, on the calling thread (see `simd!` for why).
-fn rmsnorm_backward_rows<T: Float>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut [T]) {
+fn rmsnorm_backward_rows<T: Float, O: Slot<T>>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut [O]) {
     let cols = w.len();
     let rows = x.chunks(cols).zip(dy.chunks(cols)).zip(dx.chunks_mut(cols));
     for (((xr, dyr), dxr), &rs) in rows.zip(rstd) {
@@ -122,7 +139,7 @@ fn rmsnorm_backward_rows<T: Float>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &
         }
         let k = rs * rs * rs * (sum_of(&acc) + tail) / T::from_f64(cols as f64);
         for (((o, &d), &w), &x) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
-            *o = rs * d * w - x * k;
+            o.put(rs * d * w - x * k);
         }
     }
 }

@@ -1,20 +1,30 @@
 //! Rotary position embedding, HF's rotate-half convention:
 //! `out[..h] = x1 cos - x2 sin`, `out[h..] = x2 cos + x1 sin` with `x1 = x[..h]`, `x2 = x[h..]`.
 
-use super::Float;
+use super::{Float, Slot};
 use rayon::prelude::*;
 
 /// `x, out: (rows, t, d)`; `cos, sin: (t, d / 2)`. `inverse` applies the transpose rotation,
 /// which is the backward pass (a rotation's inverse is its transpose).
-pub fn rope<T: Float>(
+pub fn rope<T: Float, O: Slot<T>>(
     x: &[T],
     cos: &[T],
     sin: &[T],
     t: usize,
     d: usize,
     inverse: bool,
-    out: &mut [T],
+    out: &mut [O],
 ) {
+    // Whole (t, d) rows with tables for all t positions: every output element is written (the
+    // engine's fresh outputs rely on it).
+    assert!(
+        d.is_multiple_of(2)
+            && x.len() == out.len()
+            && x.len().is_multiple_of((t * d).max(1))
+            && cos.len() >= t * d / 2
+            && sin.len() >= t * d / 2,
+        "rope: shapes do not fit"
+    );
     let sign = if inverse { -T::one() } else { T::one() };
     out.par_chunks_mut(t * d)
         .zip(x.par_chunks(t * d))
@@ -23,7 +33,7 @@ pub fn rope<T: Float>(
 
 super::simd! {
 /// `rope` on one `(t, d)` row, on the calling thread (see `simd!` for why).
-fn rope_row<T: Float>((cos, sin): (&[T], &[T]), d: usize, sign: T, x: &[T], out: &mut [T]) {
+fn rope_row<T: Float, O: Slot<T>>((cos, sin): (&[T], &[T]), d: usize, sign: T, x: &[T], out: &mut [O]) {
     let h = d / 2;
     for ((xv, ov), (c, s)) in x
         .chunks(d)
@@ -36,8 +46,8 @@ fn rope_row<T: Float>((cos, sin): (&[T], &[T]), d: usize, sign: T, x: &[T], out:
         let halves = o1.iter_mut().zip(o2).zip(x1.iter().zip(x2));
         for (((o1, o2), (&a, &b)), (&c, &s)) in halves.zip(c.iter().zip(s)) {
             let si = sign * s;
-            *o1 = a * c - b * si;
-            *o2 = b * c + a * si;
+            o1.put(a * c - b * si);
+            o2.put(b * c + a * si);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Elementwise unary ops and their derivatives.
 
-use super::Float;
+use super::{Float, Slot};
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -108,7 +108,12 @@ fn scale_chunk<T: Float>(alpha: T, x: &[T], out: &mut [T]) {
 }
 
 /// SwiGLU: `out = silu(gate) * up`, fused so the MLP stores one activation instead of three.
-pub fn swiglu<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
+pub fn swiglu<T: Float, O: Slot<T>>(gate: &[T], up: &[T], out: &mut [O]) {
+    // Equal lengths: every output element is written (the engine's fresh outputs rely on it).
+    assert!(
+        gate.len() == out.len() && up.len() == out.len(),
+        "swiglu: lengths differ"
+    );
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(o, (g, u))| swiglu_chunk(g, u, o));
@@ -116,15 +121,28 @@ pub fn swiglu<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
 
 super::simd! {
 /// `swiglu` on one chunk, on the calling thread.
-fn swiglu_chunk<T: Float>(gate: &[T], up: &[T], out: &mut [T]) {
+fn swiglu_chunk<T: Float, O: Slot<T>>(gate: &[T], up: &[T], out: &mut [O]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g * sigmoid(g) * u;
+        o.put(g * sigmoid(g) * u);
     }
 }
 }
 
 /// SwiGLU backward: `dgate = dy * up * silu'(gate)`, `dup = dy * silu(gate)`.
-pub fn swiglu_backward<T: Float>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T], dup: &mut [T]) {
+pub fn swiglu_backward<T: Float, O: Slot<T>>(
+    gate: &[T],
+    up: &[T],
+    dy: &[T],
+    dgate: &mut [O],
+    dup: &mut [O],
+) {
+    let n = dy.len();
+    assert!(
+        [gate.len(), up.len(), dgate.len(), dup.len()]
+            .iter()
+            .all(|&l| l == n),
+        "swiglu_backward: lengths differ"
+    );
     dgate
         .par_chunks_mut(CHUNK)
         .zip(dup.par_chunks_mut(CHUNK))
@@ -138,14 +156,14 @@ pub fn swiglu_backward<T: Float>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T]
 
 super::simd! {
 /// `swiglu_backward` on one chunk, on the calling thread.
-fn swiglu_backward_chunk<T: Float>((gate, up, dy): (&[T], &[T], &[T]), dgate: &mut [T], dup: &mut [T]) {
+fn swiglu_backward_chunk<T: Float, O: Slot<T>>((gate, up, dy): (&[T], &[T], &[T]), dgate: &mut [O], dup: &mut [O]) {
     let n = dgate.len();
     let (dup, gate, up, dy) = (&mut dup[..n], &gate[..n], &up[..n], &dy[..n]);
     for i in 0..n {
         let (g, u, d) = (gate[i], up[i], dy[i]);
         let sg = sigmoid(g);
-        dgate[i] = d * u * sg * (T::one() + g * (T::one() - sg));
-        dup[i] = d * g * sg;
+        dgate[i].put(d * u * sg * (T::one() + g * (T::one() - sg)));
+        dup[i].put(d * g * sg);
     }
 }
 }

@@ -4,15 +4,21 @@ use crate::ops::float_dispatch;
 use crate::{Result, Shape, Tensor};
 use bft_kernels::cpu::binary::{BinaryKind, binary, sum_rows};
 use bft_kernels::cpu::unary::scale;
-use bft_kernels::cpu::zeroed;
+use bft_kernels::cpu::{written, zeroed};
 
 impl BinaryKernel for Cpu {
     fn binary(&self, kind: BinaryKind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         float_dispatch!("binary", a.dtype(), |T| {
-            let mut o = zeroed::<T>(a.numel());
-            if !o.is_empty() {
-                binary(kind, a.cpu::<T>("binary")?, b.cpu::<T>("binary")?, &mut o);
-            }
+            let (x, y) = (a.cpu::<T>("binary")?, b.cpu::<T>("binary")?);
+            // SAFETY: `binary` writes every element of an output as long as `a` (it checks
+            // that `b` tiles `a`); an empty one has nothing to write.
+            let o = unsafe {
+                written(a.numel(), |o| {
+                    if !o.is_empty() {
+                        binary(kind, x, y, o);
+                    }
+                })
+            };
             Ok(Tensor::from_cpu(o, a.shape().clone()))
         })
     }

@@ -5,7 +5,7 @@ use crate::backend::Cpu;
 use crate::storage::{CpuData, CpuStorage};
 use crate::{DType, Error, Result, Shape, Storage, Tensor};
 use bft_kernels::cpu::layout::{copy_slab, permute};
-use bft_kernels::cpu::zeroed;
+use bft_kernels::cpu::{written, zeroed};
 use std::sync::Arc;
 
 impl LayoutKernel for Cpu {
@@ -77,9 +77,8 @@ trait AnySlice {
 
 impl<T: crate::Elem + Default> AnySlice for Vec<T> {
     fn permute(&self, dims: &[usize], perm: &[usize]) -> CpuData {
-        let mut out = zeroed::<T>(self.len());
-        permute(self, dims, perm, &mut out);
-        T::wrap(out)
+        // SAFETY: a permutation writes every element of an output as long as its input.
+        T::wrap(unsafe { written(self.len(), |out| permute(self, dims, perm, out)) })
     }
     fn slab(
         &self,
