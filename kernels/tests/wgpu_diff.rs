@@ -528,7 +528,7 @@ fn fused_lm_head_loss_passes_match_cpu() {
     let (mut lse, mut tl, mut unit) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * c]);
     lm_head_forward(
         dims,
-        chunk,
+        (chunk, v),
         (&x, &w, &targets),
         &mut z,
         &mut lse,

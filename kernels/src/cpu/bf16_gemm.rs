@@ -273,6 +273,10 @@ pub trait WeightProduct<W>: Sized {
         c: &mut [Self],
         accumulate: bool,
     );
+
+    /// `row[i] = row[i] * scale - w[i]`, the weight widened exactly (the fused LM head's
+    /// target term).
+    fn minus_scaled_row(row: &mut [Self], scale: Self, w: &[W]);
 }
 
 impl<T: Float> WeightProduct<T> for T {
@@ -284,6 +288,12 @@ impl<T: Float> WeightProduct<T> for T {
         accumulate: bool,
     ) {
         matmul(dims, a, b, c, accumulate)
+    }
+
+    fn minus_scaled_row(row: &mut [T], scale: T, w: &[T]) {
+        row.iter_mut()
+            .zip(w)
+            .for_each(|(r, &w)| *r = *r * scale - w);
     }
 }
 
@@ -302,6 +312,12 @@ impl WeightProduct<bf16> for f32 {
         if !matmul_bf16(dims, a, b, c, accumulate) {
             widened_product(dims, a, b, c, accumulate);
         }
+    }
+
+    fn minus_scaled_row(row: &mut [f32], scale: f32, w: &[bf16]) {
+        row.iter_mut()
+            .zip(w)
+            .for_each(|(r, w)| *r = *r * scale - w.to_f32());
     }
 }
 
@@ -351,6 +367,12 @@ impl WeightProduct<bf16> for f64 {
             batch_stride: b.batch_stride,
         };
         matmul(dims, a, b, c, accumulate)
+    }
+
+    fn minus_scaled_row(row: &mut [f64], scale: f64, w: &[bf16]) {
+        row.iter_mut()
+            .zip(w)
+            .for_each(|(r, w)| *r = *r * scale - w.to_f64());
     }
 }
 

@@ -83,38 +83,24 @@ fn softmax_minus_onehot_row<T: Float>(row: &mut [T], lse: T, a: T, target: usize
 }
 }
 
-super::simd! {
-/// A row of logits turned in place into `softmax(z) - onehot(target)`; returns its log-sum-exp.
-/// The shifted exponentials are taken once and kept, then scaled by the inverse of their sum:
-/// `logsumexp` followed by `softmax_minus_onehot_row` took every exponential twice (42 million
-/// a training step of SmolLM2, 864 rows of 49,152 logits). A row without a finite maximum takes
-/// that path, whose results (NaN, or -inf for an all -inf row) it keeps.
-fn softmax_minus_onehot_lse<T: Float>(row: &mut [T], target: usize) -> T {
-    let m = max_of(row);
-    if !m.is_finite() {
-        let lse = logsumexp(row);
-        softmax_minus_onehot_row(row, lse, T::one(), target);
-        return lse;
-    }
-    row.iter_mut().for_each(|e| *e -= m);
-    T::exp_in_place(row);
-    let s = sum_of(row);
-    let inv = T::one() / s;
-    row.iter_mut().for_each(|e| *e *= inv);
-    row[target] -= T::one();
-    m + s.ln()
-}
-}
-
-/// Pass 1: `lse[i]` and `target_logit[i]` for every row, `chunk` rows at a time, and when
-/// `unit_grad` is given, `unit_grad (rows, C) = (softmax(Z) - onehot(y)) W`. `z` is the caller's
-/// scratch for one chunk of logits, at least `min(chunk, rows) * vocab` long: the only
-/// vocabulary-sized memory the loss uses. `w` may be stored as bf16 with f32 activations: both
-/// of its products then round the other operand to bf16 once and accumulate in f32.
-#[allow(clippy::too_many_arguments)]
-pub fn lm_head_forward<T: Float + WeightProduct<W>, W>(
+/// Pass 1: `lse[i]` and `target_logit[i]` for every row, and when `unit_grad` is given,
+/// `unit_grad (rows, C) = (softmax(Z) - onehot(y)) W`. Rows go `chunk` at a time, and within a
+/// chunk the vocabulary goes `tile` words at a time with a running maximum and sum per row (as
+/// flash attention runs over keys): the tile's logits `x Wᵀ`, their exponentials shifted by the
+/// running maximum, and their product with the tile's rows of W added to `unit_grad`, whose
+/// rows are rescaled when their maximum moves. At the end a row's sum normalises it and the
+/// target's row of W is subtracted. `z` is the caller's scratch for one tile of one chunk, at
+/// least `min(chunk, rows) * min(tile, vocab)` long: the only vocabulary-sized memory the loss
+/// uses.
+///
+/// A tile of logits stays in cache for the pass over it and the product that reads it, where a
+/// chunk of logits over the whole vocabulary (64 MiB) went to memory and back twice, and all of
+/// a chunk's rows meet each packed tile of W, where each chunk of rows packed all of W again
+/// for each of its two products. `w` may be stored as bf16 with f32 activations: both products
+/// then round the other operand to bf16 once and accumulate in f32.
+pub fn lm_head_forward<T: Float + WeightProduct<W>, W: Sync>(
     dims: HeadDims,
-    chunk: usize,
+    (chunk, tile): (usize, usize),
     (x, w, targets): (&[T], &[W], &[u32]),
     z: &mut [T],
     lse: &mut [T],
@@ -122,51 +108,135 @@ pub fn lm_head_forward<T: Float + WeightProduct<W>, W>(
     mut unit_grad: Option<&mut [T]>,
 ) {
     let (v, c) = (dims.vocab, dims.hidden);
+    let (chunk, tile) = (chunk.max(1), tile.clamp(1, v.max(1)));
     assert!(
-        z.len() >= chunk.min(dims.rows) * v,
+        z.len() >= chunk.min(dims.rows) * tile,
         "lm_head_forward: scratch too short"
     );
+    assert!(w.len() >= v * c && x.len() >= dims.rows * c && targets.len() >= dims.rows);
+    let grad = unit_grad.is_some();
     for r0 in (0..dims.rows).step_by(chunk) {
         let n = chunk.min(dims.rows - r0);
-        logits_chunk(dims, x, w, r0, n, z);
-        let grad = unit_grad.is_some();
-        // Each row's log-sum-exp, its target logit, and (for the gradient) the row turned
-        // into softmax - onehot, in one task: the row (V floats) is still in this core's L2
-        // for the second pass, where a pass over the whole chunk would read it from memory.
-        z[..n * v]
-            .par_chunks_mut(v)
-            .zip(lse[r0..r0 + n].par_iter_mut())
-            .zip(target_logit[r0..r0 + n].par_iter_mut())
-            .zip(&targets[r0..r0 + n])
-            .for_each(|(((row, l), t), &y)| {
-                *t = row[y as usize];
-                *l = if grad {
-                    softmax_minus_onehot_lse(row, y as usize)
-                } else {
-                    logsumexp(row)
-                };
-            });
+        let rows = r0..r0 + n;
+        // Per row: the running maximum (kept in `lse` until the end), the running sum of
+        // exponentials under it, and the factor the tile just rescaled them by.
+        lse[rows.clone()].fill(T::neg_infinity());
+        let (mut sum, mut rescale) = (vec![T::zero(); n], vec![T::one(); n]);
+        for v0 in (0..v).step_by(tile) {
+            let vt = tile.min(v - v0);
+            let wt = &w[v0 * c..(v0 + vt) * c];
+            // (n, C) . (vt, C)^T -> (n, vt)
+            let zt = &mut z[..n * vt];
+            T::weight_product(
+                GemmDims {
+                    batch: 1,
+                    m: n,
+                    n: vt,
+                    k: c,
+                },
+                Operand {
+                    data: &x[r0 * c..(r0 + n) * c],
+                    trans: false,
+                    batch_stride: 0,
+                },
+                Operand {
+                    data: wt,
+                    trans: true,
+                    batch_stride: 0,
+                },
+                zt,
+                false,
+            );
+            zt.par_chunks_mut(vt)
+                .zip(lse[rows.clone()].par_iter_mut())
+                .zip(sum.par_iter_mut().zip(rescale.par_iter_mut()))
+                .zip(
+                    target_logit[rows.clone()]
+                        .par_iter_mut()
+                        .zip(&targets[rows.clone()]),
+                )
+                .for_each(|(((row, m), (s, a)), (t, &y))| {
+                    let y = y as usize;
+                    if (v0..v0 + vt).contains(&y) {
+                        *t = row[y - v0];
+                    }
+                    *a = tile_pass(row, m, s, grad);
+                });
+            if let Some(u) = unit_grad.as_deref_mut() {
+                let ut = &mut u[r0 * c..(r0 + n) * c];
+                if v0 > 0 {
+                    ut.par_chunks_mut(c)
+                        .zip(&rescale)
+                        .filter(|(_, a)| **a != T::one())
+                        .for_each(|(row, &a)| row.iter_mut().for_each(|e| *e *= a));
+                }
+                // (n, vt) . (vt, C) -> (n, C), added to the rows' running sums.
+                T::weight_product(
+                    GemmDims {
+                        batch: 1,
+                        m: n,
+                        n: c,
+                        k: vt,
+                    },
+                    Operand {
+                        data: zt,
+                        trans: false,
+                        batch_stride: 0,
+                    },
+                    Operand {
+                        data: wt,
+                        trans: false,
+                        batch_stride: 0,
+                    },
+                    ut,
+                    v0 > 0,
+                );
+            }
+        }
+        for (l, &s) in lse[rows.clone()].iter_mut().zip(&sum) {
+            *l += s.ln();
+        }
         if let Some(u) = unit_grad.as_deref_mut() {
-            // (n, V) . (V, C) -> (n, C)
-            let gd = GemmDims {
-                batch: 1,
-                m: n,
-                n: c,
-                k: v,
-            };
-            let go = Operand {
-                data: &z[..n * v],
-                trans: false,
-                batch_stride: 0,
-            };
-            let wo = Operand {
-                data: w,
-                trans: false,
-                batch_stride: 0,
-            };
-            T::weight_product(gd, go, wo, &mut u[r0 * c..(r0 + n) * c], false);
+            // softmax . W = (running sum) / sum, minus the target's row of W.
+            u[r0 * c..(r0 + n) * c]
+                .par_chunks_mut(c)
+                .zip(&sum)
+                .zip(&targets[rows])
+                .for_each(|((row, &s), &y)| {
+                    let wy = &w[y as usize * c..(y as usize + 1) * c];
+                    T::minus_scaled_row(row, T::one() / s, wy);
+                });
         }
     }
+}
+
+super::simd! {
+/// One row of a vocabulary tile: updates the row's running maximum `m` and sum `s` of
+/// exponentials, and returns the factor the old sum was rescaled by (1 when the maximum did not
+/// move, 0 on a row's first finite tile). With `keep`, the row's logits become their
+/// exponentials under the new maximum (zeros while no logit is finite).
+fn tile_pass<T: Float>(row: &mut [T], m: &mut T, s: &mut T, keep: bool) -> T {
+    let m_new = max_of(row).max(*m);
+    if !m_new.is_finite() {
+        // All -inf so far (no word is possible yet), or a non-finite logit: the result is
+        // NaN or -inf, as the two-pass loss gives.
+        *s = if m_new == T::neg_infinity() { *s } else { T::nan() };
+        *m = m_new;
+        row.iter_mut().for_each(|e| *e = T::zero());
+        return T::one();
+    }
+    let a = if *m == T::neg_infinity() { T::zero() } else { (*m - m_new).exp() };
+    let tile_sum = if keep {
+        row.iter_mut().for_each(|e| *e -= m_new);
+        T::exp_in_place(row);
+        sum_of(row)
+    } else {
+        (logsumexp(row) - m_new).exp()
+    };
+    *s = *s * a + tile_sum;
+    *m = m_new;
+    a
+}
 }
 
 /// Pass 2, for a trainable head: `dw += G^T X` with `G[i] = coef[i] * (softmax(z_i) - onehot(y_i))`
@@ -219,33 +289,6 @@ pub fn lm_head_backward_head<T: Float>(
 mod tests {
     use super::*;
 
-    /// The one-exponential row pass equals `logsumexp` then `softmax_minus_onehot_row`, within
-    /// rounding for finite rows and exactly (NaN and -inf kept) for rows without a finite max.
-    #[test]
-    fn one_pass_softmax_row_matches_the_two_passes() {
-        let finite: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
-        let rows = [
-            finite,
-            vec![f32::NEG_INFINITY; 5],
-            vec![1.0, f32::INFINITY, 0.5],
-            vec![1.0, f32::NAN, 2.0],
-        ];
-        for row in rows {
-            let target = 1;
-            let (mut one, mut two) = (row.clone(), row.clone());
-            let lse1 = softmax_minus_onehot_lse(&mut one, target);
-            let lse2 = logsumexp(&two);
-            softmax_minus_onehot_row(&mut two, lse2, 1.0, target);
-            let same = |a: f32, b: f32, tol: f32| {
-                (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tol * b.abs().max(1e-3)
-            };
-            assert!(same(lse1, lse2, 1e-6), "{lse1} vs {lse2}");
-            for (a, b) in one.iter().zip(&two) {
-                assert!(same(*a, *b, 1e-5), "{a} vs {b}");
-            }
-        }
-    }
-
     #[test]
     fn chunked_passes_match_full_logits() {
         let dims = HeadDims {
@@ -257,7 +300,7 @@ mod tests {
         let w: Vec<f64> = (0..55).map(|i| (i as f64 * 0.71).cos()).collect();
         let y: Vec<u32> = (0..7).map(|i| (i * 3 % 11) as u32).collect();
         let coef: Vec<f64> = (0..7).map(|i| 0.1 * i as f64 - 0.2).collect();
-        let run = |chunk| {
+        let run = |chunk, tile| {
             let (mut lse, mut t, mut z, mut u) = (
                 vec![0.0; 7],
                 vec![0.0; 7],
@@ -266,7 +309,7 @@ mod tests {
             );
             lm_head_forward(
                 dims,
-                chunk,
+                (chunk, tile),
                 (&x, &w, &y),
                 &mut z,
                 &mut lse,
@@ -277,9 +320,31 @@ mod tests {
             lm_head_backward_head(dims, chunk, (&x, &w, &y), (&lse, &coef), &mut z, &mut dw);
             [lse, t, u, dw].concat()
         };
-        let (one, many) = (run(7), run(2));
-        for (a, b) in one.iter().zip(&many) {
-            assert!((a - b).abs() < 1e-12);
+        // One chunk and one tile, against chunks of 2 rows (the last partial) over tiles of 4
+        // words (the last partial), and others down to single words (where a row's running
+        // maximum moves at many tiles and its sums are rescaled).
+        let one = run(7, 11);
+        for (chunk, tile) in [(2, 4), (3, 11), (7, 1), (1, 5)] {
+            for (a, b) in one.iter().zip(&run(chunk, tile)) {
+                assert!((a - b).abs() < 1e-12, "chunk {chunk}, tile {tile}");
+            }
+            // Without the gradient: the same log-sum-exps and target logits.
+            let (mut lse, mut t, mut z) = (vec![0.0; 7], vec![0.0; 7], vec![0.0; chunk * tile]);
+            lm_head_forward(
+                dims,
+                (chunk, tile),
+                (&x, &w, &y),
+                &mut z,
+                &mut lse,
+                &mut t,
+                None,
+            );
+            for (a, b) in lse.iter().chain(&t).zip(&one[..14]) {
+                assert!(
+                    (a - b).abs() < 1e-12,
+                    "no gradient: chunk {chunk}, tile {tile}"
+                );
+            }
         }
         // Row 0 by hand: lse of z = x0 . W^T, and u0 = (softmax(z) - onehot(y0)) W.
         let z: Vec<f64> = (0..11)

@@ -7,6 +7,10 @@ use bft_kernels::cpu::embedding::{gather, scatter_add};
 use bft_kernels::cpu::lm_head::{chunk_rows, lm_head_backward_head, lm_head_forward};
 use bft_kernels::cpu::zeroed;
 
+/// Words of the vocabulary per tile of logits in the forward pass: 2,048 words of a row are
+/// 8 KiB, and a tile's product with W (k = 2,048) is one packed k-block of the bf16 kernel.
+const VOCAB_TILE: usize = 2048;
+
 impl LmHeadKernel for Cpu {
     /// f32 hidden states read a frozen bf16 head as stored where a bf16 kernel runs
     /// (AVX512-BF16, or AVX2 + FMA widening the head as it packs it).
@@ -30,15 +34,18 @@ impl LmHeadKernel for Cpu {
             let mut xs = zeroed::<T>(n * c);
             gather(x.cpu::<T>("lm_head_nll")?, c, sel.rows, &mut xs);
             let (mut lse, mut tl) = (zeroed::<T>(n), zeroed::<T>(n));
-            let chunk = chunk_rows(v, std::mem::size_of::<T>(), CHUNK_BYTES);
-            // The one vocabulary-sized buffer: a chunk of logits, counted as engine memory.
-            let mut z = Scratch::<T>::new(chunk.min(n) * v);
+            // Logits a tile of the vocabulary at a time, for as many rows as CHUNK_BYTES
+            // holds (every row of a SmolLM2 batch: 864 rows of 2,048 words, 7 MiB).
+            let tile = VOCAB_TILE.min(v);
+            let chunk = chunk_rows(tile, std::mem::size_of::<T>(), CHUNK_BYTES);
+            // The one vocabulary-sized buffer: a tile of logits, counted as engine memory.
+            let mut z = Scratch::<T>::new(chunk.min(n) * tile);
             let mut unit = want_dx.then(|| zeroed::<T>(n * c));
             let (op, xr) = ("lm_head_nll", xs.as_slice());
             if head.dtype() == DType::BF16 {
                 lm_head_forward(
                     sel.dims,
-                    chunk,
+                    (chunk, tile),
                     (xr, head.cpu::<half::bf16>(op)?, sel.targets),
                     z.buf(),
                     &mut lse,
@@ -48,7 +55,7 @@ impl LmHeadKernel for Cpu {
             } else {
                 lm_head_forward(
                     sel.dims,
-                    chunk,
+                    (chunk, tile),
                     (xr, head.cpu::<T>(op)?, sel.targets),
                     z.buf(),
                     &mut lse,
