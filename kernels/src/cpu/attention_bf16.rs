@@ -79,7 +79,9 @@ fn lanes_over_d(x: &[f32], heads: usize, n: usize, d: usize) -> Packed {
 fn panels_over_d(x: &[f32], heads: usize, n: usize, d: usize, lanes: usize) -> Packed {
     let (dp, blocks) = (d.div_ceil(2), n.div_ceil(lanes));
     let per_head = blocks * dp * lanes;
-    let mut data = vec![0u32; heads * per_head];
+    // Zeroed by the pool (lanes past n and pairs past a short block stay zero): `vec!` on
+    // reused heap memory zero-fills on this thread alone.
+    let mut data = super::zeroed::<u32>(heads * per_head);
     data.par_chunks_mut(dp * lanes)
         .enumerate()
         .for_each(|(i, panel)| {
@@ -107,7 +109,7 @@ fn d_over_rows(x: &[f32], heads: usize, n: usize, d: usize) -> Packed {
     let (blocks, dpanels) = (n.div_ceil(BC), d.div_ceil(NR));
     let slot = BC / 2 * NR;
     let per_head = blocks * dpanels * slot;
-    let mut data = vec![0u32; heads * per_head];
+    let mut data = super::zeroed::<u32>(heads * per_head);
     data.par_chunks_mut(slot)
         .enumerate()
         .for_each(|(i, panel)| {

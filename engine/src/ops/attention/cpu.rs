@@ -26,7 +26,7 @@ impl AttentionKernel for Cpu {
         let rows = dims.batch * dims.q_heads * dims.q_len;
         let n = "attention";
         if takes_bf16(autocast, q.dtype(), forward_applies(&dims)) && rows > 0 {
-            let (mut o, mut l) = (vec![0f32; q.numel()], vec![0f32; rows]);
+            let (mut o, mut l) = (zeroed::<f32>(q.numel()), zeroed::<f32>(rows));
             let qkv = (q.cpu::<f32>(n)?, k.cpu::<f32>(n)?, v.cpu::<f32>(n)?);
             if attention_forward_bf16(dims, scale, qkv, &mut o, &mut l) {
                 return Ok((
@@ -59,9 +59,9 @@ impl AttentionKernel for Cpu {
         let n = "attention";
         // Decided before the outputs are allocated: a declined call would allocate twice.
         if takes_bf16(autocast, g.dtype(), backward_applies(&dims)) && q.numel() > 0 {
-            let mut dq = vec![0f32; q.numel()];
-            let mut dk = vec![0f32; k.numel()];
-            let mut dv = vec![0f32; v.numel()];
+            let mut dq = zeroed::<f32>(q.numel());
+            let mut dk = zeroed::<f32>(k.numel());
+            let mut dv = zeroed::<f32>(v.numel());
             if attention_backward_bf16(
                 dims,
                 scale,
