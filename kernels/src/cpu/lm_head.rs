@@ -300,13 +300,11 @@ mod tests {
         let w: Vec<f64> = (0..55).map(|i| (i as f64 * 0.71).cos()).collect();
         let y: Vec<u32> = (0..7).map(|i| (i * 3 % 11) as u32).collect();
         let coef: Vec<f64> = (0..7).map(|i| 0.1 * i as f64 - 0.2).collect();
-        let run = |chunk, tile| {
-            let (mut lse, mut t, mut z, mut u) = (
-                vec![0.0; 7],
-                vec![0.0; 7],
-                vec![0.0; chunk * 11],
-                vec![0.0; 35],
-            );
+        // lse, target logits and (with `grad`) the unit gradient, chunk by chunk and tile by tile.
+        let forward = |chunk: usize, tile: usize, grad: bool| {
+            let (mut lse, mut t, mut u) = (vec![0.0; 7], vec![0.0; 7], vec![0.0; 35]);
+            let mut z = vec![0.0; chunk * 11];
+            let unit = grad.then_some(&mut u[..]);
             lm_head_forward(
                 dims,
                 (chunk, tile),
@@ -314,8 +312,12 @@ mod tests {
                 &mut z,
                 &mut lse,
                 &mut t,
-                Some(&mut u),
+                unit,
             );
+            (lse, t, u, z)
+        };
+        let run = |chunk, tile| {
+            let (lse, t, u, mut z) = forward(chunk, tile, true);
             let mut dw = vec![0.0; 55];
             lm_head_backward_head(dims, chunk, (&x, &w, &y), (&lse, &coef), &mut z, &mut dw);
             [lse, t, u, dw].concat()
@@ -329,16 +331,7 @@ mod tests {
                 assert!((a - b).abs() < 1e-12, "chunk {chunk}, tile {tile}");
             }
             // Without the gradient: the same log-sum-exps and target logits.
-            let (mut lse, mut t, mut z) = (vec![0.0; 7], vec![0.0; 7], vec![0.0; chunk * tile]);
-            lm_head_forward(
-                dims,
-                (chunk, tile),
-                (&x, &w, &y),
-                &mut z,
-                &mut lse,
-                &mut t,
-                None,
-            );
+            let (lse, t, ..) = forward(chunk, tile, false);
             for (a, b) in lse.iter().chain(&t).zip(&one[..14]) {
                 assert!(
                     (a - b).abs() < 1e-12,

@@ -225,34 +225,22 @@ mod tests {
             |o| super::unary::swiglu(&x, &y, o),
         );
         // Both outputs of the backward, each checked while the other is fresh memory too.
-        let spare = |n: usize| Vec::<f32>::with_capacity(n);
-        let (mut zg, mut zu) = (vec![0f32; n], vec![0f32; n]);
-        check_written(
-            n,
-            |o| {
-                super::unary::swiglu_backward(
-                    &x,
-                    &y,
-                    &z,
-                    o,
-                    &mut spare(n).spare_capacity_mut()[..n],
-                )
-            },
-            |o| super::unary::swiglu_backward(&x, &y, &z, o, &mut zu),
-        );
-        check_written(
-            n,
-            |o| {
-                super::unary::swiglu_backward(
-                    &x,
-                    &y,
-                    &z,
-                    &mut spare(n).spare_capacity_mut()[..n],
-                    o,
-                )
-            },
-            |o| super::unary::swiglu_backward(&x, &y, &z, &mut zg, o),
-        );
+        let bwd = |first: bool, o: &mut [_], other: &mut [_]| {
+            let (dg, du) = if first { (o, other) } else { (other, o) };
+            super::unary::swiglu_backward(&x, &y, &z, dg, du)
+        };
+        let bwd_plain = |first: bool, o: &mut [f32], other: &mut [f32]| {
+            let (dg, du) = if first { (o, other) } else { (other, o) };
+            super::unary::swiglu_backward(&x, &y, &z, dg, du)
+        };
+        for first in [true, false] {
+            let mut spare = Vec::<f32>::with_capacity(n);
+            check_written(
+                n,
+                |o| bwd(first, o, &mut spare.spare_capacity_mut()[..n]),
+                |o| bwd_plain(first, o, &mut vec![0f32; n]),
+            );
+        }
         for kind in [
             super::binary::BinaryKind::Add,
             super::binary::BinaryKind::Mul,
