@@ -1,13 +1,14 @@
-//! The fused LM-head loss: logits are produced one row chunk at a time and never stored for all
-//! tokens. For 8k tokens of a 151,936-word vocabulary, full f32 logits would take 5 GB; a chunk
-//! of `rows` takes `rows * vocab * 4` bytes, in a scratch buffer the caller owns.
+//! The fused LM-head loss: logits are produced a piece at a time and never stored for all
+//! tokens. For 8k tokens of a 151,936-word vocabulary, full f32 logits would take 5 GB; a piece
+//! lives in a scratch buffer the caller owns.
 //!
-//! Pass 1 (forward): per chunk, `Z = X W^T` (rows, V), then each row's log-sum-exp and target
-//! logit. When the hidden states need a gradient it also forms, while the chunk is live,
+//! Pass 1 (forward): per chunk of rows, over tiles of the vocabulary, `Z = X W_tileᵀ` and each
+//! row's running maximum, sum of exponentials and target logit, giving its log-sum-exp at the
+//! end. When the hidden states need a gradient it also forms, tile by tile,
 //! `U = (softmax(Z) - onehot(y)) W` (rows, C): the loss's coefficients are constants, so
 //! `dX = coef * U` later needs no second pass over the vocabulary.
-//! Pass 2 (only for a trainable head): recompute `Z`, turn it into
-//! `G = coef (softmax(Z) - onehot(y))` and accumulate `dW += G^T X`.
+//! Pass 2 (only for a trainable head): per chunk of rows over the whole vocabulary, recompute
+//! `Z`, turn it into `G = coef (softmax(Z) - onehot(y))` and accumulate `dW += G^T X`.
 
 use super::bf16_gemm::WeightProduct;
 use super::matmul::{GemmDims, Operand, matmul};
