@@ -29,7 +29,6 @@ use super::bf16_gemm::{
     Bf16Source, KC, MR, NR, available, pack_k_major, pack_lane_major, tile_kernel,
 };
 use super::float::exp_f32;
-use super::{max_of, sum_of};
 use rayon::prelude::*;
 
 /// Query rows per tile.
@@ -285,24 +284,164 @@ unsafe fn pack_columns(s: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
     }
 }
 
-/// `row[i] = exp(row[i] * scale - shift)`, returning their sum: one pass, the sum over 16
-/// lanes (as `sum_of`), where scaling, shifting, exponentiating and summing were four.
+/// Rows of the score tile whose statistics are formed together: one zmm of 16 lanes holds one
+/// statistic (max, sum, correction) of 16 rows.
+const GROUP: usize = 16;
+// The forward takes its BR query rows in whole groups.
+const _: () = assert!(BR.is_multiple_of(GROUP));
+
+/// The lanes of 16-column chunk `c` that lie before `vis` (a row's visible keys).
 #[inline(always)]
-fn exp_scaled_sum(row: &mut [f32], scale: f32, shift: f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut chunks = row.chunks_exact_mut(16);
-    for c in chunks.by_ref() {
-        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-            *x = exp_f32(*x * scale - shift);
-            *a += *x;
+fn chunk_mask(vis: usize, c: usize) -> u16 {
+    match vis.saturating_sub(16 * c) {
+        0 => 0,
+        v if v >= 16 => u16::MAX,
+        v => (1u16 << v) - 1,
+    }
+}
+
+/// `exp_f32` on each of 16 lanes: a fixed-length lane loop the compiler turns into zmm
+/// instructions inside the callers' AVX-512 functions.
+#[inline(always)]
+fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    // SAFETY: __m512 and [f32; 16] are the same 64 bytes.
+    let mut v: [f32; 16] = unsafe { std::mem::transmute(x) };
+    for e in v.iter_mut() {
+        *e = exp_f32(*e);
+    }
+    // SAFETY: as above.
+    unsafe { std::mem::transmute(v) }
+}
+
+/// `row`'s first `chunks` chunks of 16 columns: `exp(x * scale - shift)` where the column is
+/// before `vis`, 0 after it; returns the 16 lanes' partial sums of what it wrote. Whole
+/// masked chunks, so a diagonal tile's ragged rows take no scalar tail.
+///
+/// # Safety
+/// AVX-512F.
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn exp_row(
+    row: &mut [f32],
+    chunks: usize,
+    vis: usize,
+    scale: f32,
+    shift: f32,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let (vscale, vshift) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
+    let row = &mut row[..16 * chunks];
+    let mut sum = _mm512_setzero_ps();
+    for c in 0..chunks {
+        let k = chunk_mask(vis, c);
+        // SAFETY: c < chunks, so the chunk lies inside `row`.
+        unsafe {
+            let at = row.as_mut_ptr().add(16 * c);
+            let e = if k == 0 {
+                _mm512_setzero_ps()
+            } else {
+                let x = _mm512_loadu_ps(at);
+                _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(x, vscale, vshift)))
+            };
+            _mm512_storeu_ps(at, e);
+            sum = _mm512_add_ps(sum, e);
         }
     }
-    let mut tail = 0.0;
-    for x in chunks.into_remainder() {
-        *x = exp_f32(*x * scale - shift);
-        tail += *x;
+    sum
+}
+
+/// Reduces each of 16 vectors across its lanes with `$op`, lane i of the result being vector
+/// i's: 45 shuffles and ops in a tree for 16 rows, where reducing row by row was a chain of 15
+/// dependent scalar ops each (the forward's largest cost outside its products).
+macro_rules! reduce16 {
+    ($name:ident, $op:ident) => {
+        /// # Safety
+        /// AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $name(v: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+            use std::arch::x86_64::*;
+            // Pairs of rows: per 128-bit block, [a0+a2, b0+b2, a1+a3, b1+b3].
+            let w: [__m512; 8] = std::array::from_fn(|i| {
+                let (a, b) = (v[2 * i], v[2 * i + 1]);
+                $op(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+            });
+            // Quads: per block, rows 4j..4j + 4 reduced over the block's four columns.
+            let x: [__m512; 4] = std::array::from_fn(|j| {
+                let (a, b) = (_mm512_castps_pd(w[2 * j]), _mm512_castps_pd(w[2 * j + 1]));
+                $op(
+                    _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                    _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+                )
+            });
+            // Across the four blocks: first pairs of blocks, then the two halves.
+            let z = |a: __m512, b: __m512| {
+                $op(
+                    _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                    _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+                )
+            };
+            let (z0, z1) = (z(x[0], x[1]), z(x[2], x[3]));
+            z(z0, z1)
+        }
+    };
+}
+reduce16!(rows_max, _mm512_max_ps);
+reduce16!(rows_sum, _mm512_add_ps);
+
+/// The online-softmax step of up to 16 rows of a score tile `s` (row stride `BC`, `cols`
+/// keys of which row i sees `vis[i]`): their running maxima `m` and sums `l` take the tile in,
+/// the tile becomes `exp(S * scale - m)` (0 past `vis`), and the returned factors are what the
+/// rows' accumulated outputs must be multiplied by (0 on a row's first tile).
+///
+/// # Safety
+/// AVX-512F; `s` holds `(n - 1) * BC + cols.next_multiple_of(16)` values, with `n = vis.len()`
+/// between 1 and 16.
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn softmax_group(
+    s: &mut [f32],
+    vis: &[usize],
+    cols: usize,
+    scale: f32,
+    m: &mut [f32; GROUP],
+    l: &mut [f32; GROUP],
+) -> [f32; GROUP] {
+    use std::arch::x86_64::*;
+    let (n, chunks) = (vis.len(), cols.div_ceil(16));
+    assert!((1..=GROUP).contains(&n) && s.len() >= (n - 1) * BC + chunks * 16);
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut part = [ninf; GROUP];
+    for (i, (pm, &vis)) in part.iter_mut().zip(vis).enumerate() {
+        for c in 0..chunks {
+            // SAFETY: row i's chunk c lies inside `s` (asserted).
+            let x = unsafe {
+                _mm512_mask_loadu_ps(ninf, chunk_mask(vis, c), s.as_ptr().add(i * BC + 16 * c))
+            };
+            *pm = _mm512_max_ps(*pm, x);
+        }
     }
-    sum_of(&acc) + tail
+    // SAFETY (this and the loads and stores below): AVX-512F; m and l hold 16 lanes.
+    unsafe {
+        // The scale is positive: the max of the scaled scores is the scaled max. A row that
+        // sees no key of this tile keeps its max (-inf * scale is -inf).
+        let m_old = _mm512_loadu_ps(m.as_ptr());
+        let m_new = _mm512_max_ps(m_old, _mm512_mul_ps(rows_max(part), _mm512_set1_ps(scale)));
+        // What was accumulated under the old max shrinks by exp(m_old - m_new); nothing was on
+        // a row's first tile (m_old = -inf), where the difference may be NaN.
+        let first = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, ninf);
+        let alpha = _mm512_mask_mov_ps(
+            exp16(_mm512_sub_ps(m_old, m_new)),
+            first,
+            _mm512_setzero_ps(),
+        );
+        let shift: [f32; GROUP] = std::mem::transmute(m_new);
+        let mut sums = [_mm512_setzero_ps(); GROUP];
+        for (i, (sum, &vis)) in sums.iter_mut().zip(vis).enumerate() {
+            *sum = exp_row(&mut s[i * BC..], chunks, vis, scale, shift[i]);
+        }
+        let l_new = _mm512_fmadd_ps(_mm512_loadu_ps(l.as_ptr()), alpha, rows_sum(sums));
+        _mm512_storeu_ps(l.as_mut_ptr(), l_new);
+        _mm512_storeu_ps(m.as_mut_ptr(), m_new);
+        std::mem::transmute(alpha)
+    }
 }
 
 /// Forward under autocast: writes `o` and `lse` as `attention::attention_forward` does, the
@@ -374,20 +513,22 @@ unsafe fn forward_task(
         // S = Q K^T: (rows, cols) over D.
         // SAFETY: `available()` holds.
         unsafe { tile_over_d((qa, i0, rows), (kb, j0, cols), dp, &mut s) };
-        for r in 0..rows {
-            let vis = (i0 + r + off + 1).saturating_sub(j0).min(cols);
-            let row = &mut s[r * BC..r * BC + cols];
-            // The scale is positive: the max of the scaled scores is the scaled max.
-            let m_new = m[r].max(max_of(&row[..vis]) * scale);
-            let sum = exp_scaled_sum(&mut row[..vis], scale, m_new);
-            row[vis..].fill(0.0);
-            // Rescale what was accumulated under the old max (exp(-inf) = 0 on the first tile).
-            let alpha = (m[r] - m_new).exp();
-            if alpha != 1.0 {
-                ot[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+        for g0 in (0..rows).step_by(GROUP) {
+            let n = GROUP.min(rows - g0);
+            let vis: [usize; GROUP] =
+                std::array::from_fn(|i| (i0 + g0 + i + off + 1).saturating_sub(j0).min(cols));
+            // cannot fail: BR is a multiple of GROUP, so g0 + GROUP <= BR.
+            let (mg, lg) = (
+                m[g0..].first_chunk_mut::<GROUP>().expect("a whole group"),
+                l[g0..].first_chunk_mut::<GROUP>().expect("a whole group"),
+            );
+            // SAFETY: `available()` holds; s holds BR x BC with BC a multiple of 16.
+            let alpha = unsafe { softmax_group(&mut s[g0 * BC..], &vis[..n], cols, scale, mg, lg) };
+            for (r, &a) in (g0..g0 + n).zip(&alpha) {
+                if a != 1.0 {
+                    ot[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= a);
+                }
             }
-            l[r] = l[r] * alpha + sum;
-            m[r] = m_new;
         }
         // O += P V: P rounded to bf16 as it is packed; V's pairs of keys from j0.
         // SAFETY: `available()` holds.
@@ -515,13 +656,11 @@ unsafe fn kv_head_task(
                 // scale of both dK and dQ, applied once here).
                 for r in 0..rows {
                     let vis = (i0 + r + off + 1).saturating_sub(j0).min(cols);
-                    let (pr, dsr) = (
-                        &mut p[r * BC..r * BC + cols],
-                        &mut ds[r * BC..r * BC + cols],
-                    );
+                    let (pr, dsr) = (&mut p[r * BC..(r + 1) * BC], &mut ds[r * BC..r * BC + cols]);
                     let (l, dl) = (ops.lse[qi + r], ops.delta[qi + r]);
-                    exp_scaled_sum(&mut pr[..vis], scale, l);
-                    pr[vis..].fill(0.0);
+                    // SAFETY: `available()` holds; a row of BC values holds cols rounded up to
+                    // 16.
+                    unsafe { exp_row(pr, cols.div_ceil(16), vis, scale, l) };
                     for (x, &pv) in dsr.iter_mut().zip(pr.iter()) {
                         *x = pv * (*x - dl) * scale;
                     }
@@ -567,6 +706,35 @@ mod tests {
         (0..n)
             .map(|i| amp * ((i as f32 + seed) * 0.731).sin())
             .collect()
+    }
+
+    /// Lane i of a 16-row reduction is row i's maximum or sum, for rows whose largest and
+    /// smallest lanes sit in every position (so a wrong shuffle would show).
+    #[test]
+    fn row_reductions_put_row_i_in_lane_i() {
+        if !available() {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let rows: [[f32; 16]; 16] = std::array::from_fn(|i| {
+            std::array::from_fn(|j| ((i * 7 + j * 5) % 16) as f32 * 0.5 + i as f32 * 100.0)
+        });
+        // SAFETY: `available()` found AVX-512F; each row is 16 f32.
+        let (max, sum): ([f32; 16], [f32; 16]) = unsafe {
+            let v: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(rows[i].as_ptr()));
+            (
+                std::mem::transmute::<__m512, [f32; 16]>(rows_max(v)),
+                std::mem::transmute::<__m512, [f32; 16]>(rows_sum(v)),
+            )
+        };
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(
+                max[i],
+                row.iter().copied().fold(f32::MIN, f32::max),
+                "row {i}"
+            );
+            assert_eq!(sum[i], row.iter().sum::<f32>(), "row {i}");
+        }
     }
 
     /// Shapes with partial tiles (T, S not multiples of 64 or 8; D not a multiple of 32; an odd
