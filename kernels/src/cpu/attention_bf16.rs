@@ -24,11 +24,13 @@
 //!   columns of D, `(32 pairs of rows, 32)` each; the right operand of a product over rows
 //!   (`P V`, `P^T dO`, `dS^T Q`, `dS K`).
 
+use super::LineAligned;
 use super::attention::{AttnDims, softmax_corrections};
 use super::bf16_gemm::{
     Bf16Source, KC, MR, NR, available, pack_k_major, pack_lane_major, tile_kernel,
 };
 use super::float::exp_f32;
+use super::fma_gemm::Line;
 use rayon::prelude::*;
 
 /// Query rows per tile.
@@ -54,14 +56,34 @@ pub fn backward_applies(dims: &AttnDims) -> bool {
 }
 
 /// One tensor packed for the products, `(heads, per_head)` u32 with the layout's geometry.
+/// Kept in whole cache lines, so its panels (right operands, loaded a zmm at a time) start
+/// on 64-byte boundaries, as `bf16_gemm`'s packing buffers do.
 struct Packed {
-    data: Vec<u32>,
+    data: Vec<Line>,
     per_head: usize,
 }
 
 impl Packed {
+    /// `heads * per_head` zeros, filled by `fill` (panels of `chunk` u32, with their index).
+    fn new(
+        heads: usize,
+        per_head: usize,
+        chunk: usize,
+        fill: impl Fn(usize, &mut [u32]) + Sync,
+    ) -> Packed {
+        let len = heads * per_head;
+        // Zeroed by the pool (lanes past the rows and pairs past a short block stay zero):
+        // `vec!` on reused heap memory zero-fills on this thread alone.
+        let mut data = super::zeroed::<Line>(len.div_ceil(16));
+        bytemuck::cast_slice_mut::<Line, u32>(&mut data)[..len]
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, panel)| fill(i, panel));
+        Packed { data, per_head }
+    }
+
     fn head(&self, bh: usize) -> &[u32] {
-        &self.data[bh * self.per_head..(bh + 1) * self.per_head]
+        &bytemuck::cast_slice::<Line, u32>(&self.data)[bh * self.per_head..(bh + 1) * self.per_head]
     }
 }
 
@@ -78,27 +100,21 @@ fn lanes_over_d(x: &[f32], heads: usize, n: usize, d: usize) -> Packed {
 fn panels_over_d(x: &[f32], heads: usize, n: usize, d: usize, lanes: usize) -> Packed {
     let (dp, blocks) = (d.div_ceil(2), n.div_ceil(lanes));
     let per_head = blocks * dp * lanes;
-    // Zeroed by the pool (lanes past n and pairs past a short block stay zero): `vec!` on
-    // reused heap memory zero-fills on this thread alone.
-    let mut data = super::zeroed::<u32>(heads * per_head);
-    data.par_chunks_mut(dp * lanes)
-        .enumerate()
-        .for_each(|(i, panel)| {
-            let (h, blk) = (i / blocks, i % blocks);
-            let first = blk * lanes;
-            // SAFETY: the callers checked `available()`, which covers the packers' features.
-            unsafe {
-                pack_lane_major(
-                    panel,
-                    lanes,
-                    &x[(h * n + first) * d..],
-                    d,
-                    d,
-                    lanes.min(n - first),
-                )
-            };
-        });
-    Packed { data, per_head }
+    Packed::new(heads, per_head, dp * lanes, |i, panel| {
+        let (h, blk) = (i / blocks, i % blocks);
+        let first = blk * lanes;
+        // SAFETY: the callers checked `available()`, which covers the packers' features.
+        unsafe {
+            pack_lane_major(
+                panel,
+                lanes,
+                &x[(h * n + first) * d..],
+                d,
+                d,
+                lanes.min(n - first),
+            )
+        };
+    })
 }
 
 /// `x (heads, n, D)` as, per block of 64 rows, panels of 32 columns of D over the block's row
@@ -108,27 +124,23 @@ fn d_over_rows(x: &[f32], heads: usize, n: usize, d: usize) -> Packed {
     let (blocks, dpanels) = (n.div_ceil(BC), d.div_ceil(NR));
     let slot = BC / 2 * NR;
     let per_head = blocks * dpanels * slot;
-    let mut data = super::zeroed::<u32>(heads * per_head);
-    data.par_chunks_mut(slot)
-        .enumerate()
-        .for_each(|(i, panel)| {
-            let (h, rest) = (i / (blocks * dpanels), i % (blocks * dpanels));
-            let (blk, pd) = (rest / dpanels, rest % dpanels);
-            let (r0, c0) = (blk * BC, pd * NR);
-            let rows = BC.min(n - r0);
-            // SAFETY: the callers checked `available()`.
-            unsafe {
-                pack_k_major(
-                    &mut panel[..rows.div_ceil(2) * NR],
-                    NR,
-                    &x[(h * n + r0) * d + c0..],
-                    d,
-                    NR.min(d - c0),
-                    rows,
-                )
-            };
-        });
-    Packed { data, per_head }
+    Packed::new(heads, per_head, slot, |i, panel| {
+        let (h, rest) = (i / (blocks * dpanels), i % (blocks * dpanels));
+        let (blk, pd) = (rest / dpanels, rest % dpanels);
+        let (r0, c0) = (blk * BC, pd * NR);
+        let rows = BC.min(n - r0);
+        // SAFETY: the callers checked `available()`.
+        unsafe {
+            pack_k_major(
+                &mut panel[..rows.div_ceil(2) * NR],
+                NR,
+                &x[(h * n + r0) * d + c0..],
+                d,
+                NR.min(d - c0),
+                rows,
+            )
+        };
+    })
 }
 
 /// `c (m, n)` with row stride `ldc` `=` (or `+=` with `acc`) `a . b` for `a` packed as
@@ -504,7 +516,8 @@ unsafe fn forward_task(
     let dpanels = d.div_ceil(NR);
     let mut m = [f32::NEG_INFINITY; BR];
     let mut l = [0f32; BR];
-    let mut s = vec![0f32; BR * BC];
+    // On cache lines: the tile's rows (64 f32, four lines) are read and written a zmm at a time.
+    let mut s = LineAligned::filled(BR * BC, 0f32);
     let mut pa = vec![0u32; BR / MR * BC / 2 * MR];
     ot.fill(0.0);
     let key_end = (i0 + rows + off).min(dims.kv_len);
@@ -626,7 +639,10 @@ unsafe fn kv_head_task(
     dkh.fill(0.0);
     dvh.fill(0.0);
     let (kb, vb, kr) = (ops.kb.head(bkv), ops.vb.head(bkv), ops.kr.head(bkv));
-    let (mut p, mut ds) = (vec![0f32; BR * BC], vec![0f32; BR * BC]);
+    let (mut p, mut ds) = (
+        LineAligned::filled(BR * BC, 0f32),
+        LineAligned::filled(BR * BC, 0f32),
+    );
     // Packed tiles: P^T and dS^T as left operands over query rows, dS over keys.
     let mut pt = vec![0u32; BC / MR * BR / 2 * MR];
     let mut dst = vec![0u32; BC / MR * BR / 2 * MR];

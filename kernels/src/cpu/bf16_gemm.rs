@@ -15,6 +15,7 @@
 //! weight. The result is the product of the rounded values, accumulated in f32.
 
 use super::Float;
+use super::fma_gemm::Line;
 use super::matmul::{GemmDims, Operand, matmul};
 use half::bf16;
 use rayon::prelude::*;
@@ -37,8 +38,22 @@ thread_local! {
     /// task's thread), kept from call to call rather than allocated, zero-filled and freed
     /// by every product. Each keeps the size of the largest product its thread has run (A:
     /// rows x 1024 pairs x 4 bytes, 4 MiB for 1024 rows; B: at most 512 KiB).
-    static A_PACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
-    static B_PACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static A_PACK: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+    static B_PACK: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
+}
+
+/// `with_buffer` in whole cache lines, as `len` u32 pairs of bf16: the panels start on a 64-byte
+/// boundary, so the micro-kernel's zmm loads of B never span two lines. A `Vec<u32>` starts
+/// wherever the allocator put it (16, 32 or 48 bytes past a line for about half of the SmolLM2
+/// products' buffers), which split every one of them.
+fn with_words<R>(
+    slot: &'static LocalKey<Cell<Vec<Line>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    with_buffer(slot, len.div_ceil(16), |lines| {
+        f(&mut bytemuck::cast_slice_mut::<Line, u32>(lines)[..len])
+    })
 }
 
 /// Runs `f` on `len` elements of this thread's buffer `slot`, grown as needed. The elements
@@ -404,7 +419,7 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
     // One k-block of A, (mb, kc, MR), shared by every task; each task packs its own panels of
     // B into a buffer of its own, so neither operand is ever packed whole (an LM head's B is
     // vocabulary-sized) and a task's panels go straight from memory into its cache.
-    with_buffer(&A_PACK, mb * kc_max * MR, |apack| {
+    with_words(&A_PACK, mb * kc_max * MR, |apack| {
         let a2pack = extra_micro_panels(extra, m, MR);
         for i in 0..batch {
             let (ad, bd) = (&a.data[i * a.batch_stride..], &b.data[i * b.batch_stride..]);
@@ -437,7 +452,7 @@ unsafe fn packed_gemm<A: Bf16Source, B: Bf16Source>(
                 // The extra product is added once, by the last k-block's tiles.
                 let extra = extra.filter(|_| p0 + kc == kp);
                 (0..nb.div_ceil(per_task)).into_par_iter().for_each(|task| {
-                    with_buffer(&B_PACK, per_task * kc_max * NR, |bpack| {
+                    with_words(&B_PACK, per_task * kc_max * NR, |bpack| {
                         let mut b2pack = vec![0f32; per_task * k2 * NR];
                         let panels = task * per_task..nb.min((task + 1) * per_task);
                         if let Some(e) = extra {
@@ -1112,6 +1127,18 @@ mod tests {
         }
         for ((ta, tb), want) in cases.into_iter().zip(&fresh) {
             assert_eq!(&run(ta, tb), want, "ta {ta} tb {tb}");
+        }
+    }
+
+    /// The packing buffers hand out 64-byte aligned words at every length, as they grow and
+    /// when reused.
+    #[test]
+    fn packing_buffers_start_on_a_cache_line() {
+        for len in [1, 15, 16, 17, 1000, 5, 40_000, 3] {
+            with_words(&B_PACK, len, |w| {
+                assert_eq!(w.len(), len);
+                assert_eq!(w.as_ptr() as usize % 64, 0, "len {len}");
+            });
         }
     }
 

@@ -45,6 +45,12 @@ const MC_PANELS: usize = 12;
 #[repr(C, align(64))]
 pub(super) struct Line([f32; 16]);
 
+// SAFETY: sixteen f32 and nothing else (repr(C), 64 bytes, no padding): all-zero bytes are
+// a valid `Line` and so is any bit pattern, which is what `Zeroable` and `Pod` require.
+unsafe impl bytemuck::Zeroable for Line {}
+// SAFETY: as above; `Line` is `Copy` and `'static`.
+unsafe impl bytemuck::Pod for Line {}
+
 thread_local! {
     /// This thread's packed k-block of A (on the calling thread) and panels of B (on each
     /// task's thread), kept from call to call rather than allocated for every product. Each

@@ -47,6 +47,41 @@ pub fn zeroed<T: Default + Copy + Send + Sync>(n: usize) -> Vec<T> {
     v
 }
 
+/// `len` copies of a value starting on a 64-byte boundary, for the buffers a kernel walks a
+/// zmm (64 bytes) at a time along rows whose length is a multiple of 64 bytes: from where the
+/// allocator puts a `Vec` (16, 32 or 48 bytes past a line about half of the time) every such
+/// load and store spans two cache lines.
+pub(crate) struct LineAligned<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
+}
+
+impl<T: Copy> LineAligned<T> {
+    pub(crate) fn filled(len: usize, value: T) -> Self {
+        let pad = (64 / std::mem::size_of::<T>().max(1)).max(1);
+        let buf = vec![value; len + pad];
+        // `align_offset` may decline (usize::MAX); the buffer is then used as it lies.
+        let off = Some(buf.as_ptr().align_offset(64))
+            .filter(|&o| o < pad)
+            .unwrap_or(0);
+        LineAligned { buf, off, len }
+    }
+}
+
+impl<T> std::ops::Deref for LineAligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl<T> std::ops::DerefMut for LineAligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// An output element that a kernel writes once and never reads: `T` itself (a buffer the
 /// caller has), or `MaybeUninit<T>`, the spare capacity of a fresh `Vec` (see [`written`]). A
 /// new op output is then not zero-filled first only to be overwritten, a second pass over each
@@ -185,7 +220,21 @@ fn f32_isa() -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::written;
+    use super::{LineAligned, written};
+
+    /// Line-aligned buffers start on 64 bytes and hold exactly `len` copies of the value, for
+    /// f32 and f64 at lengths around a line.
+    #[test]
+    fn line_aligned_buffers_start_on_a_line() {
+        for len in [0, 1, 15, 16, 17, 1000] {
+            let a = LineAligned::filled(len, 1.5f32);
+            let b = LineAligned::filled(len, -2.0f64);
+            assert!(a.len() == len && a.iter().all(|&x| x == 1.5));
+            assert!(b.len() == len && b.iter().all(|&x| x == -2.0));
+            assert_eq!(a.as_ptr() as usize % 64, 0, "f32 len {len}");
+            assert_eq!(b.as_ptr() as usize % 64, 0, "f64 len {len}");
+        }
+    }
 
     /// A kernel's output of `len` elements written by `fill` through `written` (into memory a
     /// freed buffer of NaN just gave back) against the same kernel's output into a zeroed

@@ -13,8 +13,8 @@
 //! Rows go to tasks in fixed blocks, each with its own partial `db`; the partials are summed in
 //! block order, so the result does not depend on the thread count.
 
-use super::Float;
 use super::matmul::{GemmDims, counted};
+use super::{Float, LineAligned};
 use rayon::prelude::*;
 
 /// Lanes of one vector of the rank dimension.
@@ -69,10 +69,11 @@ fn grads<T: Float>(
         db.fill(T::zero());
         return;
     }
-    // The rank padded to whole vectors: (n, rp) and (m, rp) copies with zero lanes past r.
+    // The rank padded to whole vectors: (n, rp) and (m, rp) copies with zero lanes past r,
+    // aligned so that each row of rp values is whole cache lines.
     let rp = r.div_ceil(L) * L;
     let pad = |src: &[T], rows: usize| {
-        let mut out = vec![T::zero(); rows * rp];
+        let mut out = LineAligned::filled(rows * rp, T::zero());
         for (o, s) in out.chunks_mut(rp).zip(src.chunks(r)) {
             o[..r].copy_from_slice(s);
         }
@@ -81,12 +82,12 @@ fn grads<T: Float>(
     let (bp, up) = (pad(&b[..n * r], n), pad(&u[..m * r], m));
     // One partial db (n, rp) per block of rows; du rows written by their block.
     let block = m.div_ceil(BLOCKS).next_multiple_of(ROWS);
-    let partials: Vec<Vec<T>> = du
+    let partials: Vec<LineAligned<T>> = du
         .par_chunks_mut(block * r)
         .enumerate()
         .map(|(blk, du)| {
             let rows = blk * block..(blk * block + block).min(m);
-            let mut dbp = vec![T::zero(); n * rp];
+            let mut dbp = LineAligned::filled(n * rp, T::zero());
             thin_rows(
                 (n, r, rp),
                 &g[rows.start * n..rows.end * n],
@@ -115,7 +116,7 @@ pub fn preferred() -> bool {
 
 super::simd! {
 /// `out` = rows `j0..` of the sum of the padded partials `(n, rp)`, unpadded to `r` columns.
-fn add_partials<T: Float>(partials: &[Vec<T>], j0: usize, (r, rp): (usize, usize), out: &mut [T]) {
+fn add_partials<T: Float>(partials: &[LineAligned<T>], j0: usize, (r, rp): (usize, usize), out: &mut [T]) {
     for (jr, o) in out.chunks_mut(r).enumerate() {
         let j = j0 + jr;
         o.fill(T::zero());
