@@ -471,9 +471,12 @@ pub fn attention_forward_bf16(
     dims.check();
     let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
     let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
-    let qa = rows_over_d(q, bq, t, d);
-    let kb = lanes_over_d(k, bkv, s, d);
-    let vr = d_over_rows(v, bkv, s, d);
+    // The three packings in one fork: a thread done with its share of one takes panels of the
+    // others instead of waiting at each one's end.
+    let (qa, (kb, vr)) = rayon::join(
+        || rows_over_d(q, bq, t, d),
+        || rayon::join(|| lanes_over_d(k, bkv, s, d), || d_over_rows(v, bkv, s, d)),
+    );
     let packed = Operands { qa, kb, vr };
     let mut tasks: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
     for (bh, (ob, lb)) in o.chunks_mut(t * d).zip(lse.chunks_mut(t)).enumerate() {
@@ -577,16 +580,40 @@ pub fn attention_backward_bf16(
     let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
     dims.check();
     let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
-    // The softmax-backward correction, in f32.
-    let delta = softmax_corrections(dout, o, d);
+    // The softmax-backward correction (in f32) and the seven packings in one fork, as in the
+    // forward.
+    let (((delta, qa), (doa, kb)), ((vb, qr), (dor, kr))) = rayon::join(
+        || {
+            rayon::join(
+                || {
+                    rayon::join(
+                        || softmax_corrections(dout, o, d),
+                        || rows_over_d(q, bq, t, d),
+                    )
+                },
+                || {
+                    rayon::join(
+                        || rows_over_d(dout, bq, t, d),
+                        || lanes_over_d(k, bkv, s, d),
+                    )
+                },
+            )
+        },
+        || {
+            rayon::join(
+                || rayon::join(|| lanes_over_d(v, bkv, s, d), || d_over_rows(q, bq, t, d)),
+                || rayon::join(|| d_over_rows(dout, bq, t, d), || d_over_rows(k, bkv, s, d)),
+            )
+        },
+    );
     let ops = BackwardOperands {
-        qa: rows_over_d(q, bq, t, d),
-        doa: rows_over_d(dout, bq, t, d),
-        kb: lanes_over_d(k, bkv, s, d),
-        vb: lanes_over_d(v, bkv, s, d),
-        qr: d_over_rows(q, bq, t, d),
-        dor: d_over_rows(dout, bq, t, d),
-        kr: d_over_rows(k, bkv, s, d),
+        qa,
+        doa,
+        kb,
+        vb,
+        qr,
+        dor,
+        kr,
         lse,
         delta: &delta,
     };
