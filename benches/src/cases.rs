@@ -242,6 +242,10 @@ pub fn all(quick: bool) -> Vec<Case> {
         for t in [256, 1024] {
             v.push(attention_fwd_bwd(&SMOLLM2_135M, t, true));
         }
+        // The AVX512-BF16 kernels alone, forward and backward apart, at one training step's
+        // layer: batch 4 x 256 tokens.
+        v.push(attention_bf16_kernel(&SMOLLM2_135M, 4, 256, false));
+        v.push(attention_bf16_kernel(&SMOLLM2_135M, 4, 256, true));
     }
     let head = if quick {
         (SMOLLM2_135M, 512)
@@ -638,6 +642,97 @@ fn attention_fwd_bwd(m: &Model, t: usize, autocast: bool) -> Case {
         },
         backend: "cpu",
         dtype: if autocast { "bf16" } else { "f32" },
+        body: Box::new(body),
+    }
+}
+
+/// bf16 attention's forward or backward kernel (`attention_bf16`) at `batch` sequences of `t`,
+/// validated against the f32 kernel's output (or gradients) at the same shape.
+fn attention_bf16_kernel(m: &Model, batch: usize, t: usize, backward: bool) -> Case {
+    use bft_kernels::cpu::attention::attention_backward;
+    use bft_kernels::cpu::attention_bf16::{attention_backward_bf16, attention_forward_bf16};
+    let m = *m;
+    let dims = AttnDims {
+        batch,
+        ..attn_dims(&m, t)
+    };
+    let body = move |budget: f64| {
+        let (nq, nk) = (
+            batch * m.heads * t * m.head_dim,
+            batch * m.kv_heads * t * m.head_dim,
+        );
+        let (q, k, v, dout) = (data(nq, 1), data(nk, 2), data(nk, 3), data(nq, 4));
+        let scale = 1.0 / (m.head_dim as f64).sqrt();
+        let lse_len = batch * m.heads * t;
+        let f32_forward = || {
+            let (mut o, mut lse) = (vec![0f32; nq], vec![0f32; lse_len]);
+            attention_forward(
+                dims,
+                Tiles::default(),
+                scale,
+                (&q, &k, &v),
+                &mut o,
+                &mut lse,
+            );
+            (o, lse)
+        };
+        let (o, lse) = f32_forward();
+        let wide = |x: &[f32]| x.iter().map(|&e| e as f64).collect::<Vec<f64>>();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+        let (mut ob, mut lb) = (vec![0f32; nq], vec![0f32; lse_len]);
+        let mut run = || {
+            if backward {
+                let saved = (&o[..], &lse[..], &dout[..]);
+                attention_backward_bf16(dims, scale, (&q, &k, &v), saved, &mut dq, &mut dk, &mut dv)
+            } else {
+                attention_forward_bf16(dims, scale, (&q, &k, &v), &mut ob, &mut lb)
+            }
+        };
+        ensure!(run(), "the bf16 attention kernel declined these shapes");
+        let time = median_us(budget, || {
+            run();
+        });
+        // The last timed call's outputs (every call writes the same ones).
+        let err = if backward {
+            let (mut wq, mut wk, mut wv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+            attention_backward(
+                dims,
+                Tiles::default(),
+                scale,
+                (&q, &k, &v),
+                (&o, &lse, &dout),
+                &mut wq,
+                &mut wk,
+                &mut wv,
+            );
+            let got: Vec<f32> = [&dq, &dk, &dv].into_iter().flatten().copied().collect();
+            let want: Vec<f32> = [&wq, &wk, &wv].into_iter().flatten().copied().collect();
+            rel_err(&got, &wide(&want))
+        } else {
+            rel_err(&ob, &wide(&o))
+        };
+        Ok(Measured {
+            err,
+            time_us: time,
+            peak_bytes: None,
+        })
+    };
+    Case {
+        name: format!(
+            "attention bf16 kernel {} {}",
+            if backward { "backward" } else { "forward" },
+            m.name
+        ),
+        shape: format!(
+            "B={batch} T={t} H={}/{} D={}",
+            m.heads, m.kv_heads, m.head_dim
+        ),
+        // FlashAttention's convention: the backward is 2.5x the forward's FLOPs.
+        flops: if backward { 2.5 } else { 1.0 } * 4.0 * causal_pairs(&dims) * m.head_dim as f64,
+        bytes: 4.0 * (2 * m.heads + 2 * m.kv_heads) as f64 * (batch * t * m.head_dim) as f64,
+        bound: Bound::ComputeBf16,
+        backend: "cpu",
+        dtype: "bf16",
         body: Box::new(body),
     }
 }

@@ -30,7 +30,6 @@ use super::bf16_gemm::{
     Bf16Source, KC, MR, NR, available, pack_k_major, pack_lane_major, tile_kernel,
 };
 use super::float::exp_f32;
-use super::fma_gemm::Line;
 use rayon::prelude::*;
 
 /// Query rows per tile.
@@ -59,7 +58,7 @@ pub fn backward_applies(dims: &AttnDims) -> bool {
 /// Kept in whole cache lines, so its panels (right operands, loaded a zmm at a time) start
 /// on 64-byte boundaries, as `bf16_gemm`'s packing buffers do.
 struct Packed {
-    data: Vec<Line>,
+    data: LineAligned<u32>,
     per_head: usize,
 }
 
@@ -71,19 +70,17 @@ impl Packed {
         chunk: usize,
         fill: impl Fn(usize, &mut [u32]) + Sync,
     ) -> Packed {
-        let len = heads * per_head;
         // Zeroed by the pool (lanes past the rows and pairs past a short block stay zero):
         // `vec!` on reused heap memory zero-fills on this thread alone.
-        let mut data = super::zeroed::<Line>(len.div_ceil(16));
-        bytemuck::cast_slice_mut::<Line, u32>(&mut data)[..len]
-            .par_chunks_mut(chunk)
+        let mut data = LineAligned::zeros(heads * per_head);
+        data.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, panel)| fill(i, panel));
         Packed { data, per_head }
     }
 
     fn head(&self, bh: usize) -> &[u32] {
-        &bytemuck::cast_slice::<Line, u32>(&self.data)[bh * self.per_head..(bh + 1) * self.per_head]
+        &self.data[bh * self.per_head..(bh + 1) * self.per_head]
     }
 }
 
@@ -141,6 +138,22 @@ fn d_over_rows(x: &[f32], heads: usize, n: usize, d: usize) -> Packed {
             )
         };
     })
+}
+
+/// One of the layouts above: `(x (heads, n, D), heads, n, D)` to its packed form.
+type Layout = fn(&[f32], usize, usize, usize) -> Packed;
+
+/// Packs `(layout, x, heads, n)` for each job, all in one parallel region: a thread done with
+/// its share of one packing takes panels of another, where a fork-join per packing left it
+/// waiting at each one's end (eleven a layer with the backward's, about 8% of the kernels'
+/// time in rayon's sleep and wake-up).
+fn pack_all<const N: usize>(d: usize, jobs: [(Layout, &[f32], usize, usize); N]) -> [Packed; N] {
+    let packed: Vec<Packed> = jobs
+        .into_par_iter()
+        .map(|(layout, x, heads, n)| layout(x, heads, n, d))
+        .collect();
+    // cannot fail: one packed tensor a job.
+    packed.try_into().ok().expect("one packed tensor a job")
 }
 
 /// `c (m, n)` with row stride `ldc` `=` (or `+=` with `acc`) `a . b` for `a` packed as
@@ -404,9 +417,11 @@ reduce16!(rows_sum, _mm512_add_ps);
 /// the tile becomes `exp(S * scale - m)` (0 past `vis`), and the returned factors are what the
 /// rows' accumulated outputs must be multiplied by (0 on a row's first tile).
 ///
+/// Panics unless `n = vis.len()` is 1 to 16 and `s` holds `(n - 1) * BC + cols` rounded up
+/// to 16 values.
+///
 /// # Safety
-/// AVX-512F; `s` holds `(n - 1) * BC + cols.next_multiple_of(16)` values, with `n = vis.len()`
-/// between 1 and 16.
+/// AVX-512F.
 #[target_feature(enable = "avx2,fma,avx512f")]
 unsafe fn softmax_group(
     s: &mut [f32],
@@ -471,11 +486,13 @@ pub fn attention_forward_bf16(
     dims.check();
     let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
     let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
-    // The three packings in one fork: a thread done with its share of one takes panels of the
-    // others instead of waiting at each one's end.
-    let (qa, (kb, vr)) = rayon::join(
-        || rows_over_d(q, bq, t, d),
-        || rayon::join(|| lanes_over_d(k, bkv, s, d), || d_over_rows(v, bkv, s, d)),
+    let [qa, kb, vr] = pack_all(
+        d,
+        [
+            (rows_over_d, q, bq, t),
+            (lanes_over_d, k, bkv, s),
+            (d_over_rows, v, bkv, s),
+        ],
     );
     let packed = Operands { qa, kb, vr };
     let mut tasks: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
@@ -520,7 +537,7 @@ unsafe fn forward_task(
     let mut m = [f32::NEG_INFINITY; BR];
     let mut l = [0f32; BR];
     // On cache lines: the tile's rows (64 f32, four lines) are read and written a zmm at a time.
-    let mut s = LineAligned::filled(BR * BC, 0f32);
+    let mut s = LineAligned::<f32>::zeros(BR * BC);
     let mut pa = vec![0u32; BR / MR * BC / 2 * MR];
     ot.fill(0.0);
     let key_end = (i0 + rows + off).min(dims.kv_len);
@@ -580,29 +597,21 @@ pub fn attention_backward_bf16(
     let (bq, bkv) = (dims.batch * dims.q_heads, dims.batch * dims.kv_heads);
     dims.check();
     let (t, s, d) = (dims.q_len, dims.kv_len, dims.head_dim);
-    // The softmax-backward correction (in f32) and the seven packings in one fork, as in the
-    // forward.
-    let (((delta, qa), (doa, kb)), ((vb, qr), (dor, kr))) = rayon::join(
+    // The softmax-backward correction, in f32, beside the packings.
+    let (delta, [qa, doa, kb, vb, qr, dor, kr]) = rayon::join(
+        || softmax_corrections(dout, o, d),
         || {
-            rayon::join(
-                || {
-                    rayon::join(
-                        || softmax_corrections(dout, o, d),
-                        || rows_over_d(q, bq, t, d),
-                    )
-                },
-                || {
-                    rayon::join(
-                        || rows_over_d(dout, bq, t, d),
-                        || lanes_over_d(k, bkv, s, d),
-                    )
-                },
-            )
-        },
-        || {
-            rayon::join(
-                || rayon::join(|| lanes_over_d(v, bkv, s, d), || d_over_rows(q, bq, t, d)),
-                || rayon::join(|| d_over_rows(dout, bq, t, d), || d_over_rows(k, bkv, s, d)),
+            pack_all(
+                d,
+                [
+                    (rows_over_d, q, bq, t),
+                    (rows_over_d, dout, bq, t),
+                    (lanes_over_d, k, bkv, s),
+                    (lanes_over_d, v, bkv, s),
+                    (d_over_rows, q, bq, t),
+                    (d_over_rows, dout, bq, t),
+                    (d_over_rows, k, bkv, s),
+                ],
             )
         },
     );
@@ -667,8 +676,8 @@ unsafe fn kv_head_task(
     dvh.fill(0.0);
     let (kb, vb, kr) = (ops.kb.head(bkv), ops.vb.head(bkv), ops.kr.head(bkv));
     let (mut p, mut ds) = (
-        LineAligned::filled(BR * BC, 0f32),
-        LineAligned::filled(BR * BC, 0f32),
+        LineAligned::<f32>::zeros(BR * BC),
+        LineAligned::<f32>::zeros(BR * BC),
     );
     // Packed tiles: P^T and dS^T as left operands over query rows, dS over keys.
     let mut pt = vec![0u32; BC / MR * BR / 2 * MR];

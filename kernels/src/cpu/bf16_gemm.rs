@@ -14,9 +14,8 @@
 //! packed, once per element, as PyTorch's CPU autocast rounds the activation it feeds a bf16
 //! weight. The result is the product of the rounded values, accumulated in f32.
 
-use super::Float;
-use super::fma_gemm::Line;
 use super::matmul::{GemmDims, Operand, matmul};
+use super::{Float, Line};
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -42,10 +41,8 @@ thread_local! {
     static B_PACK: Cell<Vec<Line>> = const { Cell::new(Vec::new()) };
 }
 
-/// `with_buffer` in whole cache lines, as `len` u32 pairs of bf16: the panels start on a 64-byte
-/// boundary, so the micro-kernel's zmm loads of B never span two lines. A `Vec<u32>` starts
-/// wherever the allocator put it (16, 32 or 48 bytes past a line for about half of the SmolLM2
-/// products' buffers), which split every one of them.
+/// `with_buffer` in whole `Line`s, as `len` u32 pairs of bf16: the micro-kernel loads B's
+/// panels a zmm at a time, and none of those loads spans two lines.
 fn with_words<R>(
     slot: &'static LocalKey<Cell<Vec<Line>>>,
     len: usize,

@@ -5,6 +5,7 @@ use std::ops::{AddAssign, MulAssign, SubAssign};
 /// The compute types of the CPU kernels: f32 for training, f64 for gradient checks.
 pub trait Float:
     num_traits::Float
+    + bytemuck::Pod
     + AddAssign
     + SubAssign
     + MulAssign

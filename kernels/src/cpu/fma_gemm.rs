@@ -15,6 +15,7 @@
 //! that of the rounded values accumulated in f32: what the AVX512-BF16 kernel computes, in
 //! another summation order.
 
+use super::Line;
 use super::bf16_gemm::{
     Bf16Source as Source, Extra, SharedOut, extra_micro_panels, panels_per_task, prologue,
     with_buffer,
@@ -39,18 +40,6 @@ const KC: usize = 768;
 /// (512 KiB on Zen 2/3) beside the task's panel of B that its tiles pass.
 const MC_PANELS: usize = 12;
 
-/// A cache line of f32: packing buffers are made of these, so every panel starts 64-byte
-/// aligned and no vector load of B splits a line.
-#[derive(Clone, Copy, Default)]
-#[repr(C, align(64))]
-pub(super) struct Line([f32; 16]);
-
-// SAFETY: sixteen f32 and nothing else (repr(C), 64 bytes, no padding): all-zero bytes are
-// a valid `Line` and so is any bit pattern, which is what `Zeroable` and `Pod` require.
-unsafe impl bytemuck::Zeroable for Line {}
-// SAFETY: as above; `Line` is `Copy` and `'static`.
-unsafe impl bytemuck::Pod for Line {}
-
 thread_local! {
     /// This thread's packed k-block of A (on the calling thread) and panels of B (on each
     /// task's thread), kept from call to call rather than allocated for every product. Each
@@ -68,9 +57,7 @@ pub(super) fn with_floats<R>(
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
     with_buffer(slot, len.div_ceil(16), |lines| {
-        // SAFETY: `Line` is 16 f32 with no padding (repr(C), size 64), so the lines are at
-        // least `len` initialised f32, borrowed mutably for the call.
-        f(unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), len) })
+        f(&mut bytemuck::cast_slice_mut::<Line, f32>(lines)[..len])
     })
 }
 

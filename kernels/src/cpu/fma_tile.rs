@@ -15,7 +15,7 @@ use std::cell::Cell;
 
 thread_local! {
     /// This thread's k-major copy of B (`k x n` rounded up to 16 columns), kept between calls.
-    static B_ROWS: Cell<Vec<super::fma_gemm::Line>> = const { Cell::new(Vec::new()) };
+    static B_ROWS: Cell<Vec<super::Line>> = const { Cell::new(Vec::new()) };
 }
 
 /// `c (m, n) = beta * op(a) . op(b)`, or `c += ..` when `accumulate`, for contiguous `a`

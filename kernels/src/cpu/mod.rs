@@ -47,38 +47,47 @@ pub fn zeroed<T: Default + Copy + Send + Sync>(n: usize) -> Vec<T> {
     v
 }
 
-/// `len` copies of a value starting on a 64-byte boundary, for the buffers a kernel walks a
-/// zmm (64 bytes) at a time along rows whose length is a multiple of 64 bytes: from where the
-/// allocator puts a `Vec` (16, 32 or 48 bytes past a line about half of the time) every such
-/// load and store spans two cache lines.
+/// A cache line of f32. Buffers made of these start on a 64-byte boundary, so a kernel that
+/// walks them a zmm (64 bytes) at a time along rows of whole lines never touches two lines at
+/// once; a `Vec` of f32 or u32 starts where the allocator puts it (16, 32 or 48 bytes past a
+/// line about half of the time), which split every such access.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+pub(crate) struct Line([f32; 16]);
+
+// SAFETY: sixteen f32 and nothing else (repr(C), 64 bytes, no padding): all-zero bytes are
+// a valid `Line` and so is any bit pattern, which is what `Zeroable` and `Pod` require.
+unsafe impl bytemuck::Zeroable for Line {}
+// SAFETY: as above; `Line` is `Copy` and `'static`.
+unsafe impl bytemuck::Pod for Line {}
+
+/// `len` zeros of `T` in whole `Line`s (zeroed by the pool where large, as `zeroed`).
 pub(crate) struct LineAligned<T> {
-    buf: Vec<T>,
-    off: usize,
+    lines: Vec<Line>,
     len: usize,
+    _elem: std::marker::PhantomData<T>,
 }
 
-impl<T: Copy> LineAligned<T> {
-    pub(crate) fn filled(len: usize, value: T) -> Self {
-        let pad = (64 / std::mem::size_of::<T>().max(1)).max(1);
-        let buf = vec![value; len + pad];
-        // `align_offset` may decline (usize::MAX); the buffer is then used as it lies.
-        let off = Some(buf.as_ptr().align_offset(64))
-            .filter(|&o| o < pad)
-            .unwrap_or(0);
-        LineAligned { buf, off, len }
+impl<T: bytemuck::Pod> LineAligned<T> {
+    pub(crate) fn zeros(len: usize) -> Self {
+        LineAligned {
+            lines: zeroed((len * std::mem::size_of::<T>()).div_ceil(64)),
+            len,
+            _elem: std::marker::PhantomData,
+        }
     }
 }
 
-impl<T> std::ops::Deref for LineAligned<T> {
+impl<T: bytemuck::Pod> std::ops::Deref for LineAligned<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.buf[self.off..self.off + self.len]
+        &bytemuck::cast_slice(&self.lines)[..self.len]
     }
 }
 
-impl<T> std::ops::DerefMut for LineAligned<T> {
+impl<T: bytemuck::Pod> std::ops::DerefMut for LineAligned<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.buf[self.off..self.off + self.len]
+        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
     }
 }
 
@@ -222,17 +231,24 @@ fn f32_isa() -> &'static str {
 mod tests {
     use super::{LineAligned, written};
 
-    /// Line-aligned buffers start on 64 bytes and hold exactly `len` copies of the value, for
-    /// f32 and f64 at lengths around a line.
+    /// Line-aligned buffers start on 64 bytes and hold exactly `len` zeros, for f32, f64 and
+    /// u32 at lengths around a line and past the pool's parallel zeroing.
     #[test]
     fn line_aligned_buffers_start_on_a_line() {
-        for len in [0, 1, 15, 16, 17, 1000] {
-            let a = LineAligned::filled(len, 1.5f32);
-            let b = LineAligned::filled(len, -2.0f64);
-            assert!(a.len() == len && a.iter().all(|&x| x == 1.5));
-            assert!(b.len() == len && b.iter().all(|&x| x == -2.0));
-            assert_eq!(a.as_ptr() as usize % 64, 0, "f32 len {len}");
-            assert_eq!(b.as_ptr() as usize % 64, 0, "f64 len {len}");
+        for len in [0, 1, 15, 16, 17, 1000, 3 << 20] {
+            let a = LineAligned::<f32>::zeros(len);
+            let b = LineAligned::<f64>::zeros(len);
+            let c = LineAligned::<u32>::zeros(len);
+            assert!(a.len() == len && a.iter().all(|&x| x == 0.0));
+            assert!(b.len() == len && b.iter().all(|&x| x == 0.0));
+            assert!(c.len() == len && c.iter().all(|&x| x == 0));
+            for p in [
+                a.as_ptr() as usize,
+                b.as_ptr() as usize,
+                c.as_ptr() as usize,
+            ] {
+                assert_eq!(p % 64, 0, "len {len}");
+            }
         }
     }
 

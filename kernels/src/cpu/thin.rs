@@ -73,7 +73,7 @@ fn grads<T: Float>(
     // aligned so that each row of rp values is whole cache lines.
     let rp = r.div_ceil(L) * L;
     let pad = |src: &[T], rows: usize| {
-        let mut out = LineAligned::filled(rows * rp, T::zero());
+        let mut out = LineAligned::zeros(rows * rp);
         for (o, s) in out.chunks_mut(rp).zip(src.chunks(r)) {
             o[..r].copy_from_slice(s);
         }
@@ -87,7 +87,7 @@ fn grads<T: Float>(
         .enumerate()
         .map(|(blk, du)| {
             let rows = blk * block..(blk * block + block).min(m);
-            let mut dbp = LineAligned::filled(n * rp, T::zero());
+            let mut dbp = LineAligned::zeros(n * rp);
             thin_rows(
                 (n, r, rp),
                 &g[rows.start * n..rows.end * n],
